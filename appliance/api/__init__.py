@@ -1,0 +1,1 @@
+"""HTTP API: handlers parse and serialize; the data plane does the work."""

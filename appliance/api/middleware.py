@@ -1,0 +1,78 @@
+"""The one middleware: request ids, drain, errors as JSON, request metrics and the access log."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from appliance.api.state import ACCESS_LOG, LIFECYCLE, METRICS, TRACE
+from appliance.errors import ApplianceError, PayloadTooLarge, ServerDraining
+from appliance.types import Trace
+
+log = logging.getLogger("appliance.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Paths that keep answering while the server drains, so that orchestrators can watch it go.
+ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
+
+
+def error_response(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
+    """The JSON error body every failure gets: ``{"error": "..."}``."""
+    headers = {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, int(retry_after_s + 0.999)))
+    return web.Response(
+        status=status, body=orjson.dumps({"error": message}), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Wrap every request: id, drain check, error mapping, accounting."""
+    started = time.perf_counter()
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    app = request.app
+    lifecycle = app[LIFECYCLE]
+    trace = Trace()
+    request[TRACE] = trace
+    lifecycle.enter()
+    try:
+        if lifecycle.draining and request.path not in ALWAYS_ANSWERED:
+            raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")
+        response = await handler(request)
+    except ApplianceError as exc:
+        response = error_response(exc.status, exc.message, exc.retry_after_s)
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = error_response(413, PayloadTooLarge(f"request body too large: {exc.text}").message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        response = error_response(exc.status, f"{reason}: {request.method} {request.path}")
+    except Exception:  # noqa: BLE001 - a bug must still produce a JSON 500 and a log line, never a dropped socket
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request_id)
+        response = error_response(500, f"internal error; see the server log for request {request_id}")
+    finally:
+        lifecycle.leave()
+    response.headers["x-request-id"] = request_id
+    total = time.perf_counter() - started
+    if request.path.endswith("/infer"):
+        app[METRICS].observe_request(trace.model, trace.version, response.status, total)
+    usage = trace.usage
+    app[ACCESS_LOG].record(
+        request_id=request_id,
+        method=request.method,
+        path=request.path,
+        status=response.status,
+        total_s=total,
+        model=trace.model,
+        version=trace.version,
+        queue_s=usage.queue_s if usage else 0.0,
+        compute_s=usage.compute_s if usage else 0.0,
+    )
+    return response

@@ -1,0 +1,158 @@
+"""The OpenAPI 3 description of the HTTP API, served at ``GET /openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from appliance import __version__
+
+_ERROR = {
+    "description": "Error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+
+
+def _op(summary: str, responses: dict[str, Any], body: dict | None = None, params: list | None = None) -> dict:
+    operation: dict[str, Any] = {"summary": summary, "responses": responses}
+    if params:
+        operation["parameters"] = params
+    if body:
+        operation["requestBody"] = body
+    return operation
+
+
+def _json_ok(schema_ref: str | None = None, description: str = "OK") -> dict:
+    if schema_ref is None:
+        return {"description": description}
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": schema_ref}}}}
+
+
+def _model_paths() -> dict[str, dict]:
+    paths: dict[str, dict] = {}
+    infer_body = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Triton binary extension: JSON header of Inference-Header-Content-Length bytes, "
+                "then raw tensor bytes",
+            },
+            "application/msgpack": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "The InferRequest structure in msgpack, tensor data as raw little-endian bytes",
+            },
+        },
+    }
+    infer_ok = {
+        "description": "Outputs",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+    for base, params in (("/v2/models/{model}", [_MODEL]), ("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION])):
+        paths[base] = {"get": _op("Model metadata", {"200": _json_ok("#/components/schemas/ModelMetadata"),
+                                                      "404": _ERROR, "503": _ERROR}, params=params)}
+        paths[base + "/ready"] = {"get": _op("Model readiness", {"200": _json_ok(), "404": _ERROR, "503": _ERROR},
+                                             params=params)}
+        paths[base + "/config"] = {"get": _op("Model configuration (Triton's shape)",
+                                              {"200": _json_ok(), "404": _ERROR}, params=params)}
+        paths[base + "/infer"] = {
+            "post": _op(
+                "Run inference",
+                {"200": infer_ok, "400": _ERROR, "404": _ERROR, "413": _ERROR, "503": _ERROR, "504": _ERROR},
+                body=infer_body,
+                params=params,
+            )
+        }
+    return paths
+
+
+def build_openapi() -> dict[str, Any]:
+    """The OpenAPI document for the routes of :func:`appliance.app.create_app`."""
+    tensor = {
+        "type": "object",
+        "required": ["name", "shape", "datatype"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                                                     "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
+            "parameters": {"type": "object"},
+            "data": {"type": "array", "items": {}},
+        },
+    }
+    paths: dict[str, dict] = {
+        "/v2": {"get": _op("Server metadata", {"200": _json_ok()})},
+        "/v2/health/live": {"get": _op("Liveness", {"200": _json_ok()})},
+        "/v2/health/ready": {"get": _op("Readiness: models loaded and not draining", {"200": _json_ok(),
+                                                                                     "503": _json_ok()})},
+        **_model_paths(),
+        "/v2/repository/index": {"post": _op("Models in the repository and their state",
+                                             {"200": _json_ok("#/components/schemas/RepositoryIndex")})},
+        "/v2/repository/models/{model}/load": {"post": _op("Load or reload the newest version",
+                                                           {"200": _json_ok(), "400": _ERROR, "404": _ERROR},
+                                                           params=[_MODEL])},
+        "/v2/repository/models/{model}/unload": {"post": _op("Unload", {"200": _json_ok(), "404": _ERROR},
+                                                             params=[_MODEL])},
+        "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
+        "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "appliance", "version": __version__},
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Tensor": tensor,
+                "InferRequest": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object", "properties": {
+                            "timeout": {"type": "integer", "description": "microseconds"},
+                            "binary_data_output": {"type": "boolean"}}},
+                        "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}},
+                        "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                            "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+                    },
+                },
+                "InferResponse": {
+                    "type": "object",
+                    "properties": {
+                        "model_name": {"type": "string"},
+                        "model_version": {"type": "string"},
+                        "id": {"type": "string"},
+                        "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}},
+                    },
+                },
+                "ModelMetadata": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "versions": {"type": "array", "items": {"type": "string"}},
+                        "platform": {"type": "string"},
+                        "inputs": {"type": "array", "items": {"type": "object"}},
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+                "RepositoryIndex": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"},
+                    "reason": {"type": "string"}}}},
+            }
+        },
+    }
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    """GET /openapi.json"""
+    return web.Response(body=orjson.dumps(build_openapi()), content_type="application/json")

@@ -1,0 +1,56 @@
+"""Typed keys for what the aiohttp application and its requests carry, and the server's lifecycle state."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from appliance.config import Config
+from appliance.dataplane import DataPlane
+from appliance.repository import ModelManager
+from appliance.telemetry import AccessLog, Metrics
+from appliance.types import Trace
+
+
+@dataclass
+class Lifecycle:
+    """Whether the server has finished starting, whether it drains, and how many requests are in flight."""
+
+    started: bool = False
+    draining: bool = False
+    in_flight: int = 0
+    port: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enter(self) -> None:
+        """A request starts."""
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        """A request ends."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; ``False`` if ``timeout_s`` passed first."""
+        if self.in_flight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+MODELS = web.AppKey("models", ModelManager)
+DATAPLANE = web.AppKey("dataplane", DataPlane)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+TRACE = "appliance.trace"  # per-request Trace, set by the middleware
+__all__ = ["ACCESS_LOG", "CONFIG", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "Lifecycle", "Trace"]

@@ -1,0 +1,206 @@
+"""KServe v2 / Open Inference Protocol over HTTP, with Triton's binary extension and model repository API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from aiohttp import web
+
+from appliance import __version__
+from appliance.api import v2_codec
+from appliance.api.state import CONFIG, DATAPLANE, LIFECYCLE, MODELS, TRACE
+from appliance.errors import BadRequest, PayloadTooLarge
+from appliance.model_version import ModelVersion, ServedTensor
+from appliance.types import Request
+
+# Bodies above this are decoded and encoded in a worker thread rather than on the event loop.
+OFFLOAD_BYTES = 256 * 1024
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "msgpack_tensor_data"]
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+def _version_param(request: web.Request) -> int | None:
+    text = request.match_info.get("version")
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise BadRequest(f"model version must be a positive integer, not {text!r}")
+    return int(text)
+
+
+def _shape(model: ModelVersion, tensor: ServedTensor) -> list[int]:
+    return ([-1] if model.max_batch_size > 0 else []) + list(tensor.dims)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    """GET /v2"""
+    return _json({"name": "appliance", "version": __version__, "extensions": EXTENSIONS})
+
+
+async def health_live(request: web.Request) -> web.Response:
+    """GET /v2/health/live: the process is up."""
+    return web.Response(status=200)
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    """GET /v2/health/ready: started (models loaded) and not draining."""
+    lifecycle = request.app[LIFECYCLE]
+    return web.Response(status=200 if lifecycle.started and not lifecycle.draining else 503)
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    """GET /v2/models/{model}[/versions/{version}]"""
+    model = request.app[MODELS].resolve(request.match_info["model"], _version_param(request))
+    return _json(
+        {
+            "name": model.name,
+            "versions": [str(model.version)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": _shape(model, t)} for t in model.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": _shape(model, t)} for t in model.outputs],
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    """GET /v2/models/{model}[/versions/{version}]/ready: 200 when serving, 503 when not, 404 if unknown."""
+    request.app[MODELS].resolve(request.match_info["model"], _version_param(request))
+    return web.Response(status=200)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    """GET /v2/models/{model}[/versions/{version}]/config: the configuration in Triton's shape."""
+    model = request.app[MODELS].resolve(request.match_info["model"], _version_param(request))
+    batching = model.spec.batching
+
+    def tensors(items: list[ServedTensor]) -> list[dict]:
+        return [{"name": t.name, "data_type": f"TYPE_{t.datatype.replace('BYTES', 'STRING')}", "dims": list(t.dims)}
+                for t in items]
+
+    config: dict = {
+        "name": model.name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": batching.max_batch_size,
+        "input": tensors(model.inputs),
+        "output": tensors(model.outputs),
+        "instance_group": [{"count": model.spec.engine.instances, "kind": "KIND_CPU"}],
+    }
+    if batching.max_batch_size > 0:
+        config["dynamic_batching"] = {
+            "preferred_batch_size": batching.preferred_batch_size,
+            "max_queue_delay_microseconds": batching.max_queue_delay_microseconds,
+        }
+    return _json(config)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"request body is {request.content_length} bytes, over the limit of {limit}; "
+            "send smaller batches or raise server.max_body_bytes"
+        )
+    return await request.read()
+
+
+async def infer(request: web.Request) -> web.Response:
+    """POST /v2/models/{model}[/versions/{version}]/infer in JSON, binary-extension or msgpack form."""
+    body = await _read_body(request)
+    use_msgpack = request.content_type in v2_codec.MSGPACK_TYPES
+    header_text = request.headers.get(v2_codec.BINARY_HEADER)
+    if use_msgpack:
+        decode = v2_codec.decode_msgpack, (body,)
+    else:
+        try:
+            header_length = int(header_text) if header_text is not None else None
+        except ValueError:
+            raise BadRequest(f"{v2_codec.BINARY_HEADER} must be an integer, not {header_text!r}") from None
+        decode = v2_codec.decode_json, (body, header_length)
+    if len(body) > OFFLOAD_BYTES:
+        parsed = await asyncio.get_running_loop().run_in_executor(None, decode[0], *decode[1])
+    else:
+        parsed = decode[0](*decode[1])
+    deadline = time.monotonic() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
+    infer_request = Request(
+        id=parsed.id or "",
+        task="tensor",
+        model=request.match_info["model"],
+        version=_version_param(request),
+        inputs=parsed.inputs,
+        outputs=parsed.outputs,
+        deadline=deadline,
+    )
+    result, served = await request.app[DATAPLANE].infer(infer_request, request[TRACE])
+    datatypes = {t.name: t.datatype for t in served.outputs}
+    outputs = {name: (datatypes[name], array) for name, array in result.outputs.items()}
+    request_id = parsed.id
+    if use_msgpack or "msgpack" in request.headers.get("Accept", ""):
+        body_out = v2_codec.encode_msgpack(result.model, result.version, request_id, outputs)
+        return web.Response(body=body_out, content_type="application/msgpack")
+    binary = set(outputs) if parsed.binary_default else parsed.binary_outputs
+    body_out, header_length = v2_codec.encode_json(result.model, result.version, request_id, outputs, binary)
+    if header_length is None:
+        return web.Response(body=body_out, content_type="application/json")
+    return web.Response(
+        body=body_out,
+        content_type="application/octet-stream",
+        headers={v2_codec.BINARY_HEADER: str(header_length)},
+    )
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    """POST /v2/repository/index: every model with its state; body ``{"ready": true}`` keeps only ready ones."""
+    ready_only = False
+    if request.can_read_body:
+        body = await _read_body(request)
+        if body.strip():
+            try:
+                options = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise BadRequest(f"the body must be JSON: {exc}") from None
+            ready_only = bool(isinstance(options, dict) and options.get("ready"))
+    entries = []
+    for state in request.app[MODELS].index():
+        if ready_only and state.state != "READY":
+            continue
+        entry = {"name": state.name, "state": state.state, "reason": state.reason}
+        if state.version is not None:
+            entry["version"] = str(state.version)
+        entries.append(entry)
+    return _json(entries)
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    """POST /v2/repository/models/{model}/load: load (or reload) the newest version, warm it, swap it in."""
+    await _read_body(request)
+    model = await request.app[MODELS].load(request.match_info["model"])
+    return _json({"name": model.name, "version": str(model.version), "state": "READY"})
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    """POST /v2/repository/models/{model}/unload: stop serving after queued requests finish."""
+    await _read_body(request)
+    await request.app[MODELS].unload(request.match_info["model"])
+    return _json({"name": request.match_info["model"], "state": "UNAVAILABLE"})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the v2 routes."""
+    router = app.router
+    router.add_get("/v2", server_metadata)
+    router.add_get("/v2/health/live", health_live)
+    router.add_get("/v2/health/ready", health_ready)
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        router.add_get(base, model_metadata)
+        router.add_get(base + "/ready", model_ready)
+        router.add_get(base + "/config", model_config)
+        router.add_post(base + "/infer", infer)
+    router.add_post("/v2/repository/index", repository_index)
+    router.add_post("/v2/repository/models/{model}/load", repository_load)
+    router.add_post("/v2/repository/models/{model}/unload", repository_unload)

@@ -1,0 +1,77 @@
+"""The aiohttp application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TextIO
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from appliance.api import v2
+from appliance.api.middleware import request_middleware
+from appliance.api.openapi import openapi_document
+from appliance.api.state import ACCESS_LOG, CONFIG, DATAPLANE, LIFECYCLE, METRICS, MODELS, Lifecycle
+from appliance.config import Config
+from appliance.dataplane import DataPlane
+from appliance.engine_factory import create_engine
+from appliance.model_version import EngineFactory
+from appliance.repository import ModelManager
+from appliance.telemetry import AccessLog, Metrics
+
+log = logging.getLogger("appliance.app")
+ACCESS_LOG_FLUSH_S = 0.2
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """GET /metrics in the Prometheus text format."""
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    models = app[MODELS]
+    states = await models.load_all()
+    for state in states:
+        log.info("model %s: %s %s", state.name, state.state, state.reason)
+    if not states:
+        log.warning("the model repository %s has no models", models.root)
+    app[LIFECYCLE].started = True
+    flusher = asyncio.get_running_loop().create_task(_flush_access_log(app[ACCESS_LOG]))
+    yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    await models.close()
+    app[ACCESS_LOG].flush()
+
+
+async def _flush_access_log(access_log: AccessLog) -> None:
+    while True:
+        await asyncio.sleep(ACCESS_LOG_FLUSH_S)
+        access_log.flush()
+
+
+def create_app(
+    config: Config,
+    *,
+    engine_factory: EngineFactory = create_engine,
+    metrics: Metrics | None = None,
+    access_log_stream: TextIO | None = None,
+) -> web.Application:
+    """Build the application; models load when it starts (``cleanup_ctx``) and unload when it stops."""
+    app = web.Application(middlewares=[request_middleware], client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+    app[METRICS] = metrics or Metrics()
+    app[ACCESS_LOG] = AccessLog(access_log_stream, enabled=config.server.access_log)
+    app[MODELS] = ModelManager(config, engine_factory, app[METRICS])
+    app[DATAPLANE] = DataPlane(app[MODELS])
+    app[LIFECYCLE] = Lifecycle()
+    v2.add_routes(app)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi_document)
+    app.cleanup_ctx.append(_lifespan)
+    return app

@@ -1,0 +1,107 @@
+"""The ``appliance`` command: ``serve``, ``models``, ``config``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from appliance import __version__
+from appliance.config import Config, ConfigError, apply_table, load_config
+from appliance.model_spec import read_model_spec
+from appliance.repository import scan_repository
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Single-box AI inference appliance.")
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    parser.add_argument("--config", help="TOML configuration file (default: $APPLIANCE_CONFIG, else built-in defaults)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="address to bind (server.host)")
+    serve.add_argument("--port", type=int, help="port to bind (server.port)")
+    serve.add_argument("--models", help="model repository folder (paths.model_repository)")
+    commands.add_parser("models", help="list the model repository and each version's state")
+    commands.add_parser("config", help="print the effective configuration")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    # Command-line flags are the last word; re-validate them through the same checks as the file.
+    server = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v}
+    if server:
+        apply_table(config.server, "server", server, "the command line")
+    if getattr(args, "models", None):
+        apply_table(config.paths, "paths", {"model_repository": args.models}, "the command line")
+    return config
+
+
+def _cmd_serve(config: Config) -> int:
+    from appliance.server import serve
+
+    logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
+    return serve(config)
+
+
+def _cmd_models(config: Config) -> int:
+    root = config.paths.models()
+    live = _live_index(config)
+    found = scan_repository(root)
+    print(f"repository: {root}" + ("" if live is not None else " (server not reachable: showing files only)"))
+    if not found:
+        print("  no models")
+    for name, versions in found.items():
+        state = (live or {}).get(name, {})
+        for version in versions:
+            try:
+                spec = read_model_spec(name, version, root / name / str(version))
+                detail = f"task={spec.task} engine={spec.engine.kind} max_batch_size={spec.batching.max_batch_size}"
+            except ConfigError as exc:
+                detail = f"INVALID: {exc}"
+            serving = state.get("version") == str(version)
+            status = state.get("state", "-") if serving or not state.get("version") else "not serving"
+            reason = f" ({state['reason']})" if serving and state.get("reason") else ""
+            print(f"  {name} v{version}: {status}{reason}  {detail}")
+    return 0
+
+
+def _live_index(config: Config) -> dict[str, dict] | None:
+    host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
+    request = urllib.request.Request(f"http://{host}:{config.server.port}/v2/repository/index", data=b"{}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return {entry["name"]: entry for entry in json.load(response)}
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``appliance`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"appliance: configuration error: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(config.server.log_level)
+    if args.command == "serve":
+        return _cmd_serve(config)
+    if args.command == "models":
+        return _cmd_models(config)
+    print(config.to_toml(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

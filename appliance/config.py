@@ -1,0 +1,279 @@
+"""Server configuration: one TOML file, defaults, ``APPLIANCE_*`` environment overrides.
+
+The configuration is read and validated once, at start. Every error names the field, the value it got, where the
+value came from and what is allowed, so that the operator knows what to change.
+
+Environment overrides are ``APPLIANCE_<SECTION>_<FIELD>`` (for example ``APPLIANCE_SERVER_PORT=9000``); values are
+parsed by the field's type (lists are comma separated). ``APPLIANCE_CONFIG`` names the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_ENV = "APPLIANCE_CONFIG"
+ENV_PREFIX = "APPLIANCE_"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which field and what to change."""
+
+
+def limits(minimum: float | None = None, maximum: float | None = None, choices: tuple[str, ...] = ()) -> dict:
+    """Field metadata: the numeric range or the allowed choices of a setting."""
+    return {"min": minimum, "max": maximum, "choices": choices}
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "appliance")
+
+
+@dataclass
+class ServerConfig:
+    """HTTP listener and process lifecycle."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=limits(0, 65535))
+    max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=limits(1024))
+    drain_timeout_s: float = field(default=30.0, metadata=limits(0, 3600))
+    access_log: bool = True
+    log_level: str = field(default="info", metadata=limits(choices=("debug", "info", "warning", "error")))
+
+
+@dataclass
+class PathsConfig:
+    """Where the appliance keeps its state."""
+
+    state_dir: str = field(default_factory=_default_state_dir)
+    model_repository: str = ""  # empty: <state_dir>/models
+    cache_dir: str = ""  # empty: <state_dir>/cache
+
+    def models(self) -> Path:
+        """The model repository folder."""
+        return Path(self.model_repository or Path(self.state_dir) / "models").expanduser()
+
+    def cache(self) -> Path:
+        """The folder for derived files (optimized models, engine plans)."""
+        return Path(self.cache_dir or Path(self.state_dir) / "cache").expanduser()
+
+
+PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass
+class OnnxRuntimeConfig:
+    """Defaults for ONNX Runtime sessions; a model's ``[engine]`` table may override them."""
+
+    providers: list[str] = field(default_factory=lambda: list(PROVIDER_NAMES), metadata=limits(choices=PROVIDER_NAMES))
+    intra_op_threads: int = field(default=0, metadata=limits(0, 1024))
+    inter_op_threads: int = field(default=0, metadata=limits(0, 1024))
+    graph_optimization_level: str = field(default="all", metadata=limits(choices=OPTIMIZATION_LEVELS))
+    optimized_model_cache: bool = True
+
+
+@dataclass
+class BatchingConfig:
+    """Defaults for the dynamic batcher; a model's ``[batching]`` table may override them."""
+
+    max_queue_size: int = field(default=1024, metadata=limits(1, 1_000_000))
+    default_timeout_ms: float = field(default=0.0, metadata=limits(0))  # 0: no deadline unless the request sets one
+
+
+@dataclass
+class Config:
+    """The effective configuration of one server process."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    source: str = field(default="defaults", compare=False)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Sections and their values, as they would be written in the TOML file."""
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
+
+    def to_toml(self) -> str:
+        """The effective configuration as TOML text."""
+        lines = [f"# effective configuration ({self.source})"]
+        for section, values in self.to_dict().items():
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        return "\n".join(lines) + "\n"
+
+
+def _sections() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if f.name != "source"]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (``path``, else ``$APPLIANCE_CONFIG``, else none), apply environment overrides, validate."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV) or None
+    raw: dict[str, Any] = {}
+    sources = ["defaults"]
+    if path is not None:
+        file = Path(path)
+        try:
+            raw = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {file} does not exist; fix --config or {CONFIG_ENV}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {file} is not valid TOML: {exc}") from None
+        sources.append(str(file))
+    config = Config()
+    for section_name, section_values in raw.items():
+        apply_table(_section(config, section_name, origin=str(path)), section_name, section_values, str(path))
+    overrides = False
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        section_name, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        section = _section(config, section_name, origin=f"environment variable {name}")
+        _assign(section, section_name, key, _parse_env(section, section_name, key, text, name), origin=name)
+        overrides = True
+    if overrides:
+        sources.append("APPLIANCE_* environment")
+    config.source = " + ".join(sources)
+    return config
+
+
+def apply_table(target: Any, name: str, table: Any, origin: str) -> None:
+    """Validate a TOML table against the dataclass ``target`` and set its fields; raise :class:`ConfigError`."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] in {origin} must be a table of settings")
+    for key, value in table.items():
+        _assign(target, name, key, value, origin)
+
+
+def _section(config: Config, name: str, origin: str) -> Any:
+    names = [f.name for f in _sections()]
+    if name not in names:
+        raise ConfigError(f"unknown configuration section {name!r} (from {origin}); sections are: {', '.join(names)}")
+    return getattr(config, name)
+
+
+def _field(section: Any, section_name: str, key: str, origin: str) -> dataclasses.Field:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(
+            f"unknown setting {section_name}.{key} (from {origin}); [{section_name}] has: {', '.join(fields)}"
+        )
+    return fields[key]
+
+
+def _parse_env(section: Any, section_name: str, key: str, text: str, origin: str) -> Any:
+    kind = _field(section, section_name, key, origin).type
+    if kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        return text
+    if kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if kind == "list[str]":
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind == "list[int]":
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            return text
+    return text
+
+
+def _assign(section: Any, section_name: str, key: str, value: Any, origin: str) -> None:
+    spec = _field(section, section_name, key, origin)
+    setattr(section, key, check_value(f"{section_name}.{key}", value, spec.type, spec.metadata, origin))
+
+
+def check_value(name: str, value: Any, kind: str, limits: Mapping[str, Any], origin: str) -> Any:
+    """Check one value against its declared type and limits; return it normalized or raise :class:`ConfigError`."""
+    allowed = _describe(kind, limits)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{name} = {value!r} (from {origin}) is not allowed: expected {allowed}")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        if kind == "int" and not isinstance(value, int):
+            raise fail()
+        if limits.get("min") is not None and value < limits["min"]:
+            raise fail()
+        if limits.get("max") is not None and value > limits["max"]:
+            raise fail()
+        return float(value) if kind == "float" else value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise fail()
+        if limits.get("choices") and value not in limits["choices"]:
+            raise fail()
+        return value
+    if kind == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail()
+        if limits.get("choices") and any(v not in limits["choices"] for v in value):
+            raise fail()
+        return list(value)
+    if kind == "list[int]":
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise fail()
+        if limits.get("min") is not None and any(v < limits["min"] for v in value):
+            raise fail()
+        if limits.get("max") is not None and any(v > limits["max"] for v in value):
+            raise fail()
+        return list(value)
+    raise TypeError(f"unsupported setting type {kind} for {name}")
+
+
+def _describe(kind: str, limits: Mapping[str, Any]) -> str:
+    if limits.get("choices"):
+        choices = ", ".join(repr(c) for c in limits["choices"])
+        return f"a list drawn from {choices}" if kind == "list[str]" else f"one of {choices}"
+    low, high = limits.get("min"), limits.get("max")
+    word = {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "str": "a string",
+        "list[int]": "a list of integers, each",
+        "list[str]": "a list of strings",
+    }.get(kind, kind)
+    if low is not None and high is not None:
+        return f"{word} from {low} to {high}"
+    if low is not None:
+        return f"{word} >= {low}"
+    return word

@@ -1,0 +1,146 @@
+"""Prometheus metrics (``appliance_*``, per model and version) and the JSON access log."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The server's collectors, registered in their own registry (one per app, so tests stay independent)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ("model", "version")
+        self.requests = Counter(
+            "appliance_requests", "Inference requests by final HTTP status", (*labels, "status"), registry=self.registry
+        )
+        self.request_duration = Histogram(
+            "appliance_request_duration_seconds", "Time from request parsed to response ready", labels,
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "appliance_queue_duration_seconds", "Time a request waited in its model's queue", labels,
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.compute_duration = Histogram(
+            "appliance_compute_duration_seconds", "Engine time per batch", labels,
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "appliance_batch_size", "Rows per executed batch", labels, buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "appliance_requests_in_flight", "Requests being handled", labels, registry=self.registry
+        )
+        self.load_duration = Gauge(
+            "appliance_model_load_duration_seconds", "Time the last load of this version took", labels,
+            registry=self.registry,
+        )
+        self.warmup_duration = Gauge(
+            "appliance_model_warmup_duration_seconds", "Time the last warmup of this version took", labels,
+            registry=self.registry,
+        )
+        self.model_ready = Gauge(
+            "appliance_model_ready", "1 while this version serves traffic", labels, registry=self.registry
+        )
+
+    def for_version(self, model: str, version: int) -> VersionMetrics:
+        """Children bound to one model version, so the hot path skips the label lookups."""
+        key = (model, str(version))
+        return VersionMetrics(
+            queue_duration=self.queue_duration.labels(*key),
+            compute_duration=self.compute_duration.labels(*key),
+            batch_size=self.batch_size.labels(*key),
+            in_flight=self.in_flight.labels(*key),
+            ready=self.model_ready.labels(*key),
+            load_duration=self.load_duration.labels(*key),
+            warmup_duration=self.warmup_duration.labels(*key),
+        )
+
+    def observe_request(self, model: str, version: str, status: int, seconds: float) -> None:
+        """Count one finished request under its status and record its duration."""
+        self.requests.labels(model, version, str(status)).inc()
+        self.request_duration.labels(model, version).observe(seconds)
+
+
+@dataclass(slots=True)
+class VersionMetrics:
+    """Metric children of one model version."""
+
+    queue_duration: Histogram
+    compute_duration: Histogram
+    batch_size: Histogram
+    in_flight: Gauge
+    ready: Gauge
+    load_duration: Gauge
+    warmup_duration: Gauge
+
+    def observe_batch(self, rows: int, compute_s: float) -> None:
+        """Record one executed batch."""
+        self.batch_size.observe(rows)
+        self.compute_duration.observe(compute_s)
+
+
+class AccessLog:
+    """One JSON line per request; buffered, flushed by :meth:`flush` (the server calls it on a timer and at exit).
+
+    Never carries a payload: only ids, model, status and timings.
+    """
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self._stream = stream or sys.stdout
+        self.enabled = enabled
+        self._lines: list[str] = []
+
+    def record(
+        self,
+        *,
+        request_id: str,
+        method: str,
+        path: str,
+        status: int,
+        total_s: float,
+        model: str = "",
+        version: str = "",
+        queue_s: float = 0.0,
+        compute_s: float = 0.0,
+    ) -> None:
+        """Add one request's line."""
+        if not self.enabled:
+            return
+        self._lines.append(
+            json.dumps(
+                {
+                    "ts": round(time.time(), 6),
+                    "type": "access",
+                    "request_id": request_id,
+                    "method": method,
+                    "path": path,
+                    "model": model,
+                    "version": version,
+                    "status": status,
+                    "queue_ms": round(queue_s * 1000, 3),
+                    "compute_ms": round(compute_s * 1000, 3),
+                    "total_ms": round(total_s * 1000, 3),
+                },
+                separators=(",", ":"),
+            )
+        )
+        if len(self._lines) >= 512:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered lines."""
+        if self._lines:
+            lines, self._lines = self._lines, []
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()

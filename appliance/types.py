@@ -1,0 +1,55 @@
+"""The core types of the request path: one place each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class Usage:
+    """What a request consumed."""
+
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass(slots=True)
+class Request:
+    """A parsed request, whatever protocol it came in by.
+
+    ``deadline`` is on the ``time.monotonic`` clock; ``None`` means the model's default timeout applies.
+    ``outputs`` names the outputs wanted (``None``: all).
+    """
+
+    id: str
+    task: str  # tensor (embed and generate come with their APIs)
+    model: str
+    version: int | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None = None
+    deadline: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Result:
+    """The answer to a :class:`Request`."""
+
+    id: str
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+    usage: Usage
+
+
+@dataclass(slots=True)
+class Trace:
+    """What the access log and the request metrics need to know about a request once it is answered."""
+
+    model: str = ""
+    version: str = ""
+    usage: Usage | None = None

@@ -1,0 +1,1 @@
+"""The permission-scoped LMDB response cache."""

@@ -1,0 +1,1 @@
+"""Engines (ONNX Runtime, TensorRT) and the schedulers that feed them."""
