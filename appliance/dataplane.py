@@ -38,14 +38,13 @@ class DataPlane:
         if deadline is None and served.default_timeout_s is not None:
             deadline = self._clock() + served.default_timeout_s
         assert served.batcher is not None
-        metrics = served.metrics
-        metrics.in_flight.inc()
+        served.in_flight += 1
         try:
             # Submitting is synchronous: no await between resolve() and here, so a swap cannot slip in between.
             outcome = await served.batcher.submit(request.inputs, deadline)
         finally:
-            metrics.in_flight.dec()
-        metrics.queue_duration.observe(outcome.queue_s)
+            served.in_flight -= 1
+        served.metrics.queue_duration.observe(outcome.queue_s)
         usage = Usage(queue_s=outcome.queue_s, compute_s=outcome.compute_s, batch_size=outcome.batch_size)
         trace.usage = usage
         outputs = outcome.outputs

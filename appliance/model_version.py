@@ -6,14 +6,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from appliance.config import Config, ConfigError
 from appliance.engines.base import Engine
 from appliance.engines.batcher import DynamicBatcher
-from appliance.engines.tensors import NUMPY_TO_V2, TensorSpec
+from appliance.engines.tensors import NUMPY_TO_V2, TensorSpec, numpy_dtype
 from appliance.errors import BadRequest
 from appliance.model_spec import ModelSpec, TensorSection
 from appliance.telemetry import VersionMetrics
@@ -31,11 +31,19 @@ class ServedTensor:
     datatype: str
     dims: tuple[int, ...]
     max_dims: tuple[int, ...] = ()
+    dtype: np.dtype = field(init=False, compare=False)
 
-    @property
-    def dtype(self) -> np.dtype:
-        """The numpy dtype."""
-        return TensorSpec(self.name, self.datatype, self.dims).dtype
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", numpy_dtype(self.datatype))
+
+    def fits(self, dims: tuple[int, ...]) -> bool:
+        """Whether concrete dimensions (batch dimension removed) match ``dims`` and stay within ``max_dims``."""
+        if len(dims) != len(self.dims):
+            return False
+        for want, got in zip(self.dims, dims):
+            if want != -1 and want != got:
+                return False
+        return not self.max_dims or all(got <= limit for got, limit in zip(dims, self.max_dims))
 
 
 class ModelVersion:
@@ -50,8 +58,10 @@ class ModelVersion:
         self.inputs: list[ServedTensor] = []
         self.outputs: list[ServedTensor] = []
         self._inputs_by_name: dict[str, ServedTensor] = {}
+        self.output_datatypes: dict[str, str] = {}
         self.batcher: DynamicBatcher | None = None
         self.ready = False
+        self.in_flight = 0  # requests between check and answer; read by the in-flight gauge
 
     @property
     def name(self) -> str:
@@ -92,6 +102,7 @@ class ModelVersion:
             self.close_engines()
             raise
         self._inputs_by_name = {t.name: t for t in self.inputs}
+        self.output_datatypes = {t.name: t.datatype for t in self.outputs}
         return time.perf_counter() - started
 
     def _served(self, model_tensors: list[TensorSpec], declared: list[TensorSection], kind: str) -> list[ServedTensor]:
@@ -169,6 +180,7 @@ class ModelVersion:
             name=f"{self.name}/{self.version}",
         )
         self.batcher.start()
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.ready = True
 
     async def stop(self, timeout_s: float | None = None) -> None:
@@ -189,44 +201,40 @@ class ModelVersion:
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Raise :class:`BadRequest` naming the input and the expected and received shape or dtype."""
         expected = self._inputs_by_name
-        unknown = [name for name in inputs if name not in expected]
-        if unknown:
-            raise BadRequest(
-                f"unknown input {unknown[0]!r} for model {self.name}; its inputs are {sorted(expected)}"
-            )
-        missing = [name for name in expected if name not in inputs]
-        if missing:
-            raise BadRequest(f"missing input {missing[0]!r} for model {self.name}; it needs {sorted(expected)}")
+        if len(inputs) != len(expected) or any(name not in expected for name in inputs):
+            self._raise_for_names(inputs)
+        batching = self.max_batch_size > 0
         rows = None
         for name, array in inputs.items():
             tensor = expected[name]
             if array.dtype != tensor.dtype:
                 received = NUMPY_TO_V2.get(array.dtype, str(array.dtype))
                 raise BadRequest(f"input {name!r}: expected datatype {tensor.datatype}, received {received}")
-            self._check_shape(tensor, array.shape)
-            if self.max_batch_size > 0:
-                if rows is not None and array.shape[0] != rows:
+            shape = array.shape
+            dims = shape[1:] if batching else shape
+            if (batching and not (shape and 1 <= shape[0] <= self.max_batch_size)) or not tensor.fits(dims):
+                raise BadRequest(
+                    f"input {name!r}: expected shape {self._describe_shape(tensor)}, received {list(shape)}"
+                )
+            if batching:
+                if rows is not None and shape[0] != rows:
                     raise BadRequest(
-                        f"input {name!r} has batch size {array.shape[0]} but other inputs have {rows}; "
+                        f"input {name!r} has batch size {shape[0]} but other inputs have {rows}; "
                         "every input needs the same first dimension"
                     )
-                rows = array.shape[0]
+                rows = shape[0]
 
-    def _check_shape(self, tensor: ServedTensor, shape: tuple[int, ...]) -> None:
-        expected = list(tensor.dims)
+    def _raise_for_names(self, inputs: Mapping[str, np.ndarray]) -> None:
+        expected = self._inputs_by_name
+        unknown = [name for name in inputs if name not in expected]
+        if unknown:
+            raise BadRequest(f"unknown input {unknown[0]!r} for model {self.name}; its inputs are {sorted(expected)}")
+        missing = [name for name in expected if name not in inputs]
+        raise BadRequest(f"missing input {missing[0]!r} for model {self.name}; it needs {sorted(expected)}")
+
+    def _describe_shape(self, tensor: ServedTensor) -> str:
+        dims = [str(d) for d in tensor.dims]
+        limits = f" (limits {list(tensor.max_dims)})" if tensor.max_dims else ""
         if self.max_batch_size > 0:
-            expected_text = f"[-1{''.join(f',{d}' for d in expected)}] with batch size 1 to {self.max_batch_size}"
-            if not shape or not 1 <= shape[0] <= self.max_batch_size:
-                raise BadRequest(f"input {tensor.name!r}: expected shape {expected_text}, received {list(shape)}")
-            dims = shape[1:]
-        else:
-            expected_text = str(expected)
-            dims = shape
-        fits = len(dims) == len(expected) and all(want in (-1, got) for want, got in zip(expected, dims))
-        if not fits:
-            raise BadRequest(f"input {tensor.name!r}: expected shape {expected_text}, received {list(shape)}")
-        for axis, (limit, got) in enumerate(zip(tensor.max_dims, dims)):
-            if got > limit:
-                raise BadRequest(
-                    f"input {tensor.name!r}: dimension {axis} is {got}, over the model's limit of {limit}"
-                )
+            return f"[{','.join(['-1', *dims])}] with batch size 1 to {self.max_batch_size}{limits}"
+        return f"[{','.join(dims)}]{limits}"

@@ -19,6 +19,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         labels = ("model", "version")
         self.requests = Counter(
             "appliance_requests", "Inference requests by final HTTP status", (*labels, "status"), registry=self.registry
@@ -68,8 +69,13 @@ class Metrics:
 
     def observe_request(self, model: str, version: str, status: int, seconds: float) -> None:
         """Count one finished request under its status and record its duration."""
-        self.requests.labels(model, version, str(status)).inc()
-        self.request_duration.labels(model, version).observe(seconds)
+        key = (model, version, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self.requests.labels(model, version, str(status)), self.request_duration.labels(model, version)
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 @dataclass(slots=True)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +53,12 @@ BatchObserver = Callable[[int, float], None]  # (rows in the batch, compute seco
 
 
 class DynamicBatcher:
-    """Queues requests for one model version and runs them, batched, on its engine instances."""
+    """Queues requests for one model version and runs them, batched, on its engine instances.
+
+    Each engine instance has a thread that forms its own batches from the shared queue: under load a thread that
+    finishes a batch takes the next one at once, without waiting to be woken. The event loop only appends to the
+    queue and resolves futures, one callback per batch.
+    """
 
     def __init__(
         self,
@@ -78,23 +83,28 @@ class DynamicBatcher:
         self._clock = clock
         self._name = name
         self._queue: deque[_Pending] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._workers: list[asyncio.Task] = []
-        self._executors: list[ThreadPoolExecutor] = []
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._waiting = 0  # threads blocked on _work
+        self._threads: list[threading.Thread] = []
+        self._running = 0  # batches being executed
+        self._exited = 0  # threads that have stopped
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
         self._closing = False
-        self._running_batches = 0
         self._service_s = 0.0  # moving average of one batch's wall time
         self._batch_rows = 1.0  # moving average of rows per batch
 
     # -- the event-loop side -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start one worker per engine instance on the running loop."""
-        self._wakeup = asyncio.Event()
+        """Start one thread per engine instance; call on the event loop that will submit."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
         for index, engine in enumerate(self._engines):
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self._name}-{index}")
-            self._executors.append(executor)
-            self._workers.append(asyncio.get_running_loop().create_task(self._worker(engine, executor)))
+            thread = threading.Thread(target=self._serve, args=(engine,), name=f"{self._name}-{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     @property
     def queue_depth(self) -> int:
@@ -103,7 +113,7 @@ class DynamicBatcher:
 
     def estimated_wait_s(self) -> float:
         """How long a request queued now would wait, from queue depth and recent service times."""
-        batches_ahead = math.ceil(len(self._queue) / max(self._batch_rows, 1.0)) + min(self._running_batches, 1)
+        batches_ahead = math.ceil(len(self._queue) / max(self._batch_rows, 1.0)) + min(self._running, 1)
         return batches_ahead * self._service_s / len(self._engines)
 
     def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> asyncio.Future:
@@ -112,7 +122,8 @@ class DynamicBatcher:
         Raises :class:`QueueFull` when the queue is at its bound, :class:`ModelNotReady` once closing.
         ``deadline`` is on this batcher's clock (``time.monotonic`` by default).
         """
-        if self._closing or self._wakeup is None:
+        loop = self._loop
+        if self._closing or loop is None:
             raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
         if len(self._queue) >= self._max_queue:
             wait = max(self.estimated_wait_s(), 0.001)
@@ -122,26 +133,28 @@ class DynamicBatcher:
                 retry_after_s=wait,
             )
         if self.max_batch_size > 0:
-            first = next(iter(inputs.values()))
-            rows = first.shape[0]
+            rows = next(iter(inputs.values())).shape[0]
             signature = tuple((name, array.shape[1:]) for name, array in inputs.items())
         else:
             rows, signature = 1, ()
-        loop = asyncio.get_running_loop()
-        pending = _Pending(inputs, rows, signature, loop.create_future(), self._clock(), deadline)
-        self._queue.append(pending)
+        now = self._clock()
+        pending = _Pending(inputs, rows, signature, loop.create_future(), now, deadline)
+        with self._lock:
+            self._queue.append(pending)
+            if self._waiting:
+                self._work.notify()
         if deadline is not None:
-            loop.call_later(max(deadline - self._clock(), 0.0), self._expire, pending)
-        self._wakeup.set()
+            loop.call_later(max(deadline - now, 0.0), self._expire, pending)
         return pending.future
 
     def _expire(self, pending: _Pending) -> None:
         if pending.future.done():
             return
-        try:
-            self._queue.remove(pending)
-        except ValueError:
-            return  # already taken into a batch: it runs to completion
+        with self._lock:
+            try:
+                self._queue.remove(pending)
+            except ValueError:
+                return  # already taken into a batch: it runs to completion
         waited = self._clock() - pending.enqueued
         pending.future.set_exception(
             DeadlineExceeded(f"request timed out after {waited * 1000:.1f} ms in the queue of model {self._name}")
@@ -149,76 +162,92 @@ class DynamicBatcher:
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Stop taking requests, let queued and running ones finish (up to ``timeout_s``), stop the threads."""
-        self._closing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        if self._workers:
-            done, pending = await asyncio.wait(self._workers, timeout=timeout_s)
-            for task in pending:
-                task.cancel()
-            for item in list(self._queue):
-                if not item.future.done():
-                    item.future.set_exception(ModelNotReady(f"model {self._name} was unloaded before this ran"))
-            self._queue.clear()
-        for executor in self._executors:
-            executor.shutdown(wait=False)
-
-    async def _worker(self, engine: Engine, executor: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wakeup is not None
-        while True:
-            batch = await self._collect()
-            if batch is None:
-                return
-            started = self._clock()
-            self._running_batches += 1
+        with self._lock:
+            self._closing = True
+            self._work.notify_all()
+        if self._stopped is not None and self._threads:
             try:
-                results, compute_s = await loop.run_in_executor(executor, self._execute, engine, batch)
-            finally:
-                self._running_batches -= 1
-            rows = sum(p.rows for p in batch)
-            self._service_s = 0.8 * self._service_s + 0.2 * (self._clock() - started) if self._service_s else compute_s
-            self._batch_rows = 0.8 * self._batch_rows + 0.2 * rows
-            if self._on_batch is not None:
-                self._on_batch(rows, compute_s)
-            for pending, result in zip(batch, results):
-                if pending.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(BatchResult(result, started - pending.enqueued, compute_s, rows))
-
-    async def _collect(self) -> list[_Pending] | None:
-        """Wait for the next batch to be due and take it from the queue; ``None`` when closed and empty."""
-        assert self._wakeup is not None
-        while True:
-            self._sweep()
-            if not self._queue:
-                if self._closing:
-                    return None
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if self.max_batch_size == 0:
-                return [self._queue.popleft()]
-            batch, rows, blocked = self._candidate()
-            chosen = self._preferred_prefix(batch)
-            now = self._clock()
-            due = self._queue[0].enqueued + self._delay
-            if rows >= self.max_batch_size or blocked or self._closing or now >= due:
-                return self._take(chosen or batch)
-            if chosen and sum(p.rows for p in chosen) == self._preferred[-1]:
-                return self._take(chosen)
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=due - now)
+                await asyncio.wait_for(self._stopped.wait(), timeout_s)
             except TimeoutError:
-                pass
+                log.warning("model %s: drain timed out with %d queued", self._name, len(self._queue))
+        with self._lock:
+            left, self._queue = list(self._queue), deque()
+        for item in left:
+            if not item.future.done():
+                item.future.set_exception(ModelNotReady(f"model {self._name} was unloaded before this ran"))
 
-    def _sweep(self) -> None:
-        while self._queue and self._queue[0].future.done():
-            self._queue.popleft()
+    def _complete(self, batch: list[_Pending], results: list[object], started: float, compute_s: float) -> None:
+        rows = sum(p.rows for p in batch)
+        for pending, result in zip(batch, results):
+            if pending.future.done():
+                continue
+            if isinstance(result, Exception):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(BatchResult(result, started - pending.enqueued, compute_s, rows))
+        if self._on_batch is not None:
+            self._on_batch(rows, compute_s)
+
+    def _thread_exited(self) -> None:
+        self._exited += 1
+        if self._exited == len(self._threads) and self._stopped is not None:
+            self._stopped.set()
+
+    # -- the worker-thread side ----------------------------------------------------------------------------------
+
+    def _serve(self, engine: Engine) -> None:
+        assert self._loop is not None
+        try:
+            while (batch := self._next_batch()) is not None:
+                started = self._clock()
+                results, compute_s = self._execute(engine, batch)
+                wall = self._clock() - started
+                rows = sum(p.rows for p in batch)
+                with self._lock:
+                    self._running -= 1
+                    self._service_s = 0.8 * self._service_s + 0.2 * wall if self._service_s else wall
+                    self._batch_rows = 0.8 * self._batch_rows + 0.2 * rows
+                self._loop.call_soon_threadsafe(self._complete, batch, results, started, compute_s)
+        finally:
+            self._loop.call_soon_threadsafe(self._thread_exited)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Block until a batch is due and take it; ``None`` once closing and the queue is empty."""
+        with self._lock:
+            while True:
+                while self._queue and self._queue[0].future.done():
+                    self._queue.popleft()
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._wait(None)
+                    continue
+                batch, wait_s = self._due_batch()
+                if batch is not None:
+                    self._running += 1
+                    return batch
+                self._wait(wait_s)
+
+    def _wait(self, timeout_s: float | None) -> None:
+        self._waiting += 1
+        try:
+            self._work.wait(timeout_s)
+        finally:
+            self._waiting -= 1
+
+    def _due_batch(self) -> tuple[list[_Pending] | None, float]:
+        """The batch to run now, or ``None`` and how long until the oldest request's delay runs out."""
+        if self.max_batch_size == 0:
+            return [self._queue.popleft()], 0.0
+        batch, rows, blocked = self._candidate()
+        chosen = self._preferred_prefix(batch)
+        now = self._clock()
+        due = self._queue[0].enqueued + self._delay
+        if rows >= self.max_batch_size or blocked or self._closing or now >= due:
+            return self._take(chosen or batch), 0.0
+        if chosen and sum(p.rows for p in chosen) == self._preferred[-1]:
+            return self._take(chosen), 0.0
+        return None, due - now
 
     def _candidate(self) -> tuple[list[_Pending], int, bool]:
         """The requests that can join the oldest one's batch, their rows, and whether one more could not fit."""
@@ -244,13 +273,14 @@ class DynamicBatcher:
         return best
 
     def _take(self, batch: list[_Pending]) -> list[_Pending]:
-        taken = {id(p) for p in batch}
-        self._queue = deque(p for p in self._queue if id(p) not in taken and not p.future.done())
-        if self._queue:
-            self._wakeup.set()  # let another idle worker start on the rest
+        if len(batch) == len(self._queue):
+            self._queue.clear()
+        else:
+            taken = {id(p) for p in batch}
+            self._queue = deque(p for p in self._queue if id(p) not in taken)
+        if self._queue and self._waiting:
+            self._work.notify()  # another idle instance may start on the rest
         return batch
-
-    # -- the worker-thread side ----------------------------------------------------------------------------------
 
     def _execute(self, engine: Engine, batch: list[_Pending]) -> tuple[list[object], float]:
         started = time.perf_counter()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -17,6 +18,9 @@ from appliance.types import Trace
 log = logging.getLogger("appliance.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Request ids: a random per-process prefix and a counter (uuid4 costs a getrandom() call per request).
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
 # Paths that keep answering while the server drains, so that orchestrators can watch it go.
 ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 
@@ -35,7 +39,7 @@ def error_response(status: int, message: str, retry_after_s: float | None = None
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Wrap every request: id, drain check, error mapping, accounting."""
     started = time.perf_counter()
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
     app = request.app
     lifecycle = app[LIFECYCLE]
     trace = Trace()

@@ -137,7 +137,7 @@ async def infer(request: web.Request) -> web.Response:
         deadline=deadline,
     )
     result, served = await request.app[DATAPLANE].infer(infer_request, request[TRACE])
-    datatypes = {t.name: t.datatype for t in served.outputs}
+    datatypes = served.output_datatypes
     outputs = {name: (datatypes[name], array) for name, array in result.outputs.items()}
     request_id = parsed.id
     if use_msgpack or "msgpack" in request.headers.get("Accept", ""):
@@ -193,6 +193,9 @@ async def repository_unload(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register the v2 routes."""
     router = app.router
+    # aiohttp matches routes in registration order: the hot path goes first.
+    router.add_post("/v2/models/{model}/infer", infer)
+    router.add_post("/v2/models/{model}/versions/{version}/infer", infer)
     router.add_get("/v2", server_metadata)
     router.add_get("/v2/health/live", health_live)
     router.add_get("/v2/health/ready", health_ready)
@@ -200,7 +203,6 @@ def add_routes(app: web.Application) -> None:
         router.add_get(base, model_metadata)
         router.add_get(base + "/ready", model_ready)
         router.add_get(base + "/config", model_config)
-        router.add_post(base + "/infer", infer)
     router.add_post("/v2/repository/index", repository_index)
     router.add_post("/v2/repository/models/{model}/load", repository_load)
     router.add_post("/v2/repository/models/{model}/unload", repository_unload)

@@ -11,6 +11,7 @@ BYTES tensors are length-prefixed (4-byte little-endian) in raw form, as Triton 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,7 @@ def _shape_and_dtype(tensor: Any, index: int) -> tuple[str, list[int], str, np.d
 
 
 def _from_list(name: str, data: Any, shape: list[int], datatype: str, dtype: np.dtype) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     try:
         if datatype == "BYTES":
             flat = np.array(
@@ -89,7 +90,7 @@ def _flatten(data: Any) -> list:
 
 
 def _from_bytes(name: str, raw: bytes | memoryview, shape: list[int], datatype: str, dtype: np.dtype) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if datatype == "BYTES":
         items, offset, view = [], 0, memoryview(raw)
         while offset < len(view):
@@ -211,10 +212,12 @@ def _raw(array: np.ndarray, datatype: str) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def _json_data(array: np.ndarray, datatype: str) -> list:
+def _json_data(array: np.ndarray, datatype: str) -> list | np.ndarray:
     if datatype == "BYTES":
         return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in array.reshape(-1)]
-    return array.reshape(-1).tolist()
+    if datatype == "FP16":
+        return array.reshape(-1).tolist()  # orjson serializes float16 arrays only via lists
+    return np.ascontiguousarray(array).reshape(-1)
 
 
 def encode_json(
@@ -234,7 +237,7 @@ def encode_json(
     response: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": described}
     if request_id is not None:
         response["id"] = request_id
-    head = orjson.dumps(response)
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not tails:
         return head, None
     return head + b"".join(tails), len(head)
