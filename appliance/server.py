@@ -16,7 +16,12 @@ from appliance.config import Config
 log = logging.getLogger("appliance.server")
 
 
-async def run_server(config: Config, app: web.Application | None = None, stop: asyncio.Event | None = None) -> None:
+async def run_server(
+    config: Config,
+    app: web.Application | None = None,
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain: stop accepting, finish in-flight requests, exit."""
     app = app or create_app(config)
     server = config.server
@@ -29,12 +34,13 @@ async def run_server(config: Config, app: web.Application | None = None, stop: a
     log.info("serving on http://%s:%s", server.host, lifecycle.port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in signals:
             loop.remove_signal_handler(signum)
     lifecycle.draining = True
     log.info("draining: %d requests in flight, waiting up to %.1f s", lifecycle.in_flight, server.drain_timeout_s)

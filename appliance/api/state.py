@@ -52,5 +52,5 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 MODELS = web.AppKey("models", ModelManager)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
-TRACE = "appliance.trace"  # per-request Trace, set by the middleware
+TRACE = web.RequestKey("trace", Trace)  # per-request Trace, set by the middleware
 __all__ = ["ACCESS_LOG", "CONFIG", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "Lifecycle", "Trace"]

@@ -1,0 +1,134 @@
+"""Shared fixtures: a repository of tiny real ONNX models and real servers on ephemeral loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny_models  # noqa: E402
+
+from appliance.api.state import LIFECYCLE  # noqa: E402
+from appliance.app import create_app  # noqa: E402
+from appliance.config import Config, load_config  # noqa: E402
+from appliance.server import run_server  # noqa: E402
+
+
+class RunningServer:
+    """The real app, served by ``run_server`` on 127.0.0.1:<ephemeral> in a thread with its own uvloop."""
+
+    def __init__(self, config: Config, **app_options) -> None:
+        self.config = config
+        self.access_log = io.StringIO()
+        self.app = create_app(config, access_log_stream=self.access_log, **app_options)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-server", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await run_server(self.config, self.app, self._stop, handle_signals=False)
+
+        try:
+            uvloop.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+
+    def start(self, timeout_s: float = 60.0) -> RunningServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        lifecycle = self.app[LIFECYCLE]
+        while not (lifecycle.started and lifecycle.port):
+            if self._error is not None:
+                raise RuntimeError(f"server failed to start: {self._error!r}") from self._error
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not start in time")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.app[LIFECYCLE].port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, coroutine_function, *args, timeout_s: float = 30.0):
+        """Run ``coroutine_function(*args)`` on the server's loop and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine_function(*args), self.loop).result(timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "server thread did not stop"
+
+
+def make_config(repository: Path, state: Path, **sections: dict) -> Config:
+    """Defaults pointed at ``repository``, port 0, with ``sections`` overriding settings."""
+    environ = {
+        "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repository),
+        "APPLIANCE_PATHS_STATE_DIR": str(state),
+        "APPLIANCE_SERVER_PORT": "0",
+        "APPLIANCE_ONNXRUNTIME_INTRA_OP_THREADS": "1",
+    }
+    for section, values in sections.items():
+        for key, value in values.items():
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(
+                value, bool) else str(value)
+            environ[f"APPLIANCE_{section.upper()}_{key.upper()}"] = text
+    return load_config(None, environ)
+
+
+@pytest.fixture(scope="session")
+def standard_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models most tests serve (built once per run)."""
+    return tiny_models.standard_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture()
+def fresh_repo(tmp_path: Path, standard_repo: Path) -> Path:
+    """A private copy of the standard repository, for tests that change it."""
+    target = tmp_path / "repo"
+    shutil.copytree(standard_repo, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, standard_repo: Path) -> Iterator[RunningServer]:
+    """One server per test module on the standard repository."""
+    running = RunningServer(make_config(standard_repo, tmp_path_factory.mktemp("state"))).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def server_factory(tmp_path: Path) -> Iterator:
+    """Start servers with a given repository and settings; all are stopped at the end of the test."""
+    started: list[RunningServer] = []
+
+    def start(repository: Path, **options) -> RunningServer:
+        sections = {k: v for k, v in options.items() if isinstance(v, dict)}
+        app_options = {k: v for k, v in options.items() if not isinstance(v, dict)}
+        running = RunningServer(make_config(repository, tmp_path / f"state{len(started)}", **sections), **app_options)
+        started.append(running.start())
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

@@ -1,0 +1,120 @@
+"""`appliance serve` as a real process: start, graceful drain on SIGTERM, drain timeout, `appliance models`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+import tiny_models
+
+SLOW = tiny_models.BATCHED.format(max_batch=8, delay_us=1_500_000)  # one request waits 1.5 s for company
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(repo: Path, state: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    environ = {
+        **os.environ,
+        "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repo),
+        "APPLIANCE_PATHS_STATE_DIR": str(state),
+        "APPLIANCE_SERVER_PORT": str(port),
+        **env,
+    }
+    process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=environ,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early: {process.stderr.read()}")
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture()
+def slow_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    tiny_models.write_version(repo, "slow", 1, SLOW, tiny_models.add_constant)
+    return repo
+
+
+def slow_request(url: str, results: list) -> None:
+    body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    try:
+        results.append(requests.post(f"{url}/v2/models/slow/infer", json=body, timeout=30))
+    except requests.RequestException as exc:
+        results.append(exc)
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_repo, tmp_path):
+    process, url = start(slow_repo, tmp_path / "state")
+    results: list = []
+    client = threading.Thread(target=slow_request, args=(url, results))
+    client.start()
+    time.sleep(0.4)  # the request is now waiting in the batcher
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/v2/health/live", timeout=2)  # no longer accepting
+    client.join(10)
+    assert process.wait(20) == 0
+    response = results[0]
+    assert not isinstance(response, Exception), response
+    assert response.status_code == 200
+    assert response.json()["outputs"][0]["data"] == [2.0, 3.0, 4.0, 5.0]
+    stderr = process.stderr.read()
+    assert "draining: 1 requests in flight" in stderr
+    access = [line for line in process.stdout.read().splitlines() if '"/v2/models/slow/infer"' in line]
+    assert len(access) == 1 and '"status":200' in access[0]
+
+
+def test_drain_timeout_bounds_shutdown(slow_repo, tmp_path):
+    process, url = start(slow_repo, tmp_path / "state", APPLIANCE_SERVER_DRAIN_TIMEOUT_S="0.2")
+    results: list = []
+    client = threading.Thread(target=slow_request, args=(url, results))
+    client.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(20) == 0
+    assert time.monotonic() - started < 1.3  # did not wait for the 1.5 s request
+    client.join(10)
+
+
+def test_models_command_shows_live_state(slow_repo, tmp_path):
+    broken = slow_repo / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.toml").write_text("[batching]\nmax_batch_size = 'many'\n")
+    process, url = start(slow_repo, tmp_path / "state")
+    try:
+        port = url.rsplit(":", 1)[1]
+        env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(slow_repo), "APPLIANCE_SERVER_PORT": port}
+        out = subprocess.run([sys.executable, "-m", "appliance.cli", "models"], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        assert "slow v1: READY" in out
+        assert "broken v1: UNAVAILABLE" in out and "INVALID" in out and "max_batch_size" in out
+    finally:
+        process.terminate()
+        process.wait(20)
+    offline = subprocess.run([sys.executable, "-m", "appliance.cli", "models"], env=env, capture_output=True,
+                             text=True, check=True).stdout
+    assert "server not reachable" in offline and "slow v1" in offline
