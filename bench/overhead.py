@@ -1,0 +1,187 @@
+"""Serving overhead on a tiny model (FP32 [-1,4], output = input + 1).
+
+Measures, in one run and on the same machine:
+  * in-process ``session.run`` (the floor);
+  * the appliance over loopback in v2 JSON, Triton binary and msgpack, at concurrency 1 and 64;
+  * a real Triton Inference Server (tritonserver 2.51 from nvidia-pytriton 0.7.0, Python backend, its own venv)
+    serving the same function, in JSON and binary.
+Load comes from wrk (one thread). Prints a table and writes bench/results/overhead-*.json.
+
+    python bench/overhead.py [--seconds 5] [--no-triton]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+
+import report  # noqa: E402
+import tiny_models  # noqa: E402
+from peers import triton  # noqa: E402
+from wrk import post_load, require_wrk  # noqa: E402
+
+MODEL_TOML = """
+task = "tensor"
+[engine]
+intra_op_threads = 1
+[batching]
+max_batch_size = 64
+"""
+
+
+def bodies() -> dict[str, tuple[bytes, str, int | None]]:
+    """The same one-row request in each wire format: (body, content type, binary header length)."""
+    row = np.array([[1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+    tensor = {"name": "INPUT0", "shape": [1, 4], "datatype": "FP32"}
+    json_body = json.dumps({"inputs": [{**tensor, "data": row.ravel().tolist()}]}).encode()
+    header = json.dumps({
+        "inputs": [{**tensor, "parameters": {"binary_data_size": row.nbytes}}],
+        "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+    }).encode()
+    return {
+        "json": (json_body, "application/json", None),
+        "binary": (header + row.tobytes(), "application/octet-stream", len(header)),
+        "msgpack": (msgpack.packb({"inputs": [{**tensor, "data": row.tobytes()}]}), "application/msgpack", None),
+    }
+
+
+def in_process(model: Path, seconds: float) -> dict:
+    """``session.run`` called directly: latency percentiles and calls per second."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    feed = {"INPUT0": np.array([[1, 2, 3, 4]], np.float32)}
+    for _ in range(200):
+        session.run(None, feed)
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"rps": len(times) / sum(times), "p50_s": statistics.median(times), "p99_s": times[int(len(times) * 0.99)],
+            "errors": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_appliance(repo: Path, state: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repo), "APPLIANCE_PATHS_STATE_DIR": str(state),
+           "APPLIANCE_SERVER_PORT": str(port)}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if requests.get(f"{url}/v2/models/add_one/ready", timeout=1).status_code == 200:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    raise SystemExit(f"the appliance did not start; see {log}")
+
+
+def measure(server: str, url: str, formats: list[str], seconds: float) -> list[dict]:
+    rows = []
+    for name in formats:
+        body, content_type, header_length = bodies()[name]
+        infer = f"{url}/v2/models/add_one/infer"
+        post_load(infer, body, content_type, 8, 1, header_length)  # warm up connections and caches
+        for connections in (1, 64):
+            result = post_load(infer, body, content_type, connections, seconds, header_length)
+            rows.append({"server": server, "format": name, "concurrency": connections, **vars(result)})
+            print(f"  {server:9s} {name:7s} c={connections:<3d} {result.rps:9.0f} req/s  p50 {result.p50_s * 1e3:.3f} ms"
+                  f"  p99 {result.p99_s * 1e3:.3f} ms  errors {result.errors}", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
+    parser.add_argument("--cache-dir", type=Path, default=triton.DEFAULT_CACHE_DIR, help="where the Triton venv lives")
+    args = parser.parse_args()
+    require_wrk()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        tiny_models.write_version(root / "repo", "add_one", 1, MODEL_TOML, tiny_models.add_constant)
+        floor = in_process(root / "repo" / "add_one" / "1" / "model.onnx", min(args.seconds, 3))
+        rows = [{"server": "in-process", "format": "session.run", "concurrency": 1, "requests": 0, **floor}]
+        print(f"  in-process session.run  p50 {floor['p50_s'] * 1e6:.1f} us", flush=True)
+        process, url = start_appliance(root / "repo", root / "state", root / "appliance.log")
+        try:
+            rows += measure("appliance", url, ["json", "binary", "msgpack"], args.seconds)
+        finally:
+            process.terminate()
+            process.wait(30)
+        if not args.no_triton:
+            with triton.run_triton(args.cache_dir, free_port()) as triton_url:
+                rows += measure("triton", triton_url, ["json", "binary"], args.seconds)
+    summary = summarize(rows)
+    report.print_table(
+        "Serving overhead: tiny model FP32 [-1,4], wrk -t1, loopback",
+        ["server", "format", "conc", "req/s", "p50 ms", "p99 ms", "errors"],
+        [[r["server"], r["format"], r["concurrency"], r["rps"], r["p50_s"] * 1e3, r["p99_s"] * 1e3, r["errors"]]
+         for r in rows],
+    )
+    for line in summary["lines"]:
+        print(line)
+    path = report.write_json("overhead", {"rows": rows, "summary": summary})
+    print(f"\nwrote {path}")
+    return 0
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Best format per server at c=1 (lowest p50) and c=64 (highest req/s), and the ratios the targets use."""
+    def best(server: str, concurrency: int, key: str, low: bool) -> dict | None:
+        candidates = [r for r in rows if r["server"] == server and r["concurrency"] == concurrency]
+        if not candidates:
+            return None
+        return (min if low else max)(candidates, key=lambda r: r[key])
+
+    ours_c1, ours_c64 = best("appliance", 1, "p50_s", True), best("appliance", 64, "rps", False)
+    peer_c1, peer_c64 = best("triton", 1, "p50_s", True), best("triton", 64, "rps", False)
+    lines, summary = [], {}
+    if ours_c1 and peer_c1:
+        ratio = ours_c1["p50_s"] / peer_c1["p50_s"]
+        summary["c1_p50_ratio"] = ratio
+        lines.append(f"c=1 p50: appliance {ours_c1['p50_s'] * 1e3:.3f} ms ({ours_c1['format']}) vs triton "
+                     f"{peer_c1['p50_s'] * 1e3:.3f} ms ({peer_c1['format']}): {ratio:.2f}x (target < 1.0)")
+    if ours_c64 and peer_c64:
+        ratio = ours_c64["rps"] / peer_c64["rps"]
+        summary["c64_rps_ratio"] = ratio
+        lines.append(f"c=64 req/s: appliance {ours_c64['rps']:.0f} ({ours_c64['format']}) vs triton "
+                     f"{peer_c64['rps']:.0f} ({peer_c64['format']}): {ratio:.2f}x (target >= 0.8)")
+    summary["lines"] = lines
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
