@@ -9,18 +9,19 @@ from collections.abc import AsyncIterator
 from typing import TextIO
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.api import v2
 from appliance.api.middleware import request_middleware
 from appliance.api.openapi import openapi_document
-from appliance.api.state import ACCESS_LOG, CONFIG, DATAPLANE, LIFECYCLE, METRICS, MODELS, Lifecycle
+from appliance.api.state import ACCESS_LOG, CONFIG, DATAPLANE, LIFECYCLE, METRICS, MODELS, WORKERS, Lifecycle
 from appliance.config import Config
 from appliance.dataplane import DataPlane
 from appliance.engine_factory import create_engine
 from appliance.model_version import EngineFactory
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
+from appliance.workers import WorkerGroup
 
 log = logging.getLogger("appliance.app")
 ACCESS_LOG_FLUSH_S = 0.2
@@ -28,7 +29,7 @@ ACCESS_LOG_FLUSH_S = 0.2
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """GET /metrics in the Prometheus text format."""
-    body = generate_latest(request.app[METRICS].registry)
+    body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -61,6 +62,7 @@ def create_app(
     engine_factory: EngineFactory = create_engine,
     metrics: Metrics | None = None,
     access_log_stream: TextIO | None = None,
+    workers: WorkerGroup | None = None,
 ) -> web.Application:
     """Build the application; models load when it starts (``cleanup_ctx``) and unload when it stops."""
     app = web.Application(middlewares=[request_middleware], client_max_size=config.server.max_body_bytes)
@@ -70,6 +72,8 @@ def create_app(
     app[MODELS] = ModelManager(config, engine_factory, app[METRICS])
     app[DATAPLANE] = DataPlane(app[MODELS])
     app[LIFECYCLE] = Lifecycle()
+    if workers is not None:
+        app[WORKERS] = workers
     v2.add_routes(app)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_document)

@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from appliance import __version__
-from appliance.config import Config, ConfigError, apply_table, load_config
+from appliance.config import Config, ConfigError, apply_table, check_config, load_config
 from appliance.model_spec import read_model_spec
 from appliance.repository import scan_repository
 
@@ -44,13 +44,18 @@ def _load(args: argparse.Namespace) -> Config:
         apply_table(config.server, "server", server, "the command line")
     if getattr(args, "models", None):
         apply_table(config.paths, "paths", {"model_repository": args.models}, "the command line")
+    check_config(config)
     return config
 
 
 def _cmd_serve(config: Config) -> int:
+    logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
+    if config.server.workers > 1:
+        from appliance.supervisor import supervise
+
+        return supervise(config)
     from appliance.server import serve
 
-    logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
     return serve(config)
 
 

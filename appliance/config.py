@@ -45,6 +45,7 @@ class ServerConfig:
     max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=limits(1024))
     drain_timeout_s: float = field(default=30.0, metadata=limits(0, 3600))
     access_log: bool = True
+    workers: int = field(default=1, metadata=limits(1, 64))
     log_level: str = field(default="info", metadata=limits(choices=("debug", "info", "warning", "error")))
 
 
@@ -154,7 +155,17 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
     if overrides:
         sources.append("APPLIANCE_* environment")
     config.source = " + ".join(sources)
+    check_config(config)
     return config
+
+
+def check_config(config: Config) -> None:
+    """Checks that involve more than one setting."""
+    if config.server.workers > 1 and config.server.port == 0:
+        raise ConfigError(
+            f"server.workers = {config.server.workers} needs a fixed server.port (0 picks a different port per "
+            "worker); set server.port or use one worker"
+        )
 
 
 def apply_table(target: Any, name: str, table: Any, origin: str) -> None:

@@ -38,13 +38,14 @@ class DataPlane:
         if deadline is None and served.default_timeout_s is not None:
             deadline = self._clock() + served.default_timeout_s
         assert served.batcher is not None
-        served.in_flight += 1
+        metrics = served.metrics
+        metrics.in_flight.inc()
         try:
             # Submitting is synchronous: no await between resolve() and here, so a swap cannot slip in between.
             outcome = await served.batcher.submit(request.inputs, deadline)
         finally:
-            served.in_flight -= 1
-        served.metrics.queue_duration.observe(outcome.queue_s)
+            metrics.in_flight.dec()
+        metrics.queue_duration.observe(outcome.queue_s)
         usage = Usage(queue_s=outcome.queue_s, compute_s=outcome.compute_s, batch_size=outcome.batch_size)
         trace.usage = usage
         outputs = outcome.outputs

@@ -72,3 +72,9 @@ class EngineFailed(ApplianceError):
     """The engine raised while running this request (500)."""
 
     status = 500
+
+
+class WorkersDiverged(ApplianceError):
+    """A model-control request succeeded on some worker processes and failed on others (500)."""
+
+    status = 500

@@ -61,7 +61,6 @@ class ModelVersion:
         self.output_datatypes: dict[str, str] = {}
         self.batcher: DynamicBatcher | None = None
         self.ready = False
-        self.in_flight = 0  # requests between check and answer; read by the in-flight gauge
 
     @property
     def name(self) -> str:
@@ -180,7 +179,6 @@ class ModelVersion:
             name=f"{self.name}/{self.version}",
         )
         self.batcher.start()
-        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.ready = True
 
     async def stop(self, timeout_s: float | None = None) -> None:

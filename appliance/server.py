@@ -12,6 +12,7 @@ from aiohttp import web
 from appliance.api.state import LIFECYCLE
 from appliance.app import create_app
 from appliance.config import Config
+from appliance.workers import WorkerGroup
 
 log = logging.getLogger("appliance.server")
 
@@ -21,14 +22,21 @@ async def run_server(
     app: web.Application | None = None,
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
+    workers: WorkerGroup | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then drain: stop accepting, finish in-flight requests, exit."""
-    app = app or create_app(config)
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain: stop accepting, finish in-flight requests, exit.
+
+    As one of several ``workers``, share the port with the siblings and listen on a private control socket too.
+    """
+    app = app or create_app(config, workers=workers)
     server = config.server
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s)
     await runner.setup()  # runs the lifespan: models load and warm up here
-    site = web.TCPSite(runner, server.host, server.port, backlog=2048, reuse_address=True)
+    site = web.TCPSite(runner, server.host, server.port, backlog=2048, reuse_address=True,
+                       reuse_port=workers is not None)
     await site.start()
+    if workers is not None:
+        await web.UnixSite(runner, str(workers.socket(workers.index))).start()
     lifecycle = app[LIFECYCLE]
     lifecycle.port = runner.addresses[0][1]  # the real port when server.port is 0
     log.info("serving on http://%s:%s", server.host, lifecycle.port)

@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def multiprocess_dir() -> str | None:
+    """The folder shared by worker processes for their metrics, when the server runs several."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
 class Metrics:
-    """The server's collectors, registered in their own registry (one per app, so tests stay independent)."""
+    """The server's collectors, registered in their own registry (one per app, so tests stay independent).
+
+    With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor), values live in files
+    shared by the workers and :meth:`exposition` sums them.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -40,19 +51,29 @@ class Metrics:
             "appliance_batch_size", "Rows per executed batch", labels, buckets=BATCH_BUCKETS, registry=self.registry
         )
         self.in_flight = Gauge(
-            "appliance_requests_in_flight", "Requests being handled", labels, registry=self.registry
+            "appliance_requests_in_flight", "Requests being handled", labels, registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.load_duration = Gauge(
             "appliance_model_load_duration_seconds", "Time the last load of this version took", labels,
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="livemax",
         )
         self.warmup_duration = Gauge(
             "appliance_model_warmup_duration_seconds", "Time the last warmup of this version took", labels,
-            registry=self.registry,
+            registry=self.registry, multiprocess_mode="livemax",
         )
         self.model_ready = Gauge(
-            "appliance_model_ready", "1 while this version serves traffic", labels, registry=self.registry
+            "appliance_model_ready", "1 while this version serves traffic", labels, registry=self.registry,
+            multiprocess_mode="livemin",
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition: this process's registry, or the sum over all worker processes."""
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined)
+        return generate_latest(combined)
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
         """Children bound to one model version, so the hot path skips the label lookups."""
@@ -146,7 +167,20 @@ class AccessLog:
 
     def flush(self) -> None:
         """Write the buffered lines."""
-        if self._lines:
-            lines, self._lines = self._lines, []
-            self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        # Written in chunks of whole lines under PIPE_BUF, so lines from several workers never interleave.
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) + 1 > 4096:
+                self._write(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1
+        self._write(chunk)
+
+    def _write(self, lines: list[str]) -> None:
+        self._stream.write("\n".join(lines) + "\n")
+        self._stream.flush()

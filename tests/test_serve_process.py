@@ -118,3 +118,75 @@ def test_models_command_shows_live_state(slow_repo, tmp_path):
     offline = subprocess.run([sys.executable, "-m", "appliance.cli", "models"], env=env, capture_output=True,
                              text=True, check=True).stdout
     assert "server not reachable" in offline and "slow v1" in offline
+
+
+def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
+    repo = tmp_path / "repo"
+    tiny_models.write_version(repo, "add_one", 1, tiny_models.BATCHED.format(max_batch=8, delay_us=0),
+                              tiny_models.add_constant)
+    process, url = start(repo, tmp_path / "state", APPLIANCE_SERVER_WORKERS="2")
+    try:
+        body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}
+
+        def versions_seen(count: int) -> set[str]:
+            seen = set()
+            for _ in range(count):  # a new connection each time, so the kernel spreads them over the workers
+                response = requests.post(f"{url}/v2/models/add_one/infer", json=body, timeout=10,
+                                         headers={"Connection": "close"})
+                assert response.status_code == 200
+                payload = response.json()
+                seen.add((payload["model_version"], payload["outputs"][0]["data"][0]))
+            return seen
+
+        assert versions_seen(40) == {("1", 1.0)}
+        tiny_models.write_version(repo, "add_one", 2, tiny_models.BATCHED.format(max_batch=8, delay_us=0),
+                                  lambda p: tiny_models.add_constant(p, 2.0))
+        load = requests.post(f"{url}/v2/repository/models/add_one/load", timeout=60)
+        assert load.status_code == 200, load.text
+        assert versions_seen(40) == {("2", 2.0)}  # every worker swapped, not only the one that took the load
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        total = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("appliance_requests_total{") and 'status="200"' in line)
+        assert total == 80  # summed over both workers
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    stderr = process.stderr.read()
+    assert "worker-0" in stderr and "worker-1" in stderr
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def test_supervisor_restarts_a_dead_worker(tmp_path):
+    repo = tmp_path / "repo"
+    tiny_models.write_version(repo, "add_one", 1, tiny_models.BATCHED.format(max_batch=8, delay_us=0),
+                              tiny_models.add_constant)
+    process, url = start(repo, tmp_path / "state", APPLIANCE_SERVER_WORKERS="2")
+    try:
+        workers = {pid for pid in _children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
+        assert len(workers) == 2
+        victim = max(workers)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            current = _children(process.pid)
+            if victim not in current and len(current - {victim}) >= len(workers):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the dead worker was not replaced")
+        body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}
+        time.sleep(1.0)  # the new worker loads its models
+        for _ in range(20):
+            response = requests.post(f"{url}/v2/models/add_one/infer", json=body, timeout=10,
+                                     headers={"Connection": "close"})
+            assert response.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    assert "restarting it" in process.stderr.read()

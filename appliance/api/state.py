@@ -12,6 +12,7 @@ from appliance.dataplane import DataPlane
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
 from appliance.types import Trace
+from appliance.workers import WorkerGroup
 
 
 @dataclass
@@ -52,5 +53,8 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 MODELS = web.AppKey("models", ModelManager)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+WORKERS = web.AppKey("workers", WorkerGroup)  # present only when several worker processes share the port
 TRACE = web.RequestKey("trace", Trace)  # per-request Trace, set by the middleware
-__all__ = ["ACCESS_LOG", "CONFIG", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "Lifecycle", "Trace"]
+__all__ = [
+    "ACCESS_LOG", "CONFIG", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
+]

@@ -10,10 +10,11 @@ from aiohttp import web
 
 from appliance import __version__
 from appliance.api import v2_codec
-from appliance.api.state import CONFIG, DATAPLANE, LIFECYCLE, MODELS, TRACE
-from appliance.errors import BadRequest, PayloadTooLarge
+from appliance.api.state import CONFIG, DATAPLANE, LIFECYCLE, MODELS, TRACE, WORKERS
+from appliance.errors import BadRequest, PayloadTooLarge, WorkersDiverged
 from appliance.model_version import ModelVersion, ServedTensor
 from appliance.types import Request
+from appliance.workers import FANOUT_HEADER, forward_to_siblings
 
 # Bodies above this are decoded and encoded in a worker thread rather than on the event loop.
 OFFLOAD_BYTES = 256 * 1024
@@ -180,6 +181,7 @@ async def repository_load(request: web.Request) -> web.Response:
     """POST /v2/repository/models/{model}/load: load (or reload) the newest version, warm it, swap it in."""
     await _read_body(request)
     model = await request.app[MODELS].load(request.match_info["model"])
+    await _fan_out(request, f"loaded version {model.version}")
     return _json({"name": model.name, "version": str(model.version), "state": "READY"})
 
 
@@ -187,7 +189,20 @@ async def repository_unload(request: web.Request) -> web.Response:
     """POST /v2/repository/models/{model}/unload: stop serving after queued requests finish."""
     await _read_body(request)
     await request.app[MODELS].unload(request.match_info["model"])
+    await _fan_out(request, "unloaded")
     return _json({"name": request.match_info["model"], "state": "UNAVAILABLE"})
+
+
+async def _fan_out(request: web.Request, done_here: str) -> None:
+    """With several worker processes, repeat a model-control request on the others; raise if any failed."""
+    group = request.app.get(WORKERS)
+    if group is None or request.headers.get(FANOUT_HEADER):
+        return
+    failures = await forward_to_siblings(group, request.path, timeout_s=600)
+    if failures:
+        raise WorkersDiverged(
+            f"{done_here} on worker {group.index} but not everywhere: {'; '.join(failures)}; retry the request"
+        )
 
 
 def add_routes(app: web.Application) -> None:
