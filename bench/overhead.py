@@ -2,12 +2,13 @@
 
 Measures, in one run and on the same machine:
   * in-process ``session.run`` (the floor);
-  * the appliance over loopback in v2 JSON, Triton binary and msgpack, at concurrency 1 and 64;
+  * the appliance over loopback in v2 JSON, Triton binary and msgpack, at concurrency 1 and 64, with one server
+    process and with two (``server.workers = 2``);
   * a real Triton Inference Server (tritonserver 2.51 from nvidia-pytriton 0.7.0, Python backend, its own venv)
     serving the same function, in JSON and binary.
 Load comes from wrk (one thread). Prints a table and writes bench/results/overhead-*.json.
 
-    python bench/overhead.py [--seconds 5] [--no-triton]
+    python bench/overhead.py [--seconds 5] [--no-triton] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_appliance(repo: Path, state: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_appliance(repo: Path, state: Path, log: Path, workers: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repo), "APPLIANCE_PATHS_STATE_DIR": str(state),
-           "APPLIANCE_SERVER_PORT": str(port)}
+           "APPLIANCE_SERVER_PORT": str(port), "APPLIANCE_SERVER_WORKERS": str(workers)}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
@@ -126,6 +127,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="appliance configurations to measure (server.workers)")
     parser.add_argument("--cache-dir", type=Path, default=triton.DEFAULT_CACHE_DIR, help="where the Triton venv lives")
     args = parser.parse_args()
     require_wrk()
@@ -135,12 +138,14 @@ def main() -> int:
         floor = in_process(root / "repo" / "add_one" / "1" / "model.onnx", min(args.seconds, 3))
         rows = [{"server": "in-process", "format": "session.run", "concurrency": 1, "requests": 0, **floor}]
         print(f"  in-process session.run  p50 {floor['p50_s'] * 1e6:.1f} us", flush=True)
-        process, url = start_appliance(root / "repo", root / "state", root / "appliance.log")
-        try:
-            rows += measure("appliance", url, ["json", "binary", "msgpack"], args.seconds)
-        finally:
-            process.terminate()
-            process.wait(30)
+        for workers in args.workers:
+            label = "appliance" if workers == 1 else f"appliance-w{workers}"
+            process, url = start_appliance(root / "repo", root / "state", root / f"{label}.log", workers)
+            try:
+                rows += measure(label, url, ["json", "binary", "msgpack"], args.seconds)
+            finally:
+                process.terminate()
+                process.wait(60)
         if not args.no_triton:
             with triton.run_triton(args.cache_dir, free_port()) as triton_url:
                 rows += measure("triton", triton_url, ["json", "binary"], args.seconds)
@@ -161,7 +166,7 @@ def main() -> int:
 def summarize(rows: list[dict]) -> dict:
     """Best format per server at c=1 (lowest p50) and c=64 (highest req/s), and the ratios the targets use."""
     def best(server: str, concurrency: int, key: str, low: bool) -> dict | None:
-        candidates = [r for r in rows if r["server"] == server and r["concurrency"] == concurrency]
+        candidates = [r for r in rows if r["server"].startswith(server) and r["concurrency"] == concurrency]
         if not candidates:
             return None
         return (min if low else max)(candidates, key=lambda r: r[key])
@@ -172,12 +177,12 @@ def summarize(rows: list[dict]) -> dict:
     if ours_c1 and peer_c1:
         ratio = ours_c1["p50_s"] / peer_c1["p50_s"]
         summary["c1_p50_ratio"] = ratio
-        lines.append(f"c=1 p50: appliance {ours_c1['p50_s'] * 1e3:.3f} ms ({ours_c1['format']}) vs triton "
+        lines.append(f"c=1 p50: {ours_c1['server']} {ours_c1['p50_s'] * 1e3:.3f} ms ({ours_c1['format']}) vs triton "
                      f"{peer_c1['p50_s'] * 1e3:.3f} ms ({peer_c1['format']}): {ratio:.2f}x (target < 1.0)")
     if ours_c64 and peer_c64:
         ratio = ours_c64["rps"] / peer_c64["rps"]
         summary["c64_rps_ratio"] = ratio
-        lines.append(f"c=64 req/s: appliance {ours_c64['rps']:.0f} ({ours_c64['format']}) vs triton "
+        lines.append(f"c=64 req/s: {ours_c64['server']} {ours_c64['rps']:.0f} ({ours_c64['format']}) vs triton "
                      f"{peer_c64['rps']:.0f} ({peer_c64['format']}): {ratio:.2f}x (target >= 0.8)")
     summary["lines"] = lines
     return summary

@@ -228,3 +228,15 @@ def test_tritonclient_reports_errors(client):
     tensor.set_data_from_numpy(np.zeros((1, 3), np.float32))
     with pytest.raises(InferenceServerException, match="expected shape"):
         client.infer("add_one", [tensor])
+
+
+def test_example_repository_and_alias(server_factory):
+    from pathlib import Path
+
+    example = server_factory(Path(__file__).parent.parent / "examples" / "models")
+    body = {"inputs": [{"name": "INPUT0", "shape": [2, 4], "datatype": "FP32", "data": list(range(8))}]}
+    for name in ("add_one", "plus-one"):
+        response = requests.post(f"{example.url}/v2/models/{name}/infer", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.json()["model_name"] == "add_one"
+        assert response.json()["outputs"][0]["data"] == [float(i + 1) for i in range(8)]
