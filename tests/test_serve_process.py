@@ -120,11 +120,15 @@ def test_models_command_shows_live_state(slow_repo, tmp_path):
     assert "server not reachable" in offline and "slow v1" in offline
 
 
-def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
+def start_two_workers(tmp_path: Path) -> tuple[Path, subprocess.Popen, str]:
     repo = tmp_path / "repo"
     tiny_models.write_version(repo, "add_one", 1, tiny_models.BATCHED.format(max_batch=8, delay_us=0),
                               tiny_models.add_constant)
-    process, url = start(repo, tmp_path / "state", APPLIANCE_SERVER_WORKERS="2")
+    return (repo, *start(repo, tmp_path / "state", APPLIANCE_SERVER_WORKERS="2"))
+
+
+def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
+    repo, process, url = start_two_workers(tmp_path)
     try:
         body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}
 
@@ -163,10 +167,7 @@ def _children(pid: int) -> set[int]:
 
 
 def test_supervisor_restarts_a_dead_worker(tmp_path):
-    repo = tmp_path / "repo"
-    tiny_models.write_version(repo, "add_one", 1, tiny_models.BATCHED.format(max_batch=8, delay_us=0),
-                              tiny_models.add_constant)
-    process, url = start(repo, tmp_path / "state", APPLIANCE_SERVER_WORKERS="2")
+    _, process, url = start_two_workers(tmp_path)
     try:
         workers = {pid for pid in _children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
         assert len(workers) == 2
