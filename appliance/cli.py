@@ -9,6 +9,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 
 from appliance import __version__
 from appliance.config import Config, ConfigError, apply_table, check_config, load_config
@@ -26,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (server.port)")
     serve.add_argument("--models", help="model repository folder (paths.model_repository)")
     commands.add_parser("models", help="list the model repository and each version's state")
+    build = commands.add_parser("build", help="build models into the repository (the defaults or your own)")
+    build.add_argument("--defaults", action="store_true", help="fetch and build the bundled default models")
+    build.add_argument("--source", type=Path, help="a sentence-transformers folder or a Llama-family .gguf file")
+    build.add_argument("--name", help="the model's name in the repository (with --source)")
+    build.add_argument("--quantize", action="store_true", help="also write an int8 variant (encoders)")
+    build.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's offline optimization")
+    build.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engine build")
+    build.add_argument("--models", help="model repository folder (paths.model_repository)")
     commands.add_parser("config", help="print the effective configuration")
     return parser
 
@@ -48,8 +57,42 @@ def _load(args: argparse.Namespace) -> Config:
     return config
 
 
+def _progress(line: str) -> None:
+    print(f"[build] {line}", file=sys.stderr, flush=True)
+
+
+def _cmd_build(config: Config, args: argparse.Namespace) -> int:
+    from appliance.build.pipeline import build_defaults, build_from_path
+
+    repo, cache = config.paths.models(), config.paths.cache()
+    if args.defaults == bool(args.source):
+        print("appliance build: give either --defaults or --source PATH --name NAME", file=sys.stderr)
+        return 2
+    try:
+        if args.defaults:
+            results = build_defaults(repo, cache, _progress)
+        else:
+            if not args.name:
+                print("appliance build: --source needs --name", file=sys.stderr)
+                return 2
+            results = build_from_path(args.source, repo, args.name, _progress, quantize=args.quantize,
+                                      optimize=not args.no_optimize, tensorrt=not args.no_tensorrt)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"appliance build: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        state = "built" if result.built else "up to date"
+        print(f"{result.name} v{result.version}: {state} ({result.folder})")
+    return 0
+
+
 def _cmd_serve(config: Config) -> int:
     logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
+    if not scan_repository(config.paths.models()):
+        from appliance.build.pipeline import build_defaults
+
+        _progress(f"the model repository {config.paths.models()} is empty: building the default models first")
+        build_defaults(config.paths.models(), config.paths.cache(), _progress)
     if config.server.workers > 1:
         from appliance.supervisor import supervise
 
@@ -104,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_serve(config)
     if args.command == "models":
         return _cmd_models(config)
+    if args.command == "build":
+        return _cmd_build(config, args)
     print(config.to_toml(), end="")
     return 0
 

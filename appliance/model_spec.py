@@ -66,6 +66,33 @@ class WarmupSection:
 
 
 @dataclass
+class TokenizerSection:
+    """``[tokenizer]``: the ``tokenizers`` file of a text model and its input limit."""
+
+    file: str = "tokenizer.json"
+    max_seq_length: int = field(default=0, metadata=limits(0, 10_000_000))  # 0: no text input
+
+
+@dataclass
+class EmbeddingSection:
+    """``[embedding]``: what an embedding model returns."""
+
+    dimensions: int = field(default=0, metadata=limits(0, 1_000_000))
+    pooling: str = field(default="mean", metadata=limits(choices=("mean", "cls", "max")))
+    normalize: bool = True
+    truncatable: bool = False  # whether a request may ask for fewer dimensions (Matryoshka-trained models)
+
+
+@dataclass
+class GenerationSection:
+    """``[generation]``: files that describe a decoder (shapes, special tokens) and its chat template."""
+
+    config: str = "generation.json"
+    chat_template: str = "chat_template.jinja"
+    context_length: int = field(default=0, metadata=limits(0, 10_000_000))
+
+
+@dataclass
 class CostSection:
     """``[cost]``: rates used for cost attribution."""
 
@@ -93,6 +120,9 @@ class ModelSpec:
     outputs: list[TensorSection] = field(default_factory=list)
     warmup: WarmupSection = field(default_factory=WarmupSection)
     cost: CostSection = field(default_factory=CostSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    embedding: EmbeddingSection = field(default_factory=EmbeddingSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
 
     @property
     def model_file(self) -> Path:
@@ -107,7 +137,15 @@ _SCALARS = {
     "aliases": ("list[str]", limits()),
     "deterministic": ("bool", limits()),
 }
-_TABLES = {"engine": EngineSection, "batching": BatchingSection, "warmup": WarmupSection, "cost": CostSection}
+_TABLES = {
+    "engine": EngineSection,
+    "batching": BatchingSection,
+    "warmup": WarmupSection,
+    "cost": CostSection,
+    "tokenizer": TokenizerSection,
+    "embedding": EmbeddingSection,
+    "generation": GenerationSection,
+}
 
 
 def read_model_spec(name: str, version: int, folder: Path) -> ModelSpec:

@@ -37,13 +37,20 @@ class ServedTensor:
         object.__setattr__(self, "dtype", numpy_dtype(self.datatype))
 
     def fits(self, dims: tuple[int, ...]) -> bool:
-        """Whether concrete dimensions (batch dimension removed) match ``dims`` and stay within ``max_dims``."""
+        """Whether concrete dimensions (batch dimension removed) match ``dims``."""
         if len(dims) != len(self.dims):
             return False
         for want, got in zip(self.dims, dims):
             if want != -1 and want != got:
                 return False
-        return not self.max_dims or all(got <= limit for got, limit in zip(dims, self.max_dims))
+        return True
+
+    def over_limit(self, dims: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """The first (axis, size, limit) where ``dims`` exceed ``max_dims``, if any."""
+        for axis, (got, limit) in enumerate(zip(dims, self.max_dims)):
+            if got > limit:
+                return axis, got, limit
+        return None
 
 
 class ModelVersion:
@@ -213,6 +220,11 @@ class ModelVersion:
             if (batching and not (shape and 1 <= shape[0] <= self.max_batch_size)) or not tensor.fits(dims):
                 raise BadRequest(
                     f"input {name!r}: expected shape {self._describe_shape(tensor)}, received {list(shape)}"
+                )
+            if tensor.max_dims and (excess := tensor.over_limit(dims)) is not None:
+                axis, size, limit = excess
+                raise BadRequest(
+                    f"input {name!r}: dimension {axis + int(batching)} is {size}, over the model's limit of {limit}"
                 )
             if batching:
                 if rows is not None and shape[0] != rows:

