@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
 import threading
 import time
 from collections import deque
@@ -84,8 +85,10 @@ class DynamicBatcher:
         self._name = name
         self._queue: deque[_Pending] = deque()
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
-        self._waiting = 0  # threads blocked on _work
+        # Idle threads block on this queue of wake-up tokens (cheaper than a Condition: one futex, no lock
+        # hand-back); a spare token only costs a thread one extra look at the queue.
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._waiting = 0  # threads blocked on _wake
         self._threads: list[threading.Thread] = []
         self._running = 0  # batches being executed
         self._exited = 0  # threads that have stopped
@@ -141,8 +144,9 @@ class DynamicBatcher:
         pending = _Pending(inputs, rows, signature, loop.create_future(), now, deadline)
         with self._lock:
             self._queue.append(pending)
-            if self._waiting:
-                self._work.notify()
+            wake = self._waiting > 0
+        if wake:
+            self._wake.put(None)
         if deadline is not None:
             loop.call_later(max(deadline - now, 0.0), self._expire, pending)
         return pending.future
@@ -164,7 +168,8 @@ class DynamicBatcher:
         """Stop taking requests, let queued and running ones finish (up to ``timeout_s``), stop the threads."""
         with self._lock:
             self._closing = True
-            self._work.notify_all()
+        for _ in self._engines:
+            self._wake.put(None)
         if self._stopped is not None and self._threads:
             try:
                 await asyncio.wait_for(self._stopped.wait(), timeout_s)
@@ -229,10 +234,15 @@ class DynamicBatcher:
                 self._wait(wait_s)
 
     def _wait(self, timeout_s: float | None) -> None:
+        # Called with the lock held; returns with it held.
         self._waiting += 1
+        self._lock.release()
         try:
-            self._work.wait(timeout_s)
+            self._wake.get(timeout=timeout_s)
+        except queue.Empty:
+            pass
         finally:
+            self._lock.acquire()
             self._waiting -= 1
 
     def _due_batch(self) -> tuple[list[_Pending] | None, float]:
@@ -279,7 +289,7 @@ class DynamicBatcher:
             taken = {id(p) for p in batch}
             self._queue = deque(p for p in self._queue if id(p) not in taken)
         if self._queue and self._waiting:
-            self._work.notify()  # another idle instance may start on the rest
+            self._wake.put(None)  # another idle instance may start on the rest
         return batch
 
     def _execute(self, engine: Engine, batch: list[_Pending]) -> tuple[list[object], float]:
