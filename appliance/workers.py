@@ -35,22 +35,32 @@ class WorkerGroup:
 
 
 async def forward_to_siblings(group: WorkerGroup, path: str, timeout_s: float) -> list[str]:
-    """POST ``path`` to every sibling; returns one message per sibling that did not answer 200."""
+    """POST ``path`` to every sibling; returns one message per sibling that did not answer 200.
+
+    A sibling that is still starting (its socket not yet listening) is waited for, up to ``timeout_s``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
 
     async def forward(index: int) -> str | None:
-        connector = aiohttp.UnixConnector(path=str(group.socket(index)))
-        try:
-            async with aiohttp.ClientSession(connector=connector) as session:
-                async with session.post(
-                    f"http://worker{path}", headers={FANOUT_HEADER: "1"}, json={},
-                    timeout=aiohttp.ClientTimeout(total=timeout_s),
-                ) as response:
-                    if response.status == 200:
-                        return None
-                    body = await response.json(content_type=None)
-                    return f"worker {index}: {body.get('error', response.status)}"
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            return f"worker {index}: unreachable ({exc or type(exc).__name__})"
+        while True:
+            connector = aiohttp.UnixConnector(path=str(group.socket(index)))
+            try:
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    async with session.post(
+                        f"http://worker{path}", headers={FANOUT_HEADER: "1"}, json={},
+                        timeout=aiohttp.ClientTimeout(total=max(deadline - loop.time(), 1.0)),
+                    ) as response:
+                        if response.status == 200:
+                            return None
+                        body = await response.json(content_type=None)
+                        return f"worker {index}: {body.get('error', response.status)}"
+            except aiohttp.ClientConnectorError as exc:
+                if loop.time() >= deadline:
+                    return f"worker {index}: unreachable ({exc})"
+                await asyncio.sleep(0.2)  # still starting: its control socket appears once its models are warm
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                return f"worker {index}: unreachable ({exc or type(exc).__name__})"
 
     results = await asyncio.gather(*(forward(i) for i in group.siblings()))
     return [message for message in results if message]
