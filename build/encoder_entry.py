@@ -8,17 +8,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.build import tensorrt_stage
-from appliance.build.entries import EntryResult, Progress, StageReport, existing, new_version, publish, stage
+from appliance.build.entries import (
+    EntryResult,
+    Progress,
+    QualityBelowThreshold,
+    StageReport,
+    existing,
+    new_version,
+    publish,
+    stage,
+)
 from appliance.build.optimize import optimize, quantize_int8
 from appliance.build.parity import encoder_parity
 from appliance.build.provenance import build_key, sha256_file
 from appliance.build.st_encoder import import_encoder
 
 SOURCE_FILES = ("model.safetensors", "config.json", "tokenizer.json", "modules.json", "sentence_bert_config.json")
-
-
-class QualityBelowThreshold(RuntimeError):
-    """A variant's measured parity is under its configured threshold; it was not written."""
 
 
 @dataclass

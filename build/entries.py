@@ -23,6 +23,10 @@ log = logging.getLogger("appliance.build")
 Progress = Callable[[str], None]
 
 
+class QualityBelowThreshold(RuntimeError):
+    """A variant's measured parity is under its configured threshold; it was not written."""
+
+
 @dataclass
 class StageReport:
     """What one stage did: wall time, peak memory, artifact size, and its figures."""

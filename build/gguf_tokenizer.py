@@ -72,7 +72,7 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     added = []
-    for i, (text, kind_) in enumerate(zip(tokens, types)):
+    for text, kind_ in zip(tokens, types, strict=True):
         if kind_ == TOKEN_CONTROL:
             added.append(AddedToken(text, special=True, normalized=False, single_word=False, lstrip=False,
                                     rstrip=False))

@@ -15,9 +15,16 @@ GGUF layouts handled here (block size 32 for all three; rows are output features
   block of K and ``c`` is ``[K/32, N]``. Two equivalent forms: ``zp = 0, c = m`` (the codes as stored) or the
   default ``zp = 8, c = m + 8 d`` (centred codes: MatMulNBits' symmetric path, and with int8 activations the
   quantization error of ``x`` no longer multiplies the large all-positive mean of ``d * q``).
-* ``Q8_0``: ``d:f16, qs[32]:int8``, ``W = d * q``; stored as 8-bit ``q + 128`` with the default zero point 128.
+* ``Q8_0``: ``d:f16, qs[32]:int8``, ``W = d * q``. Either as 8-bit ``q + 128`` with the default zero point 128
+  (``q8_0_to_nbits``), or split into two 4-bit halves (``q8_0_to_split_nbits``): with ``u = q + 128 = 16 h + l``,
+  ``W = 16 d (h - 8) + d (l - 8) + 8 d``, i.e. one 4-bit MatMulNBits over the input repeated twice (``K' = 2K``,
+  blocks ``[h | l]`` with scales ``[16 d | d]``) plus the block offset ``8 d``. ONNX Runtime's CPU kernel for
+  8-bit weights with float32 activations is far slower than its 4-bit one (ONNX Runtime 1.32, AVX2: the
+  49152 x 576 LM head took over 100 ms per token as 8-bit, about 4 ms split), so the graph uses the split form.
 
-All conversions are exact: f16 scales widen to f32 exactly and the integer codes are unchanged.
+The conversions keep the integer codes and widen the f16 scales to f32 exactly; the only rounding is the
+centred Q4_1 offset ``m + 8 d`` (one f32 addition; it reproduced ``gguf.quants.dequantize`` bit for bit on the
+210 Q4_1 tensors of SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -39,11 +46,12 @@ class NBitsWeight:
     packed: np.ndarray  # uint8 [n, k/32, 32*bits/8]
     scales: np.ndarray  # float32 [n, k/32]
     zero_points: np.ndarray | None  # packed uint8 [n, ceil(k/32 * bits / 8)], None: default 2**(bits-1)
-    mins: np.ndarray | None  # float32 [k/32, n] per-block offsets (Q4_1 only)
+    mins: np.ndarray | None  # float32 [k/32, n] per-block offsets (Q4_1, split Q8_0)
+    input_copies: int = 1  # MatMulNBits sees the input repeated this many times along K (split Q8_0: 2)
 
     def dequantize(self) -> np.ndarray:
         """Float32 ``W[n, k]`` (for checks and fallbacks)."""
-        kb = self.k // BLOCK
+        kb = self.k // BLOCK * self.input_copies
         if self.bits == 4:
             lo = self.packed & 0x0F
             hi = self.packed >> 4
@@ -54,10 +62,10 @@ class NBitsWeight:
             zp = np.float32(2 ** (self.bits - 1))
         else:
             zp = _unpack_nibbles_pairwise(self.zero_points, kb).astype(np.float32)[..., None]
-        w = (q - zp) * self.scales[..., None]
+        w = ((q - zp) * self.scales[..., None]).reshape(self.n, self.input_copies, self.k).sum(axis=1)
         if self.mins is not None:
-            w = w + self.mins.T[..., None]
-        return w.reshape(self.n, self.k)
+            w = (w.reshape(self.n, -1, BLOCK) + self.mins.T[..., None]).reshape(self.n, self.k)
+        return w
 
 
 def _unpack_nibbles_pairwise(packed: np.ndarray, count: int) -> np.ndarray:
@@ -123,12 +131,23 @@ def q8_0_to_nbits(raw: np.ndarray, n: int, k: int) -> NBitsWeight:
     return NBitsWeight(n, k, 8, q.astype(np.uint8), scales, None, None)
 
 
+def q8_0_to_split_nbits(raw: np.ndarray, n: int, k: int) -> NBitsWeight:
+    """GGUF Q8_0 rows -> 4-bit MatMulNBits over the input repeated twice, plus block offsets (exact)."""
+    blocks = _blocks(raw, n, k, 34)
+    d = _f16(blocks, 0)
+    u = (np.ascontiguousarray(blocks[..., 2:]).view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    packed = np.concatenate([_pack_nibbles_pairwise(u >> 4), _pack_nibbles_pairwise(u & 0x0F)], axis=1)
+    scales = np.concatenate([np.float32(16.0) * d, d], axis=1)
+    offsets = np.ascontiguousarray((np.float32(8.0) * d).T)
+    return NBitsWeight(n, k, 4, packed, scales, None, offsets, input_copies=2)
+
+
 def concat_rows(parts: list[NBitsWeight]) -> NBitsWeight:
     """Stack weights that share K, bits and form along N (e.g. Q, K, V into one QKV projection)."""
     first = parts[0]
     for p in parts[1:]:
-        if (p.k, p.bits, p.zero_points is None, p.mins is None) != (
-                first.k, first.bits, first.zero_points is None, first.mins is None):
+        if (p.k, p.bits, p.zero_points is None, p.mins is None, p.input_copies) != (
+                first.k, first.bits, first.zero_points is None, first.mins is None, first.input_copies):
             raise ValueError("cannot concatenate weights of different forms")
     return NBitsWeight(
         n=sum(p.n for p in parts),
@@ -138,4 +157,5 @@ def concat_rows(parts: list[NBitsWeight]) -> NBitsWeight:
         scales=np.concatenate([p.scales for p in parts], axis=0),
         zero_points=None if first.zero_points is None else np.concatenate([p.zero_points for p in parts], axis=0),
         mins=None if first.mins is None else np.concatenate([p.mins for p in parts], axis=1),
+        input_copies=first.input_copies,
     )

