@@ -284,3 +284,12 @@ def test_ragged_chunks_with_query_seqlens(ragged_build, builds, reference):
     exact = builds["exact"]
     assert out_a == _alone(exact, a, 8)
     assert out_b == _alone(exact, b, 8)
+
+
+def test_rebuilding_unchanged_tiers_does_nothing(smollm2_gguf, smollm2_repo):
+    from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
+
+    lines: list[str] = []
+    results = build_decoder_tiers(smollm2_gguf, smollm2_repo, "smollm2-135m", DecoderOptions(), lines.append)
+    assert [(r.name, r.built) for r in results] == [("smollm2-135m", False), ("smollm2-135m-fast", False)]
+    assert all("up to date" in line for line in lines)
