@@ -7,12 +7,15 @@ batcher (engine calls run in its worker threads), account.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+
+import numpy as np
 from appliance.errors import BadRequest
 from appliance.model_version import ModelVersion
 from appliance.repository import ModelManager
-from appliance.types import Request, Result, Trace, Usage
+from appliance.types import EmbedRequest, EmbedResponse, Request, Result, Trace, Usage
 
 
 class DataPlane:
@@ -34,9 +37,9 @@ class DataPlane:
                 raise BadRequest(
                     f"unknown output {unknown[0]!r} for model {served.name}; its outputs are {sorted(known)}"
                 )
-        deadline = request.deadline
-        if deadline is None and served.default_timeout_s is not None:
-            deadline = self._clock() + served.default_timeout_s
+        deadline = self._deadline(request.deadline, served)
+        if served.embedder is not None:
+            return await self._infer_embed_tensors(request, served, trace, deadline), served
         assert served.batcher is not None
         metrics = served.metrics
         metrics.in_flight.inc()
@@ -52,3 +55,90 @@ class DataPlane:
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}
         return Result(request.id, served.name, served.version, outputs, usage), served
+
+    def _deadline(self, deadline: float | None, served: ModelVersion) -> float | None:
+        if deadline is None and served.default_timeout_s is not None:
+            return self._clock() + served.default_timeout_s
+        return deadline
+
+    async def _infer_embed_tensors(self, request: Request, served: ModelVersion, trace: Trace,
+                                   deadline: float | None) -> Result:
+        """A v2 tensor request to an embedding model: its rows go through the token-budget scheduler."""
+        ids, mask = request.inputs["input_ids"], request.inputs["attention_mask"]
+        sequences = [row[row_mask.astype(bool)].tolist() for row, row_mask in zip(ids, mask)]
+        if any(not sequence for sequence in sequences):
+            raise BadRequest("every row of attention_mask needs at least one 1")
+        outcome = await self._embed_sequences(served, sequences, deadline)
+        trace.usage = Usage(outcome.queue_s, outcome.compute_s, outcome.batches)
+        output = served.outputs[0].name
+        return Result(request.id, served.name, served.version, {output: outcome.embeddings}, trace.usage)
+
+    async def _embed_sequences(self, served: ModelVersion, sequences: list[list[int]], deadline: float | None):
+        assert served.embedder is not None
+        metrics = served.metrics
+        metrics.in_flight.inc()
+        try:
+            outcome = await served.embedder.submit(sequences, deadline)
+        finally:
+            metrics.in_flight.dec()
+        metrics.queue_duration.observe(outcome.queue_s)
+        return outcome
+
+    async def embed(self, request: EmbedRequest, trace: Trace) -> EmbedResponse:
+        """Embed texts or token sequences with an embedding model, in input order."""
+        served = self.models.resolve(request.model)
+        trace.model, trace.version = served.name, str(served.version)
+        if served.embedder is None or served.text is None:
+            raise BadRequest(f"model {served.name!r} is not an embedding model (its task is {served.spec.task!r}); "
+                             "GET /v1/models lists the models", param="model")
+        text = served.text
+        if request.texts is not None:
+            if sum(len(t) for t in request.texts) > OFFLOAD_CHARS:
+                sequences = await asyncio.get_running_loop().run_in_executor(None, text.encode, request.texts)
+            else:
+                sequences = text.encode(request.texts)
+        else:
+            sequences = request.token_ids or []
+            for index, sequence in enumerate(sequences):
+                bad = next((t for t in sequence if not 0 <= t < text.vocab_size), None)
+                if bad is not None:
+                    raise BadRequest(f"input[{index}] has token id {bad}, outside the vocabulary of model "
+                                     f"{served.name} (0 to {text.vocab_size - 1})", param="input")
+                if not sequence:
+                    raise BadRequest(f"input[{index}] is an empty token array", param="input")
+        sequences = self._fit(sequences, text.max_length, request.truncate, keep_last=request.texts is not None)
+        embedding = served.spec.embedding
+        if request.dimensions is not None:
+            if not embedding.truncatable:
+                raise BadRequest(f"model {served.name} does not support fewer dimensions than its "
+                                 f"{embedding.dimensions}; leave out 'dimensions'", param="dimensions")
+            if not 1 <= request.dimensions <= embedding.dimensions:
+                raise BadRequest(f"dimensions must be from 1 to {embedding.dimensions}, not {request.dimensions}",
+                                 param="dimensions")
+        outcome = await self._embed_sequences(served, sequences, self._deadline(request.deadline, served))
+        vectors = outcome.embeddings
+        if request.dimensions is not None and request.dimensions < vectors.shape[1]:
+            vectors = vectors[:, : request.dimensions]
+            if embedding.normalize:
+                vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        usage = Usage(outcome.queue_s, outcome.compute_s, outcome.batches)
+        trace.usage = usage
+        return EmbedResponse(served.name, served.version, vectors, sum(len(s) for s in sequences), usage)
+
+    @staticmethod
+    def _fit(sequences: list[list[int]], limit: int, truncate: bool, keep_last: bool) -> list[list[int]]:
+        """Enforce the model's input limit: 400 naming the input, or cut when the request opted in."""
+        fitted = []
+        for index, sequence in enumerate(sequences):
+            if len(sequence) > limit:
+                if not truncate:
+                    raise BadRequest(
+                        f"input[{index}] has {len(sequence)} tokens, over the model's limit of {limit}; shorten "
+                        'it, split it, or send "truncate": true to cut it to the limit', param="input")
+                # Text inputs end with the tokenizer's closing special token: keep it.
+                sequence = sequence[: limit - 1] + sequence[-1:] if keep_last else sequence[:limit]
+            fitted.append(sequence)
+        return fitted
+
+
+OFFLOAD_CHARS = 16_384  # tokenize larger requests in a worker thread

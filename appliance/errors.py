@@ -8,10 +8,11 @@ class ApplianceError(Exception):
 
     status = 500
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        self.param = param  # the request field at fault, for OpenAI-style error bodies
 
 
 class BadRequest(ApplianceError):

@@ -43,6 +43,7 @@ class BatchingSection:
     max_queue_delay_microseconds: int = field(default=0, metadata=limits(0, 60_000_000))
     preferred_batch_size: list[int] = field(default_factory=list, metadata=limits(1))
     max_queue_size: int = field(default=0, metadata=limits(0, 1_000_000))  # 0: the server default
+    max_batch_tokens: int = field(default=8192, metadata=limits(1, 10_000_000))  # embed: padded tokens per batch
     default_timeout_ms: float = field(default=-1.0, metadata=limits(-1))  # -1: the server default
 
 
@@ -203,6 +204,10 @@ def _check_consistency(spec: ModelSpec, origin: str) -> None:
     if batching.max_batch_size == 0 and batching.max_queue_delay_microseconds:
         raise ConfigError(
             f"batching.max_queue_delay_microseconds in {origin} needs max_batch_size > 0 (0 means no batching)"
+        )
+    if spec.task == "embed" and (spec.tokenizer.max_seq_length <= 0 or batching.max_batch_size <= 0):
+        raise ConfigError(
+            f"{origin}: task = 'embed' needs [tokenizer] max_seq_length > 0 and [batching] max_batch_size > 0"
         )
     big_warmups = [size for size in spec.warmup.batch_sizes if size > max(batching.max_batch_size, 1)]
     if big_warmups:

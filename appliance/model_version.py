@@ -13,10 +13,12 @@ import numpy as np
 from appliance.config import Config, ConfigError
 from appliance.engines.base import Engine
 from appliance.engines.batcher import DynamicBatcher
+from appliance.engines.token_batcher import TokenBudgetBatcher
 from appliance.engines.tensors import NUMPY_TO_V2, TensorSpec, numpy_dtype
 from appliance.errors import BadRequest
 from appliance.model_spec import ModelSpec, TensorSection
 from appliance.telemetry import VersionMetrics
+from appliance.engines.tokenizer import TextEncoder
 
 log = logging.getLogger("appliance.models")
 
@@ -67,6 +69,9 @@ class ModelVersion:
         self._inputs_by_name: dict[str, ServedTensor] = {}
         self.output_datatypes: dict[str, str] = {}
         self.batcher: DynamicBatcher | None = None
+        self.embedder: TokenBudgetBatcher | None = None
+        self.loaded_at = time.time()
+        self.text: TextEncoder | None = None
         self.ready = False
 
     @property
@@ -104,6 +109,11 @@ class ModelVersion:
                 self.engines.append(engine)
             self.inputs = self._served(self.engines[0].inputs, self.spec.inputs, "inputs")
             self.outputs = self._served(self.engines[0].outputs, self.spec.outputs, "outputs")
+            if self.spec.task in ("embed", "generate"):
+                self.text = TextEncoder.from_file(self.spec.path / self.spec.tokenizer.file,
+                                                  self.spec.tokenizer.max_seq_length)
+            if self.spec.task == "embed":
+                self._check_encoder_contract()
         except Exception:
             self.close_engines()
             raise
@@ -173,9 +183,32 @@ class ModelVersion:
             return rng.standard_normal(shape).astype(tensor.dtype)
         return np.zeros(shape, dtype=tensor.dtype)
 
+    def _check_encoder_contract(self) -> None:
+        names = sorted(t.name for t in self.inputs)
+        if names != ["attention_mask", "input_ids"] or len(self.outputs) != 1:
+            raise ConfigError(
+                f"embedding model {self.name}: inputs must be input_ids and attention_mask and there must be one "
+                f"output; found inputs {names} and outputs {[t.name for t in self.outputs]}"
+            )
+
     def start(self) -> None:
-        """Start serving: create the batcher on the running loop."""
+        """Start serving: create the scheduler on the running loop."""
         batching = self.spec.batching
+        if self.spec.task == "embed":
+            self.embedder = TokenBudgetBatcher(
+                self.engines,
+                output=self.outputs[0].name,
+                max_batch_tokens=batching.max_batch_tokens,
+                max_batch_size=max(batching.max_batch_size, 1),
+                max_wait_s=batching.max_queue_delay_microseconds / 1e6,
+                max_queue_items=batching.max_queue_size or self._config.batching.max_queue_size,
+                pad_id=self.text.pad_id if self.text else 0,
+                on_batch=lambda items, padded, compute_s: self.metrics.observe_batch(items, compute_s),
+                name=f"{self.name}/{self.version}",
+            )
+            self.embedder.start()
+            self.ready = True
+            return
         self.batcher = DynamicBatcher(
             self.engines,
             max_batch_size=batching.max_batch_size,
@@ -193,6 +226,8 @@ class ModelVersion:
         self.ready = False
         if self.batcher is not None:
             await self.batcher.close(timeout_s)
+        if self.embedder is not None:
+            await self.embedder.close(timeout_s)
         await asyncio.get_running_loop().run_in_executor(None, self.close_engines)
 
     def close_engines(self) -> None:

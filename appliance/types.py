@@ -53,3 +53,27 @@ class Trace:
     model: str = ""
     version: str = ""
     usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class EmbedRequest:
+    """An embeddings request: texts, or token id sequences used as given (special tokens included by the caller)."""
+
+    id: str
+    model: str
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    dimensions: int | None = None
+    truncate: bool = False
+    deadline: float | None = None
+
+
+@dataclass(slots=True)
+class EmbedResponse:
+    """Embeddings in input order, the model that made them and the tokens it read."""
+
+    model: str
+    version: int
+    embeddings: np.ndarray
+    prompt_tokens: int
+    usage: Usage

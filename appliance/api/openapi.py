@@ -102,6 +102,13 @@ def build_openapi() -> dict[str, Any]:
                                                            params=[_MODEL])},
         "/v2/repository/models/{model}/unload": {"post": _op("Unload", {"200": _json_ok(), "404": _ERROR},
                                                              params=[_MODEL])},
+        "/v1/embeddings": {"post": _op(
+            "OpenAI-compatible embeddings",
+            {"200": _json_ok("#/components/schemas/EmbeddingList"), "400": _ERROR, "404": _ERROR, "413": _ERROR,
+             "503": _ERROR, "504": _ERROR},
+            body={"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}})},
+        "/v1/models": {"get": _op("Models serving now (OpenAI shape)", {"200": _json_ok()})},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
         "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
     }
@@ -143,6 +150,35 @@ def build_openapi() -> dict[str, Any]:
                         "platform": {"type": "string"},
                         "inputs": {"type": "array", "items": {"type": "object"}},
                         "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+                "EmbeddingRequest": {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "input": {"oneOf": [
+                            {"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                            {"type": "array", "items": {"type": "integer"}},
+                            {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]},
+                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                        "dimensions": {"type": "integer", "minimum": 1},
+                        "user": {"type": "string"},
+                        "truncate": {"type": "boolean", "description": "cut inputs over the limit instead of 400"},
+                        "timeout": {"type": "number", "description": "seconds"},
+                    },
+                },
+                "EmbeddingList": {
+                    "type": "object",
+                    "properties": {
+                        "object": {"type": "string"},
+                        "data": {"type": "array", "items": {"type": "object", "properties": {
+                            "object": {"type": "string"}, "index": {"type": "integer"},
+                            "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}},
+                                                    {"type": "string"}]}}}},
+                        "model": {"type": "string"},
+                        "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"},
+                                                                   "total_tokens": {"type": "integer"}}},
                     },
                 },
                 "RepositoryIndex": {"type": "array", "items": {"type": "object", "properties": {
