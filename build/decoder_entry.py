@@ -45,6 +45,7 @@ class DecoderOptions:
     max_seq_len: int = 0  # 0: the model's context length
     min_fast_agreement: float = 0.85  # teacher-forced top-1 agreement of the fast tier with the exact tier
     tensorrt: bool = True
+    logits: str = "last"  # the scheduler only samples the last position: skip the LM head elsewhere
 
 
 def entry_name(name: str, variant: str) -> str:
@@ -61,6 +62,7 @@ def build_decoder_tiers(gguf_path: Path, repo: Path, name: str, options: Decoder
     exact_folder: Path | None = None
     for variant in sorted(options.variants, key=lambda v: v != "exact"):
         tier_options = {"variant": variant, "max_seq_len": options.max_seq_len, "tensorrt": options.tensorrt,
+                        "logits": options.logits,
                         "min_fast_agreement": options.min_fast_agreement if variant != "exact" else None}
         key = build_key(digest, tier_options)
         target = entry_name(name, variant)
@@ -84,7 +86,7 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
     with new_version(repo, target) as scratch:
         with stage(stages, f"{target}: import GGUF ({variant})", progress, scratch / "model.onnx"):
             build = import_gguf(gguf_path, scratch, variant, options.max_seq_len or None,
-                                progress=lambda line: progress(f"{target}: {line}"))
+                                progress=lambda line: progress(f"{target}: {line}"), logits=options.logits)
         parity: dict = {}
         if variant != "exact":
             if exact_folder is None:

@@ -74,6 +74,12 @@ def test_repository_entries_and_provenance(smollm2_repo):
 
 
 @pytest.fixture(scope="session")
+def all_logits_build(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> DecoderBuild:
+    """The exact variant with logits at every position (for padded multi-row prefill and chunk comparisons)."""
+    return import_gguf(gguf_file, tmp_path_factory.mktemp("smollm2_all"), "exact", max_seq_len=256)
+
+
+@pytest.fixture(scope="session")
 def ragged_build(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> DecoderBuild:
     """The exact variant with the ``query_seqlens`` input and last-position logits only."""
     return import_gguf(gguf_file, tmp_path_factory.mktemp("smollm2_ragged"), "exact", max_seq_len=256,
@@ -103,7 +109,7 @@ def test_build_outputs_and_metadata(builds):
     assert build.bos_token_id == 1 and build.eos_token_ids[0] == 2
     generation = _generation(build)
     assert generation["hidden_size"] == 576 and generation["num_heads"] == 9
-    assert generation["max_seq_len"] == 8192 and generation["logits"] == "all"
+    assert generation["max_seq_len"] == 8192 and generation["logits"] == "last"
     model = onnx.load(str(build.model_path), load_external_data=False)
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
@@ -221,10 +227,10 @@ def _alone(build: DecoderBuild, prompt: list[int], steps: int) -> list[int]:
 
 
 @pytest.mark.parametrize("prefill", ["one_padded_call", "row_by_row"])
-def test_batched_decode_matches_single_stream(builds, reference, prefill):
+def test_batched_decode_matches_single_stream(all_logits_build, reference, prefill):
     """Two prompts of different lengths in rows 0 and 1 of one shared KV buffer, each row's tokens starting at
     position 0 (padding only after them), decoded together for 8 steps: same tokens as each alone."""
-    build = builds["exact"]
+    build = all_logits_build
     a, b = reference[0]["prompt_ids"], reference[5]["prompt_ids"]  # 37 and 4 tokens
     runner = DecoderRunner(build.model_path, _generation(build), batch=2, capacity=64)
     lengths = np.array([len(a), len(b)])
@@ -246,8 +252,8 @@ def test_batched_decode_matches_single_stream(builds, reference, prefill):
     assert tokens[1] == _alone(build, b, 8)
 
 
-def test_chunked_prefill_equals_one_prefill(builds, reference):
-    build = builds["exact"]
+def test_chunked_prefill_equals_one_prefill(all_logits_build, reference):
+    build = all_logits_build
     prompt = reference[3]["prompt_ids"]
     whole = DecoderRunner(build.model_path, _generation(build), 1, 64).step_row(0, prompt, 0)[0]
     runner = DecoderRunner(build.model_path, _generation(build), 1, 64)
