@@ -11,7 +11,7 @@ from typing import TextIO
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from appliance.api import openai_api, v2
+from appliance.api import openai_api, openai_generate, v2
 from appliance.api.middleware import request_middleware
 from appliance.api.openapi import openapi_document
 from appliance.api.state import ACCESS_LOG, CONFIG, DATAPLANE, LIFECYCLE, METRICS, MODELS, WORKERS, Lifecycle
@@ -76,6 +76,7 @@ def create_app(
         app[WORKERS] = workers
     v2.add_routes(app)
     openai_api.add_routes(app)
+    openai_generate.add_routes(app)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_document)
     app.cleanup_ctx.append(_lifespan)

@@ -1,4 +1,4 @@
-"""The ``appliance`` command: ``serve``, ``models``, ``config``."""
+"""The ``appliance`` command: ``serve``, ``models``, ``build``, ``config``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from appliance import __version__
-from appliance.config import Config, ConfigError, apply_table, check_config, load_config
+from appliance.config import Config, ConfigError
 from appliance.model_spec import read_model_spec
+from appliance.notify import notifier
+from appliance.reload import ConfigSource
 from appliance.repository import scan_repository
 
 
@@ -29,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("models", help="list the model repository and each version's state")
     build = commands.add_parser("build", help="build models into the repository (the defaults or your own)")
     build.add_argument("--defaults", action="store_true", help="fetch and build the bundled default models")
+    build.add_argument("--refresh", action="store_true",
+                       help="build the defaults if the repository is empty and engine plans missing for this "
+                            "machine's GPU, driver or TensorRT; else do nothing (the appliance-build unit)")
     build.add_argument("--source", type=Path, help="a sentence-transformers folder or a Llama-family .gguf file")
     build.add_argument("--name", help="the model's name in the repository (with --source)")
     build.add_argument("--quantize", action="store_true", help="also write an int8 variant (encoders)")
@@ -36,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engine build")
     build.add_argument("--models", help="model repository folder (paths.model_repository)")
     commands.add_parser("config", help="print the effective configuration")
+    commands.add_parser("doctor", help="check this machine, the install and the configuration; fixes for failures")
     return parser
 
 
@@ -45,16 +51,11 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
-    # Command-line flags are the last word; re-validate them through the same checks as the file.
+def _source(args: argparse.Namespace) -> ConfigSource:
+    # Command-line flags are the last word; they are validated through the same checks as the file.
     server = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v}
-    if server:
-        apply_table(config.server, "server", server, "the command line")
-    if getattr(args, "models", None):
-        apply_table(config.paths, "paths", {"model_repository": args.models}, "the command line")
-    check_config(config)
-    return config
+    paths = {"model_repository": args.models} if getattr(args, "models", None) else {}
+    return ConfigSource(args.config, {"server": server, "paths": paths})
 
 
 def _progress(line: str) -> None:
@@ -65,8 +66,16 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     from appliance.build.pipeline import build_defaults, build_from_path
 
     repo, cache = config.paths.models(), config.paths.cache()
+    if args.refresh:
+        from appliance.build.refresh import refresh
+
+        try:
+            return refresh(repo, cache, _progress)
+        except (RuntimeError, ValueError, OSError) as exc:
+            print(f"appliance build --refresh: {exc}", file=sys.stderr)
+            return 1
     if args.defaults == bool(args.source):
-        print("appliance build: give either --defaults or --source PATH --name NAME", file=sys.stderr)
+        print("appliance build: give one of --defaults, --refresh or --source PATH --name NAME", file=sys.stderr)
         return 2
     try:
         if args.defaults:
@@ -86,20 +95,22 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(config: Config) -> int:
+def _cmd_serve(config: Config, source: ConfigSource) -> int:
     logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
     if not scan_repository(config.paths.models()):
         from appliance.build.pipeline import build_defaults
 
         _progress(f"the model repository {config.paths.models()} is empty: building the default models first")
-        build_defaults(config.paths.models(), config.paths.cache(), _progress)
+        notifier().status("building the default models (first start)")
+        with notifier().keepalive():  # the build makes progress; systemd's watchdog must not kill it
+            build_defaults(config.paths.models(), config.paths.cache(), _progress)
     if config.server.workers > 1:
         from appliance.supervisor import supervise
 
-        return supervise(config)
+        return supervise(config, source)
     from appliance.server import serve
 
-    return serve(config)
+    return serve(config, source)
 
 
 def _cmd_models(config: Config) -> int:
@@ -137,14 +148,19 @@ def _live_index(config: Config) -> dict[str, dict] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``appliance`` command."""
     args = _parser().parse_args(argv)
+    source = _source(args)
+    if args.command == "doctor":  # checks the configuration itself, so a bad one is a finding, not a stop
+        from appliance.doctor import run_doctor
+
+        return run_doctor(source)
     try:
-        config = _load(args)
+        config = source.load()
     except ConfigError as exc:
         print(f"appliance: configuration error: {exc}", file=sys.stderr)
         return 2
     _configure_logging(config.server.log_level)
     if args.command == "serve":
-        return _cmd_serve(config)
+        return _cmd_serve(config, source)
     if args.command == "models":
         return _cmd_models(config)
     if args.command == "build":

@@ -10,12 +10,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from appliance.errors import BadRequest
 from appliance.model_version import ModelVersion
 from appliance.repository import ModelManager
+from appliance.engines.generation import SamplingParams, Sequence
 from appliance.types import EmbedRequest, EmbedResponse, Request, Result, Trace, Usage
+
+
+@dataclass(eq=False)
+class Generation:
+    """A sequence being generated for a request, and what its metrics need."""
+
+    served: ModelVersion
+    sequence: Sequence
+    prompt_tokens: int
+    started: float
+    token_times: list[float] = field(default_factory=list)
 
 
 class DataPlane:
@@ -29,6 +42,9 @@ class DataPlane:
         """Run a tensor request on its model; ``trace`` is filled in as the model becomes known."""
         served = self.models.resolve(request.model, request.version)
         trace.model, trace.version = served.name, str(served.version)
+        if served.generator is not None:
+            raise BadRequest(f"model {served.name!r} generates text: use POST /v1/chat/completions or "
+                             "/v1/completions")
         served.check_inputs(request.inputs)
         if request.outputs is not None:
             known = {t.name for t in served.outputs}
@@ -124,6 +140,67 @@ class DataPlane:
         usage = Usage(outcome.queue_s, outcome.compute_s, outcome.batches)
         trace.usage = usage
         return EmbedResponse(served.name, served.version, vectors, sum(len(s) for s in sequences), usage)
+
+    async def generate(self, model: str, messages: list[dict] | None, prompt: str | list[int] | None,
+                       params: SamplingParams, max_tokens: int | None, deadline: float | None,
+                       trace: Trace) -> Generation:
+        """Render and tokenize the prompt, check it against the context, queue it on the model's scheduler."""
+        started = self._clock()
+        served = self.models.resolve(model)
+        trace.model, trace.version = served.name, str(served.version)
+        if served.generator is None or served.text is None:
+            raise BadRequest(f"model {served.name!r} does not generate text (its task is {served.spec.task!r}); "
+                             "GET /v1/models lists the models", param="model")
+        text = served.text
+        if messages is not None:
+            try:
+                rendered = served.chat_template.render(messages=messages, add_generation_prompt=True)
+            except Exception as exc:  # the template's own checks (e.g. role order) speak to the caller
+                raise BadRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
+            ids = text.encode([rendered], add_special_tokens=False)[0]
+        elif isinstance(prompt, str):
+            ids = text.encode([prompt], add_special_tokens=False)[0]
+        else:
+            ids = list(prompt or [])
+            bad = next((t for t in ids if not 0 <= t < text.vocab_size), None)
+            if bad is not None:
+                raise BadRequest(f"prompt token id {bad} is outside the vocabulary (0 to {text.vocab_size - 1})",
+                                 param="prompt")
+        limit = served.context_limit
+        if len(ids) >= limit:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; model {served.name} holds at most {limit} tokens "
+                             "per sequence (prompt and output); shorten the prompt", param="messages")
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}"
+                             f", over the {limit} tokens a sequence of model {served.name} may hold; ask for at most "
+                             f"{limit - len(ids)} tokens", param="max_tokens")
+        params.max_tokens = max_tokens or limit - len(ids)
+        assert served.generator is not None
+        sequence = served.generator.submit(ids, params, self._deadline(deadline, served))
+        served.metrics.prompt_tokens.inc(len(ids))
+        served.metrics.in_flight.inc()
+        return Generation(served, sequence, len(ids), started)
+
+    def observe_token(self, generation: Generation) -> None:
+        """Record a token's arrival: time to first token, then inter-token latency."""
+        now = self._clock()
+        metrics = generation.served.metrics
+        if not generation.token_times:
+            metrics.time_to_first_token.observe(now - generation.started)
+            if generation.sequence.admitted_at:
+                metrics.generation_queue.observe(generation.sequence.admitted_at - generation.sequence.enqueued)
+        else:
+            metrics.inter_token.observe(now - generation.token_times[-1])
+        generation.token_times.append(now)
+
+    def finish_generation(self, generation: Generation, completion_tokens: int) -> None:
+        """The request is answered (or gone): stop its sequence if still running and record its totals."""
+        served = generation.served
+        assert served.generator is not None
+        served.generator.cancel(generation.sequence)
+        served.metrics.in_flight.dec()
+        served.metrics.generated_tokens.inc(completion_tokens)
+        served.metrics.generation_duration.observe(self._clock() - generation.started)
 
     @staticmethod
     def _fit(sequences: list[list[int]], limit: int, truncate: bool, keep_last: bool) -> list[list[int]]:

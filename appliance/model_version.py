@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from appliance.config import Config, ConfigError
 from appliance.engines.base import Engine
 from appliance.engines.batcher import DynamicBatcher
+from appliance.engines.generation import GenerationLimits, GenerationScheduler, KVDecoder
 from appliance.engines.token_batcher import TokenBudgetBatcher
 from appliance.engines.tensors import NUMPY_TO_V2, TensorSpec, numpy_dtype
 from appliance.errors import BadRequest
@@ -71,6 +74,11 @@ class ModelVersion:
         self.batcher: DynamicBatcher | None = None
         self.embedder: TokenBudgetBatcher | None = None
         self.loaded_at = time.time()
+        self.generator: GenerationScheduler | None = None
+        self.decoder: KVDecoder | None = None
+        self.generation: dict = {}
+        self.generation_limits: GenerationLimits | None = None
+        self.chat_template: Any = None
         self.text: TextEncoder | None = None
         self.ready = False
 
@@ -102,6 +110,9 @@ class ModelVersion:
     def load_blocking(self) -> float:
         """Create the engine instances and check the tensors; runs in a worker thread. Returns seconds taken."""
         started = time.perf_counter()
+        if self.spec.task == "generate":
+            self._load_decoder()
+            return time.perf_counter() - started
         try:
             for _ in range(self.spec.engine.instances):
                 engine = self._engine_factory(self.spec, self._config)
@@ -161,6 +172,8 @@ class ModelVersion:
     def warmup_blocking(self) -> float:
         """Run the configured warmup requests on every engine instance; runs in a worker thread."""
         started = time.perf_counter()
+        if self.spec.task == "generate":
+            return 0.0  # warmed up with the decoder, which owns the KV buffers
         warmup = self.spec.warmup
         sizes = warmup.batch_sizes or sorted({1, max(self.max_batch_size, 1)})
         rng = np.random.default_rng(0)
@@ -183,6 +196,40 @@ class ModelVersion:
             return rng.standard_normal(shape).astype(tensor.dtype)
         return np.zeros(shape, dtype=tensor.dtype)
 
+    def _load_decoder(self) -> None:
+        spec = self.spec
+        self.generation = json.loads((spec.path / spec.generation.config).read_text())
+        from appliance.build.gguf_tokenizer import compile_chat_template
+
+        self.chat_template = compile_chat_template((spec.path / spec.generation.chat_template).read_text())
+        self.text = TextEncoder.from_file(spec.path / spec.tokenizer.file, spec.tokenizer.max_seq_length)
+        self.generation_limits = GenerationLimits(
+            slots=spec.generation.max_running,
+            capacity=min(spec.generation.kv_capacity, int(self.generation["max_seq_len"])),
+            prefill_chunk=spec.generation.prefill_chunk,
+            max_waiting=spec.generation.max_waiting,
+        )
+        threads = spec.engine.intra_op_threads
+        threads = self._config.onnxruntime.intra_op_threads if threads < 0 else threads
+        self.decoder = KVDecoder(spec.model_file, self.generation, self.generation_limits, threads)
+        # Warm up: a short prefill and one decode step on slot 0 (its cache is rewritten by the first request).
+        logits = self.decoder.run(0, np.ones((1, 8), np.int64), np.array([7], np.int32))
+        self.decoder.run(0, np.array([[int(logits[0].argmax())]]), np.array([8], np.int32))
+
+    @property
+    def description(self) -> str:
+        """The runtime behind this version, for logs."""
+        if self.decoder is not None and self.generation_limits is not None:
+            limits = self.generation_limits
+            return (f"onnxruntime decoder with a shared KV cache: {limits.slots} rows x {limits.capacity} tokens, "
+                    f"prefill chunk {limits.prefill_chunk}")
+        return self.engines[0].description if self.engines else "no engine"
+
+    @property
+    def context_limit(self) -> int:
+        """Tokens a generate model's sequence may hold: prompt plus output."""
+        return self.generation_limits.capacity if self.generation_limits else 0
+
     def _check_encoder_contract(self) -> None:
         names = sorted(t.name for t in self.inputs)
         if names != ["attention_mask", "input_ids"] or len(self.outputs) != 1:
@@ -194,6 +241,15 @@ class ModelVersion:
     def start(self) -> None:
         """Start serving: create the scheduler on the running loop."""
         batching = self.spec.batching
+        if self.spec.task == "generate":
+            assert self.decoder is not None and self.generation_limits is not None
+            eos = [int(t) for t in self.generation.get("eos_token_ids", [])]
+            self.generator = GenerationScheduler(self.decoder, self.generation_limits, eos,
+                                                 on_step=self.metrics.observe_generation,
+                                                 name=f"{self.name}/{self.version}")
+            self.generator.start()
+            self.ready = True
+            return
         if self.spec.task == "embed":
             self.embedder = TokenBudgetBatcher(
                 self.engines,
@@ -228,6 +284,8 @@ class ModelVersion:
             await self.batcher.close(timeout_s)
         if self.embedder is not None:
             await self.embedder.close(timeout_s)
+        if self.generator is not None:
+            await self.generator.close(timeout_s)
         await asyncio.get_running_loop().run_in_executor(None, self.close_engines)
 
     def close_engines(self) -> None:

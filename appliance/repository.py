@@ -39,6 +39,15 @@ def scan_repository(root: Path) -> dict[str, list[int]]:
 
 
 @dataclass
+class SyncResult:
+    """What :meth:`ModelManager.sync_repository` did, by model name."""
+
+    loaded: list[str]
+    unloaded: list[str]
+    failed: list[str]
+
+
+@dataclass
 class ModelState:
     """What the index reports for one model."""
 
@@ -167,7 +176,7 @@ class ModelManager:
         candidate.metrics.warmup_duration.set(warmup_s)
         log.info(
             "model %s version %s loaded in %.3f s, warmed up in %.3f s (%s)",
-            name, version, load_s, warmup_s, candidate.engines[0].description,
+            name, version, load_s, warmup_s, candidate.description,
         )
         return candidate
 
@@ -201,6 +210,33 @@ class ModelManager:
             served.metrics.ready.set(0)
             await served.stop(self._drain_timeout_s)
             log.info("model %s version %s unloaded", name, served.version)
+
+    async def sync_repository(self) -> SyncResult:
+        """Make what serves match the repository folder (a SIGHUP reload).
+
+        Loads models that are new, not serving, or whose newest version is not the serving one; unloads models
+        whose folder is gone. A model unloaded through the API stays unloaded. Failures keep the old version serving.
+        """
+        found = scan_repository(self.root)
+        result = SyncResult([], [], [])
+        for name, versions in found.items():
+            served = self._serving.get(name)
+            state = self._states.get(name)
+            if served is not None and served.version == versions[-1]:
+                continue
+            if served is None and state is not None and state.reason == "unloaded":
+                continue
+            try:
+                await self.load(name)
+                result.loaded.append(name)
+            except (ModelLoadFailed, ModelNotFound) as exc:
+                log.error("%s", exc.message)
+                result.failed.append(name)
+        for name in [n for n in self._serving if n not in found]:
+            await self.unload(name)
+            self._states.pop(name, None)  # gone from the folder: forget it, so that a new folder loads again
+            result.unloaded.append(name)
+        return result
 
     async def close(self) -> None:
         """Unload everything (server shutdown)."""

@@ -1,8 +1,9 @@
-"""Run the application: uvloop, signals, graceful drain."""
+"""Run the application: uvloop, signals (SIGTERM/SIGINT drain, SIGHUP reloads), systemd notifications."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -12,6 +13,8 @@ from aiohttp import web
 from appliance.api.state import LIFECYCLE
 from appliance.app import create_app
 from appliance.config import Config
+from appliance.notify import Notifier, notifier as process_notifier
+from appliance.reload import ConfigSource, Reloader
 from appliance.workers import WorkerGroup
 
 log = logging.getLogger("appliance.server")
@@ -23,14 +26,36 @@ async def run_server(
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
     workers: WorkerGroup | None = None,
+    config_source: ConfigSource | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain: stop accepting, finish in-flight requests, exit.
 
     As one of several ``workers``, share the port with the siblings and listen on a private control socket too.
+    With ``config_source`` and ``handle_signals``, SIGHUP reloads the configuration and the model repository.
+    ``notifier`` (default: systemd's, from the environment; a worker's goes to its supervisor) hears READY=1
+    once the models are warm and the port listens, STATUS= lines, WATCHDOG=1 pings and STOPPING=1.
     """
     app = app or create_app(config, workers=workers)
+    if notifier is None:
+        notifier = Notifier(str(workers.notify_socket(workers.index))) if workers else process_notifier()
+    watchdog = asyncio.get_running_loop().create_task(notifier.watchdog_loop())
+    try:
+        await _serve(config, app, stop, handle_signals, workers, config_source, notifier)
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+
+
+async def _serve(config: Config, app: web.Application, stop: asyncio.Event | None, handle_signals: bool,
+                 workers: WorkerGroup | None, config_source: ConfigSource | None, notifier: Notifier) -> None:
     server = config.server
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s)
+    loop = asyncio.get_running_loop()
+    if handle_signals:
+        loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: the server is still starting")
+    notifier.status("loading and warming models")
     await runner.setup()  # runs the lifespan: models load and warm up here
     site = web.TCPSite(runner, server.host, server.port, backlog=2048, reuse_address=True,
                        reuse_port=workers is not None)
@@ -41,22 +66,39 @@ async def run_server(
     lifecycle.port = runner.addresses[0][1]  # the real port when server.port is 0
     log.info("serving on http://%s:%s", server.host, lifecycle.port)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task] = set()
+    if handle_signals and config_source is not None:
+        reloader = Reloader(app, config_source, notifier)
+
+        def on_hangup() -> None:
+            log.info("SIGHUP: reloading the configuration and the model repository")
+            task = loop.create_task(reloader.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if handle_signals:
+        signals = (*signals, signal.SIGHUP)
+    notifier.ready(f"serving on http://{server.host}:{lifecycle.port}")
     try:
         await stop.wait()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+    for task in list(reloads):
+        task.cancel()
+    await asyncio.gather(*reloads, return_exceptions=True)
+    notifier.stopping("draining")
     lifecycle.draining = True
     log.info("draining: %d requests in flight, waiting up to %.1f s", lifecycle.in_flight, server.drain_timeout_s)
     await runner.cleanup()  # closes the listener, waits for in-flight handlers up to drain_timeout_s, unloads
     log.info("stopped")
 
 
-def serve(config: Config) -> int:
-    """Run the server on uvloop; returns the process exit status."""
-    uvloop.run(run_server(config))
+def serve(config: Config, config_source: ConfigSource | None = None) -> int:
+    """Run the server on uvloop; returns the process exit status. ``config_source`` enables SIGHUP reloads."""
+    uvloop.run(run_server(config, config_source=config_source))
     return 0

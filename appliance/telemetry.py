@@ -66,6 +66,26 @@ class Metrics:
             "appliance_model_ready", "1 while this version serves traffic", labels, registry=self.registry,
             multiprocess_mode="livemin",
         )
+        self._generation_collectors(labels)
+
+    def _generation_collectors(self, labels: tuple[str, ...]) -> None:
+        reg = self.registry
+        self.time_to_first_token = Histogram("appliance_time_to_first_token_seconds", "Request to first token",
+                                             labels, buckets=LATENCY_BUCKETS, registry=reg)
+        self.inter_token = Histogram("appliance_inter_token_latency_seconds", "Between streamed tokens", labels,
+                                     buckets=LATENCY_BUCKETS, registry=reg)
+        self.generation_duration = Histogram("appliance_generation_duration_seconds", "Request to last token",
+                                             labels, buckets=LATENCY_BUCKETS, registry=reg)
+        self.generation_queue = Histogram("appliance_generation_queue_seconds", "Waiting for a KV-cache slot",
+                                          labels, buckets=LATENCY_BUCKETS, registry=reg)
+        self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens read", labels, registry=reg)
+        self.generated_tokens = Counter("appliance_generated_tokens", "Tokens generated", labels, registry=reg)
+        self.running_sequences = Gauge("appliance_running_sequences", "Sequences holding a KV-cache slot", labels,
+                                       registry=reg, multiprocess_mode="livesum")
+        self.waiting_sequences = Gauge("appliance_waiting_sequences", "Sequences waiting for a slot", labels,
+                                       registry=reg, multiprocess_mode="livesum")
+        self.kv_cache_usage = Gauge("appliance_kv_cache_usage_ratio", "Share of KV-cache positions in use", labels,
+                                    registry=reg, multiprocess_mode="livemax")
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition: this process's registry, or the sum over all worker processes."""
@@ -79,6 +99,15 @@ class Metrics:
         """Children bound to one model version, so the hot path skips the label lookups."""
         key = (model, str(version))
         return VersionMetrics(
+            time_to_first_token=self.time_to_first_token.labels(*key),
+            inter_token=self.inter_token.labels(*key),
+            generation_duration=self.generation_duration.labels(*key),
+            generation_queue=self.generation_queue.labels(*key),
+            prompt_tokens=self.prompt_tokens.labels(*key),
+            generated_tokens=self.generated_tokens.labels(*key),
+            running_sequences=self.running_sequences.labels(*key),
+            waiting_sequences=self.waiting_sequences.labels(*key),
+            kv_cache_usage=self.kv_cache_usage.labels(*key),
             queue_duration=self.queue_duration.labels(*key),
             compute_duration=self.compute_duration.labels(*key),
             batch_size=self.batch_size.labels(*key),
@@ -110,6 +139,22 @@ class VersionMetrics:
     ready: Gauge
     load_duration: Gauge
     warmup_duration: Gauge
+
+    time_to_first_token: Histogram
+    inter_token: Histogram
+    generation_duration: Histogram
+    generation_queue: Histogram
+    prompt_tokens: Counter
+    generated_tokens: Counter
+    running_sequences: Gauge
+    waiting_sequences: Gauge
+    kv_cache_usage: Gauge
+
+    def observe_generation(self, stats: dict[str, float]) -> None:
+        """Record the generation scheduler's state after a step."""
+        self.running_sequences.set(stats["running"])
+        self.waiting_sequences.set(stats["waiting"])
+        self.kv_cache_usage.set(stats["kv_used"])
 
     def observe_batch(self, rows: int, compute_s: float) -> None:
         """Record one executed batch."""

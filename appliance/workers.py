@@ -29,6 +29,10 @@ class WorkerGroup:
         """The private control socket of worker ``index``."""
         return self.control_dir / f"worker-{index}.sock"
 
+    def notify_socket(self, index: int) -> Path:
+        """The supervisor's datagram socket on which worker ``index`` reports READY=1 (systemd's protocol)."""
+        return self.control_dir / f"notify-{index}.sock"
+
     def siblings(self) -> list[int]:
         """The other workers' indexes."""
         return [i for i in range(self.count) if i != self.index]

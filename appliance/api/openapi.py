@@ -109,6 +109,18 @@ def build_openapi() -> dict[str, Any]:
             body={"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}})},
         "/v1/models": {"get": _op("Models serving now (OpenAI shape)", {"200": _json_ok()})},
+        "/v1/chat/completions": {"post": _op(
+            "OpenAI-compatible chat completions (stream: server-sent events)",
+            {"200": {"description": "a chat.completion, or text/event-stream chunks ending with data: [DONE]"},
+             "400": _ERROR, "404": _ERROR, "503": _ERROR, "504": _ERROR},
+            body={"required": True, "content": {"application/json": {"schema": {"type": "object",
+                                                                                "required": ["model", "messages"]}}}})},
+        "/v1/completions": {"post": _op(
+            "OpenAI-compatible completions (stream: server-sent events)",
+            {"200": {"description": "a text_completion, or text/event-stream chunks ending with data: [DONE]"},
+             "400": _ERROR, "404": _ERROR, "503": _ERROR, "504": _ERROR},
+            body={"required": True, "content": {"application/json": {"schema": {"type": "object",
+                                                                                "required": ["model", "prompt"]}}}})},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
         "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
     }

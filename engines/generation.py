@@ -1,0 +1,339 @@
+"""Continuous (iteration-level) batching for decoder models over a shared KV cache.
+
+The KV cache is one buffer per layer and K/V, ``[slots, kv_heads, capacity, head_dim]``, bound to the graph as
+both past and present (ONNX Runtime IOBinding), so GroupQueryAttention appends in place. Each sequence owns a slot
+(a row) while it runs; its tokens sit at positions ``[0, length)`` of that row.
+
+One thread runs the steps. At each step boundary it admits waiting sequences into free slots, prefills them in
+chunks under a per-step token budget (``prefill_chunk``) so that a long prompt never stalls the running streams
+for long, then runs one decode call for every decoding row together. Tokens are sampled per row (greedy,
+temperature, top-p, top-k) with each request's own seeded generator, and handed to the event loop as they come.
+A cancelled or expired sequence frees its slot at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.errors import ModelNotReady, QueueFull
+
+log = logging.getLogger("appliance.engines.generation")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each token. ``temperature`` 0 is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 0  # 0: up to the end of the context
+    ignore_eos: bool = False
+    logprobs: int = -1  # -1: none; 0: the chosen token's; n: also the n most likely
+
+
+@dataclass
+class TokenEvent:
+    """One generated token (or the end of the sequence) for the event loop."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" (end token), "length" (max_tokens or context), "error"
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request being generated: its prompt, progress and the queue its tokens go to."""
+
+    prompt: list[int]
+    params: SamplingParams
+    events: asyncio.Queue
+    deadline: float | None
+    enqueued: float
+    rng: np.random.Generator = field(init=False)
+    slot: int = -1
+    prefilled: int = 0
+    generated: int = 0
+    length: int = 0  # tokens in the KV cache
+    next_token: int | None = None
+    cancelled: bool = False
+    admitted_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.params.seed)
+
+
+@dataclass
+class GenerationLimits:
+    """Sizes of the scheduler, from the model's ``[generation]`` table."""
+
+    slots: int = 8
+    capacity: int = 2048
+    prefill_chunk: int = 256
+    max_waiting: int = 64
+
+
+class KVDecoder:
+    """The decoder session and its shared KV buffers; every method runs on the scheduler thread."""
+
+    def __init__(self, model_path: Path, generation: dict[str, Any], limits: GenerationLimits, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self._ort = ort
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.layers = int(generation["num_layers"])
+        self.slots, self.capacity = limits.slots, limits.capacity
+        shape = (limits.slots, int(generation["num_kv_heads"]), limits.capacity, int(generation["head_dim"]))
+        self._buffers = [np.zeros(shape, np.float32) for _ in range(self.layers * 2)]
+        self._values: dict[tuple[int, int], list[Any]] = {}
+
+    def _kv(self, start: int, stop: int) -> list[Any]:
+        key = (start, stop)
+        if key not in self._values:
+            self._values[key] = [self._ort.OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self._buffers]
+        return self._values[key]
+
+    def run(self, start: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
+        """Rows ``start .. start + len(input_ids)``; returns the last position's logits per row ``[rows, vocab]``."""
+        rows = input_ids.shape[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
+        binding.bind_output("logits")
+        for index, value in enumerate(self._kv(start, start + rows)):
+            layer, which = divmod(index, 2)
+            kind = ("key", "value")[which]
+            binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
+            binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0][:, -1, :]
+
+
+class GenerationScheduler:
+    """Admits, prefills, decodes and samples sequences for one decoder model version."""
+
+    def __init__(self, decoder: KVDecoder, limits: GenerationLimits, eos_ids: list[int], *,
+                 on_step: Callable[[dict[str, float]], None] | None = None, name: str = "model",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._decoder = decoder
+        self.limits = limits
+        self._eos = set(eos_ids)
+        self._on_step = on_step
+        self._name = name
+        self._clock = clock
+        self._waiting: deque[Sequence] = deque()
+        self._slots: list[Sequence | None] = [None] * limits.slots
+        self._lock = threading.Lock()
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._idle = False
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._step_s = 0.05  # moving average of one step's wall time
+
+    # -- the event-loop side -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the step thread; call on the event loop that will submit."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"{self._name}-generate", daemon=True)
+        self._thread.start()
+
+    def stats(self) -> dict[str, float]:
+        """Running and waiting sequences and the share of KV cache in use."""
+        running = [s for s in self._slots if s is not None]
+        used = sum(s.length for s in running)
+        return {"running": len(running), "waiting": len(self._waiting),
+                "kv_used": used / (self.limits.slots * self.limits.capacity)}
+
+    def estimated_wait_s(self) -> float:
+        """A rough wait for a new sequence: queue depth times recent step time per slot freed."""
+        return max(1.0, len(self._waiting) * self._step_s * 16 / self.limits.slots)
+
+    def submit(self, prompt: list[int], params: SamplingParams, deadline: float | None = None) -> Sequence:
+        """Queue a sequence; its tokens arrive as :class:`TokenEvent` on ``sequence.events``."""
+        if self._closing or self._loop is None:
+            raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
+        if len(self._waiting) >= self.limits.max_waiting:
+            wait = self.estimated_wait_s()
+            raise QueueFull(f"model {self._name} has {len(self._waiting)} sequences waiting (the limit); retry "
+                            f"after about {wait:.0f} s", retry_after_s=wait)
+        sequence = Sequence(list(prompt), params, asyncio.Queue(), deadline, self._clock())
+        with self._lock:
+            self._waiting.append(sequence)
+            idle = self._idle
+        if idle:
+            self._wake.put(None)
+        return sequence
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Stop generating ``sequence``; its slot is freed at the next step boundary."""
+        sequence.cancelled = True
+        self._wake.put(None)
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Finish the running and waiting sequences (up to ``timeout_s``), then stop the thread."""
+        self._closing = True
+        self._wake.put(None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
+
+    def _emit(self, sequence: Sequence, event: TokenEvent) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(sequence.events.put_nowait, event)
+
+    # -- the step thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                busy = any(s is not None for s in self._slots) or bool(self._waiting)
+                self._idle = not busy
+            if not busy:
+                if self._closing:
+                    return
+                self._wake.get()
+                continue
+            started = self._clock()
+            try:
+                self._step()
+            except Exception as exc:  # a broken step ends the sequences in it, not the server
+                log.exception("model %s: generation step failed", self._name)
+                for slot, sequence in enumerate(self._slots):
+                    if sequence is not None:
+                        self._finish(slot, TokenEvent(None, finish_reason="error", error=exc))
+            self._step_s = 0.9 * self._step_s + 0.1 * (self._clock() - started)
+            if self._on_step is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._on_step, self.stats())
+
+    def _step(self) -> None:
+        now = self._clock()
+        for slot, sequence in enumerate(self._slots):  # cancelled or expired sequences free their slots first
+            if sequence is not None and (sequence.cancelled or (sequence.deadline is not None and now > sequence.deadline)):
+                self._finish(slot, TokenEvent(None, finish_reason="cancelled" if sequence.cancelled else "timeout"))
+        self._admit(now)
+        budget = self.limits.prefill_chunk
+        for slot, sequence in enumerate(self._slots):
+            if budget <= 0:
+                break
+            if sequence is not None and sequence.prefilled < len(sequence.prompt):
+                budget -= self._prefill(slot, sequence, budget)
+        decoding = [slot for slot, s in enumerate(self._slots)
+                    if s is not None and s.prefilled == len(s.prompt) and s.next_token is not None]
+        if decoding:
+            self._decode(decoding)
+
+    def _admit(self, now: float) -> None:
+        with self._lock:
+            for slot in range(len(self._slots)):
+                if self._slots[slot] is not None:
+                    continue
+                while self._waiting:
+                    sequence = self._waiting.popleft()
+                    if sequence.cancelled:
+                        continue
+                    if sequence.deadline is not None and now > sequence.deadline:
+                        self._emit(sequence, TokenEvent(None, finish_reason="timeout"))
+                        continue
+                    sequence.slot, sequence.admitted_at = slot, now
+                    self._slots[slot] = sequence
+                    break
+
+    def _prefill(self, slot: int, sequence: Sequence, budget: int) -> int:
+        chunk = sequence.prompt[sequence.prefilled: sequence.prefilled + budget]
+        end = sequence.prefilled + len(chunk)
+        logits = self._decoder.run(slot, np.array([chunk], np.int64), np.array([end - 1], np.int32))
+        sequence.prefilled = sequence.length = end
+        if end == len(sequence.prompt):
+            self._sample(slot, sequence, logits[0])
+        return len(chunk)
+
+    def _decode(self, rows: list[int]) -> None:
+        start, stop = min(rows), max(rows) + 1
+        ids = np.zeros((stop - start, 1), np.int64)
+        seqlens = np.zeros(stop - start, np.int32)
+        for slot in range(start, stop):
+            sequence = self._slots[slot]
+            if slot in rows:
+                assert sequence is not None and sequence.next_token is not None
+                ids[slot - start, 0] = sequence.next_token
+                seqlens[slot - start] = sequence.length  # the new token goes to position ``length``
+            elif sequence is not None:
+                # A row still prefilling: its next chunk overwrites whatever this call writes at ``length``.
+                seqlens[slot - start] = sequence.length
+        logits = self._decoder.run(start, ids, seqlens)
+        for slot in rows:
+            sequence = self._slots[slot]
+            assert sequence is not None
+            sequence.length += 1
+            self._sample(slot, sequence, logits[slot - start])
+
+    def _sample(self, slot: int, sequence: Sequence, logits: np.ndarray) -> None:
+        params = sequence.params
+        scores = logits.astype(np.float64)
+        if params.ignore_eos:
+            scores[list(self._eos)] = -np.inf
+        token = self._choose(scores, params, sequence.rng)
+        event = TokenEvent(token)
+        if params.logprobs >= 0:
+            logp = scores - np.logaddexp.reduce(scores[np.isfinite(scores)])
+            event.logprob = float(logp[token])
+            if params.logprobs > 0:
+                top = np.argpartition(-logp, params.logprobs)[: params.logprobs]
+                top = top[np.argsort(-logp[top])]
+                event.top_logprobs = [(int(t), float(logp[t])) for t in top]
+        sequence.generated += 1
+        if token in self._eos:
+            event.finish_reason = "stop"
+        elif params.max_tokens and sequence.generated >= params.max_tokens:
+            event.finish_reason = "length"
+        elif sequence.length + 1 >= self.limits.capacity:
+            event.finish_reason = "length"
+        if event.finish_reason is not None:
+            self._finish(slot, event)
+        else:
+            sequence.next_token = token
+            self._emit(sequence, event)
+
+    @staticmethod
+    def _choose(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+        if params.temperature <= 0:
+            return int(np.argmax(scores))
+        scaled = scores / params.temperature
+        if params.top_k > 0 and params.top_k < scaled.size:
+            cutoff = np.partition(scaled, -params.top_k)[-params.top_k]
+            scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if params.top_p < 1.0:
+            order = np.argsort(-probs)
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        return int(rng.choice(probs.size, p=probs))
+
+    def _finish(self, slot: int, event: TokenEvent) -> None:
+        sequence = self._slots[slot]
+        self._slots[slot] = None
+        if sequence is not None:
+            self._emit(sequence, event)
