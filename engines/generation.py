@@ -88,7 +88,14 @@ class GenerationLimits:
 
 
 class KVDecoder:
-    """The decoder session and its shared KV buffers; every method runs on the scheduler thread."""
+    """The decoder session and its shared KV buffers; every method runs on the scheduler thread.
+
+    The buffers start small and double (copying the rows) when a sequence needs more positions, up to the
+    configured capacity, and shrink back once nothing runs: attention over the shared buffer costs in proportion
+    to its length, so short conversations should not pay for the longest one the cache could hold.
+    """
+
+    INITIAL_CAPACITY = 256
 
     def __init__(self, model_path: Path, generation: dict[str, Any], limits: GenerationLimits, threads: int) -> None:
         import onnxruntime as ort
@@ -99,10 +106,32 @@ class KVDecoder:
         self._ort = ort
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.layers = int(generation["num_layers"])
-        self.slots, self.capacity = limits.slots, limits.capacity
-        shape = (limits.slots, int(generation["num_kv_heads"]), limits.capacity, int(generation["head_dim"]))
-        self._buffers = [np.zeros(shape, np.float32) for _ in range(self.layers * 2)]
+        self.slots, self.max_capacity = limits.slots, limits.capacity
+        self._shape = (limits.slots, int(generation["num_kv_heads"]), int(generation["head_dim"]))
+        self._allocate(min(self.INITIAL_CAPACITY, self.max_capacity))
+
+    def _allocate(self, capacity: int, keep: int = 0) -> None:
+        slots, heads, dim = self._shape
+        buffers = [np.zeros((slots, heads, capacity, dim), np.float32) for _ in range(self.layers * 2)]
+        if keep:
+            for new, old in zip(buffers, self._buffers):
+                new[:, :, :keep] = old[:, :, :keep]
+        self._buffers, self.capacity = buffers, capacity
         self._values: dict[tuple[int, int], list[Any]] = {}
+
+    def ensure(self, positions: int) -> None:
+        """Make room for ``positions`` tokens per row (doubling, at most the configured capacity)."""
+        if positions <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < positions:
+            capacity *= 2
+        self._allocate(min(capacity, self.max_capacity), keep=self.capacity)
+
+    def shrink(self) -> None:
+        """Back to the initial size; only when no sequence holds a row."""
+        if self.capacity > self.INITIAL_CAPACITY:
+            self._allocate(min(self.INITIAL_CAPACITY, self.max_capacity))
 
     def _kv(self, start: int, stop: int) -> list[Any]:
         key = (start, stop)
@@ -210,6 +239,7 @@ class GenerationScheduler:
             if not busy:
                 if self._closing:
                     return
+                self._decoder.shrink()
                 self._wake.get()
                 continue
             started = self._clock()
@@ -260,6 +290,7 @@ class GenerationScheduler:
     def _prefill(self, slot: int, sequence: Sequence, budget: int) -> int:
         chunk = sequence.prompt[sequence.prefilled: sequence.prefilled + budget]
         end = sequence.prefilled + len(chunk)
+        self._decoder.ensure(end)
         logits = self._decoder.run(slot, np.array([chunk], np.int64), np.array([end - 1], np.int32))
         sequence.prefilled = sequence.length = end
         if end == len(sequence.prompt):
@@ -279,6 +310,7 @@ class GenerationScheduler:
             elif sequence is not None:
                 # A row still prefilling: its next chunk overwrites whatever this call writes at ``length``.
                 seqlens[slot - start] = sequence.length
+        self._decoder.ensure(int(seqlens.max()) + 1)
         logits = self._decoder.run(start, ids, seqlens)
         for slot in rows:
             sequence = self._slots[slot]
@@ -305,7 +337,7 @@ class GenerationScheduler:
             event.finish_reason = "stop"
         elif params.max_tokens and sequence.generated >= params.max_tokens:
             event.finish_reason = "length"
-        elif sequence.length + 1 >= self.limits.capacity:
+        elif sequence.length + 1 >= self.limits.capacity:  # the next token would not fit in the row
             event.finish_reason = "length"
         if event.finish_reason is not None:
             self._finish(slot, event)

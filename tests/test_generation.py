@@ -1,0 +1,180 @@
+"""Text generation over HTTP with the openai client: reference parity (also concurrent), streaming, stop strings,
+limits, sampling, cancellation, and the incremental detokenizer."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+from tokenizers import Tokenizer
+
+from appliance.api.text_stream import TextAssembler
+from conftest import RunningServer, make_config
+
+REFERENCE = json.loads((Path(__file__).parents[2] / "shared" / "reference" /
+                        "smollm2-135m-instruct.json").read_text())["items"]
+GREEDY = {"temperature": 0, "max_tokens": 48, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def gen_server(smollm2_repo, tmp_path_factory):
+    running = RunningServer(make_config(smollm2_repo, tmp_path_factory.mktemp("gen-state"))).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def client(gen_server):
+    return openai.OpenAI(base_url=f"{gen_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, item, **options):
+    """One reference item through the right endpoint; returns (text, usage, finish_reason)."""
+    settings = {**GREEDY, **options}
+    if "messages" in item:
+        reply = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], **settings)
+        return reply.choices[0].message.content, reply.usage, reply.choices[0].finish_reason
+    reply = client.completions.create(model="smollm2-135m", prompt=item["raw_prompt"], **settings)
+    return reply.choices[0].text, reply.usage, reply.choices[0].finish_reason
+
+
+def test_exact_tier_matches_the_reference_for_every_item(client):
+    for item in REFERENCE:
+        text, usage, finish = ask(client, item)
+        assert text == item["greedy_text"], item.get("messages") or item.get("raw_prompt")
+        assert usage.prompt_tokens == len(item["prompt_ids"]) and usage.completion_tokens == 48
+        assert finish == "length"
+
+
+def test_eight_concurrent_requests_each_match(client):
+    items = [REFERENCE[i % len(REFERENCE)] for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda item: ask(client, item)[0], items))
+    assert texts == [item["greedy_text"] for item in items]
+
+
+def test_streaming_equals_the_whole_answer(client):
+    item = REFERENCE[0]
+    stream = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY)
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == item["greedy_text"]
+    assert finish == "length" and usage.completion_tokens == 48
+
+
+def test_stop_string_ends_the_text_before_it(client):
+    item = REFERENCE[0]  # "The capital of France is Paris. It's a city ..."
+    text, usage, finish = ask(client, item, stop=[" Paris", "never-there"])
+    assert text == "The capital of France is" and finish == "stop"
+    stream = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], stream=True,
+                                            stop="Eiffel Tower", **GREEDY)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == item["greedy_text"].split("Eiffel Tower")[0]
+
+
+def test_max_tokens_and_finish_reasons(client):
+    text, usage, finish = ask(client, REFERENCE[0], max_tokens=5)
+    assert usage.completion_tokens == 5 and finish == "length"
+    reply = client.chat.completions.create(model="smollm2-135m", messages=REFERENCE[0]["messages"], temperature=0,
+                                           max_completion_tokens=200)
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 200  # the model's end
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed):
+        return client.chat.completions.create(model="smollm2-135m-fast", messages=REFERENCE[1]["messages"],
+                                              temperature=0.9, top_p=0.95, seed=seed, max_tokens=24,
+                                              extra_body={"top_k": 50}).choices[0].message.content
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+def test_logprobs(client):
+    reply = client.chat.completions.create(model="smollm2-135m", messages=REFERENCE[0]["messages"], logprobs=True,
+                                           top_logprobs=3, **{**GREEDY, "max_tokens": 4})
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == 4 and "".join(e.token for e in entries) == reply.choices[0].message.content
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy picks the most likely
+
+
+def test_cancelled_stream_frees_its_slot(gen_server):
+    body = {"model": "smollm2-135m", "messages": REFERENCE[0]["messages"], "max_tokens": 1500, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    with requests.post(f"{gen_server.url}/v1/chat/completions", json=body, stream=True, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = requests.get(f"{gen_server.url}/metrics", timeout=10).text
+        running = [line for line in metrics.splitlines()
+                   if line.startswith('appliance_running_sequences{model="smollm2-135m"')]
+        if running and float(running[0].split()[-1]) == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the slot was not freed: {running}")
+    for name in ("appliance_time_to_first_token_seconds_bucket", "appliance_inter_token_latency_seconds_bucket",
+                 "appliance_generated_tokens_total", "appliance_prompt_tokens_total", "appliance_kv_cache_usage_ratio"):
+        assert name in metrics
+
+
+BAD = [
+    ({"n": 2}, "n must be 1", "n"),
+    ({"colour": 1}, "unknown or unsupported field 'colour'", "colour"),
+    ({"temperature": 3}, "temperature must be", "temperature"),
+    ({"top_logprobs": 2}, "needs logprobs", "top_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options needs stream", "stream_options"),
+    ({"messages": []}, "'messages' must be", "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "role", "messages"),
+    ({"max_tokens": 0}, "max_tokens must be", "max_tokens"),
+    ({"max_tokens": 10_000_000}, "ask for at most", "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4", "stop"),
+    ({"model": "minilm-nope"}, "unknown model", None),
+]
+
+
+@pytest.mark.parametrize("change,message,param", BAD, ids=[b[1][:20] for b in BAD])
+def test_bad_parameters_get_400_naming_the_field(gen_server, change, message, param):
+    body = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}], **change}
+    response = requests.post(f"{gen_server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == (404 if param is None else 400), response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["param"] == param
+
+
+def test_incremental_detokenizer_never_splits_characters(smollm2_repo):
+    tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
+    text = "Grüße aus Köln! 東京は晴れ 🙂🚀 — naïve café"
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assembler = TextAssembler(lambda t: tokenizer.decode(t))
+    pieces = [assembler.add(token) for token in ids] + [assembler.finish()]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == text
+    assert len([p for p in pieces if p]) > 5  # released as it went, not all at the end
+
+
+def test_stop_string_split_across_tokens_is_never_partly_sent(smollm2_repo):
+    tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
+    item = REFERENCE[0]
+    assembler = TextAssembler(lambda t: tokenizer.decode(t), stop=["Eiffel Tower"])
+    released = ""
+    for token in item["greedy_ids"]:
+        released += assembler.add(token)
+        assert "Eiff" not in released  # not even the start of the stop string leaks
+        if assembler.stopped:
+            break
+    assert assembler.stopped and released == item["greedy_text"].split("Eiffel Tower")[0]
