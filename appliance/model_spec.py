@@ -91,7 +91,7 @@ class GenerationSection:
     config: str = "generation.json"
     chat_template: str = "chat_template.jinja"
     context_length: int = field(default=0, metadata=limits(0, 10_000_000))
-    max_running: int = field(default=8, metadata=limits(1, 1024))  # KV-cache rows: sequences decoding at once
+    max_running: int = field(default=16, metadata=limits(1, 1024))  # KV-cache rows: sequences decoding at once
     kv_capacity: int = field(default=2048, metadata=limits(16, 1_000_000))  # tokens per row (prompt + output)
     prefill_chunk: int = field(default=256, metadata=limits(1, 1_000_000))  # prompt tokens per step, at most
     max_waiting: int = field(default=64, metadata=limits(0, 1_000_000))

@@ -103,6 +103,8 @@ class KVDecoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # The step thread shares the CPU with the event loop that streams the tokens: idle ORT threads must sleep.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.layers = int(generation["num_layers"])
