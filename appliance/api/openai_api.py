@@ -54,9 +54,9 @@ def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
         request.texts = [value]
     elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         request.texts = list(value)
-    elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+    elif isinstance(value, list) and value and all(is_int(v) for v in value):
         request.token_ids = [list(value)]
-    elif isinstance(value, list) and value and all(isinstance(v, list) and all(_is_int(t) for t in v)
+    elif isinstance(value, list) and value and all(isinstance(v, list) and all(is_int(t) for t in v)
                                                    for v in value):
         request.token_ids = [list(v) for v in value]
     else:
@@ -69,7 +69,7 @@ def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     if encoding not in ("float", "base64"):
         raise BadRequest(f"encoding_format must be 'float' or 'base64', not {encoding!r}", param="encoding_format")
     dimensions = body.get("dimensions")
-    if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
+    if dimensions is not None and (not is_int(dimensions) or dimensions < 1):
         raise BadRequest(f"dimensions must be a positive integer, not {dimensions!r}", param="dimensions")
     request.dimensions = dimensions
     truncate = body.get("truncate", False)
@@ -87,7 +87,7 @@ def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     return request, encoding
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

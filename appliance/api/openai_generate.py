@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from appliance.api.openai_api import _is_int, read_json
+from appliance.api.openai_api import is_int, read_json
 from appliance.api.state import DATAPLANE, TRACE
 from appliance.api.text_stream import TextAssembler
 from appliance.dataplane import Generation
@@ -51,7 +51,7 @@ def _integer(body: dict, name: str, low: int, high: int | None = None) -> int | 
     value = body.get(name)
     if value is None:
         return None
-    if not _is_int(value) or value < low or (high is not None and value > high):
+    if not is_int(value) or value < low or (high is not None and value > high):
         bound = f"from {low} to {high}" if high is not None else f">= {low}"
         raise BadRequest(f"{name} must be an integer {bound}, not {value!r}", param=name)
     return value
@@ -77,7 +77,7 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt))):
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt))):
             raise BadRequest("'prompt' must be a string (or one string in an array) or an array of token ids",
                              param="prompt")
         parsed.prompt = prompt
