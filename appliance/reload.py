@@ -132,9 +132,7 @@ class Reloader:
             log.info("reload: configuration unchanged (%s)", running.source)
 
     def _apply(self, config: Config) -> None:
-        level = config.server.log_level.upper()
-        logging.getLogger().setLevel(level)
-        logging.getLogger("appliance").setLevel(level)
+        logging.getLogger("appliance").setLevel(config.server.log_level.upper())
         self._app[ACCESS_LOG].enabled = config.server.access_log
         self._app[MODELS].root = config.paths.models()
 

@@ -141,11 +141,15 @@ def _tensorrt(options: EncoderOptions, model: Path, scratch: Path, stages: list[
     if not options.tensorrt:
         return
     with stage(stages, f"{name}: tensorrt", progress) as report:
-        buckets = [{"input_ids": (1, 1), "attention_mask": (1, 1)},
-                   {"input_ids": (options.max_batch_size, 128), "attention_mask": (options.max_batch_size, 128)},
-                   {"input_ids": (options.max_batch_size, max_length),
-                    "attention_mask": (options.max_batch_size, max_length)}]
+        buckets = encoder_buckets(options.max_batch_size, max_length)
         report.figures = tensorrt_stage.build_plan(model, scratch / "plans", buckets, progress)
+
+
+def encoder_buckets(max_batch_size: int, max_length: int) -> list[tensorrt_stage.Bucket]:
+    """The shapes a TensorRT encoder plan is optimized for: one short row, a typical batch, the largest batch."""
+    return [{"input_ids": (1, 1), "attention_mask": (1, 1)},
+            {"input_ids": (max_batch_size, 128), "attention_mask": (max_batch_size, 128)},
+            {"input_ids": (max_batch_size, max_length), "attention_mask": (max_batch_size, max_length)}]
 
 
 def _model_toml(read, options: EncoderOptions, source_path: str) -> str:

@@ -22,6 +22,22 @@ def plan_key(gpu_name: str, capability: tuple[int, int], trt_version: str) -> st
     return f"{gpu}-sm{capability[0]}{capability[1]}-trt{trt_version}"
 
 
+def current_plan_key() -> str | None:
+    """The plan key of this machine's first GPU and TensorRT, or ``None`` where TensorRT or CUDA is missing."""
+    try:
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return None
+    error, device = cudart.cudaGetDevice()
+    if int(error) != 0:
+        return None
+    error, props = cudart.cudaGetDeviceProperties(device)
+    if int(error) != 0:
+        return None
+    return plan_key(props.name.decode(errors="replace").rstrip("\x00"), (props.major, props.minor), trt.__version__)
+
+
 def build_plan(onnx_path: Path, plans_dir: Path, buckets: Sequence[Bucket], progress: Callable[[str], None]
                ) -> dict[str, Any]:
     """Build ``plans_dir/<plan key>.plan`` from ``onnx_path``; returns figures for the provenance."""

@@ -1,0 +1,301 @@
+"""`appliance doctor`: check this machine, the install and the configuration, and say how to fix what fails.
+
+Each check gives OK, WARN (works, but not as well as it could) or FAIL (the appliance will not work as configured),
+with a fix for every WARN and FAIL. The exit status is 1 when anything fails.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib.metadata
+import ipaddress
+import os
+import shutil
+import socket
+import sys
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import Config, ConfigError
+from appliance.reload import ConfigSource
+
+MIN_PYTHON = (3, 11)
+MIN_FREE_CACHE_BYTES = 2 * 1024**3  # the default models, their sources and optimized copies, with room to spare
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+GPU_PACKAGES = "/opt/appliance/venv/bin/pip install 'onnxruntime-gpu>=1.17' 'tensorrt>=10' 'cuda-python>=12'"
+
+
+@dataclass
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class GpuInfo:
+    """What NVML says about the machine's NVIDIA driver and GPUs."""
+
+    driver: str
+    cuda: str
+    gpus: list[str]
+
+
+def nvml_probe() -> GpuInfo | None:
+    """Driver, CUDA driver API version and GPU names from NVML (``libnvidia-ml.so.1``); ``None`` without a driver."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        text = ctypes.create_string_buffer(96)
+        nvml.nvmlSystemGetDriverVersion(text, 96)
+        driver = text.value.decode()
+        cuda = ctypes.c_int()
+        nvml.nvmlSystemGetCudaDriverVersion_v2(ctypes.byref(cuda))
+        count = ctypes.c_uint()
+        nvml.nvmlDeviceGetCount_v2(ctypes.byref(count))
+        gpus = []
+        for index in range(count.value):
+            handle = ctypes.c_void_p()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) == 0:
+                nvml.nvmlDeviceGetName(handle, text, 96)
+                gpus.append(text.value.decode())
+        return GpuInfo(driver, f"{cuda.value // 1000}.{cuda.value % 1000 // 10}", gpus)
+    finally:
+        nvml.nvmlShutdown()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_python() -> list[Check]:
+    """The interpreter and the packages the appliance declares."""
+    version = ".".join(map(str, sys.version_info[:3]))
+    recent = sys.version_info >= MIN_PYTHON
+    checks = [Check("python", OK if recent else FAIL, f"{version} ({sys.executable})",
+                    "" if recent else "install Python 3.11 or newer and reinstall the appliance")]
+    requires = importlib.metadata.requires("appliance") or []
+    missing, found = [], []
+    for requirement in requires:
+        if "extra ==" in requirement:
+            continue
+        name = requirement.split(";")[0].split("[")[0]
+        for separator in "<>=!~ ":
+            name = name.split(separator)[0]
+        installed = _version(name)
+        (found if installed else missing).append(f"{name} {installed}" if installed else name)
+    checks.append(Check("packages", FAIL if missing else OK,
+                        f"missing: {', '.join(missing)}" if missing else f"{len(found)} required packages installed",
+                        "reinstall: /opt/appliance/venv/bin/pip install --force-reinstall <the appliance wheel or "
+                        "source>" if missing else ""))
+    return checks
+
+
+def check_onnxruntime(config: Config) -> list[Check]:
+    """The ONNX Runtime build and which of the preferred execution providers it offers."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        return [Check("onnxruntime", FAIL, f"does not import: {exc}", "reinstall the appliance's packages")]
+    names = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+    available = onnxruntime.get_available_providers()
+    usable = [p for p in config.onnxruntime.providers if names[p] in available]
+    detail = f"{onnxruntime.__version__}; providers here: {', '.join(available)}; used: {', '.join(usable) or 'none'}"
+    if not usable:
+        return [Check("onnxruntime providers", FAIL, detail,
+                      'add "cpu" to onnxruntime.providers in /etc/appliance/config.toml')]
+    if usable[0] != config.onnxruntime.providers[0]:
+        return [Check("onnxruntime providers", WARN, detail,
+                      f"{config.onnxruntime.providers[0]} is preferred but not offered: on a GPU machine install "
+                      f"the GPU packages ({GPU_PACKAGES}); on a CPU-only machine this is expected")]
+    return [Check("onnxruntime providers", OK, detail)]
+
+
+def check_gpu(probe: Callable[[], GpuInfo | None] = nvml_probe) -> list[Check]:
+    """GPU, driver, CUDA and TensorRT versions (NVML where the driver is installed)."""
+    info = probe()
+    tensorrt = _version("tensorrt")
+    ort_gpu = _version("onnxruntime-gpu")
+    if info is None:
+        if ort_gpu or tensorrt:
+            return [Check("gpu", WARN, "GPU packages installed but no NVIDIA driver answers (NVML not found)",
+                          "install the NVIDIA driver (nvidia-smi must work), then restart the appliance")]
+        return [Check("gpu", OK, "no NVIDIA driver: CPU only")]
+    checks = [Check("gpu", OK if info.gpus else WARN,
+                    f"{', '.join(info.gpus) or 'no GPU'}; driver {info.driver}; CUDA (driver API) {info.cuda}",
+                    "" if info.gpus else "check nvidia-smi: the driver sees no GPU")]
+    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    checks.append(Check("gpu device nodes", OK if nodes else FAIL, ", ".join(nodes) or "no /dev/nvidia* nodes",
+                        "" if nodes else "load the driver (modprobe nvidia nvidia_uvm) or run nvidia-modprobe"))
+    checks.append(Check("tensorrt", OK if tensorrt and ort_gpu else WARN,
+                        f"tensorrt {tensorrt or 'not installed'}; onnxruntime-gpu {ort_gpu or 'not installed'}",
+                        "" if tensorrt and ort_gpu else f"install the GPU packages ({GPU_PACKAGES}), then "
+                                                        "systemctl restart appliance (the build unit makes the plans)"))
+    return checks
+
+
+def check_models(config: Config) -> list[Check]:
+    """The repository: present, every newest version readable, engine plans current for this machine."""
+    from appliance.model_spec import read_model_spec
+    from appliance.repository import scan_repository
+
+    root = config.paths.models()
+    found = scan_repository(root)
+    if not found:
+        return [Check("model repository", WARN, f"{root} has no models",
+                      "run `appliance build --defaults` (or the first start builds them; it needs network access "
+                      "to PyPI), or set paths.model_repository")]
+    bad = []
+    for name, versions in found.items():
+        try:
+            read_model_spec(name, versions[-1], root / name / str(versions[-1]))
+        except ConfigError as exc:
+            bad.append(f"{name} v{versions[-1]}: {exc}")
+    checks = [Check("model repository", FAIL if bad else OK,
+                    "; ".join(bad) if bad else f"{root}: {len(found)} models ({', '.join(found)})",
+                    "fix the model.toml named above, or remove that version folder" if bad else "")]
+    from appliance.build.refresh import stale_versions
+    from appliance.build.tensorrt_stage import current_plan_key
+
+    key = current_plan_key()
+    if key is None:
+        checks.append(Check("engines", OK, "no TensorRT here: models run through ONNX Runtime"))
+    else:
+        stale = stale_versions(root, key)
+        checks.append(Check("engines", FAIL if stale else OK,
+                            f"missing plans for {key}: {', '.join(f'{p.parent.name} v{p.name}' for p in stale)}"
+                            if stale else f"plans current for {key}",
+                            "run `appliance build --refresh` (systemctl start appliance-build)" if stale else ""))
+    return checks
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk(config: Config) -> list[Check]:
+    """Free space and write access where the cache and the repository live."""
+    cache = config.paths.cache()
+    where = _nearest_existing(cache)
+    free = shutil.disk_usage(where).free
+    checks = [Check("cache disk space", OK if free >= MIN_FREE_CACHE_BYTES else FAIL,
+                    f"{free / 1024**3:.1f} GiB free at {where} (for {cache})",
+                    "" if free >= MIN_FREE_CACHE_BYTES else
+                    f"free at least {MIN_FREE_CACHE_BYTES // 1024**3} GiB there, or set paths.cache_dir elsewhere")]
+    for label, path in (("cache dir", cache), ("model repository", config.paths.models())):
+        target = _nearest_existing(path)
+        writable = os.access(target, os.W_OK)
+        checks.append(Check(f"{label} writable", OK if writable else FAIL, f"{path} (checked at {target})",
+                            "" if writable else f"make {target} writable by the user running the appliance "
+                                                "(the service runs as user appliance)"))
+    return checks
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port(config: Config) -> list[Check]:
+    """Whether ``server.host:server.port`` can be bound (or is already the appliance's)."""
+    host, port = config.server.host, config.server.port
+    if port == 0:
+        return [Check("port", OK, "server.port = 0: an ephemeral port is chosen at start")]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return [Check("port", OK, f"{host}:{port} is free")]
+        except OSError as exc:
+            problem = exc
+    if problem.errno == errno.EADDRINUSE and _appliance_answers(host, port):
+        return [Check("port", OK, f"{host}:{port}: the appliance is serving there")]
+    if problem.errno == errno.EADDRINUSE:
+        return [Check("port", FAIL, f"{host}:{port} is in use by another program",
+                      f"stop that program (ss -ltnp 'sport = :{port}' names it) or set server.port")]
+    return [Check("port", FAIL, f"cannot bind {host}:{port}: {problem.strerror}",
+                  "set server.host to an address of this machine (127.0.0.1 for local clients only)")]
+
+
+def _appliance_answers(host: str, port: int) -> bool:
+    target = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    try:
+        with urllib.request.urlopen(f"http://{target}:{port}/v2/health/live", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def check_keys(config: Config) -> list[Check]:
+    """Bound beyond loopback, callers must authenticate; the appliance has no API keys yet, so that fails."""
+    host = config.server.host
+    if _is_loopback(host):
+        return [Check("api keys", OK, f"bound to loopback ({host}): only local callers, no keys needed")]
+    return [Check("api keys", FAIL, f"server.host = {host!r} accepts remote callers, and this appliance version has "
+                                    "no API keys to authenticate them",
+                  'set server.host = "127.0.0.1" in /etc/appliance/config.toml, or put an authenticating reverse '
+                  "proxy in front and bind to loopback")]
+
+
+def run_checks(source: ConfigSource, gpu_probe: Callable[[], GpuInfo | None] = nvml_probe) -> list[Check]:
+    """Every check, in the order of the report."""
+    checks = check_python()
+    try:
+        config = source.load()
+    except ConfigError as exc:
+        checks.append(Check("config", FAIL, str(exc), "edit the setting named above (appliance config shows the "
+                                                       "effective values once it loads)"))
+        config = None
+    checks += check_gpu(gpu_probe)
+    if config is None:
+        return checks
+    checks.append(Check("config", OK, config.source))
+    for group in (check_onnxruntime, check_models, check_disk, check_port, check_keys):
+        try:
+            checks += group(config)
+        except Exception as exc:  # noqa: BLE001 - a broken check is a finding, not a crash of the doctor
+            checks.append(Check(group.__name__.removeprefix("check_"), FAIL, f"{type(exc).__name__}: {exc}",
+                                "report this output to support"))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    """A plain-text table: check, status, detail, and a fix under each WARN or FAIL."""
+    width = max([len("check")] + [len(c.name) for c in checks])
+    lines = [f"{'check':<{width}}  status  detail", f"{'-' * width}  ------  ------"]
+    for check in checks:
+        lines.append(f"{check.name:<{width}}  {check.status:<6}  {check.detail}")
+        if check.fix and check.status != OK:
+            lines.append(f"{'':<{width}}  {'':<6}  fix: {check.fix}")
+    failed = sum(c.status == FAIL for c in checks)
+    warned = sum(c.status == WARN for c in checks)
+    lines.append(f"\n{failed} failed, {warned} warnings, {len(checks) - failed - warned} ok")
+    return "\n".join(lines) + "\n"
+
+
+def run_doctor(source: ConfigSource) -> int:
+    """Print the report; 1 when any check failed, else 0."""
+    checks = run_checks(source)
+    sys.stdout.write(format_table(checks))
+    return 1 if any(c.status == FAIL for c in checks) else 0
