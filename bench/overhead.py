@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +23,6 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
@@ -34,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import report  # noqa: E402
 import tiny_models  # noqa: E402
 from peers import triton  # noqa: E402
+from appliance_server import free_port, running_appliance  # noqa: E402
 from wrk import post_load, require_wrk  # noqa: E402
 
 MODEL_TOML = """
@@ -82,33 +79,6 @@ def in_process(model: Path, seconds: float) -> dict:
             "errors": 0}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_appliance(repo: Path, state: Path, log: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repo), "APPLIANCE_PATHS_STATE_DIR": str(state),
-           "APPLIANCE_SERVER_PORT": str(port), "APPLIANCE_SERVER_WORKERS": str(workers)}
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{url}/v2/models/add_one/ready", timeout=1).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise SystemExit(f"the appliance did not start; see {log}")
-
-
 def measure(server: str, url: str, formats: list[str], seconds: float) -> list[dict]:
     rows = []
     for name in formats:
@@ -140,12 +110,9 @@ def main() -> int:
         print(f"  in-process session.run  p50 {floor['p50_s'] * 1e6:.1f} us", flush=True)
         for workers in args.workers:
             label = "appliance" if workers == 1 else f"appliance-w{workers}"
-            process, url = start_appliance(root / "repo", root / "state", root / f"{label}.log", workers)
-            try:
+            with running_appliance(root / "repo", root / "state", root / f"{label}.log",
+                                   server_workers=str(workers)) as url:
                 rows += measure(label, url, ["json", "binary", "msgpack"], args.seconds)
-            finally:
-                process.terminate()
-                process.wait(60)
         if not args.no_triton:
             with triton.run_triton(args.cache_dir, free_port()) as triton_url:
                 rows += measure("triton", triton_url, ["json", "binary"], args.seconds)

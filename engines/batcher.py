@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from appliance.engines.base import Engine
+from appliance.engines.worker_threads import EngineThreads
 from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, QueueFull
 
 log = logging.getLogger("appliance.engines.batcher")
@@ -73,9 +72,7 @@ class DynamicBatcher:
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
     ) -> None:
-        if not engines:
-            raise ValueError("a batcher needs at least one engine instance")
-        self._engines = list(engines)
+        self._threads = EngineThreads(engines, name)
         self.max_batch_size = max_batch_size
         self._delay = max_queue_delay_s
         self._preferred = sorted(set(preferred_batch_sizes))
@@ -84,16 +81,8 @@ class DynamicBatcher:
         self._clock = clock
         self._name = name
         self._queue: deque[_Pending] = deque()
-        self._lock = threading.Lock()
-        # Idle threads block on this queue of wake-up tokens (cheaper than a Condition: one futex, no lock
-        # hand-back); a spare token only costs a thread one extra look at the queue.
-        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._waiting = 0  # threads blocked on _wake
-        self._threads: list[threading.Thread] = []
+        self._lock = self._threads.lock
         self._running = 0  # batches being executed
-        self._exited = 0  # threads that have stopped
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Event | None = None
         self._closing = False
         self._service_s = 0.0  # moving average of one batch's wall time
         self._batch_rows = 1.0  # moving average of rows per batch
@@ -102,12 +91,7 @@ class DynamicBatcher:
 
     def start(self) -> None:
         """Start one thread per engine instance; call on the event loop that will submit."""
-        self._loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
-        for index, engine in enumerate(self._engines):
-            thread = threading.Thread(target=self._serve, args=(engine,), name=f"{self._name}-{index}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        self._threads.start(self._serve)
 
     @property
     def queue_depth(self) -> int:
@@ -117,7 +101,7 @@ class DynamicBatcher:
     def estimated_wait_s(self) -> float:
         """How long a request queued now would wait, from queue depth and recent service times."""
         batches_ahead = math.ceil(len(self._queue) / max(self._batch_rows, 1.0)) + min(self._running, 1)
-        return batches_ahead * self._service_s / len(self._engines)
+        return batches_ahead * self._service_s / len(self._threads.engines)
 
     def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> asyncio.Future:
         """Queue a validated request; the future resolves to a :class:`BatchResult` or an ``ApplianceError``.
@@ -125,7 +109,7 @@ class DynamicBatcher:
         Raises :class:`QueueFull` when the queue is at its bound, :class:`ModelNotReady` once closing.
         ``deadline`` is on this batcher's clock (``time.monotonic`` by default).
         """
-        loop = self._loop
+        loop = self._threads.loop
         if self._closing or loop is None:
             raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
         if len(self._queue) >= self._max_queue:
@@ -144,9 +128,9 @@ class DynamicBatcher:
         pending = _Pending(inputs, rows, signature, loop.create_future(), now, deadline)
         with self._lock:
             self._queue.append(pending)
-            wake = self._waiting > 0
+            wake = self._threads.anyone_waiting
         if wake:
-            self._wake.put(None)
+            self._threads.wake()
         if deadline is not None:
             loop.call_later(max(deadline - now, 0.0), self._expire, pending)
         return pending.future
@@ -168,13 +152,9 @@ class DynamicBatcher:
         """Stop taking requests, let queued and running ones finish (up to ``timeout_s``), stop the threads."""
         with self._lock:
             self._closing = True
-        for _ in self._engines:
-            self._wake.put(None)
-        if self._stopped is not None and self._threads:
-            try:
-                await asyncio.wait_for(self._stopped.wait(), timeout_s)
-            except TimeoutError:
-                log.warning("model %s: drain timed out with %d queued", self._name, len(self._queue))
+        self._threads.wake_all()
+        if not await self._threads.stopped(timeout_s):
+            log.warning("model %s: drain timed out with %d queued", self._name, len(self._queue))
         with self._lock:
             left, self._queue = list(self._queue), deque()
         for item in left:
@@ -193,28 +173,21 @@ class DynamicBatcher:
         if self._on_batch is not None:
             self._on_batch(rows, compute_s)
 
-    def _thread_exited(self) -> None:
-        self._exited += 1
-        if self._exited == len(self._threads) and self._stopped is not None:
-            self._stopped.set()
-
     # -- the worker-thread side ----------------------------------------------------------------------------------
 
     def _serve(self, engine: Engine) -> None:
-        assert self._loop is not None
-        try:
-            while (batch := self._next_batch()) is not None:
-                started = self._clock()
-                results, compute_s = self._execute(engine, batch)
-                wall = self._clock() - started
-                rows = sum(p.rows for p in batch)
-                with self._lock:
-                    self._running -= 1
-                    self._service_s = 0.8 * self._service_s + 0.2 * wall if self._service_s else wall
-                    self._batch_rows = 0.8 * self._batch_rows + 0.2 * rows
-                self._loop.call_soon_threadsafe(self._complete, batch, results, started, compute_s)
-        finally:
-            self._loop.call_soon_threadsafe(self._thread_exited)
+        loop = self._threads.loop
+        assert loop is not None
+        while (batch := self._next_batch()) is not None:
+            started = self._clock()
+            results, compute_s = self._execute(engine, batch)
+            wall = self._clock() - started
+            rows = sum(p.rows for p in batch)
+            with self._lock:
+                self._running -= 1
+                self._service_s = 0.8 * self._service_s + 0.2 * wall if self._service_s else wall
+                self._batch_rows = 0.8 * self._batch_rows + 0.2 * rows
+            loop.call_soon_threadsafe(self._complete, batch, results, started, compute_s)
 
     def _next_batch(self) -> list[_Pending] | None:
         """Block until a batch is due and take it; ``None`` once closing and the queue is empty."""
@@ -225,25 +198,13 @@ class DynamicBatcher:
                 if not self._queue:
                     if self._closing:
                         return None
-                    self._wait(None)
+                    self._threads.sleep(None)
                     continue
                 batch, wait_s = self._due_batch()
                 if batch is not None:
                     self._running += 1
                     return batch
-                self._wait(wait_s)
-
-    def _wait(self, timeout_s: float | None) -> None:
-        # Called with the lock held; returns with it held.
-        self._waiting += 1
-        self._lock.release()
-        try:
-            self._wake.get(timeout=timeout_s)
-        except queue.Empty:
-            pass
-        finally:
-            self._lock.acquire()
-            self._waiting -= 1
+                self._threads.sleep(wait_s)
 
     def _due_batch(self) -> tuple[list[_Pending] | None, float]:
         """The batch to run now, or ``None`` and how long until the oldest request's delay runs out."""
@@ -288,8 +249,8 @@ class DynamicBatcher:
         else:
             taken = {id(p) for p in batch}
             self._queue = deque(p for p in self._queue if id(p) not in taken)
-        if self._queue and self._waiting:
-            self._wake.put(None)  # another idle instance may start on the rest
+        if self._queue and self._threads.anyone_waiting:
+            self._threads.wake()  # another idle instance may start on the rest
         return batch
 
     def _execute(self, engine: Engine, batch: list[_Pending]) -> tuple[list[object], float]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from appliance.engines.base import Engine
+from appliance.engines.worker_threads import EngineThreads
 from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, QueueFull
 
 log = logging.getLogger("appliance.engines.token_batcher")
@@ -87,9 +86,7 @@ class TokenBudgetBatcher:
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
     ) -> None:
-        if not engines:
-            raise ValueError("a batcher needs at least one engine instance")
-        self._engines = list(engines)
+        self._threads = EngineThreads(engines, name)
         self._output = output
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -100,24 +97,16 @@ class TokenBudgetBatcher:
         self._clock = clock
         self._name = name
         self._items: list[_Item] = []
-        self._lock = threading.Lock()
-        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
-        self._waiting = 0
+        self._lock = self._threads.lock
         self._running = 0
-        self._exited = 0
         self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopped: asyncio.Event | None = None
         self._service_per_token_s = 0.0
 
     # -- the event-loop side -------------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start one thread per engine instance; call on the event loop that will submit."""
-        self._loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
-        for index, engine in enumerate(self._engines):
-            threading.Thread(target=self._serve, args=(engine,), name=f"{self._name}-{index}", daemon=True).start()
+        self._threads.start(self._serve)
 
     @property
     def queue_depth(self) -> int:
@@ -127,14 +116,14 @@ class TokenBudgetBatcher:
     def estimated_wait_s(self) -> float:
         """Time to work through the queued tokens at the recent rate."""
         tokens = sum(item.length for item in self._items)
-        return tokens * self._service_per_token_s / len(self._engines)
+        return tokens * self._service_per_token_s / len(self._threads.engines)
 
     def submit(self, sequences: Sequence[Sequence[int]], deadline: float | None = None) -> asyncio.Future:
         """Queue one request's token sequences; the future resolves to an :class:`EmbedResult`.
 
         Raises :class:`QueueFull` when the items would not fit in the queue, :class:`ModelNotReady` once closing.
         """
-        loop = self._loop
+        loop = self._threads.loop
         if self._closing or loop is None:
             raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
         if not sequences:
@@ -152,9 +141,9 @@ class TokenBudgetBatcher:
         request.future.add_done_callback(self._on_done)
         with self._lock:
             self._items.extend(items)
-            wake = self._waiting > 0
+            wake = self._threads.anyone_waiting
         if wake:
-            self._wake.put(None)
+            self._threads.wake()
         if deadline is not None:
             loop.call_later(max(deadline - now, 0.0), self._expire, request)
         return request.future
@@ -180,13 +169,9 @@ class TokenBudgetBatcher:
         """Stop taking requests, finish the queued ones (up to ``timeout_s``), stop the threads."""
         with self._lock:
             self._closing = True
-        for _ in self._engines:
-            self._wake.put(None)
-        if self._stopped is not None:
-            try:
-                await asyncio.wait_for(self._stopped.wait(), timeout_s)
-            except TimeoutError:
-                log.warning("model %s: drain timed out with %d inputs queued", self._name, len(self._items))
+        self._threads.wake_all()
+        if not await self._threads.stopped(timeout_s):
+            log.warning("model %s: drain timed out with %d inputs queued", self._name, len(self._items))
         with self._lock:
             left, self._items = self._items, []
         for item in left:
@@ -217,29 +202,22 @@ class TokenBudgetBatcher:
                     np.stack(request.rows), request.first_started - request.enqueued, request.compute_s,
                     request.batches))
 
-    def _thread_exited(self) -> None:
-        self._exited += 1
-        if self._exited == len(self._engines) and self._stopped is not None:
-            self._stopped.set()
-
     # -- the worker-thread side ----------------------------------------------------------------------------------
 
     def _serve(self, engine: Engine) -> None:
-        assert self._loop is not None
-        try:
-            while (batch := self._next_batch()) is not None:
-                started = self._clock()
-                results, compute_s, padded = self._execute(engine, batch)
-                with self._lock:
-                    self._running -= 1
-                    rate = compute_s / max(padded, 1)
-                    self._service_per_token_s = (0.8 * self._service_per_token_s + 0.2 * rate
-                                                 if self._service_per_token_s else rate)
-                self._loop.call_soon_threadsafe(self._complete, batch, results, started, compute_s)
-                if self._on_batch is not None:
-                    self._loop.call_soon_threadsafe(self._on_batch, len(batch), padded, compute_s)
-        finally:
-            self._loop.call_soon_threadsafe(self._thread_exited)
+        loop = self._threads.loop
+        assert loop is not None
+        while (batch := self._next_batch()) is not None:
+            started = self._clock()
+            results, compute_s, padded = self._execute(engine, batch)
+            with self._lock:
+                self._running -= 1
+                rate = compute_s / max(padded, 1)
+                self._service_per_token_s = (0.8 * self._service_per_token_s + 0.2 * rate
+                                             if self._service_per_token_s else rate)
+            loop.call_soon_threadsafe(self._complete, batch, results, started, compute_s)
+            if self._on_batch is not None:
+                loop.call_soon_threadsafe(self._on_batch, len(batch), padded, compute_s)
 
     def _next_batch(self) -> list[_Item] | None:
         with self._lock:
@@ -248,7 +226,7 @@ class TokenBudgetBatcher:
                 if not self._items:
                     if self._closing:
                         return None
-                    self._wait(None)
+                    self._threads.sleep(None)
                     continue
                 batch, full = self._choose()
                 due = self._items[0].enqueued + self._max_wait
@@ -257,22 +235,10 @@ class TokenBudgetBatcher:
                     chosen = {id(item) for item in batch}
                     self._items = [item for item in self._items if id(item) not in chosen]
                     self._running += 1
-                    if self._items and self._waiting:
-                        self._wake.put(None)  # an idle instance may take the rest
+                    if self._items and self._threads.anyone_waiting:
+                        self._threads.wake()  # an idle instance may take the rest
                     return batch
-                self._wait(due - now)
-
-    def _wait(self, timeout_s: float | None) -> None:
-        # Called with the lock held; returns with it held.
-        self._waiting += 1
-        self._lock.release()
-        try:
-            self._wake.get(timeout=timeout_s)
-        except queue.Empty:
-            pass
-        finally:
-            self._lock.acquire()
-            self._waiting -= 1
+                self._threads.sleep(due - now)
 
     def _choose(self) -> tuple[list[_Item], bool]:
         """The oldest item and its nearest neighbours in length, within the budgets; and whether it is full."""

@@ -76,15 +76,26 @@ def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     if not isinstance(truncate, bool):
         raise BadRequest(f"truncate must be true or false, not {truncate!r}", param="truncate")
     request.truncate = truncate
+    check_user(body)
+    request.deadline = deadline_from(body)
+    return request, encoding
+
+
+def check_user(body: dict[str, Any]) -> None:
+    """``user`` is accepted (and not stored) when it is a string."""
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise BadRequest("user must be a string", param="user")
+
+
+def deadline_from(body: dict[str, Any]) -> float | None:
+    """The ``timeout`` extension (seconds) as a deadline on the monotonic clock."""
     timeout = body.get("timeout")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise BadRequest(f"timeout is in seconds and must be a positive number, not {timeout!r}", param="timeout")
-        request.deadline = time.monotonic() + float(timeout)
-    return request, encoding
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise BadRequest(f"timeout is in seconds and must be a positive number, not {timeout!r}", param="timeout")
+    return time.monotonic() + float(timeout)
 
 
 def is_int(value: Any) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from appliance.api.openai_api import is_int, read_json
+from appliance.api.openai_api import check_user, deadline_from, is_int, read_json
 from appliance.api.state import DATAPLANE, TRACE
 from appliance.api.text_stream import TextAssembler
 from appliance.dataplane import Generation
@@ -116,14 +116,8 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
             raise BadRequest("stream_options needs stream: true and takes only include_usage", param="stream_options")
         parsed.include_usage = bool(options.get("include_usage", False))
     params.logprobs = _logprobs(body, chat)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise BadRequest("user must be a string", param="user")
-    timeout = body.get("timeout")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise BadRequest(f"timeout is in seconds and must be a positive number, not {timeout!r}", param="timeout")
-        parsed.deadline = time.monotonic() + float(timeout)
+    check_user(body)
+    parsed.deadline = deadline_from(body)
     return parsed
 
 

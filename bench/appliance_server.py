@@ -1,0 +1,50 @@
+"""Start `appliance serve` as a separate process for a benchmark, and stop it afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_appliance(repo: Path, state: Path, log: Path, **settings: str) -> Iterator[str]:
+    """Serve ``repo`` on a free port until the block ends; ``settings`` are APPLIANCE_* overrides (e.g.
+    ``SERVER_WORKERS="2"``). Yields the base URL once ``/v2/health/ready`` answers 200."""
+    port = free_port()
+    env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repo), "APPLIANCE_PATHS_STATE_DIR": str(state),
+           "APPLIANCE_SERVER_PORT": str(port), **{f"APPLIANCE_{k.upper()}": v for k, v in settings.items()}}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            if process.poll() is not None:
+                raise SystemExit(f"the appliance exited while starting; see {log}")
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise SystemExit(f"the appliance did not become ready; see {log}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(60)
