@@ -178,3 +178,32 @@ def test_stop_string_split_across_tokens_is_never_partly_sent(smollm2_repo):
         if assembler.stopped:
             break
     assert assembler.stopped and released == item["greedy_text"].split("Eiffel Tower")[0]
+
+
+def test_waiting_queue_bound_is_503_and_deadline_is_504(smollm2_repo, server_factory, tmp_path):
+    import shutil
+    import threading
+
+    repo = tmp_path / "repo"
+    shutil.copytree(smollm2_repo / "smollm2-135m-fast", repo / "smollm2-135m-fast")
+    toml = repo / "smollm2-135m-fast" / "1" / "model.toml"
+    toml.write_text(toml.read_text().replace("[generation]\n", "[generation]\nmax_running = 1\nmax_waiting = 1\n"))
+    running = server_factory(repo)
+    url = f"{running.url}/v1/chat/completions"
+    long_body = {"model": "smollm2-135m-fast", "messages": [{"role": "user", "content": "Tell a long story."}],
+                 "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(requests.post(url, json=long_body, timeout=120)))
+    first.start()
+    time.sleep(1.0)  # the first sequence holds the only row
+    second = threading.Thread(target=lambda: results.append(requests.post(url, json=long_body, timeout=120)))
+    second.start()
+    time.sleep(0.5)  # the second waits: the queue of one is full
+    refused = requests.post(url, json=long_body, timeout=30)
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+    assert "waiting" in refused.json()["error"]["message"]
+    first.join(120)
+    second.join(120)
+    assert [r.status_code for r in results] == [200, 200]
+    late = requests.post(url, json={**long_body, "timeout": 0.2}, timeout=30)
+    assert late.status_code == 504 and "timeout" in late.json()["error"]["message"]
