@@ -642,7 +642,7 @@ class DecoderRunner:
             binding.bind_ortvalue_input(past, value)  # the same memory in and out: updated in place
             binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.get_outputs()[0].numpy()  # only the logits: the KV buffers stay where they are
 
     def step(self, input_ids: np.ndarray, seqlens_k: np.ndarray, total_sequence_length: int | None = None,
              query_seqlens: np.ndarray | None = None) -> np.ndarray:

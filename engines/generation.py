@@ -155,7 +155,8 @@ class KVDecoder:
             binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
             binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0][:, -1, :]
+        # Only the logits leave the session: copy_outputs_to_cpu() would also copy every KV buffer.
+        return binding.get_outputs()[0].numpy()[:, -1, :]
 
 
 class GenerationScheduler:
