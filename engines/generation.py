@@ -180,6 +180,7 @@ class GenerationScheduler:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_s = 0.05  # moving average of one step's wall time
+        self._outbox: list[tuple[Sequence, TokenEvent]] = []  # events of the current step (step thread only)
 
     # -- the event-loop side -------------------------------------------------------------------------------------
 
@@ -229,8 +230,13 @@ class GenerationScheduler:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
 
     def _emit(self, sequence: Sequence, event: TokenEvent) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(sequence.events.put_nowait, event)
+        self._outbox.append((sequence, event))
+
+    def _deliver(self) -> None:
+        """Hand the step's events to the event loop in one wake-up."""
+        if self._outbox and self._loop is not None:
+            batch, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(_put_all, batch)
 
     # -- the step thread -----------------------------------------------------------------------------------------
 
@@ -253,6 +259,7 @@ class GenerationScheduler:
                 for slot, sequence in enumerate(self._slots):
                     if sequence is not None:
                         self._finish(slot, TokenEvent(None, finish_reason="error", error=exc))
+            self._deliver()
             self._step_s = 0.9 * self._step_s + 0.1 * (self._clock() - started)
             if self._on_step is not None and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._on_step, self.stats())
@@ -269,6 +276,7 @@ class GenerationScheduler:
                 break
             if sequence is not None and sequence.prefilled < len(sequence.prompt):
                 budget -= self._prefill(slot, sequence, budget)
+        self._deliver()  # first tokens go out now, not after this step's decode call
         decoding = [slot for slot, s in enumerate(self._slots)
                     if s is not None and s.prefilled == len(s.prompt) and s.next_token is not None]
         if decoding:
@@ -323,9 +331,11 @@ class GenerationScheduler:
 
     def _sample(self, slot: int, sequence: Sequence, logits: np.ndarray) -> None:
         params = sequence.params
-        scores = logits.astype(np.float64)
+        scores = logits  # a row of this step's own output array: safe to edit in place
         if params.ignore_eos:
             scores[list(self._eos)] = -np.inf
+        if params.temperature > 0 or params.logprobs >= 0:
+            scores = scores.astype(np.float64)  # softmax and log-probabilities in double precision
         token = self._choose(scores, params, sequence.rng)
         event = TokenEvent(token)
         if params.logprobs >= 0:
@@ -372,3 +382,8 @@ class GenerationScheduler:
         self._slots[slot] = None
         if sequence is not None:
             self._emit(sequence, event)
+
+
+def _put_all(batch: list[tuple[Sequence, TokenEvent]]) -> None:
+    for sequence, event in batch:
+        sequence.events.put_nowait(event)
