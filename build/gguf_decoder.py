@@ -89,7 +89,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.build import q4_repack
-from appliance.build.gguf_tokenizer import build_tokenizer, render_chat, special_token_ids
+from appliance.build.gguf_tokenizer import UnsupportedModel, build_tokenizer, render_chat, special_token_ids
 from appliance.build.q4_repack import NBitsWeight
 
 __all__ = ["DecoderBuild", "import_gguf", "render_chat", "greedy", "teacher_forced_argmax", "DecoderRunner",
@@ -155,7 +155,7 @@ class LlamaConfig:
     def from_metadata(cls, meta: dict[str, Any], vocab_rows: int) -> LlamaConfig:
         arch = str(meta["general.architecture"])
         if arch not in ("llama",):
-            raise NotImplementedError(f"GGUF architecture {arch!r} is not supported (Llama family only)")
+            raise UnsupportedModel(f"GGUF architecture {arch!r} is not supported (Llama family only)")
 
         def get(key: str, default: Any = None) -> Any:
             v = meta.get(f"{arch}.{key}", default)
@@ -167,9 +167,9 @@ class LlamaConfig:
         heads = int(get("attention.head_count"))
         head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
         if int(meta.get(f"{arch}.attention.value_length", head_dim)) != head_dim:
-            raise NotImplementedError("different key and value head sizes")
+            raise UnsupportedModel("different key and value head sizes")
         if meta.get(f"{arch}.expert_count"):
-            raise NotImplementedError("mixture-of-experts Llama GGUF files are not supported")
+            raise UnsupportedModel("mixture-of-experts Llama GGUF files are not supported")
         return cls(
             arch=arch,
             num_layers=int(get("block_count")),
@@ -252,7 +252,7 @@ def _rope_caches(cfg: LlamaConfig, max_seq_len: int, freq_factors: np.ndarray | 
     if cfg.rope_scaling == "linear":
         positions = positions / np.float32(cfg.rope_scale_factor)
     elif cfg.rope_scaling not in ("none", ""):
-        raise NotImplementedError(f"rope scaling {cfg.rope_scaling!r} is not supported")
+        raise UnsupportedModel(f"rope scaling {cfg.rope_scaling!r} is not supported")
     freqs = np.outer(positions, inv_freq).astype(np.float32)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 

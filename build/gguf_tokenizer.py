@@ -36,6 +36,12 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"}
 
 
+
+
+class UnsupportedModel(ValueError):
+    """The model file uses a feature the importer does not handle; the message names it."""
+
+
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre in ("default", "gpt-2", "gpt2", ""):
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -50,14 +56,14 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
             pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-    raise NotImplementedError(f"GGUF pre-tokenizer {pre!r} is not supported")
+    raise UnsupportedModel(f"GGUF pre-tokenizer {pre!r} is not supported")
 
 
 def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equal to the GGUF's byte-level BPE (``meta``: GGUF metadata, key -> value)."""
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise NotImplementedError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+        raise UnsupportedModel(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     types: list[int] = list(meta.get("tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
