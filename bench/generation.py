@@ -1,6 +1,6 @@
 """Text generation over HTTP: time to first token and decode rate, one stream and several at once.
 
-For an 85-token chat prompt and 128 new tokens (streamed, greedy, end-of-text ignored so every run is the same
+For an 85-token chat prompt (a different one each time, so that no prompt cache helps) and 128 new tokens (streamed, greedy, end-of-text ignored so every run is the same
 length), for both smollm2-135m tiers: TTFT and decode tok/s of one stream, and aggregate tok/s with 4, 8 and 16
 concurrent streams. The models are built with the pipeline from the pinned wheel (cached in
 ~/.cache/appliance-bench). A llama.cpp server peer (`pip install 'llama-cpp-python[server]'`, a long source build)
@@ -32,14 +32,20 @@ CACHE = Path.home() / ".cache" / "appliance-bench"
 PEER_PYTHON = CACHE / "llamacpp" / "bin" / "python"  # a venv with llama-cpp-python[server]
 PEER_MODEL = "llama.cpp"
 NEW_TOKENS = 128
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant who answers in detail."},
-            {"role": "user", "content": "Explain how a city's water supply works, from the reservoir to the tap, "
-                                        "including treatment, pumping, storage and the pipes under the streets. "
-                                        "Mention what can go wrong and how engineers keep it safe."}]
+SYSTEM = "You are a helpful assistant who answers in detail. Request number {n}."
+QUESTION = ("Explain how a city's water supply works, from the reservoir to the tap, including treatment, pumping, "
+            "storage and the pipes under the streets. Mention what can go wrong, how engineers keep it safe, and "
+            "what a household can do to save water during a long dry summer.")
+_COUNTER = iter(range(1, 1_000_000))
+
+
+def messages() -> list[dict]:
+    """The benchmark prompt (about 85 tokens), different in every request so no server can reuse a cached prefix."""
+    return [{"role": "system", "content": SYSTEM.format(n=next(_COUNTER))}, {"role": "user", "content": QUESTION}]
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, model: str) -> dict:
-    body = {"model": model, "messages": MESSAGES, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+    body = {"model": model, "messages": messages(), "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if model == PEER_MODEL:
         body["logit_bias"] = {"2": -100, "0": -100}  # llama.cpp: never end early (the end-of-text ids)
@@ -77,9 +83,15 @@ async def measure(url: str, model: str) -> list[dict]:
                      "prompt_tokens": best["prompt_tokens"]})
         for streams in (4, 8, 16):
             started = time.perf_counter()
-            results = await asyncio.gather(*(one_stream(session, url, model) for _ in range(streams)))
+            outcomes = await asyncio.gather(*(one_stream(session, url, model) for _ in range(streams)),
+                                            return_exceptions=True)
             wall = time.perf_counter() - started
-            rows.append({"model": model, "streams": streams,
+            results = [r for r in outcomes if isinstance(r, dict)]
+            if not results:
+                rows.append({"model": model, "streams": streams, "ttft_s": float("nan"), "decode_tok_s": 0.0,
+                             "aggregate_tok_s": 0.0, "prompt_tokens": None, "failed": streams})
+                continue
+            rows.append({"model": model, "streams": streams, "failed": streams - len(results),
                          "ttft_s": sorted(r["ttft_s"] for r in results)[len(results) // 2],
                          "decode_tok_s": sorted(r["decode_tok_s"] for r in results)[len(results) // 2],
                          "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
@@ -140,9 +152,10 @@ def main() -> int:
                   "'llama-cpp-python[server]'` (a source build of about 10 minutes) to measure llama.cpp too")
     report.print_table(
         f"Generation over HTTP (chat prompt, {NEW_TOKENS} new tokens, streamed, greedy)",
-        ["server", "model", "streams", "prompt tok", "TTFT ms", "decode tok/s (median stream)", "aggregate tok/s"],
+        ["server", "model", "streams", "prompt tok", "TTFT ms", "decode tok/s (median stream)", "aggregate tok/s",
+         "failed"],
         [[r["server"], r["model"], r["streams"], r["prompt_tokens"], r["ttft_s"] * 1e3, r["decode_tok_s"],
-          r["aggregate_tok_s"]] for r in rows],
+          r["aggregate_tok_s"], r.get("failed", 0)] for r in rows],
     )
     peer = next((r for r in rows if r["server"] == "llama.cpp" and r["streams"] == 1), None)
     for model in ("smollm2-135m", "smollm2-135m-fast"):
