@@ -121,7 +121,7 @@ def test_build_outputs_and_metadata(builds):
     assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= kinds
     levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
-    assert levels == {0}
+    assert levels == {1}
     fast = onnx.load(str(builds["fast"].model_path), load_external_data=False)
     assert {a.i for n in fast.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "accuracy_level"} == {4}
