@@ -33,12 +33,6 @@ class PayloadTooLarge(ApplianceError):
     status = 413
 
 
-class UnsupportedMediaType(ApplianceError):
-    """The body's content type is not one the endpoint reads (415)."""
-
-    status = 415
-
-
 class ModelNotReady(ApplianceError):
     """The model exists but is not loaded or not ready (503)."""
 

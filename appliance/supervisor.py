@@ -109,6 +109,7 @@ def supervise(config: Config, source: ConfigSource | None = None) -> int:
 
     workers = {index: start(index) for index in range(count)}
     restarts = {index: 0 for index in range(count)}
+    restart_at: dict[int, float] = {}  # dead workers and when to start them again
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     log.info("started %d workers on http://%s:%s", count, config.server.host, config.server.port)
@@ -117,21 +118,26 @@ def supervise(config: Config, source: ConfigSource | None = None) -> int:
     pinged = 0.0
     try:
         while not stopping:
-            wait([p.sentinel for p in workers.values()] + list(inboxes.values()),
-                 timeout=min(1.0, interval or 1.0))
+            alive = [p.sentinel for i, p in workers.items() if i not in restart_at]
+            wait(alive + list(inboxes.values()), timeout=min(1.0, interval or 1.0))
             read_inboxes()
             if interval is not None and time.monotonic() - pinged >= interval:
                 systemd.watchdog()
                 pinged = time.monotonic()
+            now = time.monotonic()
             for index, process in list(workers.items()):
                 if process.is_alive() or stopping:
                     continue
-                _forget(process)
-                delay = RESTART_BACKOFF_S[min(restarts[index], len(RESTART_BACKOFF_S) - 1)]
-                log.error("worker %d exited with status %s; restarting it in %.1f s", index, process.exitcode, delay)
-                time.sleep(delay)
-                restarts[index] += 1
-                workers[index] = start(index)
+                if index not in restart_at:
+                    _forget(process)
+                    delay = RESTART_BACKOFF_S[min(restarts[index], len(RESTART_BACKOFF_S) - 1)]
+                    log.error("worker %d exited with status %s; restarting it in %.1f s", index, process.exitcode,
+                              delay)
+                    restart_at[index] = now + delay  # the loop keeps pinging the watchdog and hearing signals
+                elif now >= restart_at[index]:
+                    del restart_at[index]
+                    restarts[index] += 1
+                    workers[index] = start(index)
         deadline = time.monotonic() + config.server.drain_timeout_s + 10
         for process in workers.values():
             process.join(max(deadline - time.monotonic(), 0.1))

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,7 +31,6 @@ class Request:
     inputs: dict[str, np.ndarray]
     outputs: list[str] | None = None
     deadline: float | None = None
-    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -42,11 +42,3 @@ class TensorSpec:
     def dtype(self) -> np.dtype:
         """The numpy dtype of this tensor."""
         return V2_TO_NUMPY[self.datatype]
-
-    def accepts_shape(self, shape: tuple[int, ...]) -> bool:
-        """Whether a concrete shape fits this spec (same rank, fixed dimensions equal)."""
-        return len(shape) == len(self.shape) and all(want in (-1, got) for want, got in zip(self.shape, shape))
-
-    def describe(self) -> str:
-        """``FP32[-1,4]``: the form used in error messages."""
-        return f"{self.datatype}[{','.join(str(d) for d in self.shape)}]"

@@ -55,7 +55,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     trace = Trace()
     request[TRACE] = trace
     openai = request.path.startswith("/v1/")
-    lifecycle.enter()
+    lifecycle.in_flight += 1
     try:
         if lifecycle.draining and request.path not in ALWAYS_ANSWERED:
             raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")
@@ -75,7 +75,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = error_response(500, f"internal error; see the server log for request {request_id}",
                                   openai=openai)
     finally:
-        lifecycle.leave()
+        lifecycle.in_flight -= 1
     response.headers["x-request-id"] = request_id
     total = time.perf_counter() - started
     if trace.model or request.path.endswith("/infer"):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -23,28 +22,6 @@ class Lifecycle:
     draining: bool = False
     in_flight: int = 0
     port: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def enter(self) -> None:
-        """A request starts."""
-        self.in_flight += 1
-        self.idle.clear()
-
-    def leave(self) -> None:
-        """A request ends."""
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self.idle.set()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no request is in flight; ``False`` if ``timeout_s`` passed first."""
-        if self.in_flight == 0:
-            return True
-        try:
-            await asyncio.wait_for(self.idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
 
 
 CONFIG = web.AppKey("config", Config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 
 import orjson
 from aiohttp import web
@@ -116,17 +117,17 @@ async def infer(request: web.Request) -> web.Response:
     use_msgpack = request.content_type in v2_codec.MSGPACK_TYPES
     header_text = request.headers.get(v2_codec.BINARY_HEADER)
     if use_msgpack:
-        decode = v2_codec.decode_msgpack, (body,)
+        decode = partial(v2_codec.decode_msgpack, body)
     else:
         try:
             header_length = int(header_text) if header_text is not None else None
         except ValueError:
             raise BadRequest(f"{v2_codec.BINARY_HEADER} must be an integer, not {header_text!r}") from None
-        decode = v2_codec.decode_json, (body, header_length)
+        decode = partial(v2_codec.decode_json, body, header_length)
     if len(body) > OFFLOAD_BYTES:
-        parsed = await asyncio.get_running_loop().run_in_executor(None, decode[0], *decode[1])
+        parsed = await asyncio.get_running_loop().run_in_executor(None, decode)
     else:
-        parsed = decode[0](*decode[1])
+        parsed = decode()
     deadline = time.monotonic() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
     infer_request = Request(
         id=parsed.id or "",
