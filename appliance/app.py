@@ -14,10 +14,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from appliance.api import openai_api, openai_generate, v2
 from appliance.api.middleware import request_middleware
 from appliance.api.openapi import openapi_document
-from appliance.api.state import ACCESS_LOG, CONFIG, DATAPLANE, LIFECYCLE, METRICS, MODELS, WORKERS, Lifecycle
+from appliance.api import admin
+from appliance.api.state import (ACCESS_LOG, AUTH, CACHE, CONFIG, DATAPLANE, LIFECYCLE, LIMITER, METRICS, MODELS,
+                                 WORKERS, Lifecycle)
+from appliance.auth import Authenticator, RateLimiter, is_loopback
+from appliance.cache.service import ResponseCacheService
 from appliance.config import Config
 from appliance.dataplane import DataPlane
 from appliance.engine_factory import create_engine
+from appliance.keys import KeyStore
 from appliance.model_version import EngineFactory
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
@@ -34,6 +39,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def _lifespan(app: web.Application) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, app[AUTH].load)  # an invalid key store stops the start, with its reason
+    await app[CACHE].open()
     models = app[MODELS]
     states = await models.load_all()
     for state in states:
@@ -41,12 +49,14 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if not states:
         log.warning("the model repository %s has no models", models.root)
     app[LIFECYCLE].started = True
-    flusher = asyncio.get_running_loop().create_task(_flush_access_log(app[ACCESS_LOG]))
+    tasks = [loop.create_task(_flush_access_log(app[ACCESS_LOG])), loop.create_task(app[AUTH].watch())]
     yield
-    flusher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await flusher
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await models.close()
+    await app[CACHE].close()
     app[ACCESS_LOG].flush()
 
 
@@ -70,13 +80,17 @@ def create_app(
     app[METRICS] = metrics or Metrics()
     app[ACCESS_LOG] = AccessLog(access_log_stream, enabled=config.server.access_log)
     app[MODELS] = ModelManager(config, engine_factory, app[METRICS])
-    app[DATAPLANE] = DataPlane(app[MODELS])
+    app[CACHE] = ResponseCacheService(config.cache, config.paths.response_cache_dir(), app[METRICS])
+    app[DATAPLANE] = DataPlane(app[MODELS], app[CACHE])
+    app[AUTH] = Authenticator(KeyStore(config.paths.keys()), loopback_only=is_loopback(config.server.host))
+    app[LIMITER] = RateLimiter(share=1.0 / (workers.count if workers is not None else 1))
     app[LIFECYCLE] = Lifecycle()
     if workers is not None:
         app[WORKERS] = workers
     v2.add_routes(app)
     openai_api.add_routes(app)
     openai_generate.add_routes(app)
+    admin.add_routes(app)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_document)
     app.cleanup_ctx.append(_lifespan)

@@ -1,18 +1,21 @@
-"""The ``appliance`` command: ``serve``, ``models``, ``build``, ``config``, ``doctor``."""
+"""The ``appliance`` command: ``serve``, ``models``, ``build``, ``keys``, ``config``, ``doctor``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance import __version__
 from appliance.config import Config, ConfigError
+from appliance.keys import CACHE_SCOPES, ApiKey, KeyStore, KeyStoreError
 from appliance.model_spec import read_model_spec
 from appliance.notify import notifier
 from appliance.reload import ConfigSource
@@ -40,9 +43,40 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's offline optimization")
     build.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engine build")
     build.add_argument("--models", help="model repository folder (paths.model_repository)")
+    _add_keys_parser(commands)
     commands.add_parser("config", help="print the effective configuration")
     commands.add_parser("doctor", help="check this machine, the install and the configuration; fixes for failures")
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0 (0 = unlimited)")
+    return value
+
+
+def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
+    keys = commands.add_parser("keys", help="create, list and revoke API keys (paths.keys_file)")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    create = actions.add_parser("create", help="create a key; prints its token once, on stdout")
+    create.add_argument("--name", required=True, help="unique among active keys; A-Z a-z 0-9 . _ -")
+    create.add_argument("--tenant", required=True, help="the tenant it acts for; A-Z a-z 0-9 . _ -")
+    create.add_argument("--models", default="", help="comma-separated model names or aliases (default: all)")
+    create.add_argument("--cloud", action="store_true", help="its requests' data may leave the device")
+    create.add_argument("--cache-scope", choices=CACHE_SCOPES, default="tenant",
+                        help="share cached responses with the tenant's keys, keep them to this key, or never cache")
+    create.add_argument("--rpm", type=_count, default=0, help="requests per minute (default 0: unlimited)")
+    create.add_argument("--tpm", type=_count, default=0, help="tokens per minute (default 0: unlimited)")
+    create.add_argument("--admin", action="store_true", help="may call the admin endpoints")
+    create.add_argument("--workflow", default="", help="default workflow tag for cost attribution")
+    listing = actions.add_parser("list", help="list the keys (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    revoke = actions.add_parser("revoke", help="revoke a key; a running server stops accepting it")
+    revoke.add_argument("key", metavar="ID_OR_NAME", help="the key's id, or the name of an active key")
 
 
 def _configure_logging(level: str) -> None:
@@ -97,6 +131,13 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_serve(config: Config, source: ConfigSource) -> int:
     logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
+    from appliance.auth import bind_refusal
+    from appliance.keys import KeyStore
+
+    refusal = bind_refusal(config.server.host, KeyStore(config.paths.keys()))
+    if refusal:
+        print(f"appliance serve: refusing to start: {refusal}", file=sys.stderr)
+        return 2
     if not scan_repository(config.paths.models()):
         from appliance.build.pipeline import build_defaults
 
@@ -135,6 +176,52 @@ def _cmd_models(config: Config) -> int:
     return 0
 
 
+def _cmd_keys(config: Config, args: argparse.Namespace) -> int:
+    store = KeyStore(config.paths.keys())
+    try:
+        if args.keys_command == "create":
+            models = [name.strip() for name in args.models.split(",") if name.strip()]
+            key, token = store.create(name=args.name, tenant=args.tenant, models=models, cloud=args.cloud,
+                                      cache_scope=args.cache_scope, requests_per_minute=args.rpm,
+                                      tokens_per_minute=args.tpm, admin=args.admin, workflow=args.workflow)
+            print(token)
+            print(f"appliance keys: created key {key.id} ({key.name}, tenant {key.tenant}) in {store.path}; the "
+                  "token above is shown once and cannot be recovered; a running server picks it up within a few "
+                  "seconds", file=sys.stderr)
+        elif args.keys_command == "revoke":
+            key = store.revoke(args.key)
+            print(f"revoked key {key.id} ({key.name}, tenant {key.tenant}); a running server stops accepting it "
+                  "within a few seconds")
+        elif args.json:
+            print(json.dumps([_key_json(key) for key in store.keys()], indent=2))
+        else:
+            _print_keys(store)
+    except (KeyStoreError, OSError) as exc:
+        print(f"appliance keys {args.keys_command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _key_json(key: ApiKey) -> dict:
+    return {**dataclasses.asdict(key), "models": list(key.models), "state": "active" if key.active else "revoked"}
+
+
+def _print_keys(store: KeyStore) -> None:
+    keys = store.keys()
+    if not keys:
+        print(f"no API keys in {store.path}")
+        return
+    rows = [("id", "name", "tenant", "models", "cloud", "cache", "rpm", "tpm", "admin", "created", "state")]
+    for key in keys:
+        created = datetime.fromtimestamp(key.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        rows.append((key.id, key.name, key.tenant, ",".join(key.models) or "*", "yes" if key.cloud else "no",
+                     key.cache_scope, str(key.requests_per_minute or "-"), str(key.tokens_per_minute or "-"),
+                     "yes" if key.admin else "no", created, "active" if key.active else "revoked"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
 def _live_index(config: Config) -> dict[str, dict] | None:
     host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
     request = urllib.request.Request(f"http://{host}:{config.server.port}/v2/repository/index", data=b"{}")
@@ -165,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_models(config)
     if args.command == "build":
         return _cmd_build(config, args)
+    if args.command == "keys":
+        return _cmd_keys(config, args)
     print(config.to_toml(), end="")
     return 0
 

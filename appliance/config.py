@@ -56,6 +56,8 @@ class PathsConfig:
     state_dir: str = field(default_factory=_default_state_dir)
     model_repository: str = ""  # empty: <state_dir>/models
     cache_dir: str = ""  # empty: <state_dir>/cache
+    keys_file: str = ""  # empty: <state_dir>/keys.json
+    response_cache: str = ""  # empty: <state_dir>/response-cache
 
     def models(self) -> Path:
         """The model repository folder."""
@@ -64,6 +66,14 @@ class PathsConfig:
     def cache(self) -> Path:
         """The folder for derived files (optimized models, engine plans)."""
         return Path(self.cache_dir or Path(self.state_dir) / "cache").expanduser()
+
+    def keys(self) -> Path:
+        """The API key store (hashes only)."""
+        return Path(self.keys_file or Path(self.state_dir) / "keys.json").expanduser()
+
+    def response_cache_dir(self) -> Path:
+        """The LMDB response cache's folder."""
+        return Path(self.response_cache or Path(self.state_dir) / "response-cache").expanduser()
 
 
 PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
@@ -90,6 +100,16 @@ class BatchingConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The permission-scoped LMDB response cache."""
+
+    enabled: bool = True
+    max_bytes: int = field(default=1024**3, metadata=limits(1024 * 1024, 1024**4))
+    ttl_s: float = field(default=86400.0, metadata=limits(1, 365 * 86400))
+    sync: bool = True  # fsync each write (a power cut loses at most the last write); false: faster, OS-crash risk
+
+
+@dataclass
 class Config:
     """The effective configuration of one server process."""
 
@@ -97,6 +117,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     source: str = field(default="defaults", compare=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The data plane: the one place that knows the order of the request path's steps.
 
 Handlers parse a protocol into a :class:`~appliance.types.Request` and hand it here; what comes back is a
-:class:`~appliance.types.Result`. Steps present today: resolve the model, check the inputs, queue on the model's
-batcher (engine calls run in its worker threads), account.
+:class:`~appliance.types.Result`. Steps: resolve the model and check that the caller's key may use it, check the
+inputs, look the request up in the response cache under the caller's scope, queue on the model's batcher or
+scheduler (engine calls run in its worker threads), account and store the answer in the cache.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
-from appliance.errors import BadRequest
+
+from appliance.cache.payloads import StoredGeneration, decode_embeddings, decode_tensors, encode_embeddings, \
+    encode_tensors
+from appliance.cache.service import BYPASS, CacheDecision, ResponseCacheService
+from appliance.engines.generation import SamplingParams, Sequence
+from appliance.errors import BadRequest, Forbidden
 from appliance.model_version import ModelVersion
 from appliance.repository import ModelManager
-from appliance.engines.generation import SamplingParams, Sequence
 from appliance.types import EmbedRequest, EmbedResponse, Request, Result, Trace, Usage
 
 
@@ -29,19 +35,65 @@ class Generation:
     prompt_tokens: int
     started: float
     token_times: list[float] = field(default_factory=list)
+    cache: CacheDecision | None = None
+
+
+@dataclass(eq=False)
+class CachedGeneration:
+    """A generation answered from the response cache."""
+
+    served: ModelVersion
+    stored: StoredGeneration
 
 
 class DataPlane:
     """Runs requests through the steps of the request path."""
 
-    def __init__(self, models: ModelManager, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, models: ModelManager, cache: ResponseCacheService | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.models = models
+        self.cache = cache
         self._clock = clock
+
+    def resolve(self, name: str, version: int | None, trace: Trace) -> ModelVersion:
+        """The serving version of a model, name, alias or tier, if the caller's key may use it."""
+        served = self.models.resolve(name, version)
+        principal = trace.principal
+        if principal is not None and not principal.may_use(name, served.name, *served.spec.aliases):
+            raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "
+                            f"{', '.join(principal.models)}", param="model")
+        trace.model, trace.version = served.name, str(served.version)
+        return served
+
+    async def _lookup(self, served: ModelVersion, canonical: Callable[[], object], cache_control: str | None,
+                      deterministic: bool, trace: Trace) -> CacheDecision:
+        principal = trace.principal
+        if self.cache is None or principal is None:
+            return CacheDecision(BYPASS)
+        decision = await self.cache.lookup(principal.cache_scope, served.name, served.version, served.build_hash,
+                                           canonical, cache_control, deterministic)
+        trace.cache = decision.status
+        return decision
+
+    def _remember(self, decision: CacheDecision, served: ModelVersion, payload: Callable[[], bytes]) -> None:
+        if decision.store and self.cache is not None:
+            self.cache.remember(decision, served.name, served.version, served.build_hash, payload())
 
     async def infer(self, request: Request, trace: Trace) -> tuple[Result, ModelVersion]:
         """Run a tensor request on its model; ``trace`` is filled in as the model becomes known."""
-        served = self.models.resolve(request.model, request.version)
-        trace.model, trace.version = served.name, str(served.version)
+        served = self._checked(request, trace)
+        decision = await self._lookup(served, partial(_tensor_canonical, request), request.cache_control,
+                                      served.spec.deterministic, trace)
+        if decision.payload is not None:
+            return Result(request.id, served.name, served.version, decode_tensors(decision.payload), Usage()), served
+        if decision.status != BYPASS:
+            served = self._checked(request, trace)  # the lookup awaited: a new version may have been swapped in
+        result = await self._run_tensors(request, served, trace)
+        self._remember(decision, served, lambda: encode_tensors(result.outputs))
+        return result, served
+
+    def _checked(self, request: Request, trace: Trace) -> ModelVersion:
+        served = self.resolve(request.model, request.version, trace)
         if served.generator is not None:
             raise BadRequest(f"model {served.name!r} generates text: use POST /v1/chat/completions or "
                              "/v1/completions")
@@ -53,9 +105,12 @@ class DataPlane:
                 raise BadRequest(
                     f"unknown output {unknown[0]!r} for model {served.name}; its outputs are {sorted(known)}"
                 )
+        return served
+
+    async def _run_tensors(self, request: Request, served: ModelVersion, trace: Trace) -> Result:
         deadline = self._deadline(request.deadline, served)
         if served.embedder is not None:
-            return await self._infer_embed_tensors(request, served, trace, deadline), served
+            return await self._infer_embed_tensors(request, served, trace, deadline)
         assert served.batcher is not None
         metrics = served.metrics
         metrics.in_flight.inc()
@@ -70,7 +125,7 @@ class DataPlane:
         outputs = outcome.outputs
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}
-        return Result(request.id, served.name, served.version, outputs, usage), served
+        return Result(request.id, served.name, served.version, outputs, usage)
 
     def _deadline(self, deadline: float | None, served: ModelVersion) -> float | None:
         if deadline is None and served.default_timeout_s is not None:
@@ -102,11 +157,28 @@ class DataPlane:
 
     async def embed(self, request: EmbedRequest, trace: Trace) -> EmbedResponse:
         """Embed texts or token sequences with an embedding model, in input order."""
-        served = self.models.resolve(request.model)
-        trace.model, trace.version = served.name, str(served.version)
+        served = self.resolve(request.model, None, trace)
         if served.embedder is None or served.text is None:
             raise BadRequest(f"model {served.name!r} is not an embedding model (its task is {served.spec.task!r}); "
                              "GET /v1/models lists the models", param="model")
+        def canonical() -> object:
+            return {"texts": request.texts, "ids": request.token_ids, "dimensions": request.dimensions,
+                    "truncate": request.truncate}
+
+        decision = await self._lookup(served, canonical, request.cache_control, served.spec.deterministic, trace)
+        if decision.payload is not None:
+            vectors, prompt_tokens = decode_embeddings(decision.payload)
+            return EmbedResponse(served.name, served.version, vectors, prompt_tokens, Usage())
+        if decision.status != BYPASS:
+            served = self.resolve(request.model, None, trace)  # the lookup awaited: a swap may have happened
+            if served.embedder is None or served.text is None:
+                raise BadRequest(f"model {served.name!r} is no longer an embedding model", param="model")
+        response = await self._embed(request, served, trace)
+        self._remember(decision, served, lambda: encode_embeddings(response.embeddings, response.prompt_tokens))
+        return response
+
+    async def _embed(self, request: EmbedRequest, served: ModelVersion, trace: Trace) -> EmbedResponse:
+        assert served.text is not None
         text = served.text
         if request.texts is not None:
             if sum(len(t) for t in request.texts) > OFFLOAD_CHARS:
@@ -139,18 +211,47 @@ class DataPlane:
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         usage = Usage(outcome.queue_s, outcome.compute_s, outcome.batches)
         trace.usage = usage
-        return EmbedResponse(served.name, served.version, vectors, sum(len(s) for s in sequences), usage)
+        trace.tokens = sum(len(s) for s in sequences)
+        return EmbedResponse(served.name, served.version, vectors, trace.tokens, usage)
 
     async def generate(self, model: str, messages: list[dict] | None, prompt: str | list[int] | None,
                        params: SamplingParams, max_tokens: int | None, deadline: float | None,
-                       trace: Trace) -> Generation:
-        """Render and tokenize the prompt, check it against the context, queue it on the model's scheduler."""
+                       trace: Trace, canonical: Callable[[], object] | None = None,
+                       cache_control: str | None = None
+                       ) -> Generation | CachedGeneration:
+        """Render and tokenize the prompt, check it against the context, queue it on the model's scheduler.
+
+        ``canonical`` holds every request field that changes the output; a greedy or seeded request may then be
+        answered from the response cache (a :class:`CachedGeneration`).
+        """
         started = self._clock()
-        served = self.models.resolve(model)
-        trace.model, trace.version = served.name, str(served.version)
+        served = self._generator(model, trace)
+        deterministic = canonical is not None and (params.temperature == 0 or params.seed is not None)
+        decision = await self._lookup(served, canonical or dict, cache_control, deterministic, trace)
+        if decision.payload is not None:
+            return CachedGeneration(served, StoredGeneration.decode(decision.payload))
+        if decision.status != BYPASS:
+            served = self._generator(model, trace)  # the lookup awaited: a swap may have happened
+        generation = self._start_generation(served, messages, prompt, params, max_tokens, deadline, started)
+        generation.cache = decision
+        return generation
+
+    def remember_generation(self, generation: Generation, stored: StoredGeneration) -> None:
+        """Store a generation that ran to its end, if its lookup asked for it."""
+        if generation.cache is not None:
+            self._remember(generation.cache, generation.served, stored.encode)
+
+    def _generator(self, model: str, trace: Trace) -> ModelVersion:
+        served = self.resolve(model, None, trace)
         if served.generator is None or served.text is None:
             raise BadRequest(f"model {served.name!r} does not generate text (its task is {served.spec.task!r}); "
                              "GET /v1/models lists the models", param="model")
+        return served
+
+    def _start_generation(self, served: ModelVersion, messages: list[dict] | None, prompt: str | list[int] | None,
+                          params: SamplingParams, max_tokens: int | None, deadline: float | None,
+                          started: float) -> Generation:
+        assert served.text is not None
         text = served.text
         if messages is not None:
             try:
@@ -219,3 +320,16 @@ class DataPlane:
 
 
 OFFLOAD_CHARS = 16_384  # tokenize larger requests in a worker thread
+
+
+def _tensor_canonical(request: Request) -> object:
+    """The inputs (name, dtype, shape, bytes) and the outputs asked for: all that changes a tensor answer."""
+    inputs = []
+    for name in sorted(request.inputs):
+        array = request.inputs[name]
+        if array.dtype == object:
+            data: object = [item if isinstance(item, bytes) else str(item).encode() for item in array.ravel()]
+        else:
+            data = np.ascontiguousarray(array).tobytes()
+        inputs.append([name, array.dtype.str, list(array.shape), data])
+    return {"inputs": inputs, "outputs": request.outputs}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib.metadata
-import ipaddress
 import os
 import shutil
 import socket
@@ -19,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.auth import is_loopback
 from appliance.config import Config, ConfigError
+from appliance.keys import KeyStore, KeyStoreError
 from appliance.reload import ConfigSource
 
 MIN_PYTHON = (3, 11)
@@ -207,15 +208,6 @@ def check_disk(config: Config) -> list[Check]:
     return checks
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_port(config: Config) -> list[Check]:
     """Whether ``server.host:server.port`` can be bound (or is already the appliance's)."""
     host, port = config.server.host, config.server.port
@@ -248,14 +240,32 @@ def _appliance_answers(host: str, port: int) -> bool:
 
 
 def check_keys(config: Config) -> list[Check]:
-    """Bound beyond loopback, callers must authenticate; the appliance has no API keys yet, so that fails."""
+    """The key store is valid and private; beyond loopback, at least one active key exists."""
+    store = KeyStore(config.paths.keys())
+    try:
+        keys = store.load()
+    except KeyStoreError as exc:
+        return [Check("api keys", FAIL, str(exc), f"fix or remove {store.path} (appliance keys list shows it)")]
+    checks = []
+    if store.path.exists() and store.path.stat().st_mode & 0o077:
+        checks.append(Check("api keys", FAIL, f"{store.path} is readable by other users",
+                            f"chmod 600 {store.path}"))
     host = config.server.host
-    if _is_loopback(host):
-        return [Check("api keys", OK, f"bound to loopback ({host}): only local callers, no keys needed")]
-    return [Check("api keys", FAIL, f"server.host = {host!r} accepts remote callers, and this appliance version has "
-                                    "no API keys to authenticate them",
-                  'set server.host = "127.0.0.1" in /etc/appliance/config.toml, or put an authenticating reverse '
-                  "proxy in front and bind to loopback")]
+    admins = sum(1 for key in store.keys() if key.active and key.admin)
+    if is_loopback(host) and not len(keys):
+        checks.append(Check("api keys", OK, f"bound to loopback ({host}) without keys: local callers only, and "
+                                            "each is treated as the operator"))
+    elif not len(keys):
+        checks.append(Check("api keys", FAIL, f"server.host = {host!r} accepts remote callers, and {store.path} has "
+                                              "no active key; the server refuses to start",
+                            "appliance keys create --name NAME --tenant TENANT (add --admin for an operator key), "
+                            'or set server.host = "127.0.0.1"'))
+    else:
+        detail = f"{len(keys)} active keys ({admins} admin); every caller must send one"
+        checks.append(Check("api keys", OK if admins else WARN, detail,
+                            "" if admins else "no admin key: model control and cache purge are refused; create one "
+                                              "with appliance keys create --admin"))
+    return checks
 
 
 def run_checks(source: ConfigSource, gpu_probe: Callable[[], GpuInfo | None] = nvml_probe) -> list[Check]:

@@ -21,6 +21,24 @@ class BadRequest(ApplianceError):
     status = 400
 
 
+class Unauthorized(ApplianceError):
+    """No API key, or one that is unknown or revoked (401)."""
+
+    status = 401
+
+
+class Forbidden(ApplianceError):
+    """The key is valid but may not do this: a model outside its list, or an admin endpoint (403)."""
+
+    status = 403
+
+
+class RateLimited(ApplianceError):
+    """The key is over its requests or tokens per minute; retry after ``retry_after_s`` (429)."""
+
+    status = 429
+
+
 class ModelNotFound(ApplianceError):
     """No such model or version in the repository (404)."""
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +60,18 @@ class ServedTensor:
         return None
 
 
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and contents of every file under ``folder``, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 class ModelVersion:
     """A version of a model, from load through warmup to serving and unload."""
 
@@ -81,6 +95,7 @@ class ModelVersion:
         self.chat_template: Any = None
         self.text: TextEncoder | None = None
         self.ready = False
+        self.build_hash = ""  # sha256 over the version folder's files: part of every response cache key
 
     @property
     def name(self) -> str:
@@ -110,6 +125,7 @@ class ModelVersion:
     def load_blocking(self) -> float:
         """Create the engine instances and check the tensors; runs in a worker thread. Returns seconds taken."""
         started = time.perf_counter()
+        self.build_hash = folder_digest(self.spec.path)
         if self.spec.task == "generate":
             self._load_decoder()
             return time.perf_counter() - started

@@ -1,15 +1,18 @@
-"""Reload on SIGHUP: the configuration, the model repository and (with issue 6) the API keys, without dropping a
-request.
+"""Reload on SIGHUP: the configuration, the model repository and the API keys, without dropping a request.
 
 The configuration is read again from the same file, environment and command-line flags as at start. A new
 configuration that does not validate is rejected with the reason in the log, and the running one stays in force.
 A valid one is applied where it can change live; settings that only take effect on a restart are named in the log
 and keep their running values until then:
 
-* live: ``server.log_level``, ``server.access_log``, ``paths.model_repository``, ``paths.cache_dir``, and the
-  ``[onnxruntime]`` and ``[batching]`` defaults (for model versions loaded from then on);
+* live: ``server.log_level``, ``server.access_log``, ``paths.model_repository``, ``paths.cache_dir``,
+  ``paths.keys_file``, ``cache.enabled`` and ``cache.ttl_s``, and the ``[onnxruntime]`` and ``[batching]``
+  defaults (for model versions loaded from then on);
 * on restart only: ``server.host``, ``server.port``, ``server.workers``, ``server.max_body_bytes``,
-  ``server.drain_timeout_s``, ``paths.state_dir``.
+  ``server.drain_timeout_s``, ``paths.state_dir``, ``paths.response_cache``, ``cache.max_bytes``, ``cache.sync``.
+
+The key store is also watched while serving (a new or revoked key takes effect within a second); a reload reads
+it at once. An invalid key store is logged and the keys in force stay.
 
 Then the repository is brought in line with the folder: new models and models with a newer version are loaded
 (warmed, then swapped in; queued requests finish on the old version), models whose folder is gone are unloaded.
@@ -25,15 +28,16 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.api.state import ACCESS_LOG, CONFIG, MODELS
+from appliance.api.state import ACCESS_LOG, AUTH, CONFIG, MODELS
 from appliance.config import Config, ConfigError, apply_table, check_config, load_config
+from appliance.keys import KeyStore
 from appliance.notify import Notifier
 
 log = logging.getLogger("appliance.reload")
 
 RESTART_ONLY = frozenset({
     "server.host", "server.port", "server.workers", "server.max_body_bytes", "server.drain_timeout_s",
-    "paths.state_dir",
+    "paths.state_dir", "paths.response_cache", "cache.max_bytes", "cache.sync",
 })
 
 
@@ -135,10 +139,13 @@ class Reloader:
         logging.getLogger("appliance").setLevel(config.server.log_level.upper())
         self._app[ACCESS_LOG].enabled = config.server.access_log
         self._app[MODELS].root = config.paths.models()
+        auth = self._app[AUTH]
+        if auth.store.path != config.paths.keys():
+            auth.store = KeyStore(config.paths.keys())
 
     def _reload_keys(self, report: ReloadReport) -> None:
-        """The hook for API keys: the appliance has none yet (issue 6). When it does, read and validate the key
-        store here, keep the old keys on any error (recording it in ``report``), and swap the new set in one step."""
+        """Read the key store now; an invalid one is logged and the keys in force stay."""
+        self._app[AUTH].refresh(force=True)
 
     async def _reload_models(self, report: ReloadReport) -> None:
         result = await self._app[MODELS].sync_repository()

@@ -67,6 +67,27 @@ class Metrics:
             multiprocess_mode="livemin",
         )
         self._generation_collectors(labels)
+        self._cache_and_auth_collectors()
+
+    def _cache_and_auth_collectors(self) -> None:
+        reg = self.registry
+        scoped = ("model", "scope")  # scope: a hash of the cache scope, never the scope or a key itself
+        self.cache_lookups = Counter("appliance_cache_lookups", "Response cache lookups by result (hit, miss, "
+                                     "bypass)", (*scoped, "result"), registry=reg)
+        self.cache_evictions = Counter("appliance_cache_evictions", "Entries evicted to keep the size cap", scoped,
+                                       registry=reg)
+        self.cache_stored_bytes = Counter("appliance_cache_stored_bytes", "Bytes written to the response cache",
+                                          scoped, registry=reg)
+        self.cache_served_bytes = Counter("appliance_cache_served_bytes", "Bytes answered from the response cache",
+                                          scoped, registry=reg)
+        self.cache_errors = Counter("appliance_cache_errors", "Response cache failures (served as misses)",
+                                    ("operation",), registry=reg)
+        self.cache_size = Gauge("appliance_cache_size_bytes", "Payload bytes held by the response cache", (),
+                                registry=reg, multiprocess_mode="mostrecent")
+        self.cache_entries = Gauge("appliance_cache_entries", "Entries held by the response cache", (),
+                                   registry=reg, multiprocess_mode="mostrecent")
+        self.auth_rejected = Counter("appliance_auth_rejected", "Requests refused by authentication, "
+                                     "authorization or limits", ("reason",), registry=reg)
 
     def _generation_collectors(self, labels: tuple[str, ...]) -> None:
         reg = self.registry
@@ -185,6 +206,9 @@ class AccessLog:
         version: str = "",
         queue_s: float = 0.0,
         compute_s: float = 0.0,
+        tenant: str = "",
+        key_id: str = "",
+        cache: str = "",
     ) -> None:
         """Add one request's line."""
         if not self.enabled:
@@ -203,6 +227,9 @@ class AccessLog:
                     "queue_ms": round(queue_s * 1000, 3),
                     "compute_ms": round(compute_s * 1000, 3),
                     "total_ms": round(total_s * 1000, 3),
+                    "tenant": tenant,
+                    "key": key_id,
+                    "cache": cache,
                 },
                 separators=(",", ":"),
             )

@@ -31,6 +31,7 @@ class Request:
     inputs: dict[str, np.ndarray]
     outputs: list[str] | None = None
     deadline: float | None = None
+    cache_control: str | None = None  # the request's Cache-Control header
 
 
 @dataclass(slots=True)
@@ -44,13 +45,36 @@ class Result:
     usage: Usage
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller, as the server derived it from the key (never from anything else the client sends)."""
+
+    tenant: str
+    key_id: str
+    key_name: str
+    models: tuple[str, ...]
+    cloud: bool
+    cache_scope: str | None  # None: this caller's requests are never cached
+    admin: bool
+    workflow: str = ""
+    requests_per_minute: int = 0  # 0: unlimited
+    tokens_per_minute: int = 0
+
+    def may_use(self, *names: str) -> bool:
+        """Whether any of ``names`` (a model's name or aliases) is in the key's list; an empty list allows all."""
+        return not self.models or any(name in self.models for name in names)
+
+
 @dataclass(slots=True)
 class Trace:
-    """What the access log and the request metrics need to know about a request once it is answered."""
+    """What the access log, the request metrics and the limits need to know about a request once it is answered."""
 
     model: str = ""
     version: str = ""
     usage: Usage | None = None
+    principal: Principal | None = None
+    cache: str = ""  # hit, miss or bypass when the request went through the response cache
+    tokens: int = 0  # tokens read and written, charged to the key's tokens-per-minute budget
 
 
 @dataclass(slots=True)
@@ -64,6 +88,7 @@ class EmbedRequest:
     dimensions: int | None = None
     truncate: bool = False
     deadline: float | None = None
+    cache_control: str | None = None
 
 
 @dataclass(slots=True)

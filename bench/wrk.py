@@ -15,6 +15,13 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE")
 local header = os.getenv("WRK_HEADER_LENGTH")
 if header ~= nil and header ~= "" then wrk.headers["Inference-Header-Content-Length"] = header end
+local extra = os.getenv("WRK_EXTRA_HEADERS")
+if extra ~= nil then
+  for line in extra:gmatch("[^\\n]+") do
+    local name, value = line:match("^([^:]+):%s*(.*)$")
+    wrk.headers[name] = value
+  end
+end
 local f = io.open(os.getenv("WRK_BODY"), "rb")
 wrk.body = f:read("*all")
 f:close()
@@ -49,15 +56,16 @@ def _seconds(text: str) -> float:
 
 
 def post_load(url: str, body: bytes, content_type: str, connections: int, seconds: float,
-              header_length: int | None = None) -> LoadResult:
-    """POST ``body`` to ``url`` over ``connections`` keep-alive connections for ``seconds``."""
+              header_length: int | None = None, headers: dict[str, str] | None = None) -> LoadResult:
+    """POST ``body`` to ``url`` over ``connections`` keep-alive connections for ``seconds``, with ``headers``."""
     wrk = require_wrk()
     with tempfile.TemporaryDirectory() as folder:
         script, payload = Path(folder) / "post.lua", Path(folder) / "body"
         script.write_text(_SCRIPT)
         payload.write_bytes(body)
         env = {**os.environ, "WRK_BODY": str(payload), "WRK_CONTENT_TYPE": content_type,
-               "WRK_HEADER_LENGTH": "" if header_length is None else str(header_length)}
+               "WRK_HEADER_LENGTH": "" if header_length is None else str(header_length),
+               "WRK_EXTRA_HEADERS": "\n".join(f"{name}: {value}" for name, value in (headers or {}).items())}
         out = subprocess.run(
             [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
             env=env, capture_output=True, text=True, check=True, timeout=seconds + 60,

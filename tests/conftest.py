@@ -86,6 +86,9 @@ def make_config(repository: Path, state: Path, **sections: dict) -> Config:
         "APPLIANCE_PATHS_STATE_DIR": str(state),
         "APPLIANCE_SERVER_PORT": "0",
         "APPLIANCE_ONNXRUNTIME_INTRA_OP_THREADS": "1",
+        # Tests of model behaviour repeat identical requests: they must reach the model, so the response cache is
+        # off unless a test turns it on.
+        "APPLIANCE_CACHE_ENABLED": "false",
     }
     for section, values in sections.items():
         for key, value in values.items():

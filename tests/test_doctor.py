@@ -47,7 +47,15 @@ def test_binding_beyond_loopback_fails_with_a_fix_because_there_are_no_keys(stan
     result = doctor(standard_repo, tmp_path / "state", APPLIANCE_SERVER_HOST="0.0.0.0")
     assert result.returncode == 1
     assert rows(result.stdout)["api keys"] == FAIL
-    assert 'fix: set server.host = "127.0.0.1"' in result.stdout
+    assert "appliance keys create" in result.stdout and 'server.host = "127.0.0.1"' in result.stdout
+
+
+def test_binding_beyond_loopback_passes_once_an_admin_key_exists(standard_repo, tmp_path):
+    from appliance.keys import KeyStore
+
+    KeyStore(tmp_path / "state" / "keys.json").create(name="ops", tenant="ops", admin=True)
+    result = doctor(standard_repo, tmp_path / "state", APPLIANCE_SERVER_HOST="0.0.0.0")
+    assert rows(result.stdout)["api keys"] == OK, result.stdout
 
 
 def test_a_port_taken_by_another_program_fails(standard_repo, tmp_path):

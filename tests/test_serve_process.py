@@ -153,6 +153,16 @@ def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
         total = sum(float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("appliance_requests_total{") and 'status="200"' in line)
         assert total == 80  # summed over both workers
+        # Both workers share one response cache file: after the first answer is written, both serve it.
+        once = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [5, 5, 5, 5]}]}
+        marks = []
+        for _ in range(20):
+            response = requests.post(f"{url}/v2/models/add_one/infer", json=once, timeout=10,
+                                     headers={"Connection": "close"})
+            assert response.json()["outputs"][0]["data"] == [7, 7, 7, 7]
+            marks.append(response.headers["x-cache"])
+            time.sleep(0.02)
+        assert marks[0] == "miss" and marks.count("hit") >= 17, marks
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0

@@ -5,15 +5,18 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
-from appliance.api.state import ACCESS_LOG, LIFECYCLE, METRICS, TRACE
-from appliance.errors import ApplianceError, PayloadTooLarge, ServerDraining
-from appliance.types import Trace
+from appliance.api.state import ACCESS_LOG, AUTH, LIFECYCLE, LIMITER, METRICS, TRACE
+from appliance.auth import LOCAL, require_admin
+from appliance.errors import ApplianceError, Forbidden, PayloadTooLarge, RateLimited, ServerDraining, Unauthorized
+from appliance.types import Principal, Trace
+from appliance.workers import FANOUT_HEADER
 
 log = logging.getLogger("appliance.api")
 
@@ -23,6 +26,10 @@ _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
 # Paths that keep answering while the server drains, so that orchestrators can watch it go.
 ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
+# Paths anyone who can reach the port may call: probes, metrics (no payloads, no keys) and the API description.
+PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"})
+ADMIN_PREFIXES = ("/v2/repository/", "/admin/", "/v1/usage")
+REJECTION_REASONS = {Unauthorized: "unauthenticated", Forbidden: "forbidden", RateLimited: "rate_limited"}
 
 
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -33,6 +40,8 @@ def error_response(status: int, message: str, retry_after_s: float | None = None
                    param: str | None = None) -> web.Response:
     """The JSON error body every failure gets: ``{"error": "..."}``, or OpenAI's error object under ``/v1``."""
     headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
     if retry_after_s is not None:
         headers["Retry-After"] = str(max(1, int(retry_after_s + 0.999)))
     if openai:
@@ -59,8 +68,13 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         if lifecycle.draining and request.path not in ALWAYS_ANSWERED:
             raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")
+        if request.path not in PUBLIC:
+            trace.principal = _principal(request)
         response = await handler(request)
     except ApplianceError as exc:
+        reason = REJECTION_REASONS.get(type(exc))
+        if reason is not None:
+            app[METRICS].auth_rejected.labels(reason).inc()
         response = error_response(exc.status, exc.message, exc.retry_after_s, openai=openai, param=exc.param)
     except web.HTTPRequestEntityTooLarge as exc:
         response = error_response(413, PayloadTooLarge(f"request body too large: {exc.text}").message,
@@ -76,7 +90,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                                   openai=openai)
     finally:
         lifecycle.in_flight -= 1
-    response.headers["x-request-id"] = request_id
+    if not response.prepared:
+        response.headers["x-request-id"] = request_id
+        if trace.cache:
+            response.headers["x-cache"] = trace.cache
+    if trace.tokens and trace.principal is not None and trace.principal.tokens_per_minute:
+        app[LIMITER].charge_tokens(trace.principal, trace.tokens)
     total = time.perf_counter() - started
     if trace.model or request.path.endswith("/infer"):
         app[METRICS].observe_request(trace.model, trace.version, response.status, total)
@@ -91,5 +110,26 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         version=trace.version,
         queue_s=usage.queue_s if usage else 0.0,
         compute_s=usage.compute_s if usage else 0.0,
+        tenant=trace.principal.tenant if trace.principal else "",
+        key_id=trace.principal.key_id if trace.principal else "",
+        cache=trace.cache,
     )
     return response
+
+
+def _principal(request: web.Request) -> Principal:
+    """Authenticate, check admin paths and take the request from the key's budget."""
+    if request.headers.get(FANOUT_HEADER) and _from_unix_socket(request):
+        return LOCAL  # a sibling worker repeating a model-control request it has already authorized
+    principal = request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    if request.path.startswith(ADMIN_PREFIXES):
+        require_admin(principal, f"{request.method} {request.path}")
+    if principal.requests_per_minute or principal.tokens_per_minute:
+        request.app[LIMITER].admit(principal)
+    return principal
+
+
+def _from_unix_socket(request: web.Request) -> bool:
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock is not None and sock.family == socket.AF_UNIX

@@ -105,6 +105,7 @@ def is_int(value: Any) -> bool:
 async def create_embeddings(request: web.Request) -> web.Response:
     """POST /v1/embeddings"""
     embed_request, encoding = parse_embedding_request(await read_json(request))
+    embed_request.cache_control = request.headers.get("Cache-Control")
     response = await request.app[DATAPLANE].embed(embed_request, request[TRACE])
     vectors = np.ascontiguousarray(response.embeddings, dtype=np.float32)
     if encoding == "base64":
@@ -120,12 +121,14 @@ async def create_embeddings(request: web.Request) -> web.Response:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """GET /v1/models: the models serving now, in OpenAI's shape."""
+    """GET /v1/models: the models serving now that the caller's key may use, in OpenAI's shape."""
+    principal = request[TRACE].principal
     return _json({
         "object": "list",
         "data": [{"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "appliance",
                   "task": model.spec.task, "tier": model.spec.tier or None, "aliases": model.spec.aliases}
-                 for model in request.app[MODELS].serving()],
+                 for model in request.app[MODELS].serving()
+                 if principal is None or principal.may_use(model.name, *model.spec.aliases)],
     })
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -13,8 +15,10 @@ from aiohttp import web
 from appliance.api.openai_api import check_user, deadline_from, is_int, read_json
 from appliance.api.state import DATAPLANE, TRACE
 from appliance.api.text_stream import TextAssembler
-from appliance.dataplane import Generation
+from appliance.cache.payloads import StoredGeneration
+from appliance.dataplane import CachedGeneration, Generation
 from appliance.engines.generation import SamplingParams, TokenEvent
+from appliance.engines.tokenizer import TextEncoder
 from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
@@ -36,6 +40,13 @@ class GenerateBody:
     stream: bool = False
     include_usage: bool = False
     deadline: float | None = None
+
+    def canonical(self, chat: bool) -> dict[str, Any]:
+        """Every field that changes the generated text: the response cache's view of the request."""
+        p = self.params
+        return {"chat": chat, "messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed,
+                "stop": self.stop, "logprobs": p.logprobs, "ignore_eos": p.ignore_eos}
 
 
 def _number(body: dict, name: str, low: float, high: float, default: float) -> float:
@@ -151,19 +162,19 @@ def _logprobs(body: dict, chat: bool) -> int:
 
 
 class _Reply:
-    """Assembles the response text, logprobs and usage from token events."""
+    """Assembles the response text, logprobs and usage from token events (or from a cached generation)."""
 
-    def __init__(self, generation: Generation, body: GenerateBody, chat: bool) -> None:
-        self.generation, self.body, self.chat = generation, body, chat
-        text = generation.served.text
-        assert text is not None
+    def __init__(self, text: TextEncoder | None, body: GenerateBody, chat: bool, model: str,
+                 prompt_tokens: int) -> None:
+        self.body, self.chat, self.model, self.prompt_tokens = body, chat, model, prompt_tokens
         self._text = text
-        self.assembler = TextAssembler(text.decode, body.stop)
+        self.assembler = TextAssembler(text.decode, body.stop) if text is not None else None
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []
 
     def take(self, event: TokenEvent) -> str:
+        assert self.assembler is not None
         if event.token is not None and not self.assembler.stopped:
             self.completion_tokens += 1
             piece = self.assembler.add(event.token)
@@ -180,6 +191,7 @@ class _Reply:
         return piece
 
     def _logprob_entry(self, event: TokenEvent) -> dict:
+        assert self._text is not None and event.token is not None
         token = self._text.decode([event.token], skip_special_tokens=False)
         entry = {"token": token, "logprob": event.logprob, "bytes": list(token.encode())}
         entry["top_logprobs"] = [
@@ -196,9 +208,11 @@ class _Reply:
                 "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in self.logprobs]}
 
     def usage(self) -> dict:
-        prompt = self.generation.prompt_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+Pieces = AsyncIterator[tuple[str, list[dict]]]  # text as it may be sent, with the logprob entries that came with it
 
 
 async def _next_event(request: web.Request, generation: Generation) -> TokenEvent:
@@ -212,81 +226,111 @@ async def _next_event(request: web.Request, generation: Generation) -> TokenEven
     return event
 
 
+async def _live_pieces(request: web.Request, generation: Generation, reply: _Reply,
+                       recorded: list[tuple[str, list[dict]]]) -> Pieces:
+    while reply.finish_reason is None:
+        event = await _next_event(request, generation)
+        before = len(reply.logprobs)
+        piece = reply.take(event)
+        logprobs = reply.logprobs[before:]
+        if piece or logprobs:
+            recorded.append((piece, logprobs))
+        yield piece, logprobs
+
+
+async def _cached_pieces(stored: StoredGeneration, reply: _Reply) -> Pieces:
+    reply.completion_tokens = stored.completion_tokens
+    for piece, logprobs in stored.pieces:
+        reply.logprobs.extend(logprobs)
+        yield piece, logprobs
+    reply.finish_reason = stored.finish_reason
+    yield "", []
+
+
 async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
     body = parse_generate(await read_json(request), chat)
     dataplane = request.app[DATAPLANE]
+    trace = request[TRACE]
     generation = await dataplane.generate(body.model, body.messages, body.prompt, body.params, body.max_tokens,
-                                          body.deadline, request[TRACE])
-    reply = _Reply(generation, body, chat)
+                                          body.deadline, trace, canonical=partial(body.canonical, chat),
+                                          cache_control=request.headers.get("Cache-Control"))
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
+    if isinstance(generation, CachedGeneration):
+        stored = generation.stored
+        reply = _Reply(None, body, chat, generation.served.name, stored.prompt_tokens)
+        return await _respond(request, reply, _cached_pieces(stored, reply), ident)
+    reply = _Reply(generation.served.text, body, chat, generation.served.name, generation.prompt_tokens)
+    recorded: list[tuple[str, list[dict]]] = []
     try:
-        if body.stream:
-            return await _stream(request, generation, reply, ident, created)
-        pieces = []
-        while reply.finish_reason is None:
-            pieces.append(reply.take(await _next_event(request, generation)))
-            if reply.assembler.stopped:
-                break
-        text = "".join(pieces)
-        choice: dict[str, Any] = {"index": 0, "logprobs": reply.logprobs_object(), "finish_reason": reply.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        payload = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                   "model": generation.served.name, "choices": [choice], "usage": reply.usage()}
-        return web.Response(body=orjson.dumps(payload), content_type="application/json",
-                            headers={"x-appliance-model": generation.served.name})
+        response = await _respond(request, reply, _live_pieces(request, generation, reply, recorded), ident)
     finally:
         dataplane.finish_generation(generation, reply.completion_tokens)
+        trace.tokens = generation.prompt_tokens + reply.completion_tokens
+    assert reply.finish_reason is not None
+    dataplane.remember_generation(generation, StoredGeneration(recorded, reply.finish_reason, reply.prompt_tokens,
+                                                               reply.completion_tokens))
+    return response
 
 
-async def _stream(request: web.Request, generation: Generation, reply: _Reply, ident: str, created: int
-                  ) -> web.StreamResponse:
+async def _respond(request: web.Request, reply: _Reply, pieces: Pieces, ident: str) -> web.StreamResponse:
+    created = int(time.time())
+    headers = {"x-appliance-model": reply.model}
+    if request[TRACE].cache:
+        headers["x-cache"] = request[TRACE].cache
+    if reply.body.stream:
+        return await _stream(request, reply, pieces, ident, created, headers)
+    text = "".join([piece async for piece, _ in pieces])
+    choice: dict[str, Any] = {"index": 0, "logprobs": reply.logprobs_object(), "finish_reason": reply.finish_reason}
+    if reply.chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    payload = {"id": ident, "object": "chat.completion" if reply.chat else "text_completion", "created": created,
+               "model": reply.model, "choices": [choice], "usage": reply.usage()}
+    return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+
+
+async def _stream(request: web.Request, reply: _Reply, pieces: Pieces, ident: str, created: int,
+                  headers: dict[str, str]) -> web.StreamResponse:
     chat = reply.chat
-    # The first event comes before the headers, so that a prompt that cannot run still gets a proper status.
-    first = await _next_event(request, generation)
+    # The first piece comes before the headers, so that a prompt that cannot run still gets a proper status.
+    first = await anext(pieces)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "x-appliance-model": generation.served.name})
+                                           **headers})
     await response.prepare(request)
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    async def send(delta: str | None, finish: str | None, logprobs: list[dict] | None = None) -> None:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        if chat:
-            choice["delta"] = {} if delta is None else {"content": delta}
-            choice["logprobs"] = {"content": logprobs} if logprobs is not None else None
-        else:
-            choice["text"] = delta or ""
-            choice["logprobs"] = None
-        chunk = {"id": ident, "object": kind, "created": created, "model": generation.served.name,
-                 "choices": [choice]}
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        payload: dict[str, Any] = {"id": ident, "object": kind, "created": created, "model": reply.model,
+                                   "choices": choices}
         if reply.body.include_usage:
-            chunk["usage"] = None
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            payload["usage"] = usage
+        return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+    def choice(delta: str | None, finish: str | None, logprobs: list[dict] | None = None) -> dict:
+        item: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if chat:
+            item["delta"] = {} if delta is None else {"content": delta}
+            item["logprobs"] = {"content": logprobs} if logprobs is not None else None
+        else:
+            item["text"] = delta or ""
+            item["logprobs"] = None
+        return item
 
     if chat:
-        role_chunk = {"id": ident, "object": kind, "created": created, "model": generation.served.name,
-                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                   "finish_reason": None}]}
-        await response.write(b"data: " + orjson.dumps(role_chunk) + b"\n\n")
-    event: TokenEvent | None = first
+        await response.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]))
+    wants_logprobs = reply.body.params.logprobs >= 0
+    piece, logprobs = first
     while True:
-        assert event is not None
-        before = len(reply.logprobs)
-        piece = reply.take(event)
-        new_logprobs = reply.logprobs[before:] if reply.body.params.logprobs >= 0 else None
-        if piece or new_logprobs:
-            await send(piece, None, new_logprobs)
+        if piece or (wants_logprobs and logprobs):
+            await response.write(chunk([choice(piece, None, logprobs if wants_logprobs else None)]))
         if reply.finish_reason is not None:
             break
-        event = await _next_event(request, generation)
-    await send(None, reply.finish_reason)
+        piece, logprobs = await anext(pieces)
+    await response.write(chunk([choice(None, reply.finish_reason)]))
     if reply.body.include_usage:
-        usage = {"id": ident, "object": kind, "created": created, "model": generation.served.name, "choices": [],
-                 "usage": reply.usage()}
-        await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+        await response.write(chunk([], reply.usage()))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -121,14 +121,34 @@ def build_openapi() -> dict[str, Any]:
              "400": _ERROR, "404": _ERROR, "503": _ERROR, "504": _ERROR},
             body={"required": True, "content": {"application/json": {"schema": {"type": "object",
                                                                                 "required": ["model", "prompt"]}}}})},
+        "/admin/cache": {"get": _op("Response cache entries, bytes and cap (admin key)",
+                                    {"200": _json_ok(), "401": _ERROR, "403": _ERROR})},
+        "/admin/cache/purge": {"post": _op(
+            "Delete cached answers of a tenant, a key's private scope and/or a model (admin key)",
+            {"200": _json_ok(), "400": _ERROR, "401": _ERROR, "403": _ERROR},
+            body={"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
+                "tenant": {"type": "string"}, "key": {"type": "string"}, "model": {"type": "string"},
+                "all": {"type": "boolean"}}}}}})},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
         "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
     }
+    for path, methods in paths.items():
+        if path in ("/metrics", "/openapi.json") or path.startswith("/v2/health"):
+            continue
+        for operation in methods.values():
+            operation["security"] = [{"bearer": []}]
+            operation["responses"].setdefault("401", _ERROR)
+            operation["responses"].setdefault("403", _ERROR)
+            if path.startswith(("/v1/", "/v2/models/")):
+                operation["responses"].setdefault("429", _ERROR)
     return {
         "openapi": "3.0.3",
         "info": {"title": "appliance", "version": __version__},
         "paths": paths,
         "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "an API key from `appliance keys create`; not needed on a "
+                                                          "loopback-only server without keys"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
                 "Tensor": tensor,

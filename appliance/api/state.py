@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from appliance.auth import Authenticator, RateLimiter
+from appliance.cache.service import ResponseCacheService
 from appliance.config import Config
 from appliance.dataplane import DataPlane
 from appliance.repository import ModelManager
@@ -30,8 +32,11 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 MODELS = web.AppKey("models", ModelManager)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+AUTH = web.AppKey("auth", Authenticator)
+CACHE = web.AppKey("cache", ResponseCacheService)
+LIMITER = web.AppKey("limiter", RateLimiter)
 WORKERS = web.AppKey("workers", WorkerGroup)  # present only when several worker processes share the port
 TRACE = web.RequestKey("trace", Trace)  # per-request Trace, set by the middleware
 __all__ = [
-    "ACCESS_LOG", "CONFIG", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
+    "ACCESS_LOG", "AUTH", "CACHE", "CONFIG", "LIMITER", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
 ]

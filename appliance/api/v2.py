@@ -137,6 +137,7 @@ async def infer(request: web.Request) -> web.Response:
         inputs=parsed.inputs,
         outputs=parsed.outputs,
         deadline=deadline,
+        cache_control=request.headers.get("Cache-Control"),
     )
     result, served = await request.app[DATAPLANE].infer(infer_request, request[TRACE])
     datatypes = served.output_datatypes

