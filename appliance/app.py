@@ -14,15 +14,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from appliance.api import openai_api, openai_generate, v2
 from appliance.api.middleware import request_middleware
 from appliance.api.openapi import openapi_document
-from appliance.api import admin
-from appliance.api.state import (ACCESS_LOG, AUTH, CACHE, CONFIG, DATAPLANE, LIFECYCLE, LIMITER, METRICS, MODELS,
-                                 WORKERS, Lifecycle)
+from appliance.api import admin, usage
+from appliance.admission import Admission
+from appliance.api.state import (ACCESS_LOG, AUTH, CACHE, CONFIG, DATAPLANE, LEDGER, LIFECYCLE, LIMITER, METRICS,
+                                 MODELS, UPSTREAMS, WORKERS, Lifecycle)
 from appliance.auth import Authenticator, RateLimiter, is_loopback
 from appliance.cache.service import ResponseCacheService
 from appliance.config import Config
 from appliance.dataplane import DataPlane
 from appliance.engine_factory import create_engine
 from appliance.keys import KeyStore
+from appliance.ledger import CostLedger
+from appliance.placement import Placement
+from appliance.routing import Router
 from appliance.model_version import EngineFactory
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
@@ -42,6 +46,10 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, app[AUTH].load)  # an invalid key store stops the start, with its reason
     await app[CACHE].open()
+    if LEDGER in app:
+        await app[LEDGER].start()
+    for upstream in app[UPSTREAMS].values():
+        await upstream.start()
     models = app[MODELS]
     states = await models.load_all()
     for state in states:
@@ -57,6 +65,10 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
             await task
     await models.close()
     await app[CACHE].close()
+    for upstream in app[UPSTREAMS].values():
+        await upstream.close()
+    if LEDGER in app:
+        await app[LEDGER].close()
     app[ACCESS_LOG].flush()
 
 
@@ -81,7 +93,15 @@ def create_app(
     app[ACCESS_LOG] = AccessLog(access_log_stream, enabled=config.server.access_log)
     app[MODELS] = ModelManager(config, engine_factory, app[METRICS])
     app[CACHE] = ResponseCacheService(config.cache, config.paths.response_cache_dir(), app[METRICS])
-    app[DATAPLANE] = DataPlane(app[MODELS], app[CACHE])
+    from appliance.upstreams import Upstream
+
+    app[UPSTREAMS] = {name: Upstream(upstream) for name, upstream in config.upstreams.items()}
+    placement = Placement(Router(config.routing, app[MODELS]), Admission(config.admission), app[UPSTREAMS],
+                          app[METRICS])
+    app[DATAPLANE] = DataPlane(app[MODELS], app[CACHE], placement, config.ledger.device_rate_per_hour)
+    if config.ledger.enabled:
+        app[LEDGER] = CostLedger(config.paths.ledger_dir(), app[METRICS].registry,
+                                 max_workflows=config.ledger.max_workflows)
     app[AUTH] = Authenticator(KeyStore(config.paths.keys()), loopback_only=is_loopback(config.server.host))
     app[LIMITER] = RateLimiter(share=1.0 / (workers.count if workers is not None else 1))
     app[LIFECYCLE] = Lifecycle()
@@ -91,6 +111,7 @@ def create_app(
     openai_api.add_routes(app)
     openai_generate.add_routes(app)
     admin.add_routes(app)
+    usage.add_routes(app)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_document)
     app.cleanup_ctx.append(_lifespan)

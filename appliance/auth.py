@@ -29,7 +29,8 @@ def principal_for(key: ApiKey) -> Principal:
     """The principal an API key stands for."""
     return Principal(tenant=key.tenant, key_id=key.id, key_name=key.name, models=key.models, cloud=key.cloud,
                      cache_scope=key.scope(), admin=key.admin, workflow=key.workflow,
-                     requests_per_minute=key.requests_per_minute, tokens_per_minute=key.tokens_per_minute)
+                     requests_per_minute=key.requests_per_minute, tokens_per_minute=key.tokens_per_minute,
+                     lane=key.lane)
 
 
 # The local operator on a loopback-only server without keys: may do everything except send data off the box.

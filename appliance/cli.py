@@ -15,7 +15,7 @@ from pathlib import Path
 
 from appliance import __version__
 from appliance.config import Config, ConfigError
-from appliance.keys import CACHE_SCOPES, ApiKey, KeyStore, KeyStoreError
+from appliance.keys import CACHE_SCOPES, LANES, ApiKey, KeyStore, KeyStoreError
 from appliance.model_spec import read_model_spec
 from appliance.notify import notifier
 from appliance.reload import ConfigSource
@@ -73,6 +73,8 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--tpm", type=_count, default=0, help="tokens per minute (default 0: unlimited)")
     create.add_argument("--admin", action="store_true", help="may call the admin endpoints")
     create.add_argument("--workflow", default="", help="default workflow tag for cost attribution")
+    create.add_argument("--lane", choices=LANES, default="interactive",
+                        help="default admission lane of its requests (x-appliance-lane overrides)")
     listing = actions.add_parser("list", help="list the keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     revoke = actions.add_parser("revoke", help="revoke a key; a running server stops accepting it")
@@ -183,7 +185,8 @@ def _cmd_keys(config: Config, args: argparse.Namespace) -> int:
             models = [name.strip() for name in args.models.split(",") if name.strip()]
             key, token = store.create(name=args.name, tenant=args.tenant, models=models, cloud=args.cloud,
                                       cache_scope=args.cache_scope, requests_per_minute=args.rpm,
-                                      tokens_per_minute=args.tpm, admin=args.admin, workflow=args.workflow)
+                                      tokens_per_minute=args.tpm, admin=args.admin, workflow=args.workflow,
+                                      lane=args.lane)
             print(token)
             print(f"appliance keys: created key {key.id} ({key.name}, tenant {key.tenant}) in {store.path}; the "
                   "token above is shown once and cannot be recovered; a running server picks it up within a few "

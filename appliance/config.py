@@ -58,6 +58,7 @@ class PathsConfig:
     cache_dir: str = ""  # empty: <state_dir>/cache
     keys_file: str = ""  # empty: <state_dir>/keys.json
     response_cache: str = ""  # empty: <state_dir>/response-cache
+    ledger: str = ""  # empty: <state_dir>/ledger
 
     def models(self) -> Path:
         """The model repository folder."""
@@ -70,6 +71,10 @@ class PathsConfig:
     def keys(self) -> Path:
         """The API key store (hashes only)."""
         return Path(self.keys_file or Path(self.state_dir) / "keys.json").expanduser()
+
+    def ledger_dir(self) -> Path:
+        """The LMDB cost ledger's folder."""
+        return Path(self.ledger or Path(self.state_dir) / "ledger").expanduser()
 
     def response_cache_dir(self) -> Path:
         """The LMDB response cache's folder."""
@@ -110,6 +115,49 @@ class CacheConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """Complexity routing for ``model: "auto"`` (and the other ``aliases``): a score from the request alone.
+
+    Each feature is scaled to 0..1 and weighted; the sum picks the ``small`` tier up to ``small_max_score``, the
+    ``mid`` tier up to ``mid_max_score``, and above it ``cloud_upstream`` when the caller's policy allows (else mid).
+    """
+
+    aliases: list[str] = field(default_factory=lambda: ["auto"])
+    small_max_score: float = field(default=0.25, metadata=limits(0, 1))
+    mid_max_score: float = field(default=0.6, metadata=limits(0, 1))
+    cloud_upstream: str = ""
+    prompt_tokens_scale: int = field(default=1500, metadata=limits(1))
+    weight_prompt_tokens: float = field(default=0.3, metadata=limits(0, 1))
+    turns_scale: int = field(default=8, metadata=limits(1))
+    weight_turns: float = field(default=0.1, metadata=limits(0, 1))
+    output_tokens_scale: int = field(default=1024, metadata=limits(1))
+    weight_output_tokens: float = field(default=0.15, metadata=limits(0, 1))
+    weight_code: float = field(default=0.25, metadata=limits(0, 1))
+    weight_math: float = field(default=0.25, metadata=limits(0, 1))
+    weight_reasoning: float = field(default=0.3, metadata=limits(0, 1))
+
+
+@dataclass
+class AdmissionConfig:
+    """Lanes in front of every local model: a priority, a maximum wait, and overflow when it would be exceeded."""
+
+    enabled: bool = True
+    interactive_max_wait_ms: float = field(default=1000.0, metadata=limits(1))
+    batch_max_wait_ms: float = field(default=60000.0, metadata=limits(1))
+    max_waiting: int = field(default=256, metadata=limits(1, 1_000_000))  # per model, both lanes together
+    overflow_to_cloud: bool = True
+
+
+@dataclass
+class LedgerConfig:
+    """Cost attribution: rates for local work and the persistent ledger."""
+
+    enabled: bool = True
+    device_rate_per_hour: float = field(default=0.0, metadata=limits(0))  # local cost per compute hour
+    max_workflows: int = field(default=64, metadata=limits(1, 10_000))
+
+
+@dataclass
 class Config:
     """The effective configuration of one server process."""
 
@@ -118,6 +166,10 @@ class Config:
     onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    upstreams: dict[str, Any] = field(default_factory=dict, compare=False)  # name -> UpstreamConfig
     source: str = field(default="defaults", compare=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -130,11 +182,17 @@ class Config:
         for section, values in self.to_dict().items():
             lines.append(f"\n[{section}]")
             lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        for name, upstream in self.upstreams.items():  # credentials are never printed
+            lines.append(f"\n[upstreams.{name}]")
+            lines.append(f"kind = {_toml_value(upstream.kind)}")
+            lines.append(f"base_url = {_toml_value(upstream.base_url)}")
+            lines.append("models = {" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}"
+                                                  for k, v in upstream.models.items()) + "}")
         return "\n".join(lines) + "\n"
 
 
 def _sections() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(Config) if f.name != "source"]
+    return [f for f in dataclasses.fields(Config) if f.name not in ("source", "upstreams")]
 
 
 def _toml_value(value: Any) -> str:
@@ -164,6 +222,11 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         sources.append(str(file))
     config = Config()
     for section_name, section_values in raw.items():
+        if section_name == "upstreams":
+            from appliance.upstreams import parse_upstreams
+
+            config.upstreams = parse_upstreams(section_values, str(path), environ)
+            continue
         apply_table(_section(config, section_name, origin=str(path)), section_name, section_values, str(path))
     overrides = False
     for name, text in sorted(environ.items()):
@@ -182,6 +245,13 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
 
 def check_config(config: Config) -> None:
     """Checks that involve more than one setting."""
+    routing = config.routing
+    if routing.small_max_score > routing.mid_max_score:
+        raise ConfigError(f"routing.small_max_score ({routing.small_max_score}) is above routing.mid_max_score "
+                          f"({routing.mid_max_score}); the small tier's threshold must be the lower one")
+    if routing.cloud_upstream and routing.cloud_upstream not in config.upstreams:
+        raise ConfigError(f"routing.cloud_upstream = {routing.cloud_upstream!r} names no [upstreams.*] table; "
+                          f"declared: {', '.join(config.upstreams) or 'none'}")
     if config.server.workers > 1 and config.server.port == 0:
         raise ConfigError(
             f"server.workers = {config.server.workers} needs a fixed server.port (0 picks a different port per "

@@ -20,8 +20,9 @@ from appliance.cache.payloads import StoredGeneration, decode_embeddings, decode
     encode_tensors
 from appliance.cache.service import BYPASS, CacheDecision, ResponseCacheService
 from appliance.engines.generation import SamplingParams, Sequence
-from appliance.errors import BadRequest, Forbidden
+from appliance.errors import ApplianceError, BadRequest, EngineFailed, Forbidden, ModelNotReady
 from appliance.model_version import ModelVersion
+from appliance.placement import Placement, Ticket
 from appliance.repository import ModelManager
 from appliance.types import EmbedRequest, EmbedResponse, Request, Result, Trace, Usage
 
@@ -36,6 +37,7 @@ class Generation:
     started: float
     token_times: list[float] = field(default_factory=list)
     cache: CacheDecision | None = None
+    ticket: Ticket | None = None
 
 
 @dataclass(eq=False)
@@ -50,10 +52,37 @@ class DataPlane:
     """Runs requests through the steps of the request path."""
 
     def __init__(self, models: ModelManager, cache: ResponseCacheService | None = None,
+                 placement: Placement | None = None, device_rate_per_hour: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.models = models
         self.cache = cache
+        self.placement = placement
+        self.device_rate_per_hour = device_rate_per_hour
         self._clock = clock
+
+    def _served(self, name: str, version: int | None, trace: Trace, task: str) -> ModelVersion:
+        """:meth:`resolve`, failing over to the cloud (where allowed) when the model is not ready."""
+        try:
+            return self.resolve(name, version, trace)
+        except ModelNotReady as exc:
+            if self.placement is not None:
+                self.placement.failover(name, task, trace, exc)
+            raise
+
+    async def _admit(self, served: ModelVersion, trace: Trace) -> Ticket | None:
+        return await self.placement.admit(served, trace) if self.placement is not None else None
+
+    def _account(self, served: ModelVersion, trace: Trace, compute_s: float, input_tokens: int,
+                 output_tokens: int) -> None:
+        """Tokens and the local cost of a request the model ran."""
+        trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
+        trace.tokens = input_tokens + output_tokens
+        trace.cost = local_cost(served, compute_s, input_tokens, output_tokens, self.device_rate_per_hour)
+
+    def _cached(self, served: ModelVersion, trace: Trace, input_tokens: int, output_tokens: int) -> None:
+        trace.place = "cache"
+        trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
+        trace.cost_avoided = local_cost(served, 0.0, input_tokens, output_tokens, self.device_rate_per_hour)
 
     def resolve(self, name: str, version: int | None, trace: Trace) -> ModelVersion:
         """The serving version of a model, name, alias or tier, if the caller's key may use it."""
@@ -63,6 +92,8 @@ class DataPlane:
             raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "
                             f"{', '.join(principal.models)}", param="model")
         trace.model, trace.version = served.name, str(served.version)
+        if not trace.route:
+            trace.route = "named in the request"
         return served
 
     async def _lookup(self, served: ModelVersion, canonical: Callable[[], object], cache_control: str | None,
@@ -85,15 +116,27 @@ class DataPlane:
         decision = await self._lookup(served, partial(_tensor_canonical, request), request.cache_control,
                                       served.spec.deterministic, trace)
         if decision.payload is not None:
+            self._cached(served, trace, 0, 0)
             return Result(request.id, served.name, served.version, decode_tensors(decision.payload), Usage()), served
-        if decision.status != BYPASS:
-            served = self._checked(request, trace)  # the lookup awaited: a new version may have been swapped in
-        result = await self._run_tensors(request, served, trace)
+        ticket = await self._admit(served, trace)
+        try:
+            if decision.status != BYPASS or ticket is not None:
+                served = self._checked(request, trace)  # it awaited: a new version may have been swapped in
+            try:
+                result = await self._run_tensors(request, served, trace)
+            except EngineFailed as exc:
+                if self.placement is not None:
+                    self.placement.failover(served.name, "tensor", trace, exc)
+                raise
+        finally:
+            if ticket is not None:
+                ticket.release(trace.usage.compute_s if trace.usage else None)
+        self._account(served, trace, result.usage.compute_s, 0, 0)
         self._remember(decision, served, lambda: encode_tensors(result.outputs))
         return result, served
 
     def _checked(self, request: Request, trace: Trace) -> ModelVersion:
-        served = self.resolve(request.model, request.version, trace)
+        served = self._served(request.model, request.version, trace, "tensor")
         if served.generator is not None:
             raise BadRequest(f"model {served.name!r} generates text: use POST /v1/chat/completions or "
                              "/v1/completions")
@@ -157,10 +200,15 @@ class DataPlane:
 
     async def embed(self, request: EmbedRequest, trace: Trace) -> EmbedResponse:
         """Embed texts or token sequences with an embedding model, in input order."""
-        served = self.resolve(request.model, None, trace)
+        if self.placement is not None and self.placement.router.is_router(request.model):
+            route = self.placement.decided(self.placement.router.route_embedding(request.model), trace,
+                                           request.model)
+            request.model = route.model
+        served = self._served(request.model, None, trace, "embed")
         if served.embedder is None or served.text is None:
             raise BadRequest(f"model {served.name!r} is not an embedding model (its task is {served.spec.task!r}); "
                              "GET /v1/models lists the models", param="model")
+
         def canonical() -> object:
             return {"texts": request.texts, "ids": request.token_ids, "dimensions": request.dimensions,
                     "truncate": request.truncate}
@@ -168,12 +216,24 @@ class DataPlane:
         decision = await self._lookup(served, canonical, request.cache_control, served.spec.deterministic, trace)
         if decision.payload is not None:
             vectors, prompt_tokens = decode_embeddings(decision.payload)
+            self._cached(served, trace, prompt_tokens, 0)
             return EmbedResponse(served.name, served.version, vectors, prompt_tokens, Usage())
-        if decision.status != BYPASS:
-            served = self.resolve(request.model, None, trace)  # the lookup awaited: a swap may have happened
-            if served.embedder is None or served.text is None:
-                raise BadRequest(f"model {served.name!r} is no longer an embedding model", param="model")
-        response = await self._embed(request, served, trace)
+        ticket = await self._admit(served, trace)
+        try:
+            if decision.status != BYPASS or ticket is not None:
+                served = self.resolve(request.model, None, trace)  # it awaited: a swap may have happened
+                if served.embedder is None or served.text is None:
+                    raise BadRequest(f"model {served.name!r} is no longer an embedding model", param="model")
+            try:
+                response = await self._embed(request, served, trace)
+            except EngineFailed as exc:
+                if self.placement is not None:
+                    self.placement.failover(served.name, "embed", trace, exc)
+                raise
+        finally:
+            if ticket is not None:
+                ticket.release(trace.usage.compute_s if trace.usage else None)
+        self._account(served, trace, response.usage.compute_s, response.prompt_tokens, 0)
         self._remember(decision, served, lambda: encode_embeddings(response.embeddings, response.prompt_tokens))
         return response
 
@@ -211,8 +271,7 @@ class DataPlane:
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         usage = Usage(outcome.queue_s, outcome.compute_s, outcome.batches)
         trace.usage = usage
-        trace.tokens = sum(len(s) for s in sequences)
-        return EmbedResponse(served.name, served.version, vectors, trace.tokens, usage)
+        return EmbedResponse(served.name, served.version, vectors, sum(len(s) for s in sequences), usage)
 
     async def generate(self, model: str, messages: list[dict] | None, prompt: str | list[int] | None,
                        params: SamplingParams, max_tokens: int | None, deadline: float | None,
@@ -225,15 +284,25 @@ class DataPlane:
         answered from the response cache (a :class:`CachedGeneration`).
         """
         started = self._clock()
+        if self.placement is not None and self.placement.router.is_router(model):
+            model = self.placement.route_generation(model, messages, prompt, max_tokens, trace).model
         served = self._generator(model, trace)
         deterministic = canonical is not None and (params.temperature == 0 or params.seed is not None)
         decision = await self._lookup(served, canonical or dict, cache_control, deterministic, trace)
         if decision.payload is not None:
-            return CachedGeneration(served, StoredGeneration.decode(decision.payload))
-        if decision.status != BYPASS:
-            served = self._generator(model, trace)  # the lookup awaited: a swap may have happened
-        generation = self._start_generation(served, messages, prompt, params, max_tokens, deadline, started)
-        generation.cache = decision
+            stored = StoredGeneration.decode(decision.payload)
+            self._cached(served, trace, stored.prompt_tokens, stored.completion_tokens)
+            return CachedGeneration(served, stored)
+        ticket = await self._admit(served, trace)
+        try:
+            if decision.status != BYPASS or ticket is not None:
+                served = self._generator(model, trace)  # it awaited: a swap may have happened
+            generation = self._start_generation(served, messages, prompt, params, max_tokens, deadline, started)
+        except BaseException:
+            if ticket is not None:
+                ticket.release(None)
+            raise
+        generation.cache, generation.ticket = decision, ticket
         return generation
 
     def remember_generation(self, generation: Generation, stored: StoredGeneration) -> None:
@@ -242,7 +311,7 @@ class DataPlane:
             self._remember(generation.cache, generation.served, stored.encode)
 
     def _generator(self, model: str, trace: Trace) -> ModelVersion:
-        served = self.resolve(model, None, trace)
+        served = self._served(model, None, trace, "generate")
         if served.generator is None or served.text is None:
             raise BadRequest(f"model {served.name!r} does not generate text (its task is {served.spec.task!r}); "
                              "GET /v1/models lists the models", param="model")
@@ -294,14 +363,20 @@ class DataPlane:
             metrics.inter_token.observe(now - generation.token_times[-1])
         generation.token_times.append(now)
 
-    def finish_generation(self, generation: Generation, completion_tokens: int) -> None:
+    def finish_generation(self, generation: Generation, completion_tokens: int, trace: Trace) -> None:
         """The request is answered (or gone): stop its sequence if still running and record its totals."""
         served = generation.served
         assert served.generator is not None
         served.generator.cancel(generation.sequence)
         served.metrics.in_flight.dec()
         served.metrics.generated_tokens.inc(completion_tokens)
-        served.metrics.generation_duration.observe(self._clock() - generation.started)
+        now = self._clock()
+        served.metrics.generation_duration.observe(now - generation.started)
+        admitted = generation.sequence.admitted_at or now
+        held_s = now - admitted  # the time the sequence held a KV-cache row
+        if generation.ticket is not None:
+            generation.ticket.release(held_s if completion_tokens else None)
+        self._account(served, trace, held_s, generation.prompt_tokens, completion_tokens)
 
     @staticmethod
     def _fit(sequences: list[list[int]], limit: int, truncate: bool, keep_last: bool) -> list[list[int]]:
@@ -333,3 +408,14 @@ def _tensor_canonical(request: Request) -> object:
             data = np.ascontiguousarray(array).tobytes()
         inputs.append([name, array.dtype.str, list(array.shape), data])
     return {"inputs": inputs, "outputs": request.outputs}
+
+
+def local_cost(served: ModelVersion, compute_s: float, input_tokens: int, output_tokens: int,
+               device_rate_per_hour: float) -> float:
+    """A local request's cost: the model's ``[cost]`` rates, else compute time at the device's hourly rate."""
+    rates = served.spec.cost
+    cost = rates.per_request + rates.per_compute_second * compute_s
+    cost += (rates.per_million_input_tokens * input_tokens + rates.per_million_output_tokens * output_tokens) / 1e6
+    if not (rates.per_compute_second or rates.per_million_input_tokens or rates.per_million_output_tokens):
+        cost += compute_s * device_rate_per_hour / 3600.0
+    return cost

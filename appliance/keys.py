@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 KEY_PREFIX = "apk_"
+LANES = ("interactive", "batch")
 CACHE_SCOPES = ("tenant", "key", "none")
 FILE_VERSION = 1
 
@@ -53,6 +54,7 @@ class ApiKey:
     tokens_per_minute: int = 0  # 0: unlimited
     admin: bool = False
     workflow: str = ""  # default workflow tag for cost attribution; "": none
+    lane: str = "interactive"  # default admission lane: "interactive" or "batch"
     created: float = 0.0
     revoked: float = 0.0  # unix time of revocation; 0: active
 
@@ -121,13 +123,13 @@ class KeyStore:
 
     def create(self, *, name: str, tenant: str, models: Iterable[str] = (), cloud: bool = False,
                cache_scope: str = "tenant", requests_per_minute: int = 0, tokens_per_minute: int = 0,
-               admin: bool = False, workflow: str = "") -> tuple[ApiKey, str]:
+               admin: bool = False, workflow: str = "", lane: str = "interactive") -> tuple[ApiKey, str]:
         """Add a key; return its record and its token, which is not stored and cannot be shown again."""
         if isinstance(models, str):
             raise KeyStoreError(f"cannot create key {name!r}: models must be a list of names, not {models!r}")
         key = ApiKey(id="0" * 12, name=name, tenant=tenant, models=tuple(models), cloud=cloud,
                      cache_scope=cache_scope, requests_per_minute=requests_per_minute,
-                     tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow)
+                     tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow, lane=lane)
         problem = _problem(key)
         if problem:
             raise KeyStoreError(f"cannot create key {name!r}: {problem}")
@@ -294,6 +296,7 @@ _JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "tokens_per_minute": ((int,), "an integer >= 0 (0 = unlimited)"),
     "admin": ((bool,), "true or false"),
     "workflow": ((str,), "a string"),
+    "lane": ((str,), "a string"),
     "created": ((int, float), "a unix time in seconds"),
     "revoked": ((int, float), "a unix time in seconds (0 = active)"),
 }
@@ -321,6 +324,8 @@ def _problem(key: ApiKey) -> str | None:
             return f"{field_name} must be true or false"
     if not isinstance(key.workflow, str) or (key.workflow and not _NAME.fullmatch(key.workflow)):
         return f"workflow {key.workflow!r} is not allowed: use {_NAME_RULE}, or '' for none"
+    if key.lane not in LANES:
+        return f"lane {key.lane!r} is not one of {', '.join(map(repr, LANES))}"
     if not all(math.isfinite(t) and t >= 0 for t in (key.created, key.revoked)):
         return "created and revoked must be unix times >= 0"
     return None

@@ -77,8 +77,10 @@ def merge_config(running: Config, new: Config) -> tuple[list[str], list[str]]:
     Returns the settings applied and the changed settings that wait for a restart, as ``section.setting`` names.
     """
     applied, restart = [], []
+    if sorted(running.upstreams) != sorted(new.upstreams):
+        restart.append(f"upstreams ({sorted(running.upstreams)} -> {sorted(new.upstreams)})")
     for section_field in dataclasses.fields(Config):
-        if section_field.name == "source":
+        if section_field.name in ("source", "upstreams"):
             continue
         old_section, new_section = getattr(running, section_field.name), getattr(new, section_field.name)
         for setting in dataclasses.fields(old_section):

@@ -86,6 +86,12 @@ class Metrics:
                                 registry=reg, multiprocess_mode="mostrecent")
         self.cache_entries = Gauge("appliance_cache_entries", "Entries held by the response cache", (),
                                    registry=reg, multiprocess_mode="mostrecent")
+        self.route_decisions = Counter("appliance_route_decisions", "Routing and overflow decisions by where the "
+                                       "request went and why (named, complexity, overflow, failover)",
+                                       ("router", "place", "kind"), registry=reg)
+        self.admission_rejected = Counter("appliance_admission_rejected", "Requests not admitted to a local model "
+                                          "(over the lane's wait or the queue full)", ("model", "lane"),
+                                          registry=reg)
         self.auth_rejected = Counter("appliance_auth_rejected", "Requests refused by authentication, "
                                      "authorization or limits", ("reason",), registry=reg)
 
@@ -209,6 +215,8 @@ class AccessLog:
         tenant: str = "",
         key_id: str = "",
         cache: str = "",
+        place: str = "",
+        route: str = "",
     ) -> None:
         """Add one request's line."""
         if not self.enabled:
@@ -230,6 +238,8 @@ class AccessLog:
                     "tenant": tenant,
                     "key": key_id,
                     "cache": cache,
+                    "place": place,
+                    "route": route,
                 },
                 separators=(",", ":"),
             )

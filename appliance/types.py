@@ -59,6 +59,7 @@ class Principal:
     workflow: str = ""
     requests_per_minute: int = 0  # 0: unlimited
     tokens_per_minute: int = 0
+    lane: str = "interactive"  # default admission lane
 
     def may_use(self, *names: str) -> bool:
         """Whether any of ``names`` (a model's name or aliases) is in the key's list; an empty list allows all."""
@@ -75,6 +76,27 @@ class Trace:
     principal: Principal | None = None
     cache: str = ""  # hit, miss or bypass when the request went through the response cache
     tokens: int = 0  # tokens read and written, charged to the key's tokens-per-minute budget
+    input_tokens: int = 0
+    output_tokens: int = 0
+    place: str = "local"  # where it ran: local, cloud or cache
+    route: str = ""  # why it went where it went, for x-appliance-route and the access log
+    lane: str = ""
+    workflow: str = ""
+    local_only: bool = False  # the caller asked (x-appliance-data: local-only) that its data stay here
+    cost: float = 0.0
+    cost_avoided: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request runs and why, in words a log reader understands."""
+
+    place: str  # local or cloud
+    model: str  # the local model, or the upstream's name for it
+    reason: str
+    kind: str  # named, complexity, overflow, failover
+    upstream: str = ""
+    score: float | None = None
 
 
 @dataclass(slots=True)

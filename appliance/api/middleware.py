@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -12,9 +13,12 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from appliance.api.state import ACCESS_LOG, AUTH, LIFECYCLE, LIMITER, METRICS, TRACE
+from appliance.api.state import ACCESS_LOG, AUTH, LEDGER, LIFECYCLE, LIMITER, METRICS, TRACE
 from appliance.auth import LOCAL, require_admin
-from appliance.errors import ApplianceError, Forbidden, PayloadTooLarge, RateLimited, ServerDraining, Unauthorized
+from appliance.errors import (ApplianceError, BadRequest, Forbidden, PayloadTooLarge, RateLimited, ServerDraining,
+                              Unauthorized)
+from appliance.keys import LANES
+from appliance.ledger import UsageRecord
 from appliance.types import Principal, Trace
 from appliance.workers import FANOUT_HEADER
 
@@ -29,6 +33,7 @@ ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 # Paths anyone who can reach the port may call: probes, metrics (no payloads, no keys) and the API description.
 PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"})
 ADMIN_PREFIXES = ("/v2/repository/", "/admin/", "/v1/usage")
+_WORKFLOW = re.compile(r"[A-Za-z0-9._-]{1,64}")
 REJECTION_REASONS = {Unauthorized: "unauthenticated", Forbidden: "forbidden", RateLimited: "rate_limited"}
 
 
@@ -70,6 +75,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")
         if request.path not in PUBLIC:
             trace.principal = _principal(request)
+            _policy(request, trace)
         response = await handler(request)
     except ApplianceError as exc:
         reason = REJECTION_REASONS.get(type(exc))
@@ -94,6 +100,16 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         response.headers["x-request-id"] = request_id
         if trace.cache:
             response.headers["x-cache"] = trace.cache
+        if trace.model and "x-appliance-model" not in response.headers:
+            response.headers["x-appliance-model"] = trace.model
+        if trace.route:
+            response.headers["x-appliance-route"] = trace.route
+    if trace.model and trace.principal is not None and response.status < 400 and LEDGER in app:
+        app[LEDGER].record(UsageRecord(
+            tenant=trace.principal.tenant, key_id=trace.principal.key_id, model=trace.model, place=trace.place,
+            workflow=trace.workflow, input_tokens=trace.input_tokens, output_tokens=trace.output_tokens,
+            compute_s=trace.usage.compute_s if trace.usage else 0.0, cost=trace.cost,
+            cost_avoided=trace.cost_avoided))
     if trace.tokens and trace.principal is not None and trace.principal.tokens_per_minute:
         app[LIMITER].charge_tokens(trace.principal, trace.tokens)
     total = time.perf_counter() - started
@@ -113,6 +129,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         tenant=trace.principal.tenant if trace.principal else "",
         key_id=trace.principal.key_id if trace.principal else "",
         cache=trace.cache,
+        place=trace.place if trace.model else "",
+        route=trace.route,
     )
     return response
 
@@ -133,3 +151,26 @@ def _from_unix_socket(request: web.Request) -> bool:
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock is not None and sock.family == socket.AF_UNIX
+
+
+def _policy(request: web.Request, trace: Trace) -> None:
+    """The request's lane, workflow tag and data policy: headers, else the key's defaults.
+
+    ``x-appliance-data: local-only`` can only tighten what the key allows; nothing a client sends widens it.
+    """
+    principal = trace.principal
+    assert principal is not None
+    headers = request.headers
+    lane = headers.get("x-appliance-lane")
+    if lane is not None and lane not in LANES:
+        raise BadRequest(f"x-appliance-lane must be one of {', '.join(LANES)}, not {lane!r}")
+    trace.lane = lane or principal.lane
+    data = headers.get("x-appliance-data")
+    if data is not None and data not in ("local-only", "any"):
+        raise BadRequest(f"x-appliance-data must be 'local-only' (or 'any', which keeps the key's policy), "
+                         f"not {data!r}")
+    trace.local_only = data == "local-only" or not principal.cloud
+    workflow = headers.get("x-appliance-workflow")
+    if workflow is not None and not _WORKFLOW.fullmatch(workflow):
+        raise BadRequest("x-appliance-workflow must be 1 to 64 letters, digits, '.', '_' or '-'")
+    trace.workflow = workflow or principal.workflow

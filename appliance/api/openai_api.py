@@ -10,8 +10,10 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+from appliance.api.cloud_relay import relay_openai
 from appliance.api.state import CONFIG, DATAPLANE, MODELS, TRACE
 from appliance.errors import BadRequest, PayloadTooLarge
+from appliance.placement import SpillToCloud
 from appliance.types import EmbedRequest
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "truncate", "timeout"}
@@ -104,9 +106,13 @@ def is_int(value: Any) -> bool:
 
 async def create_embeddings(request: web.Request) -> web.Response:
     """POST /v1/embeddings"""
-    embed_request, encoding = parse_embedding_request(await read_json(request))
+    raw = await read_json(request)
+    embed_request, encoding = parse_embedding_request(raw)
     embed_request.cache_control = request.headers.get("Cache-Control")
-    response = await request.app[DATAPLANE].embed(embed_request, request[TRACE])
+    try:
+        response = await request.app[DATAPLANE].embed(embed_request, request[TRACE])
+    except SpillToCloud as spill:
+        return await relay_openai(request, spill.route, "/v1/embeddings", raw, stream=False)
     vectors = np.ascontiguousarray(response.embeddings, dtype=np.float32)
     if encoding == "base64":
         rows: list[Any] = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in vectors]

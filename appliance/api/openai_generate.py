@@ -14,12 +14,14 @@ from aiohttp import web
 
 from appliance.api.openai_api import check_user, deadline_from, is_int, read_json
 from appliance.api.state import DATAPLANE, TRACE
+from appliance.api.cloud_relay import relay_openai
 from appliance.api.text_stream import TextAssembler
 from appliance.cache.payloads import StoredGeneration
 from appliance.dataplane import CachedGeneration, Generation
 from appliance.engines.generation import SamplingParams, TokenEvent
 from appliance.engines.tokenizer import TextEncoder
 from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
+from appliance.placement import SpillToCloud
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "user", "n", "ignore_eos", "timeout"}
@@ -248,12 +250,18 @@ async def _cached_pieces(stored: StoredGeneration, reply: _Reply) -> Pieces:
 
 
 async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
-    body = parse_generate(await read_json(request), chat)
+    raw = await read_json(request)
+    body = parse_generate(raw, chat)
     dataplane = request.app[DATAPLANE]
     trace = request[TRACE]
-    generation = await dataplane.generate(body.model, body.messages, body.prompt, body.params, body.max_tokens,
-                                          body.deadline, trace, canonical=partial(body.canonical, chat),
-                                          cache_control=request.headers.get("Cache-Control"))
+    try:
+        generation = await dataplane.generate(body.model, body.messages, body.prompt, body.params,
+                                              body.max_tokens, body.deadline, trace,
+                                              canonical=partial(body.canonical, chat),
+                                              cache_control=request.headers.get("Cache-Control"))
+    except SpillToCloud as spill:
+        return await relay_openai(request, spill.route, "/v1/chat/completions" if chat else "/v1/completions", raw,
+                                  body.stream)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if isinstance(generation, CachedGeneration):
         stored = generation.stored
@@ -264,8 +272,7 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
     try:
         response = await _respond(request, reply, _live_pieces(request, generation, reply, recorded), ident)
     finally:
-        dataplane.finish_generation(generation, reply.completion_tokens)
-        trace.tokens = generation.prompt_tokens + reply.completion_tokens
+        dataplane.finish_generation(generation, reply.completion_tokens, trace)
     assert reply.finish_reason is not None
     dataplane.remember_generation(generation, StoredGeneration(recorded, reply.finish_reason, reply.prompt_tokens,
                                                                reply.completion_tokens))
@@ -274,9 +281,12 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
 
 async def _respond(request: web.Request, reply: _Reply, pieces: Pieces, ident: str) -> web.StreamResponse:
     created = int(time.time())
+    trace = request[TRACE]
     headers = {"x-appliance-model": reply.model}
-    if request[TRACE].cache:
-        headers["x-cache"] = request[TRACE].cache
+    if trace.cache:
+        headers["x-cache"] = trace.cache
+    if trace.route:
+        headers["x-appliance-route"] = trace.route
     if reply.body.stream:
         return await _stream(request, reply, pieces, ident, created, headers)
     text = "".join([piece async for piece, _ in pieces])

@@ -129,6 +129,11 @@ def build_openapi() -> dict[str, Any]:
             body={"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
                 "tenant": {"type": "string"}, "key": {"type": "string"}, "model": {"type": "string"},
                 "all": {"type": "boolean"}}}}}})},
+        "/v1/usage": {"get": _op(
+            "Cost ledger totals (admin key): filter by tenant, key, model, place, workflow, since, until; group_by",
+            {"200": _json_ok(), "400": _ERROR, "401": _ERROR, "403": _ERROR},
+            params=[{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                    for name in ("tenant", "key", "model", "place", "workflow", "since", "until", "group_by")])},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
         "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
     }

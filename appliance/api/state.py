@@ -9,6 +9,7 @@ from aiohttp import web
 from appliance.auth import Authenticator, RateLimiter
 from appliance.cache.service import ResponseCacheService
 from appliance.config import Config
+from appliance.ledger import CostLedger
 from appliance.dataplane import DataPlane
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
@@ -34,9 +35,11 @@ DATAPLANE = web.AppKey("dataplane", DataPlane)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 AUTH = web.AppKey("auth", Authenticator)
 CACHE = web.AppKey("cache", ResponseCacheService)
+LEDGER = web.AppKey("ledger", CostLedger)  # absent when [ledger] enabled = false
+UPSTREAMS = web.AppKey("upstreams", dict)  # name -> Upstream
 LIMITER = web.AppKey("limiter", RateLimiter)
 WORKERS = web.AppKey("workers", WorkerGroup)  # present only when several worker processes share the port
 TRACE = web.RequestKey("trace", Trace)  # per-request Trace, set by the middleware
 __all__ = [
-    "ACCESS_LOG", "AUTH", "CACHE", "CONFIG", "LIMITER", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
+    "ACCESS_LOG", "AUTH", "CACHE", "CONFIG", "LEDGER", "UPSTREAMS", "LIMITER", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
 ]

@@ -11,9 +11,11 @@ from aiohttp import web
 
 from appliance import __version__
 from appliance.api import v2_codec
+from appliance.api.cloud_relay import relay_kserve
 from appliance.api.state import CONFIG, DATAPLANE, LIFECYCLE, MODELS, TRACE, WORKERS
 from appliance.errors import BadRequest, PayloadTooLarge, WorkersDiverged
 from appliance.model_version import ModelVersion, ServedTensor
+from appliance.placement import SpillToCloud
 from appliance.types import Request
 from appliance.workers import FANOUT_HEADER, forward_to_siblings
 
@@ -139,7 +141,10 @@ async def infer(request: web.Request) -> web.Response:
         deadline=deadline,
         cache_control=request.headers.get("Cache-Control"),
     )
-    result, served = await request.app[DATAPLANE].infer(infer_request, request[TRACE])
+    try:
+        result, served = await request.app[DATAPLANE].infer(infer_request, request[TRACE])
+    except SpillToCloud as spill:
+        return await relay_kserve(request, spill.route, body)
     datatypes = served.output_datatypes
     outputs = {name: (datatypes[name], array) for name, array in result.outputs.items()}
     request_id = parsed.id

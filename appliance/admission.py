@@ -1,0 +1,133 @@
+"""Admission control: lanes with a priority and a maximum wait in front of every local model.
+
+Each model version has a gate that lets at most ``limit`` requests in (enough to fill its batches or KV-cache
+rows); the others wait in one bounded queue where ``interactive`` requests go before ``batch`` ones. The wait a
+new request would see is estimated from the requests ahead of it and the recent service time (Little's law over
+the model's parallel capacity). When the estimate is over the lane's maximum wait, or the queue is full, the
+request is not queued: the data plane overflows it to the cloud where policy allows, or answers 429/503 with a
+``Retry-After`` taken from the estimate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.config import AdmissionConfig
+from appliance.errors import ApplianceError, QueueFull
+
+LANES = {"interactive": 0, "batch": 1}  # lower goes first
+
+
+class Saturated(ApplianceError):
+    """The wait for a local model would be over the lane's maximum; retry after the estimate (429)."""
+
+    status = 429
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: int
+    sequence: int
+    future: asyncio.Future = field(compare=False)
+
+
+class LaneGate:
+    """The gate of one model version. Not thread-safe: used on the event loop only."""
+
+    def __init__(self, name: str, capacity: int, limit: int, max_waiting: int, initial_service_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.capacity = max(1, capacity)
+        self.limit = max(self.capacity, limit)
+        self.max_waiting = max_waiting
+        self.service_s = initial_service_s
+        self.active = 0
+        self._waiters: list[_Waiter] = []
+        self._sequence = itertools.count()
+        self._clock = clock
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued at the gate."""
+        return len(self._waiters)
+
+    def estimate_wait(self, lane: str) -> float:
+        """Seconds a new request of ``lane`` would wait before the model starts on it."""
+        priority = LANES[lane]
+        ahead = sum(1 for waiter in self._waiters if waiter.priority <= priority)
+        beyond_capacity = self.active + ahead + 1 - self.capacity
+        return max(0.0, beyond_capacity) * self.service_s / self.capacity
+
+    async def acquire(self, lane: str, max_wait_s: float) -> float:
+        """Enter the gate, waiting by priority; returns the time waited. Raises :class:`Saturated` or
+        :class:`QueueFull` (without queueing) when the wait would be over ``max_wait_s`` or the queue is full."""
+        estimate = self.estimate_wait(lane)
+        if estimate > max_wait_s:
+            raise Saturated(f"model {self.name} is saturated: the estimated wait of {estimate:.2f} s is over the "
+                            f"{lane} lane's {max_wait_s:.2f} s; retry later", retry_after_s=estimate)
+        priority = LANES[lane]
+        if self.active < self.limit and not any(w.priority <= priority for w in self._waiters):
+            self.active += 1
+            return 0.0
+        if len(self._waiters) >= self.max_waiting:
+            raise QueueFull(f"model {self.name} has {len(self._waiters)} requests waiting, the most admission "
+                            "allows; retry later", retry_after_s=max(estimate, 1.0))
+        started = self._clock()
+        waiter = _Waiter(priority, next(self._sequence), asyncio.get_running_loop().create_future())
+        heapq.heappush(self._waiters, waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max_wait_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(None)  # admitted just as the wait ended: hand the place on
+            else:
+                waiter.future.cancel()
+                self._remove(waiter)
+            raise Saturated(f"model {self.name}: waited {max_wait_s:.2f} s, the {lane} lane's maximum, without "
+                            "being admitted; retry later", retry_after_s=self.estimate_wait(lane)) from None
+        return self._clock() - started
+
+    def _remove(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            heapq.heapify(self._waiters)
+
+    def release(self, service_s: float | None) -> None:
+        """Leave the gate; ``service_s`` (the time the model spent on the request) updates the estimate."""
+        self.active -= 1
+        if service_s is not None and math.isfinite(service_s) and service_s > 0:
+            self.service_s += 0.2 * (service_s - self.service_s)
+        while self._waiters and self.active < self.limit:
+            waiter = heapq.heappop(self._waiters)
+            if not waiter.future.done():
+                self.active += 1
+                waiter.future.set_result(None)
+
+
+class Admission:
+    """Gates for every local model version, created on first use."""
+
+    def __init__(self, config: AdmissionConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._gates: dict[tuple[str, int], LaneGate] = {}
+
+    def max_wait_s(self, lane: str) -> float:
+        """The lane's maximum wait."""
+        ms = self.config.interactive_max_wait_ms if lane == "interactive" else self.config.batch_max_wait_ms
+        return ms / 1000.0
+
+    def gate(self, name: str, version: int, capacity: int, limit: int, initial_service_s: float) -> LaneGate:
+        """The gate of a model version."""
+        key = (name, version)
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = LaneGate(name, capacity, limit, self.config.max_waiting, initial_service_s,
+                                               self._clock)
+        return gate

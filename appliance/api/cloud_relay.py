@@ -1,0 +1,67 @@
+"""Relaying a request to the cloud upstream its route names: the body as the client sent it (model renamed by
+the upstream's mapping), the answer back as the upstream gave it, streams chunk by chunk. The response says where
+it ran (``x-appliance-model: <upstream>:<model>``) and why (``x-appliance-route``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from appliance.api.state import TRACE, UPSTREAMS
+from appliance.types import Route, Trace
+
+
+def _headers(trace: Trace) -> dict[str, str]:
+    return {"x-appliance-model": trace.model, "x-appliance-route": trace.route}
+
+
+def _start(request: web.Request, route: Route) -> tuple[Any, Trace]:
+    upstream = request.app[UPSTREAMS][route.upstream]
+    trace = request[TRACE]
+    trace.place, trace.route = "cloud", route.reason
+    trace.model = f"{upstream.name}:{upstream.model_for(route.model)}"
+    trace.cache = ""
+    return upstream, trace
+
+
+def _account(trace: Trace, input_tokens: int, output_tokens: int, cost: float) -> None:
+    trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
+    trace.tokens, trace.cost = input_tokens + output_tokens, cost
+
+
+async def relay_openai(request: web.Request, route: Route, path: str, body: dict[str, Any],
+                       stream: bool) -> web.StreamResponse:
+    """An OpenAI-shaped request (chat, completions, embeddings) to an ``openai`` upstream."""
+    upstream, trace = _start(request, route)
+    if not stream:
+        result = await upstream.openai(path, body, route.model)
+        _account(trace, result.input_tokens, result.output_tokens, result.cost)
+        return web.Response(status=result.status, body=result.body, content_type=result.content_type.split(";")[0],
+                            headers=_headers(trace))
+    _, relay = await upstream.openai_stream(path, body, route.model)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **_headers(trace)})
+    await response.prepare(request)
+    try:
+        async for block in relay:
+            await response.write(block)
+    finally:
+        await relay.aclose()
+        _account(trace, relay.input_tokens, relay.output_tokens, relay.cost)
+    await response.write_eof()
+    return response
+
+
+async def relay_kserve(request: web.Request, route: Route, body: bytes) -> web.Response:
+    """A v2 infer request, in whatever format it came, to a ``kserve`` upstream."""
+    upstream, trace = _start(request, route)
+    passed = {name: request.headers[name] for name in ("Inference-Header-Content-Length", "Accept")
+              if name in request.headers}
+    result = await upstream.kserve_infer(route.model, body, request.content_type, passed)
+    _account(trace, 0, 0, result.cost)
+    headers = _headers(trace)
+    if "Inference-Header-Content-Length" in result.headers:
+        headers["Inference-Header-Content-Length"] = result.headers["Inference-Header-Content-Length"]
+    return web.Response(status=result.status, body=result.body, content_type=result.content_type.split(";")[0],
+                        headers=headers)
