@@ -188,7 +188,7 @@ def test_waiting_queue_bound_is_503_and_deadline_is_504(smollm2_repo, server_fac
     shutil.copytree(smollm2_repo / "smollm2-135m-fast", repo / "smollm2-135m-fast")
     toml = repo / "smollm2-135m-fast" / "1" / "model.toml"
     toml.write_text(toml.read_text().replace("[generation]\n", "[generation]\nmax_running = 1\nmax_waiting = 1\n"))
-    running = server_factory(repo)
+    running = server_factory(repo, admission={"enabled": False})  # the scheduler's own bounds, not the lanes'
     url = f"{running.url}/v1/chat/completions"
     long_body = {"model": "smollm2-135m-fast", "messages": [{"role": "user", "content": "Tell a long story."}],
                  "max_tokens": 300, "ignore_eos": True, "temperature": 0}
