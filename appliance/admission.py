@@ -81,8 +81,10 @@ class LaneGate:
         started = self._clock()
         waiter = _Waiter(priority, next(self._sequence), asyncio.get_running_loop().create_future())
         heapq.heappush(self._waiters, waiter)
+        # Past the gate a request may still queue behind the rows the limit lets in beyond capacity: leave room.
+        inside_s = self.service_s * (self.limit - self.capacity) / self.capacity
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max_wait_s)
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(0.0, max_wait_s - inside_s))
         except (asyncio.TimeoutError, asyncio.CancelledError):
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release(None)  # admitted just as the wait ended: hand the place on

@@ -129,4 +129,5 @@ def _capacity(served: ModelVersion) -> tuple[int, int, float]:
         slots = served.generation_limits.slots
         return slots, slots, 2.0
     rows = max(1, spec.batching.max_batch_size) * max(1, spec.engine.instances)
-    return rows, 2 * rows, 0.01
+    # A batching model gets a second batch's worth inside, to form while the first runs; others none.
+    return rows, 2 * rows if spec.batching.max_batch_size > 1 else rows, 0.01
