@@ -25,9 +25,14 @@ LANES = {"interactive": 0, "batch": 1}  # lower goes first
 
 
 class Saturated(ApplianceError):
-    """The wait for a local model would be over the lane's maximum; retry after the estimate (429)."""
+    """The wait for a local model would be over the lane's maximum; retry after the estimate (429).
+
+    ``waited`` is true when the request spent the lane's wait at the gate already (the estimate was too hopeful):
+    it is too late then to send it elsewhere within the lane's budget.
+    """
 
     status = 429
+    waited = False
 
 
 @dataclass(order=True)
@@ -91,8 +96,10 @@ class LaneGate:
             else:
                 waiter.future.cancel()
                 self._remove(waiter)
-            raise Saturated(f"model {self.name}: waited {max_wait_s:.2f} s, the {lane} lane's maximum, without "
-                            "being admitted; retry later", retry_after_s=self.estimate_wait(lane)) from None
+            late = Saturated(f"model {self.name}: waited {max_wait_s:.2f} s, the {lane} lane's maximum, without "
+                             "being admitted; retry later", retry_after_s=self.estimate_wait(lane))
+            late.waited = True
+            raise late from None
         return self._clock() - started
 
     def _remove(self, waiter: _Waiter) -> None:

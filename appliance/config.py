@@ -223,7 +223,7 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
     config = Config()
     for section_name, section_values in raw.items():
         if section_name == "upstreams":
-            from appliance.upstreams import parse_upstreams
+            from appliance.upstream_config import parse_upstreams
 
             config.upstreams = parse_upstreams(section_values, str(path), environ)
             continue

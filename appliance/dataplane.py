@@ -93,7 +93,10 @@ class DataPlane:
                             f"{', '.join(principal.models)}", param="model")
         trace.model, trace.version = served.name, str(served.version)
         if not trace.route:
-            trace.route = "named in the request"
+            if self.placement is not None:
+                self.placement.named(trace)
+            else:
+                trace.route = "named in the request"
         return served
 
     async def _lookup(self, served: ModelVersion, canonical: Callable[[], object], cache_control: str | None,

@@ -96,6 +96,7 @@ class ModelVersion:
         self.text: TextEncoder | None = None
         self.ready = False
         self.build_hash = ""  # sha256 over the version folder's files: part of every response cache key
+        self.warm_run_s = 0.0  # the last warmup run (the largest batch, warm): a first service-time estimate
 
     @property
     def name(self) -> str:
@@ -197,7 +198,9 @@ class ModelVersion:
             for size in sizes:
                 inputs = {t.name: self._warmup_array(t, size, warmup.values, rng) for t in self.inputs}
                 for _ in range(warmup.runs):
+                    run_started = time.perf_counter()
                     outputs = engine.run(inputs)
+                    self.warm_run_s = time.perf_counter() - run_started
                     missing = [t.name for t in self.outputs if t.name not in outputs]
                     if missing:
                         raise RuntimeError(f"warmup run did not produce outputs {missing}")

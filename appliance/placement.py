@@ -8,6 +8,7 @@ circuit breaker and concurrency cap let it through.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class Placement:
         self.admission = admission
         self.upstreams = upstreams
         self._metrics = metrics
+        self._named = metrics.route_decisions.labels("-", "local", "named")
 
     def cloud_for(self, model: str, task: str, trace: Trace) -> str | None:
         """The upstream that may take this request now, or ``None`` if it must stay on the device."""
@@ -64,6 +66,11 @@ class Placement:
             if config.kind == kind and upstream.model_for(model) is not None and upstream.available():  # type: ignore[attr-defined]
                 return name
         return None
+
+    def named(self, trace: Trace) -> None:
+        """Record that the request named its model."""
+        trace.route = "named in the request"
+        self._named.inc()
 
     def decided(self, route: Route, trace: Trace, router: str = "") -> Route:
         """Record a routing decision on the trace and in the metrics."""
@@ -99,8 +106,11 @@ class Placement:
             return None
         lane = trace.lane or "interactive"
         gate = self.admission.gate(served.name, served.version, *_capacity(served))
+        budget = self.admission.max_wait_s(lane)
+        if trace.arrived:
+            budget -= time.monotonic() - trace.arrived  # reading and checking the request counts as waiting
         try:
-            await gate.acquire(lane, self.admission.max_wait_s(lane))
+            await gate.acquire(lane, budget)
         except (Saturated, QueueFull) as exc:
             self._overflow(served, trace, exc)
             raise
@@ -108,7 +118,7 @@ class Placement:
 
     def _overflow(self, served: ModelVersion, trace: Trace, exc: ApplianceError) -> None:
         self._metrics.admission_rejected.labels(served.name, trace.lane or "interactive").inc()
-        if not self.admission.config.overflow_to_cloud:
+        if not self.admission.config.overflow_to_cloud or getattr(exc, "waited", False):
             return
         upstream = self.cloud_for(served.name, served.spec.task, trace)
         if upstream is not None:
@@ -130,4 +140,4 @@ def _capacity(served: ModelVersion) -> tuple[int, int, float]:
         return slots, slots, 2.0
     rows = max(1, spec.batching.max_batch_size) * max(1, spec.engine.instances)
     # A batching model gets a second batch's worth inside, to form while the first runs; others none.
-    return rows, 2 * rows if spec.batching.max_batch_size > 1 else rows, 0.01
+    return rows, 2 * rows if spec.batching.max_batch_size > 1 else rows, served.warm_run_s or 0.01

@@ -85,6 +85,7 @@ class Trace:
     local_only: bool = False  # the caller asked (x-appliance-data: local-only) that its data stay here
     cost: float = 0.0
     cost_avoided: float = 0.0
+    arrived: float = 0.0  # time.monotonic() when the request reached the server: lane waits count from here
 
 
 @dataclass(frozen=True, slots=True)

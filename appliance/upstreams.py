@@ -3,7 +3,7 @@ its data leave the box.
 
 An upstream is an OpenAI-compatible server (``kind = "openai"``: ``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/embeddings``) or a KServe v2 server (``kind = "kserve"``: Triton, KServe, another appliance). Each is
-configured in a ``[upstreams.<name>]`` table (:func:`parse_upstreams`) and served by one :class:`Upstream`: one
+configured in a ``[upstreams.<name>]`` table (``appliance.upstream_config``) and served by one :class:`Upstream`: one
 pooled ``aiohttp`` client session, a concurrency cap that refuses rather than queues, a :class:`CircuitBreaker`, and
 retries with exponential backoff and jitter under a :class:`RetryBudget`.
 
@@ -16,192 +16,37 @@ Failure model, per call:
 - 429 is returned as it came (not retried) but counts as a breaker failure: the upstream is saturated;
 - other 4xx are the caller's problem: returned as they came, breaker success.
 
-The credential is read once by :func:`parse_upstreams` into a :class:`Secret`, which never prints its value: it
+The credential is read once at start into a ``Secret``, which never prints its value: it
 appears in no repr, log line or error message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
 import random
 import re
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
-from appliance.config import ConfigError, check_value, limits
+from appliance.breaker import CircuitBreaker, RetryBudget
+from appliance.upstream_config import UpstreamConfig
 from appliance.errors import ApplianceError, ModelNotFound
 
 log = logging.getLogger("appliance.upstreams")
 
-KINDS = ("openai", "kserve")
 RETRY_STATUSES = frozenset({502, 503, 504})
-RETRY_WINDOW_S = 60.0  # the retry budget's sliding window
-RETRY_FLOOR = 3  # retries always allowed per window, however few calls there were
 MAX_BACKOFF_S = 30.0
 # Not relayed: hop-by-hop headers, and the length/encoding of a body aiohttp has already decoded.
 DROPPED_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                              "transfer-encoding", "upgrade", "content-length", "content-encoding"})
 KSERVE_PASSED_HEADERS = ("Inference-Header-Content-Length", "Accept")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
-
-
-class Secret:
-    """A credential that never shows its value in ``repr``, ``str``, logs or ``dataclasses.asdict`` output."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str = "") -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The value itself; only for the ``Authorization`` header."""
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __deepcopy__(self, memo: dict) -> Secret:
-        return self
-
-
-@dataclass
-class UpstreamConfig:
-    """One ``[upstreams.<name>]`` table; :func:`parse_upstreams` builds it, validated, with the credential read.
-
-    ``models`` maps a local model name or alias to the upstream's model name; the key ``"*"`` matches any name and
-    maps it to itself (value ``"*"``) or to its value.
-    """
-
-    name: str
-    kind: str = field(metadata=limits(choices=KINDS))
-    base_url: str
-    models: dict[str, str]
-    api_key_env: str = ""
-    api_key_file: str = ""
-    price_input_per_million: float = field(default=0.0, metadata=limits(0, 1e6))
-    price_output_per_million: float = field(default=0.0, metadata=limits(0, 1e6))
-    timeout_s: float = field(default=30.0, metadata=limits(0.01, 3600))
-    max_concurrency: int = field(default=16, metadata=limits(1, 100_000))
-    failure_threshold: int = field(default=5, metadata=limits(1, 100_000))
-    error_rate_threshold: float = field(default=0.5, metadata=limits(0.01, 1))
-    error_window: int = field(default=20, metadata=limits(1, 100_000))
-    cooldown_s: float = field(default=10.0, metadata=limits(0, 3600))
-    retries: int = field(default=2, metadata=limits(0, 10))
-    retry_budget: float = field(default=0.2, metadata=limits(0, 1))
-    backoff_s: float = field(default=0.05, metadata=limits(0, 10))
-    credential: Secret = field(default_factory=Secret, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.base_url = self.base_url.rstrip("/")
-
-
-_SETTINGS = {f.name: f for f in dataclasses.fields(UpstreamConfig) if f.name not in ("name", "credential")}
-_REQUIRED = ("kind", "base_url", "models")
-
-
-def parse_upstreams(table: object, origin: str, environ: Mapping[str, str] = os.environ) -> dict[str, UpstreamConfig]:
-    """Validate the ``[upstreams]`` table (name -> settings) from ``origin``; raise :class:`ConfigError`."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"[upstreams] in {origin} must be a table of [upstreams.<name>] tables")
-    return {name: _parse_one(name, entry, origin, environ) for name, entry in table.items()}
-
-
-def _parse_one(name: object, entry: object, origin: str, environ: Mapping[str, str]) -> UpstreamConfig:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"upstream name {name!r} (from {origin}) is not allowed: expected letters, digits, "
-                          "'-', '_' and '.', starting with a letter or digit")
-    if not isinstance(entry, dict):
-        raise ConfigError(f"[upstreams.{name}] in {origin} must be a table of settings")
-    values: dict[str, Any] = {}
-    for key, value in entry.items():
-        setting = f"upstreams.{name}.{key}"
-        if key not in _SETTINGS:
-            raise ConfigError(f"unknown setting {setting} (from {origin}); "
-                              f"[upstreams.{name}] has: {', '.join(_SETTINGS)}")
-        if key == "models":
-            values[key] = _check_models(setting, value, origin)
-        elif key == "base_url":
-            values[key] = _check_base_url(setting, value, origin)
-        else:
-            spec = _SETTINGS[key]
-            values[key] = check_value(setting, value, spec.type, spec.metadata, origin)
-    for key in _REQUIRED:
-        if key not in values:
-            raise ConfigError(f"upstreams.{name}.{key} is missing (from {origin}): [upstreams.{name}] needs kind "
-                              f"(one of {', '.join(repr(k) for k in KINDS)}), base_url and models")
-    return UpstreamConfig(name=name, credential=_read_credential(name, values, origin, environ), **values)
-
-
-def _check_models(setting: str, value: object, origin: str) -> dict[str, str]:
-    if (not isinstance(value, dict) or not value
-            or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items())):
-        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected a non-empty table of "
-                          'local model name = "upstream model name" (strings; "*" = "*" passes any name through)')
-    return dict(value)
-
-
-def _check_base_url(setting: str, value: object, origin: str) -> str:
-    allowed = "an http:// or https:// URL: scheme, host, optional port and path prefix"
-    if not isinstance(value, str):
-        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected {allowed}")
-    parts = urllib.parse.urlsplit(value)
-    if "@" in parts.netloc:  # do not echo the value: it holds a user or password
-        raise ConfigError(f"{setting} (from {origin}) must not carry a user or password: "
-                          f"put the credential in api_key_env or api_key_file")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
-    except ValueError:
-        ok = False
-    if not ok:
-        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected {allowed}")
-    return value
-
-
-def _read_credential(name: str, values: dict[str, Any], origin: str, environ: Mapping[str, str]) -> Secret:
-    env, file = values.get("api_key_env", ""), values.get("api_key_file", "")
-    if env and file:
-        raise ConfigError(f"upstreams.{name}.api_key_env = {env!r} and upstreams.{name}.api_key_file = {file!r} "
-                          f"(from {origin}) are both set: set at most one")
-    if env:
-        where = f"upstreams.{name}.api_key_env = {env!r} (from {origin})"
-        text = environ.get(env, "")
-        if not text.strip():
-            raise ConfigError(f"{where}: environment variable {env} is not set or empty; export it or use api_key_file")
-    elif file:
-        where = f"upstreams.{name}.api_key_file = {file!r} (from {origin})"
-        try:
-            text = Path(file).expanduser().read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read the file ({exc.strerror or type(exc).__name__}); "
-                              "fix the path or its permissions") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{where}: the file is not UTF-8 text") from None
-        if not text.strip():
-            raise ConfigError(f"{where}: the file is empty")
-    else:
-        return Secret()  # local upstreams need no credential
-    secret = text.strip()
-    if any(c.isspace() or not c.isprintable() for c in secret):
-        raise ConfigError(f"{where}: the credential contains whitespace or control characters")
-    return Secret(secret)
 
 
 class UpstreamUnavailable(ApplianceError):
@@ -226,105 +71,6 @@ class _AttemptsFailed(Exception):
     def __init__(self, problem: str) -> None:
         super().__init__(problem)
         self.problem = problem
-
-
-class CircuitBreaker:
-    """Closed -> open after ``failure_threshold`` consecutive failures, or a failure share of at least
-    ``error_rate_threshold`` over the last ``error_window`` results (once that many were seen). Open -> half-open
-    after ``cooldown_s``; half-open admits one trial call at a time: success closes, failure re-opens."""
-
-    def __init__(self, failure_threshold: int, error_rate_threshold: float, error_window: int, cooldown_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.failure_threshold = failure_threshold
-        self.error_rate_threshold = error_rate_threshold
-        self.error_window = error_window
-        self.cooldown_s = cooldown_s
-        self._clock = clock
-        self._state = "closed"
-        self._opened_at = 0.0
-        self._consecutive = 0
-        self._results: deque[bool] = deque(maxlen=error_window)
-        self._trial = False  # a half-open trial call is in flight
-
-    @property
-    def state(self) -> str:
-        """``"closed"``, ``"open"`` or ``"half_open"``."""
-        if self._state == "open" and self._clock() - self._opened_at >= self.cooldown_s:
-            self._state, self._trial = "half_open", False
-        return self._state
-
-    def would_allow(self) -> bool:
-        """Whether :meth:`allow` would admit a call now, without taking the half-open trial."""
-        state = self.state
-        return state == "closed" or (state == "half_open" and not self._trial)
-
-    def allow(self) -> bool:
-        """Admit a call? Closed: yes. Open: no. Half-open: yes for one trial at a time (it must be recorded)."""
-        if not self.would_allow():
-            return False
-        if self._state == "half_open":
-            self._trial = True
-        return True
-
-    def record(self, ok: bool) -> None:
-        """The outcome of an admitted call."""
-        state = self.state
-        if state == "half_open":
-            if self._trial:
-                self._trial = False
-                self._close() if ok else self._open()
-            return
-        if state == "open":
-            return  # a call admitted before the breaker opened
-        self._results.append(ok)
-        self._consecutive = 0 if ok else self._consecutive + 1
-        full = len(self._results) >= self.error_window
-        if self._consecutive >= self.failure_threshold or (
-                full and self._results.count(False) / len(self._results) >= self.error_rate_threshold):
-            self._open()
-
-    def abandon(self) -> None:
-        """An admitted call ended without a verdict (cancelled): a half-open trial slot is freed for another."""
-        if self._state == "half_open":
-            self._trial = False
-
-    def retry_after_s(self) -> float:
-        """Seconds until a call may be admitted: the remaining cooldown when open, 1 while a trial runs, else 0."""
-        state = self.state
-        if state == "open":
-            return max(0.0, self.cooldown_s - (self._clock() - self._opened_at))
-        return 1.0 if state == "half_open" and self._trial else 0.0
-
-    def _open(self) -> None:
-        self._state, self._opened_at, self._trial = "open", self._clock(), False
-
-    def _close(self) -> None:
-        self._state, self._consecutive = "closed", 0
-        self._results.clear()
-
-
-class RetryBudget:
-    """Retries allowed while those in the last minute stay under ``max(3, ratio * calls in the last minute)``."""
-
-    def __init__(self, ratio: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ratio = ratio
-        self._clock = clock
-        self._calls: deque[float] = deque()
-        self._retries: deque[float] = deque()
-
-    def record_call(self) -> None:
-        self._calls.append(self._clock())
-
-    def spend(self) -> bool:
-        """Take one retry if the budget allows."""
-        now = self._clock()
-        for times in (self._calls, self._retries):
-            while times and times[0] <= now - RETRY_WINDOW_S:
-                times.popleft()
-        if len(self._retries) < max(RETRY_FLOOR, self.ratio * len(self._calls)):
-            self._retries.append(now)
-            return True
-        return False
 
 
 @dataclass

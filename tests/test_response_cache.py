@@ -213,6 +213,11 @@ def test_embeddings_hit_miss_and_bypass(minilm_repo, server_factory):
     assert other.headers["x-cache"] == "miss"
     skipped = requests.post(url, json=request, headers={"Cache-Control": "no-store"}, timeout=30)
     assert skipped.headers["x-cache"] == "bypass" and skipped.json()["data"] == miss.json()["data"]
+    # The ledger books the hits as served from the cache, with the tokens they would have read.
+    usage = requests.get(f"{running.url}/v1/usage", params={"group_by": "place"}, timeout=10).json()
+    places = {row["place"]: row for row in usage["data"]}
+    assert places["cache"]["requests"] == 2 and places["local"]["requests"] == 3
+    assert places["cache"]["input_tokens"] == 2 * miss.json()["usage"]["prompt_tokens"]
 
 
 # -- chat ------------------------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import pytest
 from aiohttp import web
 
 from appliance.config import ConfigError
+from appliance.breaker import CircuitBreaker
 from appliance.upstreams import (
-    CircuitBreaker,
     Upstream,
     UpstreamRejected,
     UpstreamUnavailable,
-    parse_upstreams,
 )
+from appliance.upstream_config import parse_upstreams
 
 SECRET = "sk-test-0123456789abcdef"
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}

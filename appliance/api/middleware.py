@@ -66,7 +66,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id = request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
     app = request.app
     lifecycle = app[LIFECYCLE]
-    trace = Trace()
+    trace = Trace(arrived=time.monotonic())
     request[TRACE] = trace
     openai = request.path.startswith("/v1/")
     lifecycle.in_flight += 1

@@ -1,0 +1,164 @@
+"""The ``[upstreams.<name>]`` tables: validated once at start, the credential read into a :class:`Secret`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ConfigError, check_value, limits
+
+KINDS = ("openai", "kserve")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class Secret:
+    """A credential that never shows its value in ``repr``, ``str``, logs or ``dataclasses.asdict`` output."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str = "") -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The value itself; only for the ``Authorization`` header."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __deepcopy__(self, memo: dict) -> Secret:
+        return self
+
+
+@dataclass
+class UpstreamConfig:
+    """One ``[upstreams.<name>]`` table; :func:`parse_upstreams` builds it, validated, with the credential read.
+
+    ``models`` maps a local model name or alias to the upstream's model name; the key ``"*"`` matches any name and
+    maps it to itself (value ``"*"``) or to its value.
+    """
+
+    name: str
+    kind: str = field(metadata=limits(choices=KINDS))
+    base_url: str
+    models: dict[str, str]
+    api_key_env: str = ""
+    api_key_file: str = ""
+    price_input_per_million: float = field(default=0.0, metadata=limits(0, 1e6))
+    price_output_per_million: float = field(default=0.0, metadata=limits(0, 1e6))
+    timeout_s: float = field(default=30.0, metadata=limits(0.01, 3600))
+    max_concurrency: int = field(default=16, metadata=limits(1, 100_000))
+    failure_threshold: int = field(default=5, metadata=limits(1, 100_000))
+    error_rate_threshold: float = field(default=0.5, metadata=limits(0.01, 1))
+    error_window: int = field(default=20, metadata=limits(1, 100_000))
+    cooldown_s: float = field(default=10.0, metadata=limits(0, 3600))
+    retries: int = field(default=2, metadata=limits(0, 10))
+    retry_budget: float = field(default=0.2, metadata=limits(0, 1))
+    backoff_s: float = field(default=0.05, metadata=limits(0, 10))
+    credential: Secret = field(default_factory=Secret, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+
+
+_SETTINGS = {f.name: f for f in dataclasses.fields(UpstreamConfig) if f.name not in ("name", "credential")}
+_REQUIRED = ("kind", "base_url", "models")
+
+
+def parse_upstreams(table: object, origin: str, environ: Mapping[str, str] = os.environ) -> dict[str, UpstreamConfig]:
+    """Validate the ``[upstreams]`` table (name -> settings) from ``origin``; raise :class:`ConfigError`."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[upstreams] in {origin} must be a table of [upstreams.<name>] tables")
+    return {name: _parse_one(name, entry, origin, environ) for name, entry in table.items()}
+
+
+def _parse_one(name: object, entry: object, origin: str, environ: Mapping[str, str]) -> UpstreamConfig:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"upstream name {name!r} (from {origin}) is not allowed: expected letters, digits, "
+                          "'-', '_' and '.', starting with a letter or digit")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"[upstreams.{name}] in {origin} must be a table of settings")
+    values: dict[str, Any] = {}
+    for key, value in entry.items():
+        setting = f"upstreams.{name}.{key}"
+        if key not in _SETTINGS:
+            raise ConfigError(f"unknown setting {setting} (from {origin}); "
+                              f"[upstreams.{name}] has: {', '.join(_SETTINGS)}")
+        if key == "models":
+            values[key] = _check_models(setting, value, origin)
+        elif key == "base_url":
+            values[key] = _check_base_url(setting, value, origin)
+        else:
+            spec = _SETTINGS[key]
+            values[key] = check_value(setting, value, spec.type, spec.metadata, origin)
+    for key in _REQUIRED:
+        if key not in values:
+            raise ConfigError(f"upstreams.{name}.{key} is missing (from {origin}): [upstreams.{name}] needs kind "
+                              f"(one of {', '.join(repr(k) for k in KINDS)}), base_url and models")
+    return UpstreamConfig(name=name, credential=_read_credential(name, values, origin, environ), **values)
+
+
+def _check_models(setting: str, value: object, origin: str) -> dict[str, str]:
+    if (not isinstance(value, dict) or not value
+            or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items())):
+        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected a non-empty table of "
+                          'local model name = "upstream model name" (strings; "*" = "*" passes any name through)')
+    return dict(value)
+
+
+def _check_base_url(setting: str, value: object, origin: str) -> str:
+    allowed = "an http:// or https:// URL: scheme, host, optional port and path prefix"
+    if not isinstance(value, str):
+        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected {allowed}")
+    parts = urllib.parse.urlsplit(value)
+    if "@" in parts.netloc:  # do not echo the value: it holds a user or password
+        raise ConfigError(f"{setting} (from {origin}) must not carry a user or password: "
+                          f"put the credential in api_key_env or api_key_file")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query and not parts.fragment
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected {allowed}")
+    return value
+
+
+def _read_credential(name: str, values: dict[str, Any], origin: str, environ: Mapping[str, str]) -> Secret:
+    env, file = values.get("api_key_env", ""), values.get("api_key_file", "")
+    if env and file:
+        raise ConfigError(f"upstreams.{name}.api_key_env = {env!r} and upstreams.{name}.api_key_file = {file!r} "
+                          f"(from {origin}) are both set: set at most one")
+    if env:
+        where = f"upstreams.{name}.api_key_env = {env!r} (from {origin})"
+        text = environ.get(env, "")
+        if not text.strip():
+            raise ConfigError(f"{where}: environment variable {env} is not set or empty; export it or use api_key_file")
+    elif file:
+        where = f"upstreams.{name}.api_key_file = {file!r} (from {origin})"
+        try:
+            text = Path(file).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read the file ({exc.strerror or type(exc).__name__}); "
+                              "fix the path or its permissions") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: the file is not UTF-8 text") from None
+        if not text.strip():
+            raise ConfigError(f"{where}: the file is empty")
+    else:
+        return Secret()  # local upstreams need no credential
+    secret = text.strip()
+    if any(c.isspace() or not c.isprintable() for c in secret):
+        raise ConfigError(f"{where}: the credential contains whitespace or control characters")
+    return Secret(secret)
