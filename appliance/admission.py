@@ -72,14 +72,15 @@ class LaneGate:
     async def acquire(self, lane: str, max_wait_s: float) -> float:
         """Enter the gate, waiting by priority; returns the time waited. Raises :class:`Saturated` or
         :class:`QueueFull` (without queueing) when the wait would be over ``max_wait_s`` or the queue is full."""
+        priority = LANES[lane]
+        if self.active < self.limit and not any(w.priority <= priority for w in self._waiters):
+            self.active += 1  # a free place: no wait to budget for
+            return 0.0
         estimate = self.estimate_wait(lane)
         if estimate > max_wait_s:
             raise Saturated(f"model {self.name} is saturated: the estimated wait of {estimate:.2f} s is over the "
-                            f"{lane} lane's {max_wait_s:.2f} s; retry later", retry_after_s=estimate)
-        priority = LANES[lane]
-        if self.active < self.limit and not any(w.priority <= priority for w in self._waiters):
-            self.active += 1
-            return 0.0
+                            f"{lane} lane's {max(max_wait_s, 0):.2f} s left; retry later",
+                            retry_after_s=max(estimate, 0.001))
         if len(self._waiters) >= self.max_waiting:
             raise QueueFull(f"model {self.name} has {len(self._waiters)} requests waiting, the most admission "
                             "allows; retry later", retry_after_s=max(estimate, 1.0))
@@ -90,12 +91,14 @@ class LaneGate:
         inside_s = self.service_s * (self.limit - self.capacity) / self.capacity
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(0.0, max_wait_s - inside_s))
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
             if waiter.future.done() and not waiter.future.cancelled():
                 self.release(None)  # admitted just as the wait ended: hand the place on
             else:
                 waiter.future.cancel()
                 self._remove(waiter)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             late = Saturated(f"model {self.name}: waited {max_wait_s:.2f} s, the {lane} lane's maximum, without "
                              "being admitted; retry later", retry_after_s=self.estimate_wait(lane))
             late.waited = True

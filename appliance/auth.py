@@ -34,7 +34,9 @@ def principal_for(key: ApiKey) -> Principal:
 
 
 # The local operator on a loopback-only server without keys: may do everything except send data off the box.
-LOCAL = Principal(tenant="local", key_id="", key_name="local", models=(), cloud=False, cache_scope="tenant:local",
+# Its cache scope is one no key can have (keys get "tenant:..." or "key:..."), so that entries cached before the
+# first key was made are never served to a key.
+LOCAL = Principal(tenant="local", key_id="", key_name="local", models=(), cloud=False, cache_scope="operator",
                   admin=True)
 
 
@@ -90,14 +92,21 @@ class Authenticator:
         self._swap(self.store.load(), mtime)
 
     def refresh(self, force: bool = False) -> bool:
-        """Re-read the store if it changed; on an invalid store keep the keys in force and log. True if swapped."""
+        """Re-read the store if it changed (on the loop: a reload); on an invalid store keep the keys in force."""
         mtime = self.store.mtime_ns()
         if mtime == self._mtime_ns and not force:
             return False
+        return self._apply(self._read(mtime), mtime)
+
+    def _read(self, mtime: int) -> KeySet | None:
         try:
-            keys = self.store.load()
+            return self.store.load()
         except (KeyStoreError, OSError) as exc:
             log.error("the key store %s is invalid; the keys loaded before stay in force: %s", self.store.path, exc)
+            return None
+
+    def _apply(self, keys: KeySet | None, mtime: int) -> bool:
+        if keys is None:
             self._mtime_ns = mtime
             return False
         self._swap(keys, mtime)
@@ -108,13 +117,18 @@ class Authenticator:
         self._keys, self._mtime_ns, self._principals = keys, mtime_ns, {}
 
     async def watch(self) -> None:
-        """Poll the store's mtime so that new and revoked keys take effect without a restart (run as a task)."""
+        """Poll the store's mtime so that new and revoked keys take effect without a restart (run as a task).
+
+        The file is read in a worker thread and the new keys swapped in on the loop, so that an authentication in
+        progress never mixes the old keys with the new snapshot's verified-token memo.
+        """
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(REFRESH_INTERVAL_S)
             with contextlib.suppress(OSError):
-                if self.store.mtime_ns() != self._mtime_ns:
-                    await loop.run_in_executor(None, self.refresh)
+                mtime = self.store.mtime_ns()
+                if mtime != self._mtime_ns:
+                    self._apply(await loop.run_in_executor(None, self._read, mtime), mtime)
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind an ``Authorization`` header; raise :class:`Unauthorized` when it names no active key."""

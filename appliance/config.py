@@ -252,6 +252,10 @@ def check_config(config: Config) -> None:
     if routing.cloud_upstream and routing.cloud_upstream not in config.upstreams:
         raise ConfigError(f"routing.cloud_upstream = {routing.cloud_upstream!r} names no [upstreams.*] table; "
                           f"declared: {', '.join(config.upstreams) or 'none'}")
+    if routing.cloud_upstream and config.upstreams[routing.cloud_upstream].kind != "openai":
+        raise ConfigError(f"routing.cloud_upstream = {routing.cloud_upstream!r} is a "
+                          f"{config.upstreams[routing.cloud_upstream].kind!r} upstream; routing sends chat and "
+                          "completions, so it must be an 'openai' one")
     if config.server.workers > 1 and config.server.port == 0:
         raise ConfigError(
             f"server.workers = {config.server.workers} needs a fixed server.port (0 picks a different port per "

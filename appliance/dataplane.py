@@ -20,7 +20,7 @@ from appliance.cache.payloads import StoredGeneration, decode_embeddings, decode
     encode_tensors
 from appliance.cache.service import BYPASS, CacheDecision, ResponseCacheService
 from appliance.engines.generation import SamplingParams, Sequence
-from appliance.errors import ApplianceError, BadRequest, EngineFailed, Forbidden, ModelNotReady
+from appliance.errors import BadRequest, EngineFailed, Forbidden, ModelNotFound, ModelNotReady
 from appliance.model_version import ModelVersion
 from appliance.placement import Placement, Ticket
 from appliance.repository import ModelManager
@@ -60,6 +60,14 @@ class DataPlane:
         self.device_rate_per_hour = device_rate_per_hour
         self._clock = clock
 
+    @staticmethod
+    def _allow_router(alias: str, trace: Trace) -> None:
+        principal = trace.principal
+        if principal is not None and principal.models and alias not in principal.models:
+            raise Forbidden(f"key {principal.key_name!r} may not use the router {alias!r}; it may call "
+                            f"{', '.join(principal.models)}", param="model")
+        trace.routed_by = alias
+
     def _served(self, name: str, version: int | None, trace: Trace, task: str) -> ModelVersion:
         """:meth:`resolve`, failing over to the cloud (where allowed) when the model is not ready."""
         try:
@@ -69,14 +77,16 @@ class DataPlane:
                 self.placement.failover(name, task, trace, exc)
             raise
 
-    async def _admit(self, served: ModelVersion, trace: Trace) -> Ticket | None:
-        return await self.placement.admit(served, trace) if self.placement is not None else None
+    async def _admit(self, served: ModelVersion, trace: Trace, task: str) -> Ticket | None:
+        """Pass the model's gate; ``task`` is the request's protocol (it picks the kind of upstream to spill to)."""
+        return await self.placement.admit(served, trace, task) if self.placement is not None else None
 
     def _account(self, served: ModelVersion, trace: Trace, compute_s: float, input_tokens: int,
                  output_tokens: int) -> None:
         """Tokens and the local cost of a request the model ran."""
         trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
         trace.tokens = input_tokens + output_tokens
+        trace.compute_s = compute_s
         trace.cost = local_cost(served, compute_s, input_tokens, output_tokens, self.device_rate_per_hour)
 
     def _cached(self, served: ModelVersion, trace: Trace, input_tokens: int, output_tokens: int) -> None:
@@ -85,12 +95,24 @@ class DataPlane:
         trace.cost_avoided = local_cost(served, 0.0, input_tokens, output_tokens, self.device_rate_per_hour)
 
     def resolve(self, name: str, version: int | None, trace: Trace) -> ModelVersion:
-        """The serving version of a model, name, alias or tier, if the caller's key may use it."""
-        served = self.models.resolve(name, version)
+        """The serving version of a model, name or alias, if the caller's key may use it.
+
+        The key is checked before anything about the model is told or done: a model outside the key's list is 403
+        whether it serves, loads or fails (and never fails over to the cloud). A model a router alias picked is
+        allowed when the key allows that alias.
+        """
         principal = trace.principal
-        if principal is not None and not principal.may_use(name, served.name, *served.spec.aliases):
-            raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "
-                            f"{', '.join(principal.models)}", param="model")
+        restricted = principal is not None and principal.models and not trace.routed_by
+        if restricted and name not in principal.models:  # type: ignore[union-attr]
+            try:
+                served = self.models.resolve(name, version)
+            except (ModelNotFound, ModelNotReady):
+                served = None
+            if served is None or not principal.may_use(served.name, *served.spec.aliases):  # type: ignore[union-attr]
+                raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "  # type: ignore[union-attr]
+                                f"{', '.join(principal.models)}", param="model")  # type: ignore[union-attr]
+        else:
+            served = self.models.resolve(name, version)
         trace.model, trace.version = served.name, str(served.version)
         if not trace.route:
             if self.placement is not None:
@@ -121,7 +143,7 @@ class DataPlane:
         if decision.payload is not None:
             self._cached(served, trace, 0, 0)
             return Result(request.id, served.name, served.version, decode_tensors(decision.payload), Usage()), served
-        ticket = await self._admit(served, trace)
+        ticket = await self._admit(served, trace, "tensor")
         try:
             if decision.status != BYPASS or ticket is not None:
                 served = self._checked(request, trace)  # it awaited: a new version may have been swapped in
@@ -134,7 +156,9 @@ class DataPlane:
         finally:
             if ticket is not None:
                 ticket.release(trace.usage.compute_s if trace.usage else None)
-        self._account(served, trace, result.usage.compute_s, 0, 0)
+        rows = next(iter(request.inputs.values())).shape[0] if served.max_batch_size > 0 and request.inputs else 1
+        share = rows / max(rows, result.usage.batch_size or rows)  # the batch's time is shared by its rows
+        self._account(served, trace, result.usage.compute_s * share, 0, 0)
         self._remember(decision, served, lambda: encode_tensors(result.outputs))
         return result, served
 
@@ -204,6 +228,7 @@ class DataPlane:
     async def embed(self, request: EmbedRequest, trace: Trace) -> EmbedResponse:
         """Embed texts or token sequences with an embedding model, in input order."""
         if self.placement is not None and self.placement.router.is_router(request.model):
+            self._allow_router(request.model, trace)
             route = self.placement.decided(self.placement.router.route_embedding(request.model), trace,
                                            request.model)
             request.model = route.model
@@ -221,7 +246,7 @@ class DataPlane:
             vectors, prompt_tokens = decode_embeddings(decision.payload)
             self._cached(served, trace, prompt_tokens, 0)
             return EmbedResponse(served.name, served.version, vectors, prompt_tokens, Usage())
-        ticket = await self._admit(served, trace)
+        ticket = await self._admit(served, trace, "embed")
         try:
             if decision.status != BYPASS or ticket is not None:
                 served = self.resolve(request.model, None, trace)  # it awaited: a swap may have happened
@@ -288,6 +313,7 @@ class DataPlane:
         """
         started = self._clock()
         if self.placement is not None and self.placement.router.is_router(model):
+            self._allow_router(model, trace)
             model = self.placement.route_generation(model, messages, prompt, max_tokens, trace).model
         served = self._generator(model, trace)
         deterministic = canonical is not None and (params.temperature == 0 or params.seed is not None)
@@ -296,7 +322,7 @@ class DataPlane:
             stored = StoredGeneration.decode(decision.payload)
             self._cached(served, trace, stored.prompt_tokens, stored.completion_tokens)
             return CachedGeneration(served, stored)
-        ticket = await self._admit(served, trace)
+        ticket = await self._admit(served, trace, "generate")
         try:
             if decision.status != BYPASS or ticket is not None:
                 served = self._generator(model, trace)  # it awaited: a swap may have happened

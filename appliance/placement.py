@@ -99,7 +99,7 @@ class Placement:
         route = self.router.route_generation(name, text, turns, max_tokens, cloud)
         return self.decided(route, trace, name)
 
-    async def admit(self, served: ModelVersion, trace: Trace) -> Ticket | None:
+    async def admit(self, served: ModelVersion, trace: Trace, task: str) -> Ticket | None:
         """Pass the model's gate in the request's lane, or overflow: to the cloud if allowed, else 429/503."""
         config = self.admission.config
         if not config.enabled:
@@ -112,15 +112,15 @@ class Placement:
         try:
             await gate.acquire(lane, budget)
         except (Saturated, QueueFull) as exc:
-            self._overflow(served, trace, exc)
+            self._overflow(served, trace, exc, task)
             raise
         return Ticket(gate)
 
-    def _overflow(self, served: ModelVersion, trace: Trace, exc: ApplianceError) -> None:
+    def _overflow(self, served: ModelVersion, trace: Trace, exc: ApplianceError, task: str) -> None:
         self._metrics.admission_rejected.labels(served.name, trace.lane or "interactive").inc()
         if not self.admission.config.overflow_to_cloud or getattr(exc, "waited", False):
             return
-        upstream = self.cloud_for(served.name, served.spec.task, trace)
+        upstream = self.cloud_for(served.name, task, trace)
         if upstream is not None:
             self.decided(Route("cloud", served.name, f"overflow: {exc.message}", "overflow", upstream=upstream),
                          trace)

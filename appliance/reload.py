@@ -6,10 +6,11 @@ A valid one is applied where it can change live; settings that only take effect 
 and keep their running values until then:
 
 * live: ``server.log_level``, ``server.access_log``, ``paths.model_repository``, ``paths.cache_dir``,
-  ``paths.keys_file``, ``cache.enabled`` and ``cache.ttl_s``, and the ``[onnxruntime]`` and ``[batching]``
-  defaults (for model versions loaded from then on);
+  ``paths.keys_file``, ``[routing]``, ``[admission]`` (gates keep their capacity), and the ``[onnxruntime]`` and
+  ``[batching]`` defaults (for model versions loaded from then on);
 * on restart only: ``server.host``, ``server.port``, ``server.workers``, ``server.max_body_bytes``,
-  ``server.drain_timeout_s``, ``paths.state_dir``, ``paths.response_cache``, ``cache.max_bytes``, ``cache.sync``.
+  ``server.drain_timeout_s``, ``paths.state_dir``, ``paths.response_cache``, ``paths.ledger``, ``[cache]``,
+  ``[ledger]`` and ``[upstreams.*]``.
 
 The key store is also watched while serving (a new or revoked key takes effect within a second); a reload reads
 it at once. An invalid key store is logged and the keys in force stay.
@@ -37,7 +38,8 @@ log = logging.getLogger("appliance.reload")
 
 RESTART_ONLY = frozenset({
     "server.host", "server.port", "server.workers", "server.max_body_bytes", "server.drain_timeout_s",
-    "paths.state_dir", "paths.response_cache", "cache.max_bytes", "cache.sync",
+    "paths.state_dir", "paths.response_cache", "paths.ledger", "cache.enabled", "cache.max_bytes", "cache.ttl_s",
+    "cache.sync", "ledger.enabled", "ledger.device_rate_per_hour", "ledger.max_workflows",
 })
 
 

@@ -20,12 +20,13 @@ from appliance.types import Route
 CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bfunction\b|#include|\bimport \w+|=>|\breturn\b|"
                   r"\b(?:python|javascript|typescript|rust|golang|java|c\+\+|sql|regex|compile[rs]?|stack trace|"
                   r"refactor|debug|code|bug)\b|[{};]\s*$", re.IGNORECASE | re.MULTILINE)
-MATH = re.compile(r"\d+\s*[-+*/^=<>]\s*\d+|\\frac|\bsqrt\b|\b(?:integral|integrate|derivative|differentiate|"
+MATH = re.compile(r"\d{1,12}[ \t]{0,3}[-+*/^=<>][ \t]{0,3}\d|\\frac|\bsqrt\b|\b(?:integral|integrate|derivative|differentiate|"
                   r"equation|prove|proof|theorem|lemma|solve|probability|matrix|eigen\w*|polynomial|algebra|"
                   r"calculus|factorial|modulo|logarithm)\b", re.IGNORECASE)
 REASONING = re.compile(r"\bstep[- ]by[- ]step\b|\bexplain (?:why|how)\b|\bcompare\b|\btrade-?offs?\b|\banaly[sz]e\b|"
-                       r"\bpros and cons\b|\bjustify\b|\bplan\b|\bdesign\b|\bevaluate\b|\bfirst\b.+\bthen\b|"
-                       r"\bwhy\b|\bimplications?\b|\bstrateg\w*\b", re.IGNORECASE | re.DOTALL)
+                       r"\bpros and cons\b|\bjustify\b|\bplan\b|\bdesign\b|\bevaluate\b|\bthen\b|"
+                       r"\bwhy\b|\bimplications?\b|\bstrateg\w*\b", re.IGNORECASE)
+CUE_WINDOW = 4096  # cues are read from the first and last this many characters: bounded work per request
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,10 @@ class Features:
 
 def extract(text: str, turns: int, output_tokens: int, count_tokens: Callable[[str], int]) -> Features:
     """The features of a request's prompt text."""
+    cues = text if len(text) <= 2 * CUE_WINDOW else text[:CUE_WINDOW] + "\n" + text[-CUE_WINDOW:]
     return Features(prompt_tokens=count_tokens(text), turns=turns, output_tokens=output_tokens,
-                    code=len(CODE.findall(text)), math=len(MATH.findall(text)),
-                    reasoning=len(REASONING.findall(text)))
+                    code=len(CODE.findall(cues)), math=len(MATH.findall(cues)),
+                    reasoning=len(REASONING.findall(cues)))
 
 
 def score(features: Features, config: RoutingConfig) -> tuple[float, list[str]]:

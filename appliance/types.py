@@ -85,7 +85,9 @@ class Trace:
     local_only: bool = False  # the caller asked (x-appliance-data: local-only) that its data stay here
     cost: float = 0.0
     cost_avoided: float = 0.0
+    compute_s: float = 0.0  # this request's share of engine time, for the ledger
     arrived: float = 0.0  # time.monotonic() when the request reached the server: lane waits count from here
+    routed_by: str = ""  # the router alias the request named, once the key was found to allow it
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_appliance(repo: Path, state: Path, log: Path, **settings: str) -> Iterator[str]:
     """Serve ``repo`` on a free port until the block ends; ``settings`` are APPLIANCE_* overrides (e.g.
-    ``SERVER_WORKERS="2"``). Yields the base URL once ``/v2/health/ready`` answers 200."""
+    ``SERVER_WORKERS="2"``). Yields the base URL once ``/v2/health/ready`` answers 200.
+
+    The response cache is off unless ``settings`` turn it on: benchmarks repeat one request, and a hit would
+    measure the cache instead of the model."""
+    settings = {"CACHE_ENABLED": "false", **settings}
     port = free_port()
     env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repo), "APPLIANCE_PATHS_STATE_DIR": str(state),
            "APPLIANCE_SERVER_PORT": str(port), **{f"APPLIANCE_{k.upper()}": v for k, v in settings.items()}}

@@ -76,7 +76,8 @@ def main() -> int:
         if args.chat:
             build_chat(root / "repo")
         _, token = KeyStore(root / "state" / "keys.json").create(name="bench", tenant="bench")
-        with running_appliance(root / "repo", root / "state", root / "server.log", SERVER_ACCESS_LOG="false") as url:
+        with running_appliance(root / "repo", root / "state", root / "server.log", SERVER_ACCESS_LOG="false",
+                               CACHE_ENABLED="true") as url:
             rows += measure(url, "/v1/embeddings", EMBED, token, args.seconds, "embeddings", (1, 64), (1, 64))
             if args.chat:
                 rows += measure(url, "/v1/chat/completions", CHAT, token, args.seconds, "chat", (1, 64), (1,))

@@ -24,6 +24,7 @@ from appliance.telemetry import Metrics
 log = logging.getLogger("appliance.cache")
 
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
+MAX_PENDING_WRITES = 256  # answers waiting for the writer; beyond this, new ones are not stored
 
 
 @dataclass(slots=True)
@@ -58,6 +59,8 @@ class ResponseCacheService:
         self.store = ResponseCache(path, config.max_bytes, config.ttl_s, sync=config.sync)
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache")
+        # Writes take LMDB's one write lock (and an fsync) each: one thread for them, so lookups never queue behind.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
         self._writes: set[asyncio.Future] = set()
         # Answers handed to the writer but not yet committed: a repeat that arrives meanwhile is still a hit.
         self._pending: dict[bytes, bytes] = {}
@@ -121,9 +124,12 @@ class ResponseCacheService:
         if not decision.store or decision.scope is None or not self.enabled:
             return
         key = cache_key(decision.scope, model, version, build_hash, decision.canonical)
+        if len(self._pending) >= MAX_PENDING_WRITES:
+            self._metrics.cache_errors.labels("put_dropped").inc()  # the writer is behind: keep memory bounded
+            return
         entry = CacheEntry(model=model, scope_hash=decision.scope_label, payload=payload)
         self._pending[key] = payload
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._put, key, entry)
+        future = asyncio.get_running_loop().run_in_executor(self._writer, self._put, key, entry)
         self._writes.add(future)
         future.add_done_callback(partial(self._written, key, entry))
 
@@ -155,7 +161,8 @@ class ResponseCacheService:
             return 0
         label = scope_hash(scope) if scope is not None else None
         self._pending.clear()
-        count = await asyncio.get_running_loop().run_in_executor(self._executor, self.store.purge, label, model)
+        # On the writer thread: writes queued before the purge land first and are purged with the rest.
+        count = await asyncio.get_running_loop().run_in_executor(self._writer, self.store.purge, label, model)
         await self._refresh_gauges()
         return count
 
@@ -174,3 +181,4 @@ class ResponseCacheService:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown(wait=False)
+        self._writer.shutdown(wait=False)

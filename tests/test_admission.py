@@ -81,3 +81,19 @@ async def test_service_time_follows_measurements():
         await g.acquire("interactive", 10)
         g.release(0.1)
     assert g.service_s == pytest.approx(0.1, rel=0.05)
+
+
+async def test_a_free_place_admits_even_when_the_budget_is_spent():
+    g = gate()
+    assert await g.acquire("interactive", -0.5) == 0  # a slow upload used the budget, but nothing is queued
+
+
+async def test_cancelling_a_waiter_cancels_it_and_frees_its_place():
+    g = gate(capacity=1, limit=1, service_s=0.01)
+    await g.acquire("interactive", 10)
+    waiter = asyncio.ensure_future(g.acquire("interactive", 10))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert g.waiting == 0 and g.active == 1

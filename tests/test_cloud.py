@@ -139,6 +139,8 @@ def local(tmp_path_factory, smollm2_repo, upstream):
     tokens = {name: store.create(name=name, tenant=tenant, cloud=cloud, admin=admin, cache_scope="none")[1]
               for name, tenant, cloud, admin in (("cloudy", "acme", True, False), ("private", "acme", False, False),
                                                  ("meter", "metered", False, False), ("ops", "ops", False, True))}
+    tokens["auto-only"] = store.create(name="auto-only", tenant="acme", models=("auto",))[1]
+    tokens["slow-only"] = store.create(name="slow-only", tenant="acme", models=("slow",), cloud=True)[1]
     running = RunningServer(local_config(root, local_repo(root, smollm2_repo), upstream[0]),
                             engine_factory=slow_factory).start()
     yield running, tokens
@@ -318,3 +320,37 @@ def test_a_model_that_is_not_ready_fails_over_to_the_cloud_where_allowed(local):
     finally:
         load = requests.post(f"{running.url}/v2/repository/models/slow/load", headers=auth(tokens["ops"]), timeout=60)
         assert load.status_code == 200
+
+
+def test_model_lists_hold_for_routers_and_for_models_that_are_not_ready(local):
+    running, tokens = local
+    # A key that may use the router may use what it routes to, but not name those models itself.
+    assert chat(running.url, tokens["auto-only"], "Hi!").status_code == 200
+    named = requests.post(f"{running.url}/v1/chat/completions", headers=auth(tokens["auto-only"]), timeout=60,
+                          json={"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}],
+                                "max_tokens": 2})
+    assert named.status_code == 403
+    # A key without the router may not reach the cloud through it.
+    assert chat(running.url, tokens["slow-only"], COMPLEX).status_code == 403
+    # A model outside the key's list is 403 whatever its state: no failover, nothing said about it.
+    unload = requests.post(f"{running.url}/v2/repository/models/slow/unload", headers=auth(tokens["ops"]), timeout=30)
+    assert unload.status_code == 200
+    try:
+        hidden = requests.post(f"{running.url}/v2/models/slow/infer", json=BODY, headers=auth(tokens["auto-only"]),
+                               timeout=30)
+        assert hidden.status_code == 403
+    finally:
+        assert requests.post(f"{running.url}/v2/repository/models/slow/load", headers=auth(tokens["ops"]),
+                             timeout=60).status_code == 200
+
+
+def test_a_cloud_stream_is_accounted_even_when_the_client_did_not_ask_for_usage(local):
+    running, tokens = local
+    before = requests.get(f"{running.url}/v1/usage", params={"place": "cloud", "group_by": "place"},
+                          headers=auth(tokens["ops"]), timeout=10).json()["totals"]
+    response = chat(running.url, tokens["cloudy"], COMPLEX, stream=True, max_tokens=5)
+    events = [json.loads(line[6:]) for line in response.iter_lines() if line and line != b"data: [DONE]"]
+    assert events and not any(e.get("usage") and not e.get("choices") for e in events)  # not asked, not sent
+    after = requests.get(f"{running.url}/v1/usage", params={"place": "cloud", "group_by": "place"},
+                         headers=auth(tokens["ops"]), timeout=10).json()["totals"]
+    assert after["output_tokens"] - before.get("output_tokens", 0) == 5

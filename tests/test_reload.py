@@ -144,7 +144,7 @@ def test_reloader_keeps_the_running_config_when_the_new_one_is_bad(tmp_path, fre
     assert running.app[CONFIG].batching.max_queue_size == 1024
     assert report.loaded == [] and report.unloaded == []  # the repository did not change
 
-    config_file.write_text(f'{paths}[server]\naccess_log = false\nport = 1\n')
+    config_file.write_text(f'{paths}[server]\naccess_log = false\nport = 1\n[cache]\nenabled = false\n')
     shutil.rmtree(fresh_repo / "fixed")
     report = running.call(reloader.reload)
     assert not report.config_error and report.unloaded == ["fixed"]

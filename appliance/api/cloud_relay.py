@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 
+from appliance.api.middleware import stream_error
 from appliance.api.state import TRACE, UPSTREAMS
+from appliance.errors import ApplianceError
 from appliance.types import Route, Trace
+from appliance.upstreams import UpstreamUnavailable
 
 
 def _headers(trace: Trace) -> dict[str, str]:
@@ -37,20 +41,51 @@ async def relay_openai(request: web.Request, route: Route, path: str, body: dict
     if not stream:
         result = await upstream.openai(path, body, route.model)
         _account(trace, result.input_tokens, result.output_tokens, result.cost)
-        return web.Response(status=result.status, body=result.body, content_type=result.content_type.split(";")[0],
-                            headers=_headers(trace))
-    _, relay = await upstream.openai_stream(path, body, route.model)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           **_headers(trace)})
-    await response.prepare(request)
+        return _answer(trace, result)
+    # The upstream is always asked for its usage chunk, so that a stream is accounted whatever the client asked;
+    # the chunk is passed on only to a client that asked for it.
+    client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    _, relay = await upstream.openai_stream(path, {**body, "stream_options": {"include_usage": True}}, route.model)
     try:
-        async for block in relay:
-            await response.write(block)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               **_headers(trace)})
+        await response.prepare(request)
+        try:
+            async for block in relay:
+                if client_wants_usage or not _usage_only(block):
+                    await response.write(block)
+        except ConnectionResetError:
+            return response  # the client went away; what the upstream sent is still accounted
+        except ApplianceError as exc:  # the upstream broke off after the headers: say so in the stream
+            await response.write(stream_error(exc))
     finally:
         await relay.aclose()
         _account(trace, relay.input_tokens, relay.output_tokens, relay.cost)
     await response.write_eof()
     return response
+
+
+def _usage_only(block: bytes) -> bool:
+    """Whether an SSE event is the usage chunk (no choices) that only clients asking for it get."""
+    if b'"usage"' not in block:
+        return False
+    try:
+        chunk = orjson.loads(block.strip().removeprefix(b"data: "))
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(chunk, dict) and not chunk.get("choices") and bool(chunk.get("usage"))
+
+
+def _answer(trace: Trace, result: Any) -> web.Response:
+    """The upstream's answer as it came, except that its refusal of our credential is a 502, not the client's 401."""
+    if result.status in (401, 403):
+        raise UpstreamUnavailable(f"upstream refused the appliance's credential (HTTP {result.status}); check its "
+                                  "api_key_env / api_key_file", retry_after_s=60)
+    headers = _headers(trace)
+    if "Inference-Header-Content-Length" in result.headers:
+        headers["Inference-Header-Content-Length"] = result.headers["Inference-Header-Content-Length"]
+    return web.Response(status=result.status, body=result.body, content_type=result.content_type.split(";")[0],
+                        headers=headers)
 
 
 async def relay_kserve(request: web.Request, route: Route, body: bytes) -> web.Response:
@@ -60,8 +95,4 @@ async def relay_kserve(request: web.Request, route: Route, body: bytes) -> web.R
               if name in request.headers}
     result = await upstream.kserve_infer(route.model, body, request.content_type, passed)
     _account(trace, 0, 0, result.cost)
-    headers = _headers(trace)
-    if "Inference-Header-Content-Length" in result.headers:
-        headers["Inference-Header-Content-Length"] = result.headers["Inference-Header-Content-Length"]
-    return web.Response(status=result.status, body=result.body, content_type=result.content_type.split(";")[0],
-                        headers=headers)
+    return _answer(trace, result)

@@ -59,6 +59,13 @@ def error_response(status: int, message: str, retry_after_s: float | None = None
     )
 
 
+def stream_error(exc: ApplianceError) -> bytes:
+    """An error that happened after a stream's headers were sent, as a server-sent event."""
+    error = {"message": exc.message, "type": "server_error" if exc.status >= 500 else "invalid_request_error",
+             "param": exc.param, "code": exc.status}
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Wrap every request: id, drain check, error mapping, accounting."""
@@ -108,7 +115,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         app[LEDGER].record(UsageRecord(
             tenant=trace.principal.tenant, key_id=trace.principal.key_id, model=trace.model, place=trace.place,
             workflow=trace.workflow, input_tokens=trace.input_tokens, output_tokens=trace.output_tokens,
-            compute_s=trace.usage.compute_s if trace.usage else 0.0, cost=trace.cost,
+            compute_s=trace.compute_s, cost=trace.cost,
             cost_avoided=trace.cost_avoided))
     if trace.tokens and trace.principal is not None and trace.principal.tokens_per_minute:
         app[LIMITER].charge_tokens(trace.principal, trace.tokens)

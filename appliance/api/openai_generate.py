@@ -15,12 +15,13 @@ from aiohttp import web
 from appliance.api.openai_api import check_user, deadline_from, is_int, read_json
 from appliance.api.state import DATAPLANE, TRACE
 from appliance.api.cloud_relay import relay_openai
+from appliance.api.middleware import stream_error
 from appliance.api.text_stream import TextAssembler
 from appliance.cache.payloads import StoredGeneration
 from appliance.dataplane import CachedGeneration, Generation
 from appliance.engines.generation import SamplingParams, TokenEvent
 from appliance.engines.tokenizer import TextEncoder
-from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
+from appliance.errors import ApplianceError, BadRequest, DeadlineExceeded, EngineFailed
 from appliance.placement import SpillToCloud
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
@@ -273,7 +274,8 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
         response = await _respond(request, reply, _live_pieces(request, generation, reply, recorded), ident)
     finally:
         dataplane.finish_generation(generation, reply.completion_tokens, trace)
-    assert reply.finish_reason is not None
+    if reply.finish_reason is None:  # cut short (an error in the stream, or the client left): nothing to keep
+        return response
     dataplane.remember_generation(generation, StoredGeneration(recorded, reply.finish_reason, reply.prompt_tokens,
                                                                reply.completion_tokens))
     return response
@@ -327,20 +329,25 @@ async def _stream(request: web.Request, reply: _Reply, pieces: Pieces, ident: st
             item["logprobs"] = None
         return item
 
-    if chat:
-        await response.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}]))
-    wants_logprobs = reply.body.params.logprobs >= 0
-    piece, logprobs = first
-    while True:
-        if piece or (wants_logprobs and logprobs):
-            await response.write(chunk([choice(piece, None, logprobs if wants_logprobs else None)]))
-        if reply.finish_reason is not None:
-            break
-        piece, logprobs = await anext(pieces)
-    await response.write(chunk([choice(None, reply.finish_reason)]))
-    if reply.body.include_usage:
-        await response.write(chunk([], reply.usage()))
+    try:
+        if chat:
+            await response.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                         "finish_reason": None}]))
+        wants_logprobs = reply.body.params.logprobs >= 0
+        piece, logprobs = first
+        while True:
+            if piece or (wants_logprobs and logprobs):
+                await response.write(chunk([choice(piece, None, logprobs if wants_logprobs else None)]))
+            if reply.finish_reason is not None:
+                break
+            piece, logprobs = await anext(pieces)
+        await response.write(chunk([choice(None, reply.finish_reason)]))
+        if reply.body.include_usage:
+            await response.write(chunk([], reply.usage()))
+    except ConnectionResetError:
+        return response  # the client went away; what was generated is still accounted
+    except ApplianceError as exc:  # after the headers: the error goes in the stream, which then ends
+        await response.write(stream_error(exc))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
