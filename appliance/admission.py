@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from appliance.config import AdmissionConfig
 from appliance.errors import ApplianceError, QueueFull
+from appliance.keys import LANES
 
-LANES = {"interactive": 0, "batch": 1}  # lower goes first
+PRIORITY = {lane: rank for rank, lane in enumerate(LANES)}  # interactive before batch
 
 
 class Saturated(ApplianceError):
@@ -64,7 +65,7 @@ class LaneGate:
 
     def estimate_wait(self, lane: str) -> float:
         """Seconds a new request of ``lane`` would wait before the model starts on it."""
-        priority = LANES[lane]
+        priority = PRIORITY[lane]
         ahead = sum(1 for waiter in self._waiters if waiter.priority <= priority)
         beyond_capacity = self.active + ahead + 1 - self.capacity
         return max(0.0, beyond_capacity) * self.service_s / self.capacity
@@ -72,7 +73,7 @@ class LaneGate:
     async def acquire(self, lane: str, max_wait_s: float) -> float:
         """Enter the gate, waiting by priority; returns the time waited. Raises :class:`Saturated` or
         :class:`QueueFull` (without queueing) when the wait would be over ``max_wait_s`` or the queue is full."""
-        priority = LANES[lane]
+        priority = PRIORITY[lane]
         if self.active < self.limit and not any(w.priority <= priority for w in self._waiters):
             self.active += 1  # a free place: no wait to budget for
             return 0.0

@@ -27,6 +27,7 @@ from appliance.keys import KeyStore
 from appliance.ledger import CostLedger
 from appliance.placement import Placement
 from appliance.routing import Router
+from appliance.upstreams import Upstream
 from appliance.model_version import EngineFactory
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
@@ -93,8 +94,6 @@ def create_app(
     app[ACCESS_LOG] = AccessLog(access_log_stream, enabled=config.server.access_log)
     app[MODELS] = ModelManager(config, engine_factory, app[METRICS])
     app[CACHE] = ResponseCacheService(config.cache, config.paths.response_cache_dir(), app[METRICS])
-    from appliance.upstreams import Upstream
-
     app[UPSTREAMS] = {name: Upstream(upstream) for name, upstream in config.upstreams.items()}
     placement = Placement(Router(config.routing, app[MODELS]), Admission(config.admission), app[UPSTREAMS],
                           app[METRICS])

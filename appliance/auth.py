@@ -77,11 +77,6 @@ class Authenticator:
         self._principals: dict[str, Principal] = {}
 
     @property
-    def keys(self) -> KeySet:
-        """The key snapshot in force."""
-        return self._keys
-
-    @property
     def required(self) -> bool:
         """Whether callers must present a key: keys exist, or the server is reachable from other hosts."""
         return len(self._keys) > 0 or not self._loopback_only

@@ -134,7 +134,6 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
 def _cmd_serve(config: Config, source: ConfigSource) -> int:
     logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
     from appliance.auth import bind_refusal
-    from appliance.keys import KeyStore
 
     refusal = bind_refusal(config.server.host, KeyStore(config.paths.keys()))
     if refusal:

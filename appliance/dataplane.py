@@ -85,7 +85,6 @@ class DataPlane:
                  output_tokens: int) -> None:
         """Tokens and the local cost of a request the model ran."""
         trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
-        trace.tokens = input_tokens + output_tokens
         trace.compute_s = compute_s
         trace.cost = local_cost(served, compute_s, input_tokens, output_tokens, self.device_rate_per_hour)
 

@@ -28,7 +28,7 @@ LANES = ("interactive", "batch")
 CACHE_SCOPES = ("tenant", "key", "none")
 FILE_VERSION = 1
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # names, tenants and workflow tags
 _ID = re.compile(r"[0-9a-f]{12}")
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 . _ -"
@@ -308,7 +308,7 @@ def _problem(key: ApiKey) -> str | None:
         return f"id {key.id!r} must be 12 lowercase hex digits"
     for field_name in ("name", "tenant"):
         value = getattr(key, field_name)
-        if not isinstance(value, str) or not _NAME.fullmatch(value):
+        if not isinstance(value, str) or not NAME.fullmatch(value):
             return f"{field_name} {value!r} is not allowed: use {_NAME_RULE}"
     for model in key.models:
         if not isinstance(model, str) or not model or any(c.isspace() or c == "," for c in model):
@@ -322,7 +322,7 @@ def _problem(key: ApiKey) -> str | None:
     for field_name in ("cloud", "admin"):
         if not isinstance(getattr(key, field_name), bool):
             return f"{field_name} must be true or false"
-    if not isinstance(key.workflow, str) or (key.workflow and not _NAME.fullmatch(key.workflow)):
+    if not isinstance(key.workflow, str) or (key.workflow and not NAME.fullmatch(key.workflow)):
         return f"workflow {key.workflow!r} is not allowed: use {_NAME_RULE}, or '' for none"
     if key.lane not in LANES:
         return f"lane {key.lane!r} is not one of {', '.join(map(repr, LANES))}"

@@ -24,7 +24,6 @@ import calendar
 import hashlib
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,8 @@ from typing import NamedTuple
 import lmdb
 import msgpack
 from prometheus_client import CollectorRegistry, Counter
+
+from appliance.cache.private_lmdb import open_private
 
 __all__ = ["FORMAT_VERSION", "GROUP_FIELDS", "OTHER_WORKFLOW", "PLACES", "TOTAL_FIELDS", "CostLedger", "UsageRecord"]
 
@@ -311,14 +312,8 @@ class CostLedger:
 
 
 def _open(path: Path) -> tuple[lmdb.Environment, _Dbs, list[str]]:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    env = lmdb.open(str(path), map_size=_MAP_SIZE, subdir=True, lock=True, mode=0o600, max_dbs=2)
+    env = open_private(path, map_size=_MAP_SIZE, max_dbs=2)
     try:
-        # LMDB sets the mode only on files it creates; older files may be wider.
-        for name in ("data.mdb", "lock.mdb"):
-            os.chmod(path / name, 0o600)
-        env.reader_check()  # free reader slots of dead processes
         dbs = _Dbs(env.open_db(DB_TOTALS), env.open_db(DB_META))
         with env.begin(write=True) as txn:
             found = txn.get(_META_FORMAT, db=dbs.meta)

@@ -75,8 +75,7 @@ class Trace:
     usage: Usage | None = None
     principal: Principal | None = None
     cache: str = ""  # hit, miss or bypass when the request went through the response cache
-    tokens: int = 0  # tokens read and written, charged to the key's tokens-per-minute budget
-    input_tokens: int = 0
+    input_tokens: int = 0  # read and written: charged to the key's tokens-per-minute budget and the ledger
     output_tokens: int = 0
     place: str = "local"  # where it ran: local, cloud or cache
     route: str = ""  # why it went where it went, for x-appliance-route and the access log
@@ -99,7 +98,6 @@ class Route:
     reason: str
     kind: str  # named, complexity, overflow, failover
     upstream: str = ""
-    score: float | None = None
 
 
 @dataclass(slots=True)

@@ -37,6 +37,8 @@ class CacheDecision:
     payload: bytes | None = None  # the stored answer on a hit
     store: bool = False  # whether the fresh answer should be written
     scope_label: str = ""
+    key: bytes = b""  # the entry's key, made for ``keyed_for`` (model, version, build hash)
+    keyed_for: tuple[str, int, str] | None = None
 
 
 def cache_control(header: str | None) -> tuple[bool, bool]:
@@ -98,13 +100,15 @@ class ResponseCacheService:
             self._count(model, label, MISS)
             return CacheDecision(MISS)
         decision = CacheDecision(MISS, scope, canonical(), store=write, scope_label=label)
+        decision.key = cache_key(scope, model, version, build_hash, decision.canonical)
+        decision.keyed_for = (model, version, build_hash)
         if not read:
             decision.status = BYPASS
         else:
-            key = cache_key(scope, model, version, build_hash, decision.canonical)
-            payload = self._pending.get(key)
+            payload = self._pending.get(decision.key)
             if payload is None:
-                entry = await asyncio.get_running_loop().run_in_executor(self._executor, self.store.get, key)
+                entry = await asyncio.get_running_loop().run_in_executor(self._executor, self.store.get,
+                                                                         decision.key)
                 payload = entry.payload if entry is not None else None
             if payload is not None:
                 decision.status, decision.payload, decision.store = HIT, payload, False
@@ -123,7 +127,9 @@ class ResponseCacheService:
         """Store a fresh answer in the background (the response does not wait for the write)."""
         if not decision.store or decision.scope is None or not self.enabled:
             return
-        key = cache_key(decision.scope, model, version, build_hash, decision.canonical)
+        key = decision.key
+        if decision.keyed_for != (model, version, build_hash):  # another version answered: a swap happened
+            key = cache_key(decision.scope, model, version, build_hash, decision.canonical)
         if len(self._pending) >= MAX_PENDING_WRITES:
             self._metrics.cache_errors.labels("put_dropped").inc()  # the writer is behind: keep memory bounded
             return

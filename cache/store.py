@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import struct
 import threading
 import time
@@ -33,6 +32,8 @@ from typing import NamedTuple, TypeVar
 
 import lmdb
 import msgpack
+
+from appliance.cache.private_lmdb import open_private
 
 __all__ = ["FORMAT_VERSION", "CacheEntry", "PutResult", "ResponseCache"]
 
@@ -253,24 +254,9 @@ class ResponseCache:
     # -- opening ------------------------------------------------------------------------
 
     def _open_env(self) -> _Open:
-        self._path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self._path, 0o700)
-        env = lmdb.open(
-            str(self._path),
-            map_size=self._map_size,
-            subdir=True,
-            lock=True,
-            sync=self._sync,
-            metasync=False,
-            mode=0o600,
-            max_dbs=4,
-            max_readers=_MAX_READERS,
-        )
+        env = open_private(self._path, map_size=self._map_size, max_dbs=4, sync=self._sync, metasync=False,
+                           max_readers=_MAX_READERS)
         try:
-            # LMDB sets the mode only on files it creates; older files may be wider.
-            for name in ("data.mdb", "lock.mdb"):
-                os.chmod(self._path / name, 0o600)
-            env.reader_check()  # free reader slots of dead processes
             dbs = _Dbs(*(env.open_db(name) for name in (DB_ENTRIES, DB_ORDER, DB_EXPIRY, DB_META)))
             with env.begin(write=True) as txn:
                 _check_format(txn, dbs)

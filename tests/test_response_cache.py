@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,8 +161,7 @@ def test_the_cache_survives_a_restart_and_its_files_are_private(standard_repo, t
     first = RunningServer(config).start()
     try:
         assert infer(first.url, None, [9, 9, 9, 1]).headers["x-cache"] == "miss"
-        time.sleep(0.2)  # the write happens after the response
-    finally:
+    finally:  # stopping waits for the cache's pending writes
         first.stop()
     second = RunningServer(make_config(standard_repo, tmp_path / "state", cache=CACHE_ON)).start()
     try:

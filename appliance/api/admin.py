@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
-
 import orjson
 from aiohttp import web
 
 from appliance.api.openai_api import read_json
 from appliance.api.state import CACHE
 from appliance.errors import BadRequest
+from appliance.keys import NAME
 
-NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _json(payload: object) -> web.Response:

@@ -30,8 +30,7 @@ def _start(request: web.Request, route: Route) -> tuple[Any, Trace]:
 
 
 def _account(trace: Trace, input_tokens: int, output_tokens: int, cost: float) -> None:
-    trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
-    trace.tokens, trace.cost = input_tokens + output_tokens, cost
+    trace.input_tokens, trace.output_tokens, trace.cost = input_tokens, output_tokens, cost
 
 
 async def relay_openai(request: web.Request, route: Route, path: str, body: dict[str, Any],

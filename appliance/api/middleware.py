@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +16,7 @@ from appliance.api.state import ACCESS_LOG, AUTH, LEDGER, LIFECYCLE, LIMITER, ME
 from appliance.auth import LOCAL, require_admin
 from appliance.errors import (ApplianceError, BadRequest, Forbidden, PayloadTooLarge, RateLimited, ServerDraining,
                               Unauthorized)
-from appliance.keys import LANES
+from appliance.keys import LANES, NAME
 from appliance.ledger import UsageRecord
 from appliance.types import Principal, Trace
 from appliance.workers import FANOUT_HEADER
@@ -33,7 +32,6 @@ ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 # Paths anyone who can reach the port may call: probes, metrics (no payloads, no keys) and the API description.
 PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"})
 ADMIN_PREFIXES = ("/v2/repository/", "/admin/", "/v1/usage")
-_WORKFLOW = re.compile(r"[A-Za-z0-9._-]{1,64}")
 REJECTION_REASONS = {Unauthorized: "unauthenticated", Forbidden: "forbidden", RateLimited: "rate_limited"}
 
 
@@ -117,8 +115,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             workflow=trace.workflow, input_tokens=trace.input_tokens, output_tokens=trace.output_tokens,
             compute_s=trace.compute_s, cost=trace.cost,
             cost_avoided=trace.cost_avoided))
-    if trace.tokens and trace.principal is not None and trace.principal.tokens_per_minute:
-        app[LIMITER].charge_tokens(trace.principal, trace.tokens)
+    tokens = trace.input_tokens + trace.output_tokens
+    if tokens and trace.principal is not None and trace.principal.tokens_per_minute and trace.place != "cache":
+        app[LIMITER].charge_tokens(trace.principal, tokens)
     total = time.perf_counter() - started
     if trace.model or request.path.endswith("/infer"):
         app[METRICS].observe_request(trace.model, trace.version, response.status, total)
@@ -178,6 +177,6 @@ def _policy(request: web.Request, trace: Trace) -> None:
                          f"not {data!r}")
     trace.local_only = data == "local-only" or not principal.cloud
     workflow = headers.get("x-appliance-workflow")
-    if workflow is not None and not _WORKFLOW.fullmatch(workflow):
+    if workflow is not None and not NAME.fullmatch(workflow):
         raise BadRequest("x-appliance-workflow must be 1 to 64 letters, digits, '.', '_' or '-'")
     trace.workflow = workflow or principal.workflow
