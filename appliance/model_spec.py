@@ -95,6 +95,9 @@ class GenerationSection:
     kv_capacity: int = field(default=2048, metadata=limits(16, 1_000_000))  # tokens per row (prompt + output)
     prefill_chunk: int = field(default=256, metadata=limits(1, 1_000_000))  # prompt tokens per step, at most
     max_waiting: int = field(default=64, metadata=limits(0, 1_000_000))
+    # Multi-row calls through a float32-weight twin of a 4-bit graph: faster batches for ~4 bytes per weight of RAM.
+    dense_batches: bool = False
+    spin_threads: bool = True  # ONNX Runtime threads spin between a step's parallel regions (faster, busier)
 
 
 @dataclass

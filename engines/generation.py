@@ -97,20 +97,47 @@ class KVDecoder:
 
     INITIAL_CAPACITY = 256
 
-    def __init__(self, model_path: Path, generation: dict[str, Any], limits: GenerationLimits, threads: int) -> None:
+    def __init__(self, model_path: Path, generation: dict[str, Any], limits: GenerationLimits, threads: int, *,
+                 dense_batches: bool = False, spin: bool = False) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        # The step thread shares the CPU with the event loop that streams the tokens: idle ORT threads must sleep.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._ort = ort
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self._threads, self._spin = threads, spin
+        self.session = ort.InferenceSession(str(model_path), self._options(), providers=["CPUExecutionProvider"])
+        # Every call but a one-row decode step goes to a float32-weight twin of the graph when asked (dense_weights).
+        self.wide_session = self._dense_twin(model_path) if dense_batches else None
         self.layers = int(generation["num_layers"])
         self.slots, self.max_capacity = limits.slots, limits.capacity
         self._shape = (limits.slots, int(generation["num_kv_heads"]), int(generation["head_dim"]))
         self._allocate(min(self.INITIAL_CAPACITY, self.max_capacity))
+
+    def _options(self) -> Any:
+        options = self._ort.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        options.log_severity_level = 3
+        # A decode step is hundreds of small parallel regions: threads that spin between them instead of sleeping
+        # cut a step by ~20% (SmolLM2-135M, 2 cores), at the price of a busy core while a step runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
+        return options
+
+    def _dense_twin(self, model_path: Path) -> Any:
+        import onnx
+
+        from appliance.engines.dense_weights import dense_twin
+
+        twin = dense_twin(onnx.load(str(model_path)))
+        if not twin.replaced:
+            return None
+        options = self._options()
+        names = list(twin.weights)
+        options.add_external_initializers(names, [self._ort.OrtValue.ortvalue_from_numpy(twin.weights[n])
+                                                  for n in names])
+        session = self._ort.InferenceSession(twin.graph, options, providers=["CPUExecutionProvider"])
+        log.info("%s: float32 twin for multi-row calls, %d weights, %.0f MB", model_path, twin.replaced,
+                 twin.weight_bytes / 1e6)
+        del options, twin
+        _release_free_memory()
+        return session
 
     def _allocate(self, capacity: int, keep: int = 0) -> None:
         slots, heads, dim = self._shape
@@ -144,7 +171,9 @@ class KVDecoder:
     def run(self, start: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """Rows ``start .. start + len(input_ids)``; returns the last position's logits per row ``[rows, vocab]``."""
         rows = input_ids.shape[0]
-        binding = self.session.io_binding()
+        single_token = rows == 1 and input_ids.shape[1] == 1
+        session = self.session if single_token or self.wide_session is None else self.wide_session
+        binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
@@ -154,7 +183,7 @@ class KVDecoder:
             kind = ("key", "value")[which]
             binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
             binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         # Only the logits leave the session: copy_outputs_to_cpu() would also copy every KV buffer.
         return binding.get_outputs()[0].numpy()[:, -1, :]
 
@@ -382,6 +411,16 @@ class GenerationScheduler:
         self._slots[slot] = None
         if sequence is not None:
             self._emit(sequence, event)
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap back to the system (glibc keeps the pages of large freed arrays otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _put_all(batch: list[tuple[Sequence, TokenEvent]]) -> None:

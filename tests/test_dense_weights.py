@@ -1,0 +1,131 @@
+"""The float32 twin of a MatMulNBits graph computes what the 4-bit graph computes, for every weight form the
+decoder builder writes, and the exact tier's scheduler uses it for multi-row calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from appliance.build.gguf_decoder import MS_DOMAIN, OPSET, _Graph
+from appliance.build.q4_repack import BLOCK, NBitsWeight, _pack_nibbles_pairwise
+from appliance.engines.dense_weights import dense_twin
+from appliance.engines.generation import GenerationLimits, KVDecoder
+
+K, N, ROWS = 128, 48, 5
+REFERENCE_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2-135m-instruct.json"
+
+
+def _weight(rng: np.random.Generator, bits: int = 4, zero_points: bool = False, offsets: bool = False,
+            copies: int = 1) -> NBitsWeight:
+    blocks = K // BLOCK * copies
+    packed = rng.integers(0, 256, (N, blocks, BLOCK * bits // 8), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, (N, blocks)).astype(np.float32)
+    zp = _pack_nibbles_pairwise(rng.integers(0, 16, (N, blocks), dtype=np.uint8)) if zero_points else None
+    mins = rng.uniform(-0.2, 0.2, (K // BLOCK, N)).astype(np.float32) if offsets else None
+    return NBitsWeight(N, K, bits, packed, scales, zp, mins, copies)
+
+
+FORMS = {
+    "q4_0": {},
+    "q4_1_centred": {"offsets": True},
+    "q4_1_zero_points": {"zero_points": True, "offsets": True},
+    "q8_0_split": {"offsets": True, "copies": 2},
+    "q8": {"bits": 8},
+}
+
+
+def _model(weights: dict[str, NBitsWeight]) -> onnx.ModelProto:
+    graph = _Graph(accuracy_level=1)
+    outputs = [graph.linear("x", w, name) for name, w in weights.items()]
+    return helper.make_model(
+        helper.make_graph(graph.nodes, "forms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", K])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["T", N]) for o in outputs],
+                          graph.inits),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def _session(graph: bytes, weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if weights:
+        names = list(weights)
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def test_twin_computes_every_weight_form_like_the_4_bit_graph():
+    rng = np.random.default_rng(7)
+    weights = {name: _weight(rng, **form) for name, form in FORMS.items()}
+    model = _model(weights)
+    original = _session(model.SerializeToString())
+    twin = dense_twin(model)
+    assert twin.replaced == len(FORMS)
+    dense = onnx.load_from_string(twin.graph)
+    # Only the plain products are left: the repeat, the block sums and the offset Gemms were folded in.
+    assert sorted({node.op_type for node in dense.graph.node}) == ["MatMul"]
+    assert twin.weight_bytes == len(FORMS) * K * N * 4
+    x = rng.standard_normal((ROWS, K)).astype(np.float32)
+    want = original.run(None, {"x": x})
+    got = _session(twin.graph, twin.weights).run(None, {"x": x})
+    for name, w, a, b in zip(weights, weights.values(), want, got):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(b, x @ w.dequantize().T, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_twin_leaves_forms_it_does_not_know_alone():
+    rng = np.random.default_rng(8)
+    model = _model({"q4": _weight(rng)})
+    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    node.attribute.remove(next(a for a in node.attribute if a.name == "block_size"))
+    node.attribute.append(helper.make_attribute("block_size", 64))
+    twin = dense_twin(model)
+    assert twin.replaced == 0
+    assert [n.op_type for n in onnx.load_from_string(twin.graph).graph.node] == ["MatMulNBits"]
+
+
+@pytest.fixture(scope="module")
+def exact_decoder(smollm2_repo):
+    folder = smollm2_repo / "smollm2-135m" / "1"
+    generation = json.loads((folder / "generation.json").read_text())
+    return KVDecoder(folder / "model.onnx", generation, GenerationLimits(slots=4, capacity=256), 0,
+                     dense_batches=True, spin=True)
+
+
+def test_exact_tier_decodes_rows_together_as_each_alone(exact_decoder, smollm2_repo):
+    """Rows prefilled and decoded through the twin pick the tokens of the independent reference, and of the 4-bit
+    graph decoding each row alone."""
+    decoder = exact_decoder
+    assert decoder.wide_session is not None and decoder.wide_session is not decoder.session
+    items = json.loads(REFERENCE_PATH.read_text())["items"]
+    eos = json.loads((smollm2_repo / "smollm2-135m" / "1" / "generation.json").read_text())["eos_token_ids"]
+
+    def pick(row_logits: np.ndarray) -> int:  # the reference never ends early: end-of-text ids are suppressed
+        row_logits[eos] = -np.inf
+        return int(row_logits.argmax())
+
+    chosen = [items[0], items[3], items[5]]  # 37, 51 and 4 prompt tokens
+    steps = 12
+    alone = []
+    for row, item in enumerate(chosen):  # a row at a time: prefill (twin), then one-token steps (4-bit graph)
+        prompt = item["prompt_ids"]
+        logits = decoder.run(row, np.array([prompt]), np.array([len(prompt) - 1], np.int32))
+        tokens, length = [pick(logits[0])], len(prompt)
+        for _ in range(steps - 1):
+            logits = decoder.run(row, np.array([[tokens[-1]]]), np.array([length], np.int32))
+            length += 1
+            tokens.append(pick(logits[0]))
+        alone.append(tokens)
+    assert alone == [item["greedy_ids"][:steps] for item in chosen]
+    together = [[tokens[0]] for tokens in alone]
+    lengths = np.array([len(item["prompt_ids"]) for item in chosen], np.int32)
+    for _ in range(steps - 1):  # all rows in one call each step: the twin
+        logits = decoder.run(0, np.array([[t[-1]] for t in together]), lengths)
+        lengths += 1
+        for row, tokens in enumerate(together):
+            tokens.append(pick(logits[row]))
+    assert together == alone
