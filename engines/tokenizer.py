@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>")
@@ -33,3 +33,11 @@ class TextEncoder:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids."""
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """An incremental decoder for one generated sequence: each token in, the text it completes out (``None``
+        while it ends inside a multi-byte character)."""
+        from tokenizers.decoders import DecodeStream
+
+        decoder, tokenizer = DecodeStream(skip_special_tokens=skip_special_tokens), self._tokenizer
+        return lambda token: decoder.step(tokenizer, token)

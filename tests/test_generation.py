@@ -14,6 +14,7 @@ import requests
 from tokenizers import Tokenizer
 
 from appliance.api.text_stream import TextAssembler
+from appliance.engines.tokenizer import TextEncoder
 from conftest import RunningServer, make_config
 
 REFERENCE = json.loads((Path(__file__).parents[2] / "shared" / "reference" /
@@ -160,7 +161,7 @@ def test_incremental_detokenizer_never_splits_characters(smollm2_repo):
     tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
     text = "Grüße aus Köln! 東京は晴れ 🙂🚀 — naïve café"
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    assembler = TextAssembler(lambda t: tokenizer.decode(t))
+    assembler = TextAssembler(TextEncoder(tokenizer, 8192).stream())
     pieces = [assembler.add(token) for token in ids] + [assembler.finish()]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) == text
@@ -170,7 +171,7 @@ def test_incremental_detokenizer_never_splits_characters(smollm2_repo):
 def test_stop_string_split_across_tokens_is_never_partly_sent(smollm2_repo):
     tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
     item = REFERENCE[0]
-    assembler = TextAssembler(lambda t: tokenizer.decode(t), stop=["Eiffel Tower"])
+    assembler = TextAssembler(TextEncoder(tokenizer, 8192).stream(), stop=["Eiffel Tower"])
     released = ""
     for token in item["greedy_ids"]:
         released += assembler.add(token)
@@ -207,3 +208,16 @@ def test_waiting_queue_bound_is_503_and_deadline_is_504(smollm2_repo, server_fac
     assert [r.status_code for r in results] == [200, 200]
     late = requests.post(url, json={**long_body, "timeout": 0.2}, timeout=30)
     assert late.status_code == 504 and "timeout" in late.json()["error"]["message"]
+
+
+def test_streamed_text_of_a_long_generation_equals_decoding_it_whole(smollm2_repo):
+    """Pieces released token by token add up to the text of all the tokens at once, for any token sequence."""
+    import random
+
+    tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
+    rng = random.Random(5)
+    for _ in range(20):
+        ids = [rng.randrange(tokenizer.get_vocab_size()) for _ in range(rng.randrange(1, 400))]
+        assembler = TextAssembler(TextEncoder(tokenizer, 8192).stream())
+        pieces = [assembler.add(token) for token in ids] + [assembler.finish()]
+        assert "".join(pieces) == tokenizer.decode(ids).rstrip("\ufffd")

@@ -171,7 +171,7 @@ class _Reply:
                  prompt_tokens: int) -> None:
         self.body, self.chat, self.model, self.prompt_tokens = body, chat, model, prompt_tokens
         self._text = text
-        self.assembler = TextAssembler(text.decode, body.stop) if text is not None else None
+        self.assembler = TextAssembler(text.stream(), body.stop) if text is not None else None
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []

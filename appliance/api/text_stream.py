@@ -4,55 +4,56 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+TokenStep = Callable[[int], "str | None"]  # one token in, the text it completes out (None or "" while pending)
+
 
 class TextAssembler:
-    """Accumulates tokens and releases text that is final.
+    """Accumulates the text of a stream of tokens and releases the part that is final.
 
-    Text is withheld while it ends in an incomplete UTF-8 character (the tokenizer decodes it as U+FFFD) or could
-    be the start of a stop string; a stop string found anywhere ends the text just before it.
+    ``step`` is an incremental detokenizer (``TextEncoder.stream``: the ``tokenizers`` library's ``DecodeStream``),
+    which withholds a token until it completes a UTF-8 character and costs the same for the thousandth token as
+    for the first. Text that could be the start of a stop string is held back; a stop string found anywhere ends
+    the text just before it.
     """
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
-        self._decode = decode
+    def __init__(self, step: TokenStep, stop: Sequence[str] = ()) -> None:
+        self._step = step
         self._stop = [s for s in stop if s]
-        self._tokens: list[int] = []
-        self._released = 0  # characters of the decoded text already handed out
+        self._text = ""  # everything decoded so far: released, then held back
+        self._released = 0  # characters of it already handed out
         self.stopped = False
 
     @property
     def text(self) -> str:
         """Everything released so far."""
-        return self._visible()[: self._released]
-
-    def _visible(self) -> str:
-        return self._decode(self._tokens)
+        return self._text[: self._released]
 
     def add(self, token: int) -> str:
         """Take one token; return the text that became final (possibly empty)."""
         if self.stopped:
             return ""
-        self._tokens.append(token)
-        text = self._visible()
-        if text.endswith("\ufffd"):
-            return ""  # the middle of a multi-byte character: wait for the rest
+        piece = self._step(token)
+        if not piece:
+            return ""  # the middle of a multi-byte character, or a token with no text: nothing new to release
+        self._text += piece
+        text = self._text
         for stop in self._stop:
             found = text.find(stop, max(self._released - len(stop) + 1, 0))
             if found != -1:
                 self.stopped = True
-                return self._release(text, found)
+                return self._release(found)
         hold = max((self._partial_stop(text, stop) for stop in self._stop), default=0)
-        return self._release(text, len(text) - hold)
+        return self._release(len(text) - hold)
 
     def finish(self) -> str:
         """The end of the sequence: release what was held back for a stop string that never completed."""
         if self.stopped:
             return ""
-        text = self._visible().rstrip("\ufffd")
-        return self._release(text, len(text))
+        return self._release(len(self._text))
 
-    def _release(self, text: str, upto: int) -> str:
+    def _release(self, upto: int) -> str:
         upto = max(upto, self._released)
-        piece = text[self._released: upto]
+        piece = self._text[self._released: upto]
         self._released = upto
         return piece
 
