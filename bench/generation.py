@@ -72,32 +72,38 @@ async def one_stream(session: aiohttp.ClientSession, url: str, model: str) -> di
             "decode_tok_s": (tokens - 1) / (total - first)}
 
 
-async def measure(url: str, model: str) -> list[dict]:
+async def measure(url: str, model: str, repeats: int = 3) -> list[dict]:
+    """One stream five times, then each concurrency ``repeats`` times; medians, since this VM is noisy."""
     rows = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         await one_stream(session, url, model)  # warm up
-        singles = [await one_stream(session, url, model) for _ in range(3)]
-        best = min(singles, key=lambda r: r["ttft_s"])
-        rows.append({"model": model, "streams": 1, "ttft_s": sorted(r["ttft_s"] for r in singles)[1],
-                     "decode_tok_s": sorted(r["decode_tok_s"] for r in singles)[1],
-                     "aggregate_tok_s": sorted(r["tokens"] / r["total_s"] for r in singles)[1],
-                     "prompt_tokens": best["prompt_tokens"]})
+        singles = [await one_stream(session, url, model) for _ in range(5)]
+        rows.append({"model": model, "streams": 1, "ttft_s": _median(r["ttft_s"] for r in singles),
+                     "decode_tok_s": _median(r["decode_tok_s"] for r in singles),
+                     "aggregate_tok_s": _median(r["tokens"] / r["total_s"] for r in singles),
+                     "prompt_tokens": singles[0]["prompt_tokens"]})
         for streams in (4, 8, 16):
-            started = time.perf_counter()
-            outcomes = await asyncio.gather(*(one_stream(session, url, model) for _ in range(streams)),
-                                            return_exceptions=True)
-            wall = time.perf_counter() - started
-            results = [r for r in outcomes if isinstance(r, dict)]
-            if not results:
-                rows.append({"model": model, "streams": streams, "ttft_s": float("nan"), "decode_tok_s": 0.0,
-                             "aggregate_tok_s": 0.0, "prompt_tokens": None, "failed": streams})
-                continue
-            rows.append({"model": model, "streams": streams, "failed": streams - len(results),
-                         "ttft_s": sorted(r["ttft_s"] for r in results)[len(results) // 2],
-                         "decode_tok_s": sorted(r["decode_tok_s"] for r in results)[len(results) // 2],
-                         "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
-                         "prompt_tokens": results[0]["prompt_tokens"]})
+            waves = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                outcomes = await asyncio.gather(*(one_stream(session, url, model) for _ in range(streams)),
+                                                return_exceptions=True)
+                wall = time.perf_counter() - started
+                results = [r for r in outcomes if isinstance(r, dict)]
+                waves.append({"failed": streams - len(results),
+                              "ttft_s": _median(r["ttft_s"] for r in results) if results else float("nan"),
+                              "decode_tok_s": _median(r["decode_tok_s"] for r in results) if results else 0.0,
+                              "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
+                              "prompt_tokens": results[0]["prompt_tokens"] if results else None})
+            middle = sorted(waves, key=lambda w: w["aggregate_tok_s"])[len(waves) // 2]
+            rows.append({"model": model, "streams": streams, **middle,
+                         "aggregate_runs": [round(w["aggregate_tok_s"], 1) for w in waves]})
     return rows
+
+
+def _median(values) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
 
 
 def peer_available() -> bool:

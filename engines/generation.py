@@ -9,6 +9,9 @@ chunks under a per-step token budget (``prefill_chunk``) so that a long prompt n
 for long, then runs one decode call for every decoding row together. Tokens are sampled per row (greedy,
 temperature, top-p, top-k) with each request's own seeded generator, and handed to the event loop as they come.
 A cancelled or expired sequence frees its slot at the next step boundary.
+
+With ``dense_batches`` a second session over the same KV buffers, whose 4-bit weights were dequantized to float32
+at load (``dense_weights``), takes every call except a one-row decode step: prefills and multi-row steps.
 """
 
 from __future__ import annotations
