@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -222,7 +222,7 @@ class AccessLog:
         if not self.enabled:
             return
         self._lines.append(
-            json.dumps(
+            orjson.dumps(
                 {
                     "ts": round(time.time(), 6),
                     "type": "access",
@@ -241,8 +241,7 @@ class AccessLog:
                     "place": place,
                     "route": route,
                 },
-                separators=(",", ":"),
-            )
+            ).decode()
         )
         if len(self._lines) >= 512:
             self.flush()

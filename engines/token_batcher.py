@@ -198,8 +198,10 @@ class TokenBudgetBatcher:
                     request.first_started = started
         for request in touched.values():
             if request.remaining == 0 and not request.future.done():
+                rows = request.rows
+                vectors = rows[0][None] if len(rows) == 1 else np.stack(rows)  # type: ignore[index]
                 request.future.set_result(EmbedResult(
-                    np.stack(request.rows), request.first_started - request.enqueued, request.compute_s,
+                    vectors, request.first_started - request.enqueued, request.compute_s,
                     request.batches))
 
     # -- the worker-thread side ----------------------------------------------------------------------------------

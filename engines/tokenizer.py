@@ -28,6 +28,8 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Token ids of each text, special tokens included."""
+        if len(texts) == 1:  # encode_batch hands even one text to its thread pool, which then competes with ORT's
+            return [self._tokenizer.encode(texts[0], add_special_tokens=add_special_tokens).ids]
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
