@@ -128,14 +128,20 @@ class KVDecoder:
 
         from appliance.engines.dense_weights import dense_twin
 
-        twin = dense_twin(onnx.load(str(model_path)))
-        if not twin.replaced:
+        try:
+            twin = dense_twin(onnx.load(str(model_path)))
+            if not twin.replaced:
+                return None
+            options = self._options()
+            names = list(twin.weights)
+            options.add_external_initializers(names, [self._ort.OrtValue.ortvalue_from_numpy(twin.weights[n])
+                                                      for n in names])
+            session = self._ort.InferenceSession(twin.graph, options, providers=["CPUExecutionProvider"])
+        except (MemoryError, *_ort_errors(self._ort)) as exc:
+            # Short of memory: serve every call from the 4-bit graph (slower batches) rather than not at all.
+            log.warning("%s: no float32 twin for multi-row calls (%s); batches use the 4-bit graph", model_path, exc)
+            _release_free_memory()
             return None
-        options = self._options()
-        names = list(twin.weights)
-        options.add_external_initializers(names, [self._ort.OrtValue.ortvalue_from_numpy(twin.weights[n])
-                                                  for n in names])
-        session = self._ort.InferenceSession(twin.graph, options, providers=["CPUExecutionProvider"])
         log.info("%s: float32 twin for multi-row calls, %d weights, %.0f MB", model_path, twin.replaced,
                  twin.weight_bytes / 1e6)
         del options, twin
@@ -414,6 +420,12 @@ class GenerationScheduler:
         self._slots[slot] = None
         if sequence is not None:
             self._emit(sequence, event)
+
+
+def _ort_errors(ort: Any) -> tuple[type[Exception], ...]:
+    """ONNX Runtime's session-creation errors (allocation failures among them); not subclasses of RuntimeError."""
+    state = ort.capi.onnxruntime_pybind11_state
+    return state.Fail, state.RuntimeException
 
 
 def _release_free_memory() -> None:

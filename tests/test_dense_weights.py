@@ -129,3 +129,19 @@ def test_exact_tier_decodes_rows_together_as_each_alone(exact_decoder, smollm2_r
         for row, tokens in enumerate(together):
             tokens.append(pick(logits[row]))
     assert together == alone
+
+
+def test_exact_tier_without_memory_for_the_twin_serves_from_the_4_bit_graph(smollm2_repo, monkeypatch):
+    import appliance.engines.dense_weights as dense_weights
+
+    def no_memory(model):
+        raise MemoryError("cannot allocate 540 MB")
+
+    monkeypatch.setattr(dense_weights, "dense_twin", no_memory)
+    folder = smollm2_repo / "smollm2-135m" / "1"
+    generation = json.loads((folder / "generation.json").read_text())
+    decoder = KVDecoder(folder / "model.onnx", generation, GenerationLimits(slots=2, capacity=64), 0,
+                        dense_batches=True)
+    assert decoder.wide_session is None
+    logits = decoder.run(0, np.ones((2, 1), np.int64), np.array([0, 0], np.int32))
+    assert logits.shape == (2, generation["vocab_size"]) and np.isfinite(logits).all()
