@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from appliance.model_version import ModelVersion
 from appliance.placement import Placement, Ticket
 from appliance.repository import ModelManager
 from appliance.types import EmbedRequest, EmbedResponse, Request, Result, Trace, Usage
+
+_Answer = TypeVar("_Answer")
 
 
 @dataclass(eq=False)
@@ -80,6 +83,28 @@ class DataPlane:
     async def _admit(self, served: ModelVersion, trace: Trace, task: str) -> Ticket | None:
         """Pass the model's gate; ``task`` is the request's protocol (it picks the kind of upstream to spill to)."""
         return await self.placement.admit(served, trace, task) if self.placement is not None else None
+
+    async def _run_admitted(self, served: ModelVersion, trace: Trace, task: str, decision: CacheDecision,
+                            recheck: Callable[[], ModelVersion],
+                            run: Callable[[ModelVersion], Awaitable[_Answer]]) -> tuple[ModelVersion, _Answer]:
+        """Pass the gate, then ``run`` on the model; its place is held until ``run`` ends.
+
+        After an await (a cache lookup or a wait at the gate) a new version may have been swapped in, so the model
+        is looked up again with ``recheck``. An engine failure fails over to the cloud where allowed.
+        """
+        ticket = await self._admit(served, trace, task)
+        try:
+            if decision.status != BYPASS or ticket is not None:
+                served = recheck()
+            try:
+                return served, await run(served)
+            except EngineFailed as exc:
+                if self.placement is not None:
+                    self.placement.failover(served.name, task, trace, exc)
+                raise
+        finally:
+            if ticket is not None:
+                ticket.release(trace.usage.compute_s if trace.usage else None)
 
     def _account(self, served: ModelVersion, trace: Trace, compute_s: float, input_tokens: int,
                  output_tokens: int) -> None:
@@ -142,19 +167,9 @@ class DataPlane:
         if decision.payload is not None:
             self._cached(served, trace, 0, 0)
             return Result(request.id, served.name, served.version, decode_tensors(decision.payload), Usage()), served
-        ticket = await self._admit(served, trace, "tensor")
-        try:
-            if decision.status != BYPASS or ticket is not None:
-                served = self._checked(request, trace)  # it awaited: a new version may have been swapped in
-            try:
-                result = await self._run_tensors(request, served, trace)
-            except EngineFailed as exc:
-                if self.placement is not None:
-                    self.placement.failover(served.name, "tensor", trace, exc)
-                raise
-        finally:
-            if ticket is not None:
-                ticket.release(trace.usage.compute_s if trace.usage else None)
+        served, result = await self._run_admitted(served, trace, "tensor", decision,
+                                                  lambda: self._checked(request, trace),
+                                                  lambda model: self._run_tensors(request, model, trace))
         rows = next(iter(request.inputs.values())).shape[0] if served.max_batch_size > 0 and request.inputs else 1
         share = rows / max(rows, result.usage.batch_size or rows)  # the batch's time is shared by its rows
         self._account(served, trace, result.usage.compute_s * share, 0, 0)
@@ -231,10 +246,7 @@ class DataPlane:
             route = self.placement.decided(self.placement.router.route_embedding(request.model), trace,
                                            request.model)
             request.model = route.model
-        served = self._served(request.model, None, trace, "embed")
-        if served.embedder is None or served.text is None:
-            raise BadRequest(f"model {served.name!r} is not an embedding model (its task is {served.spec.task!r}); "
-                             "GET /v1/models lists the models", param="model")
+        served = self._embedder(request.model, trace)
 
         def canonical() -> object:
             return {"texts": request.texts, "ids": request.token_ids, "dimensions": request.dimensions,
@@ -245,21 +257,9 @@ class DataPlane:
             vectors, prompt_tokens = decode_embeddings(decision.payload)
             self._cached(served, trace, prompt_tokens, 0)
             return EmbedResponse(served.name, served.version, vectors, prompt_tokens, Usage())
-        ticket = await self._admit(served, trace, "embed")
-        try:
-            if decision.status != BYPASS or ticket is not None:
-                served = self.resolve(request.model, None, trace)  # it awaited: a swap may have happened
-                if served.embedder is None or served.text is None:
-                    raise BadRequest(f"model {served.name!r} is no longer an embedding model", param="model")
-            try:
-                response = await self._embed(request, served, trace)
-            except EngineFailed as exc:
-                if self.placement is not None:
-                    self.placement.failover(served.name, "embed", trace, exc)
-                raise
-        finally:
-            if ticket is not None:
-                ticket.release(trace.usage.compute_s if trace.usage else None)
+        served, response = await self._run_admitted(served, trace, "embed", decision,
+                                                    lambda: self._embedder(request.model, trace),
+                                                    lambda model: self._embed(request, model, trace))
         self._account(served, trace, response.usage.compute_s, response.prompt_tokens, 0)
         self._remember(decision, served, lambda: encode_embeddings(response.embeddings, response.prompt_tokens))
         return response
@@ -337,6 +337,13 @@ class DataPlane:
         """Store a generation that ran to its end, if its lookup asked for it."""
         if generation.cache is not None:
             self._remember(generation.cache, generation.served, stored.encode)
+
+    def _embedder(self, model: str, trace: Trace) -> ModelVersion:
+        served = self._served(model, None, trace, "embed")
+        if served.embedder is None or served.text is None:
+            raise BadRequest(f"model {served.name!r} is not an embedding model (its task is {served.spec.task!r}); "
+                             "GET /v1/models lists the models", param="model")
+        return served
 
     def _generator(self, model: str, trace: Trace) -> ModelVersion:
         served = self._served(model, None, trace, "generate")

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import aiohttp
 import requests
@@ -78,9 +79,9 @@ async def measure(url: str, model: str, repeats: int = 3) -> list[dict]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         await one_stream(session, url, model)  # warm up
         singles = [await one_stream(session, url, model) for _ in range(5)]
-        rows.append({"model": model, "streams": 1, "ttft_s": _median(r["ttft_s"] for r in singles),
-                     "decode_tok_s": _median(r["decode_tok_s"] for r in singles),
-                     "aggregate_tok_s": _median(r["tokens"] / r["total_s"] for r in singles),
+        rows.append({"model": model, "streams": 1, "ttft_s": median(r["ttft_s"] for r in singles),
+                     "decode_tok_s": median(r["decode_tok_s"] for r in singles),
+                     "aggregate_tok_s": median(r["tokens"] / r["total_s"] for r in singles),
                      "prompt_tokens": singles[0]["prompt_tokens"]})
         for streams in (4, 8, 16):
             waves = []
@@ -91,19 +92,14 @@ async def measure(url: str, model: str, repeats: int = 3) -> list[dict]:
                 wall = time.perf_counter() - started
                 results = [r for r in outcomes if isinstance(r, dict)]
                 waves.append({"failed": streams - len(results),
-                              "ttft_s": _median(r["ttft_s"] for r in results) if results else float("nan"),
-                              "decode_tok_s": _median(r["decode_tok_s"] for r in results) if results else 0.0,
+                              "ttft_s": median(r["ttft_s"] for r in results) if results else float("nan"),
+                              "decode_tok_s": median(r["decode_tok_s"] for r in results) if results else 0.0,
                               "aggregate_tok_s": sum(r["tokens"] for r in results) / wall,
                               "prompt_tokens": results[0]["prompt_tokens"] if results else None})
             middle = sorted(waves, key=lambda w: w["aggregate_tok_s"])[len(waves) // 2]
             rows.append({"model": model, "streams": streams, **middle,
                          "aggregate_runs": [round(w["aggregate_tok_s"], 1) for w in waves]})
     return rows
-
-
-def _median(values) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def peer_available() -> bool:

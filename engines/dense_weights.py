@@ -17,6 +17,7 @@ memory of building the session near one copy of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -32,13 +33,19 @@ class DenseTwin:
     """The rewritten graph (serialized, weights left out) and the weights to supply as external initializers."""
 
     graph: bytes
-    weights: dict[str, np.ndarray]
-    replaced: int  # MatMulNBits nodes turned into MatMul
+    weights: dict[str, np.ndarray]  # one per MatMulNBits node turned into MatMul
 
     @property
     def weight_bytes(self) -> int:
         """Memory the dense weights take."""
         return sum(w.nbytes for w in self.weights.values())
+
+    def supply(self, options: Any) -> None:
+        """Hand the weights to ONNX Runtime ``SessionOptions`` (copied in when the session is created)."""
+        import onnxruntime as ort
+
+        names = list(self.weights)
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names])
 
 
 def dense_twin(model: onnx.ModelProto) -> DenseTwin:
@@ -108,7 +115,7 @@ def dense_twin(model: onnx.ModelProto) -> DenseTwin:
     remaining = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(remaining + placeholders)
-    return DenseTwin(model.SerializeToString(), weights, len(weights))
+    return DenseTwin(model.SerializeToString(), weights)
 
 
 def _placeholder(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:

@@ -130,19 +130,17 @@ class KVDecoder:
 
         try:
             twin = dense_twin(onnx.load(str(model_path)))
-            if not twin.replaced:
+            if not twin.weights:
                 return None
             options = self._options()
-            names = list(twin.weights)
-            options.add_external_initializers(names, [self._ort.OrtValue.ortvalue_from_numpy(twin.weights[n])
-                                                      for n in names])
+            twin.supply(options)
             session = self._ort.InferenceSession(twin.graph, options, providers=["CPUExecutionProvider"])
         except (MemoryError, *_ort_errors(self._ort)) as exc:
             # Short of memory: serve every call from the 4-bit graph (slower batches) rather than not at all.
             log.warning("%s: no float32 twin for multi-row calls (%s); batches use the 4-bit graph", model_path, exc)
             _release_free_memory()
             return None
-        log.info("%s: float32 twin for multi-row calls, %d weights, %.0f MB", model_path, twin.replaced,
+        log.info("%s: float32 twin for multi-row calls, %d weights, %.0f MB", model_path, len(twin.weights),
                  twin.weight_bytes / 1e6)
         del options, twin
         _release_free_memory()

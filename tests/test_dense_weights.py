@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from appliance.build.gguf_decoder import MS_DOMAIN, OPSET, _Graph
 from appliance.build.q4_repack import BLOCK, NBitsWeight, _pack_nibbles_pairwise
-from appliance.engines.dense_weights import dense_twin
+from appliance.engines.dense_weights import DenseTwin, dense_twin
 from appliance.engines.generation import GenerationLimits, KVDecoder
 
 K, N, ROWS = 128, 48, 5
@@ -50,11 +50,10 @@ def _model(weights: dict[str, NBitsWeight]) -> onnx.ModelProto:
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
 
 
-def _session(graph: bytes, weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+def _session(graph: bytes, twin: DenseTwin | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    if weights:
-        names = list(weights)
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
+    if twin is not None:
+        twin.supply(options)
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
@@ -64,14 +63,14 @@ def test_twin_computes_every_weight_form_like_the_4_bit_graph():
     model = _model(weights)
     original = _session(model.SerializeToString())
     twin = dense_twin(model)
-    assert twin.replaced == len(FORMS)
+    assert len(twin.weights) == len(FORMS)
     dense = onnx.load_from_string(twin.graph)
     # Only the plain products are left: the repeat, the block sums and the offset Gemms were folded in.
     assert sorted({node.op_type for node in dense.graph.node}) == ["MatMul"]
     assert twin.weight_bytes == len(FORMS) * K * N * 4
     x = rng.standard_normal((ROWS, K)).astype(np.float32)
     want = original.run(None, {"x": x})
-    got = _session(twin.graph, twin.weights).run(None, {"x": x})
+    got = _session(twin.graph, twin).run(None, {"x": x})
     for name, w, a, b in zip(weights, weights.values(), want, got):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(b, x @ w.dequantize().T, rtol=1e-4, atol=1e-4, err_msg=name)
@@ -84,7 +83,7 @@ def test_twin_leaves_forms_it_does_not_know_alone():
     node.attribute.remove(next(a for a in node.attribute if a.name == "block_size"))
     node.attribute.append(helper.make_attribute("block_size", 64))
     twin = dense_twin(model)
-    assert twin.replaced == 0
+    assert not twin.weights
     assert [n.op_type for n in onnx.load_from_string(twin.graph).graph.node] == ["MatMulNBits"]
 
 

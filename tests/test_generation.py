@@ -181,6 +181,17 @@ def test_stop_string_split_across_tokens_is_never_partly_sent(smollm2_repo):
     assert assembler.stopped and released == item["greedy_text"].split("Eiffel Tower")[0]
 
 
+def wait_for_gauge(url: str, name: str, value: float, timeout_s: float = 60.0) -> None:
+    """Poll ``/metrics`` until the gauge ``name`` (summed over its label sets) reads ``value``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = requests.get(f"{url}/metrics", timeout=5).text.splitlines()
+        if sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{")) == value:
+            return
+        assert time.monotonic() < deadline, f"{name} did not reach {value} in {timeout_s} s"
+        time.sleep(0.05)
+
+
 def test_waiting_queue_bound_is_503_and_deadline_is_504(smollm2_repo, server_factory, tmp_path):
     import shutil
     import threading
@@ -196,10 +207,10 @@ def test_waiting_queue_bound_is_503_and_deadline_is_504(smollm2_repo, server_fac
     results: list = []
     first = threading.Thread(target=lambda: results.append(requests.post(url, json=long_body, timeout=120)))
     first.start()
-    time.sleep(1.0)  # the first sequence holds the only row
+    wait_for_gauge(running.url, "appliance_running_sequences", 1)  # the first sequence holds the only row
     second = threading.Thread(target=lambda: results.append(requests.post(url, json=long_body, timeout=120)))
     second.start()
-    time.sleep(0.5)  # the second waits: the queue of one is full
+    wait_for_gauge(running.url, "appliance_waiting_sequences", 1)  # the second waits: the queue of one is full
     refused = requests.post(url, json=long_body, timeout=30)
     assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
     assert "waiting" in refused.json()["error"]["message"]
