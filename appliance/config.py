@@ -16,7 +16,11 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from msgspec import Meta
+
+from appliance import validation
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 ENV_PREFIX = "APPLIANCE_"
@@ -24,11 +28,6 @@ ENV_PREFIX = "APPLIANCE_"
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which field and what to change."""
-
-
-def limits(minimum: float | None = None, maximum: float | None = None, choices: tuple[str, ...] = ()) -> dict:
-    """Field metadata: the numeric range or the allowed choices of a setting."""
-    return {"min": minimum, "max": maximum, "choices": choices}
 
 
 def _default_state_dir() -> str:
@@ -41,12 +40,12 @@ class ServerConfig:
     """HTTP listener and process lifecycle."""
 
     host: str = "127.0.0.1"
-    port: int = field(default=8000, metadata=limits(0, 65535))
-    max_body_bytes: int = field(default=64 * 1024 * 1024, metadata=limits(1024))
-    drain_timeout_s: float = field(default=30.0, metadata=limits(0, 3600))
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    drain_timeout_s: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     access_log: bool = True
-    workers: int = field(default=1, metadata=limits(1, 64))
-    log_level: str = field(default="info", metadata=limits(choices=("debug", "info", "warning", "error")))
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 @dataclass
@@ -81,18 +80,20 @@ class PathsConfig:
         return Path(self.response_cache or Path(self.state_dir) / "response-cache").expanduser()
 
 
-PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+Provider = Literal["tensorrt", "cuda", "cpu"]
+OptimizationLevel = Literal["disable", "basic", "extended", "all"]
+PROVIDER_NAMES: tuple[str, ...] = get_args(Provider)
+OPTIMIZATION_LEVELS: tuple[str, ...] = get_args(OptimizationLevel)
 
 
 @dataclass
 class OnnxRuntimeConfig:
     """Defaults for ONNX Runtime sessions; a model's ``[engine]`` table may override them."""
 
-    providers: list[str] = field(default_factory=lambda: list(PROVIDER_NAMES), metadata=limits(choices=PROVIDER_NAMES))
-    intra_op_threads: int = field(default=0, metadata=limits(0, 1024))
-    inter_op_threads: int = field(default=0, metadata=limits(0, 1024))
-    graph_optimization_level: str = field(default="all", metadata=limits(choices=OPTIMIZATION_LEVELS))
+    providers: list[Provider] = field(default_factory=lambda: list(PROVIDER_NAMES))
+    intra_op_threads: Annotated[int, Meta(ge=0, le=1024)] = 0
+    inter_op_threads: Annotated[int, Meta(ge=0, le=1024)] = 0
+    graph_optimization_level: OptimizationLevel = "all"
     optimized_model_cache: bool = True
 
 
@@ -100,8 +101,8 @@ class OnnxRuntimeConfig:
 class BatchingConfig:
     """Defaults for the dynamic batcher; a model's ``[batching]`` table may override them."""
 
-    max_queue_size: int = field(default=1024, metadata=limits(1, 1_000_000))
-    default_timeout_ms: float = field(default=0.0, metadata=limits(0))  # 0: no deadline unless the request sets one
+    max_queue_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    default_timeout_ms: Annotated[float, Meta(ge=0)] = 0.0  # 0: no deadline unless the request sets one
 
 
 @dataclass
@@ -109,8 +110,8 @@ class CacheConfig:
     """The permission-scoped LMDB response cache."""
 
     enabled: bool = True
-    max_bytes: int = field(default=1024**3, metadata=limits(1024 * 1024, 1024**4))
-    ttl_s: float = field(default=86400.0, metadata=limits(1, 365 * 86400))
+    max_bytes: Annotated[int, Meta(ge=1024 * 1024, le=1024**4)] = 1024**3
+    ttl_s: Annotated[float, Meta(ge=1, le=365 * 86400)] = 86400.0
     sync: bool = True  # fsync each write (a power cut loses at most the last write); false: faster, OS-crash risk
 
 
@@ -123,18 +124,18 @@ class RoutingConfig:
     """
 
     aliases: list[str] = field(default_factory=lambda: ["auto"])
-    small_max_score: float = field(default=0.25, metadata=limits(0, 1))
-    mid_max_score: float = field(default=0.6, metadata=limits(0, 1))
+    small_max_score: Annotated[float, Meta(ge=0, le=1)] = 0.25
+    mid_max_score: Annotated[float, Meta(ge=0, le=1)] = 0.6
     cloud_upstream: str = ""
-    prompt_tokens_scale: int = field(default=1500, metadata=limits(1))
-    weight_prompt_tokens: float = field(default=0.3, metadata=limits(0, 1))
-    turns_scale: int = field(default=8, metadata=limits(1))
-    weight_turns: float = field(default=0.1, metadata=limits(0, 1))
-    output_tokens_scale: int = field(default=1024, metadata=limits(1))
-    weight_output_tokens: float = field(default=0.15, metadata=limits(0, 1))
-    weight_code: float = field(default=0.25, metadata=limits(0, 1))
-    weight_math: float = field(default=0.25, metadata=limits(0, 1))
-    weight_reasoning: float = field(default=0.3, metadata=limits(0, 1))
+    prompt_tokens_scale: Annotated[int, Meta(ge=1)] = 1500
+    weight_prompt_tokens: Annotated[float, Meta(ge=0, le=1)] = 0.3
+    turns_scale: Annotated[int, Meta(ge=1)] = 8
+    weight_turns: Annotated[float, Meta(ge=0, le=1)] = 0.1
+    output_tokens_scale: Annotated[int, Meta(ge=1)] = 1024
+    weight_output_tokens: Annotated[float, Meta(ge=0, le=1)] = 0.15
+    weight_code: Annotated[float, Meta(ge=0, le=1)] = 0.25
+    weight_math: Annotated[float, Meta(ge=0, le=1)] = 0.25
+    weight_reasoning: Annotated[float, Meta(ge=0, le=1)] = 0.3
 
 
 @dataclass
@@ -142,9 +143,9 @@ class AdmissionConfig:
     """Lanes in front of every local model: a priority, a maximum wait, and overflow when it would be exceeded."""
 
     enabled: bool = True
-    interactive_max_wait_ms: float = field(default=1000.0, metadata=limits(1))
-    batch_max_wait_ms: float = field(default=60000.0, metadata=limits(1))
-    max_waiting: int = field(default=256, metadata=limits(1, 1_000_000))  # per model, both lanes together
+    interactive_max_wait_ms: Annotated[float, Meta(ge=1)] = 1000.0
+    batch_max_wait_ms: Annotated[float, Meta(ge=1)] = 60000.0
+    max_waiting: Annotated[int, Meta(ge=1, le=1_000_000)] = 256  # per model, both lanes together
     overflow_to_cloud: bool = True
 
 
@@ -153,8 +154,8 @@ class LedgerConfig:
     """Cost attribution: rates for local work and the persistent ledger."""
 
     enabled: bool = True
-    device_rate_per_hour: float = field(default=0.0, metadata=limits(0))  # local cost per compute hour
-    max_workflows: int = field(default=64, metadata=limits(1, 10_000))
+    device_rate_per_hour: Annotated[float, Meta(ge=0)] = 0.0  # local cost per compute hour
+    max_workflows: Annotated[int, Meta(ge=1, le=10_000)] = 64
 
 
 @dataclass
@@ -232,9 +233,12 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
+        origin = f"environment variable {name}"
         section_name, _, key = name[len(ENV_PREFIX):].lower().partition("_")
-        section = _section(config, section_name, origin=f"environment variable {name}")
-        _assign(section, section_name, key, _parse_env(section, section_name, key, text, name), origin=name)
+        section = _section(config, section_name, origin=origin)
+        setting = validation.fields(type(section)).get(key)
+        value = text if setting is None else validation.from_text(text, setting.hint)
+        apply_table(section, section_name, {key: value}, origin)
         overrides = True
     if overrides:
         sources.append("APPLIANCE_* environment")
@@ -267,8 +271,10 @@ def apply_table(target: Any, name: str, table: Any, origin: str) -> None:
     """Validate a TOML table against the dataclass ``target`` and set its fields; raise :class:`ConfigError`."""
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}] in {origin} must be a table of settings")
-    for key, value in table.items():
-        _assign(target, name, key, value, origin)
+    try:
+        validation.assign(target, table, (name,))
+    except validation.Invalid as exc:
+        raise ConfigError(exc.message(origin)) from None
 
 
 def _section(config: Config, name: str, origin: str) -> Any:
@@ -276,110 +282,3 @@ def _section(config: Config, name: str, origin: str) -> Any:
     if name not in names:
         raise ConfigError(f"unknown configuration section {name!r} (from {origin}); sections are: {', '.join(names)}")
     return getattr(config, name)
-
-
-def _field(section: Any, section_name: str, key: str, origin: str) -> dataclasses.Field:
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if key not in fields:
-        raise ConfigError(
-            f"unknown setting {section_name}.{key} (from {origin}); [{section_name}] has: {', '.join(fields)}"
-        )
-    return fields[key]
-
-
-def _parse_env(section: Any, section_name: str, key: str, text: str, origin: str) -> Any:
-    kind = _field(section, section_name, key, origin).type
-    if kind == "bool":
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        return text
-    if kind == "int":
-        try:
-            return int(text)
-        except ValueError:
-            return text
-    if kind == "float":
-        try:
-            return float(text)
-        except ValueError:
-            return text
-    if kind == "list[str]":
-        return [part.strip() for part in text.split(",") if part.strip()]
-    if kind == "list[int]":
-        try:
-            return [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            return text
-    return text
-
-
-def _assign(section: Any, section_name: str, key: str, value: Any, origin: str) -> None:
-    spec = _field(section, section_name, key, origin)
-    setattr(section, key, check_value(f"{section_name}.{key}", value, spec.type, spec.metadata, origin))
-
-
-def check_value(name: str, value: Any, kind: str, limits: Mapping[str, Any], origin: str) -> Any:
-    """Check one value against its declared type and limits; return it normalized or raise :class:`ConfigError`."""
-    allowed = _describe(kind, limits)
-
-    def fail() -> ConfigError:
-        return ConfigError(f"{name} = {value!r} (from {origin}) is not allowed: expected {allowed}")
-
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise fail()
-        return value
-    if kind in ("int", "float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail()
-        if kind == "int" and not isinstance(value, int):
-            raise fail()
-        if limits.get("min") is not None and value < limits["min"]:
-            raise fail()
-        if limits.get("max") is not None and value > limits["max"]:
-            raise fail()
-        return float(value) if kind == "float" else value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise fail()
-        if limits.get("choices") and value not in limits["choices"]:
-            raise fail()
-        return value
-    if kind == "list[str]":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise fail()
-        if limits.get("choices") and any(v not in limits["choices"] for v in value):
-            raise fail()
-        return list(value)
-    if kind == "list[int]":
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise fail()
-        if limits.get("min") is not None and any(v < limits["min"] for v in value):
-            raise fail()
-        if limits.get("max") is not None and any(v > limits["max"] for v in value):
-            raise fail()
-        return list(value)
-    raise TypeError(f"unsupported setting type {kind} for {name}")
-
-
-def _describe(kind: str, limits: Mapping[str, Any]) -> str:
-    if limits.get("choices"):
-        choices = ", ".join(repr(c) for c in limits["choices"])
-        return f"a list drawn from {choices}" if kind == "list[str]" else f"one of {choices}"
-    low, high = limits.get("min"), limits.get("max")
-    word = {
-        "int": "an integer",
-        "float": "a number",
-        "bool": "true or false",
-        "str": "a string",
-        "list[int]": "a list of integers, each",
-        "list[str]": "a list of strings",
-    }.get(kind, kind)
-    if low is not None and high is not None:
-        return f"{word} from {low} to {high}"
-    if low is not None:
-        return f"{word} >= {low}"
-    return word

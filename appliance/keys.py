@@ -19,19 +19,30 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from msgspec import Meta
+
+from appliance import validation
 
 KEY_PREFIX = "apk_"
-LANES = ("interactive", "batch")
-CACHE_SCOPES = ("tenant", "key", "none")
+Lane = Literal["interactive", "batch"]
+CacheScope = Literal["tenant", "key", "none"]
+LANES: tuple[str, ...] = get_args(Lane)
+CACHE_SCOPES: tuple[str, ...] = get_args(CacheScope)
 FILE_VERSION = 1
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # names, tenants and workflow tags
 _ID = re.compile(r"[0-9a-f]{12}")
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _NAME_RULE = "1 to 64 characters from A-Z a-z 0-9 . _ -"
+# Patterns end in \Z, not $: a $ would let a trailing newline through.
+Name = Annotated[str, Meta(pattern=rf"^{NAME.pattern}\Z", description=_NAME_RULE)]
+Rate = Annotated[int, Meta(ge=0, description="0 = unlimited")]
+UnixTime = Annotated[float, Meta(ge=0, description="a unix time in seconds")]
+ModelName = Annotated[str, Meta(pattern=r"^[^\s,]+\Z", description="a model name without spaces or commas")]
 # Compared against when the token names no known key, so that a failure takes as long whatever its cause.
 _DUMMY_DIGEST = hashlib.sha256(b"appliance: no such key").digest()
 
@@ -44,19 +55,20 @@ class KeyStoreError(ValueError):
 class ApiKey:
     """One API key's record (without its secret): who it belongs to and what it may do."""
 
-    id: str
-    name: str
-    tenant: str
-    models: tuple[str, ...]  # model names or aliases it may call; empty: all models
+    id: Annotated[str, Meta(pattern=rf"^{_ID.pattern}\Z", description="12 lowercase hex digits")]
+    name: Name
+    tenant: Name
+    models: tuple[ModelName, ...]  # model names or aliases it may call; empty: all models
     cloud: bool = False  # its requests' data may leave the device
-    cache_scope: str = "tenant"  # "tenant": shared by the tenant's keys; "key": private to this key; "none"
-    requests_per_minute: int = 0  # 0: unlimited
-    tokens_per_minute: int = 0  # 0: unlimited
+    cache_scope: CacheScope = "tenant"  # "tenant": shared by the tenant's keys; "key": private to this key; "none"
+    requests_per_minute: Rate = 0
+    tokens_per_minute: Rate = 0
     admin: bool = False
-    workflow: str = ""  # default workflow tag for cost attribution; "": none
-    lane: str = "interactive"  # default admission lane: "interactive" or "batch"
-    created: float = 0.0
-    revoked: float = 0.0  # unix time of revocation; 0: active
+    # The default workflow tag for cost attribution; "": none.
+    workflow: Annotated[str, Meta(pattern=rf"^({NAME.pattern})?\Z", description=f"{_NAME_RULE}, or '' for none")] = ""
+    lane: Lane = "interactive"  # the default admission lane
+    created: UnixTime = 0.0
+    revoked: UnixTime = 0.0  # the time of revocation; 0: active
 
     @property
     def active(self) -> bool:
@@ -127,12 +139,12 @@ class KeyStore:
         """Add a key; return its record and its token, which is not stored and cannot be shown again."""
         if isinstance(models, str):
             raise KeyStoreError(f"cannot create key {name!r}: models must be a list of names, not {models!r}")
-        key = ApiKey(id="0" * 12, name=name, tenant=tenant, models=tuple(models), cloud=cloud,
-                     cache_scope=cache_scope, requests_per_minute=requests_per_minute,
-                     tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow, lane=lane)
-        problem = _problem(key)
-        if problem:
-            raise KeyStoreError(f"cannot create key {name!r}: {problem}")
+        try:
+            key = _checked(dict(id="0" * 12, name=name, tenant=tenant, models=tuple(models), cloud=cloud,
+                                cache_scope=cache_scope, requests_per_minute=requests_per_minute,
+                                tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow, lane=lane))
+        except KeyStoreError as exc:
+            raise KeyStoreError(f"cannot create key {name!r}: {exc}") from None
         with self._locked():
             records = self._read()
             taken = {existing.id for existing, _ in records}
@@ -227,28 +239,14 @@ class KeyStore:
 
         if not isinstance(raw, dict):
             raise fail("must be a JSON object")
-        known = [f.name for f in fields(ApiKey)] + ["hash"]
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise fail(f"unknown field {unknown[0]!r}; the fields are: {', '.join(known)}")
-        missing = [name for name in ("id", "name", "tenant", "models", "hash") if name not in raw]
-        if missing:
-            raise fail(f"missing field {missing[0]!r}")
-        values = {name: value for name, value in raw.items() if name != "hash"}
-        for name, value in values.items():
-            expected = _JSON_TYPES[name]
-            if name == "models":
-                if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-                    raise fail(f"models = {value!r} must be a list of model names ([] for all models)")
-                values[name] = tuple(value)
-            elif not isinstance(value, expected[0]) or (bool not in expected[0] and isinstance(value, bool)):
-                raise fail(f"{name} = {value!r} must be {expected[1]}")
+        try:
+            key = _checked({name: value for name, value in raw.items() if name != "hash"})
+        except KeyStoreError as exc:
+            raise fail(str(exc)) from None
+        if "hash" not in raw:
+            raise fail("missing field 'hash'")
         if not isinstance(raw["hash"], str) or not _HASH.fullmatch(raw["hash"]):
             raise fail("hash must read 'sha256:' followed by 64 lowercase hex digits")
-        key = ApiKey(**values)
-        problem = _problem(key)
-        if problem:
-            raise fail(problem)
         return key, raw["hash"]
 
     def _write(self, records: list[tuple[ApiKey, str]]) -> None:
@@ -285,50 +283,21 @@ class KeyStore:
             os.close(lock)  # releases the lock
 
 
-_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "id": ((str,), "a string"),
-    "name": ((str,), "a string"),
-    "tenant": ((str,), "a string"),
-    "models": ((list,), "a list"),
-    "cloud": ((bool,), "true or false"),
-    "cache_scope": ((str,), "a string"),
-    "requests_per_minute": ((int,), "an integer >= 0 (0 = unlimited)"),
-    "tokens_per_minute": ((int,), "an integer >= 0 (0 = unlimited)"),
-    "admin": ((bool,), "true or false"),
-    "workflow": ((str,), "a string"),
-    "lane": ((str,), "a string"),
-    "created": ((int, float), "a unix time in seconds"),
-    "revoked": ((int, float), "a unix time in seconds (0 = active)"),
-}
-
-
-def _problem(key: ApiKey) -> str | None:
-    """What is wrong with a record's values, in words that say what is allowed; ``None`` when nothing."""
-    if not _ID.fullmatch(key.id):
-        return f"id {key.id!r} must be 12 lowercase hex digits"
-    for field_name in ("name", "tenant"):
-        value = getattr(key, field_name)
-        if not isinstance(value, str) or not NAME.fullmatch(value):
-            return f"{field_name} {value!r} is not allowed: use {_NAME_RULE}"
-    for model in key.models:
-        if not isinstance(model, str) or not model or any(c.isspace() or c == "," for c in model):
-            return f"model name {model!r} is not allowed: give names without spaces or commas"
-    if key.cache_scope not in CACHE_SCOPES:
-        return f"cache_scope {key.cache_scope!r} is not one of {', '.join(map(repr, CACHE_SCOPES))}"
-    for field_name in ("requests_per_minute", "tokens_per_minute"):
-        value = getattr(key, field_name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            return f"{field_name} = {value!r} must be an integer >= 0 (0 = unlimited)"
-    for field_name in ("cloud", "admin"):
-        if not isinstance(getattr(key, field_name), bool):
-            return f"{field_name} must be true or false"
-    if not isinstance(key.workflow, str) or (key.workflow and not NAME.fullmatch(key.workflow)):
-        return f"workflow {key.workflow!r} is not allowed: use {_NAME_RULE}, or '' for none"
-    if key.lane not in LANES:
-        return f"lane {key.lane!r} is not one of {', '.join(map(repr, LANES))}"
-    if not all(math.isfinite(t) and t >= 0 for t in (key.created, key.revoked)):
-        return "created and revoked must be unix times >= 0"
-    return None
+def _checked(values: dict[str, Any]) -> ApiKey:
+    """A record from its fields; :class:`KeyStoreError` (without the file) says which field is wrong and why."""
+    try:
+        key = validation.build(ApiKey, values)
+    except validation.Invalid as exc:
+        if exc.kind == "unknown":
+            problem = f"unknown field {exc.loc[-1]!r}; the fields are: {', '.join([*exc.known, 'hash'])}"
+        elif exc.kind == "missing":
+            problem = f"missing field {exc.path!r}"
+        else:
+            problem = exc.message()
+        raise KeyStoreError(problem) from None
+    if not (math.isfinite(key.created) and math.isfinite(key.revoked)):  # msgspec's limits let infinity through
+        raise KeyStoreError("created and revoked must be unix times >= 0")
+    return key
 
 
 def _to_json(key: ApiKey) -> dict[str, Any]:

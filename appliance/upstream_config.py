@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from appliance.config import ConfigError, check_value, limits
+from msgspec import Meta
 
-KINDS = ("openai", "kserve")
+from appliance import validation
+from appliance.config import ConfigError
+
+Kind = Literal["openai", "kserve"]
+KINDS: tuple[str, ...] = get_args(Kind)
+_URL = "an http:// or https:// URL: scheme, host, optional port and path prefix"
+_MODELS = 'local model name = "upstream model name"; "*" = "*" passes any name through'
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -50,30 +55,27 @@ class UpstreamConfig:
     """
 
     name: str
-    kind: str = field(metadata=limits(choices=KINDS))
-    base_url: str
-    models: dict[str, str]
+    kind: Kind
+    base_url: Annotated[str, Meta(description=_URL)]
+    models: Annotated[dict[Annotated[str, Meta(min_length=1)], Annotated[str, Meta(min_length=1)]],
+                      Meta(min_length=1, description=_MODELS)]
     api_key_env: str = ""
     api_key_file: str = ""
-    price_input_per_million: float = field(default=0.0, metadata=limits(0, 1e6))
-    price_output_per_million: float = field(default=0.0, metadata=limits(0, 1e6))
-    timeout_s: float = field(default=30.0, metadata=limits(0.01, 3600))
-    max_concurrency: int = field(default=16, metadata=limits(1, 100_000))
-    failure_threshold: int = field(default=5, metadata=limits(1, 100_000))
-    error_rate_threshold: float = field(default=0.5, metadata=limits(0.01, 1))
-    error_window: int = field(default=20, metadata=limits(1, 100_000))
-    cooldown_s: float = field(default=10.0, metadata=limits(0, 3600))
-    retries: int = field(default=2, metadata=limits(0, 10))
-    retry_budget: float = field(default=0.2, metadata=limits(0, 1))
-    backoff_s: float = field(default=0.05, metadata=limits(0, 10))
+    price_input_per_million: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
+    price_output_per_million: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
+    timeout_s: Annotated[float, Meta(ge=0.01, le=3600)] = 30.0
+    max_concurrency: Annotated[int, Meta(ge=1, le=100_000)] = 16
+    failure_threshold: Annotated[int, Meta(ge=1, le=100_000)] = 5
+    error_rate_threshold: Annotated[float, Meta(ge=0.01, le=1)] = 0.5
+    error_window: Annotated[int, Meta(ge=1, le=100_000)] = 20
+    cooldown_s: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    retries: Annotated[int, Meta(ge=0, le=10)] = 2
+    retry_budget: Annotated[float, Meta(ge=0, le=1)] = 0.2
+    backoff_s: Annotated[float, Meta(ge=0, le=10)] = 0.05
     credential: Secret = field(default_factory=Secret, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
-
-
-_SETTINGS = {f.name: f for f in dataclasses.fields(UpstreamConfig) if f.name not in ("name", "credential")}
-_REQUIRED = ("kind", "base_url", "models")
 
 
 def parse_upstreams(table: object, origin: str, environ: Mapping[str, str] = os.environ) -> dict[str, UpstreamConfig]:
@@ -89,38 +91,15 @@ def _parse_one(name: object, entry: object, origin: str, environ: Mapping[str, s
                           "'-', '_' and '.', starting with a letter or digit")
     if not isinstance(entry, dict):
         raise ConfigError(f"[upstreams.{name}] in {origin} must be a table of settings")
-    values: dict[str, Any] = {}
-    for key, value in entry.items():
-        setting = f"upstreams.{name}.{key}"
-        if key not in _SETTINGS:
-            raise ConfigError(f"unknown setting {setting} (from {origin}); "
-                              f"[upstreams.{name}] has: {', '.join(_SETTINGS)}")
-        if key == "models":
-            values[key] = _check_models(setting, value, origin)
-        elif key == "base_url":
-            values[key] = _check_base_url(setting, value, origin)
-        else:
-            spec = _SETTINGS[key]
-            values[key] = check_value(setting, value, spec.type, spec.metadata, origin)
-    for key in _REQUIRED:
-        if key not in values:
-            raise ConfigError(f"upstreams.{name}.{key} is missing (from {origin}): [upstreams.{name}] needs kind "
-                              f"(one of {', '.join(repr(k) for k in KINDS)}), base_url and models")
+    try:
+        values = validation.values_for(UpstreamConfig, entry, ("upstreams", name), skip=("name", "credential"))
+    except validation.Invalid as exc:
+        raise ConfigError(exc.message(origin)) from None
+    _check_base_url(f"upstreams.{name}.base_url", values["base_url"], origin)
     return UpstreamConfig(name=name, credential=_read_credential(name, values, origin, environ), **values)
 
 
-def _check_models(setting: str, value: object, origin: str) -> dict[str, str]:
-    if (not isinstance(value, dict) or not value
-            or not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in value.items())):
-        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected a non-empty table of "
-                          'local model name = "upstream model name" (strings; "*" = "*" passes any name through)')
-    return dict(value)
-
-
-def _check_base_url(setting: str, value: object, origin: str) -> str:
-    allowed = "an http:// or https:// URL: scheme, host, optional port and path prefix"
-    if not isinstance(value, str):
-        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected {allowed}")
+def _check_base_url(setting: str, value: str, origin: str) -> None:
     parts = urllib.parse.urlsplit(value)
     if "@" in parts.netloc:  # do not echo the value: it holds a user or password
         raise ConfigError(f"{setting} (from {origin}) must not carry a user or password: "
@@ -131,8 +110,7 @@ def _check_base_url(setting: str, value: object, origin: str) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected {allowed}")
-    return value
+        raise ConfigError(f"{setting} = {value!r} (from {origin}) is not allowed: expected {_URL}")
 
 
 def _read_credential(name: str, values: dict[str, Any], origin: str, environ: Mapping[str, str]) -> Secret:

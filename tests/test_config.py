@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import pytest
+from msgspec import Meta
 
+from appliance import validation
 from appliance.config import ConfigError, load_config
 from appliance.model_spec import read_model_spec
 
@@ -103,3 +107,54 @@ def test_model_toml_validation(tmp_path):
         (folder / "model.toml").write_text(text)
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
             read_model_spec("m", 1, folder)
+
+
+# -- the rules every reader shares (appliance.validation) ----------------------------------------------------------
+
+@dataclass
+class Point:
+    x: Annotated[int, Meta(ge=0)]
+    label: str | None = None
+
+
+@dataclass
+class Shapes:
+    points: list[Point] = field(default_factory=list)
+    named: dict[str, Point] = field(default_factory=dict)
+    pair: tuple[int, ...] = ()
+    either: str | list[str] | list[int] = ""  # more than one kind of list: msgspec alone refuses this union
+    ratio: Annotated[float, Meta(gt=0, le=1)] = 0.5
+
+
+def test_any_supported_annotation_is_checked_and_converted():
+    shapes = validation.build(Shapes, {"points": [{"x": 1}], "named": {"a": {"x": 2, "label": "A"}}, "pair": [1, 2],
+                                       "either": [1, 2], "ratio": 1})
+    assert shapes == Shapes([Point(1)], {"a": Point(2, "A")}, (1, 2), [1, 2], 1.0)
+    assert isinstance(shapes.ratio, float) and validation.build(Shapes, {"either": ["a"]}).either == ["a"]
+
+
+@pytest.mark.parametrize("table,kind,path,text", [
+    ({"points": [{"x": -1}]}, "value", "points[0].x", "points[0].x = -1 is not allowed: expected an integer >= 0"),
+    ({"points": [{}]}, "missing", "points[0].x", "points[0].x is missing: expected an integer >= 0"),
+    ({"named": {"a": {"y": 1}}}, "unknown", "named.a.y", "unknown setting named.a.y; [named.a] has: x, label"),
+    ({"either": [1, "a"]}, "value", "either",
+     "either = [1, 'a'] is not allowed: expected a string or a list of strings or a list of integers"),
+    ({"ratio": 0}, "value", "ratio", "ratio = 0 is not allowed: expected a number > 0 and <= 1"),
+    ({"pair": [True]}, "value", "pair", "pair = [True] is not allowed: expected a list of integers"),
+    ({"points": {"x": 1}}, "value", "points", "points = {'x': 1} is not allowed: expected a list of tables"),
+])
+def test_errors_carry_the_path_the_value_and_what_is_allowed(table, kind, path, text):
+    with pytest.raises(validation.Invalid) as caught:
+        validation.build(Shapes, table)
+    assert (caught.value.kind, caught.value.path, str(caught.value)) == (kind, path, text)
+
+
+def test_environment_text_is_parsed_by_the_field_type():
+    assert validation.from_text("1, 2,", list[int]) == [1, 2]
+    assert validation.from_text("On", bool) is True and validation.from_text("off", bool) is False
+    assert validation.from_text(" 5", Annotated[int, Meta(le=1)]) == 5  # the limit is checked afterwards
+    assert validation.from_text("x", float) == "x" and validation.from_text("a,x", list[int]) == ["a", "x"]
+    config = load_config(None, {"APPLIANCE_SERVER_ACCESS_LOG": "no", "APPLIANCE_ROUTING_ALIASES": "auto, fast",
+                                "APPLIANCE_CACHE_TTL_S": "60"})
+    assert config.server.access_log is False and config.routing.aliases == ["auto", "fast"]
+    assert config.cache.ttl_s == 60.0

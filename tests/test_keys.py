@@ -88,11 +88,12 @@ def test_names_are_unique_among_active_keys(store):
 
 
 def test_create_rejects_bad_values(store):
-    with pytest.raises(KeyStoreError, match="name 'a b' is not allowed"):
+    with pytest.raises(KeyStoreError, match="name = 'a b' is not allowed: expected a string \\(1 to 64 characters"):
         store.create(name="a b", tenant="acme")
-    with pytest.raises(KeyStoreError, match="tenant '' is not allowed"):
+    with pytest.raises(KeyStoreError, match="tenant = '' is not allowed"):
         store.create(name="ok", tenant="")
-    with pytest.raises(KeyStoreError, match="cache_scope 'global'"):
+    with pytest.raises(KeyStoreError,
+                       match="cache_scope = 'global' is not allowed: expected one of 'tenant', 'key', 'none'"):
         store.create(name="ok", tenant="acme", cache_scope="global")
     with pytest.raises(KeyStoreError, match="tokens_per_minute = -1"):
         store.create(name="ok", tenant="acme", tokens_per_minute=-1)
@@ -123,14 +124,25 @@ def _record(**changes) -> dict:
     ('[]', ['must be a JSON object {"version": 1']),
     ('{"version": 2, "keys": []}', ['"version": 1']),
     (json.dumps({"version": 1, "keys": [_record(cache_scope="global")]}),
-     ["key 0123456789ab (web)", "cache_scope 'global' is not one of 'tenant', 'key', 'none'"]),
+     ["key 0123456789ab (web)", "cache_scope = 'global' is not allowed: expected one of 'tenant', 'key', 'none'"]),
     (json.dumps({"version": 1, "keys": [_record(requests_per_minute=-1)]}),
-     ["key 0123456789ab (web)", "requests_per_minute = -1 must be an integer >= 0"]),
-    (json.dumps({"version": 1, "keys": [_record(tokens_per_minute=1.5)]}), ["tokens_per_minute = 1.5"]),
-    (json.dumps({"version": 1, "keys": [_record(cloud="yes")]}), ["cloud = 'yes' must be true or false"]),
-    (json.dumps({"version": 1, "keys": [_record(tenant="a/b")]}), ["tenant 'a/b' is not allowed"]),
+     ["key 0123456789ab (web)", "requests_per_minute = -1 is not allowed: expected an integer >= 0 (0 = unlimited)"]),
+    (json.dumps({"version": 1, "keys": [_record(tokens_per_minute=1.5)]}),
+     ["tokens_per_minute = 1.5 is not allowed: expected an integer"]),
+    (json.dumps({"version": 1, "keys": [_record(cloud="yes")]}),
+     ["cloud = 'yes' is not allowed: expected true or false"]),
+    (json.dumps({"version": 1, "keys": [_record(tenant="a/b")]}), ["tenant = 'a/b' is not allowed"]),
     (json.dumps({"version": 1, "keys": [_record(hash="md5:00")]}), ["hash must read 'sha256:'"]),
     (json.dumps({"version": 1, "keys": [_record(rpm=5)]}), ["unknown field 'rpm'"]),
+    (json.dumps({"version": 1, "keys": [_record(lane="fast")]}),
+     ["lane = 'fast' is not allowed: expected one of 'interactive', 'batch'"]),
+    (json.dumps({"version": 1, "keys": [_record(workflow="a b")]}), ["workflow = 'a b' is not allowed", "'' for none"]),
+    (json.dumps({"version": 1, "keys": [_record(models=["a,b"])]}), ["models = ['a,b']", "without spaces or commas"]),
+    (json.dumps({"version": 1, "keys": [_record(name="web\n")]}), ["name = 'web\\n' is not allowed"]),
+    (json.dumps({"version": 1, "keys": [_record(id="ABC")]}), ["id = 'ABC'", "12 lowercase hex digits"]),
+    (json.dumps({"version": 1, "keys": [_record(created=float("inf"))]}), ["created and revoked must be unix times"]),
+    (json.dumps({"version": 1, "keys": [{k: v for k, v in _record().items() if k != "tenant"}]}),
+     ["missing field 'tenant'"]),
     (json.dumps({"version": 1, "keys": [_record(), _record(name="other")]}), ["two keys have the id 0123456789ab"]),
     (json.dumps({"version": 1, "keys": [_record(), _record(id="ba9876543210")]}), ["both active and named 'web'"]),
 ])
