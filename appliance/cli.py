@@ -28,10 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML configuration file (default: $APPLIANCE_CONFIG, else built-in defaults)")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--host", help="address to bind (server.host)")
-    serve.add_argument("--port", type=int, help="port to bind (server.port)")
-    serve.add_argument("--models", help="model repository folder (paths.model_repository)")
-    commands.add_parser("models", help="list the model repository and each version's state")
+    _add_server_options(serve, "address to bind (server.host)", "port to bind (server.port)")
+    models = commands.add_parser("models", help="list the model repository and each version's state")
+    _add_server_options(models, "address of the running server to ask (server.host)",
+                        "port of the running server to ask (server.port)")
     build = commands.add_parser("build", help="build models into the repository (the defaults or your own)")
     build.add_argument("--defaults", action="store_true", help="fetch and build the bundled default models")
     build.add_argument("--refresh", action="store_true",
@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("config", help="print the effective configuration")
     commands.add_parser("doctor", help="check this machine, the install and the configuration; fixes for failures")
     return parser
+
+
+def _add_server_options(parser: argparse.ArgumentParser, host_help: str, port_help: str) -> None:
+    parser.add_argument("--host", help=host_help)
+    parser.add_argument("--port", type=int, help=port_help)
+    parser.add_argument("--models", help="model repository folder, which must exist (paths.model_repository)")
 
 
 def _count(text: str) -> int:
@@ -89,7 +95,8 @@ def _configure_logging(level: str) -> None:
 
 def _source(args: argparse.Namespace) -> ConfigSource:
     # Command-line flags are the last word; they are validated through the same checks as the file.
-    server = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v}
+    server = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
+              if v is not None}
     paths = {"model_repository": args.models} if getattr(args, "models", None) else {}
     return ConfigSource(args.config, {"server": server, "paths": paths})
 
@@ -131,31 +138,72 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(config: Config, source: ConfigSource) -> int:
-    logging.getLogger("appliance").info("effective configuration (%s):\n%s", config.source, config.to_toml())
+def _missing_models_folder(models: str | None) -> str | None:
+    """Why the ``--models`` folder cannot be used, or ``None``: a folder that is not there is taken for a typo."""
+    if not models:
+        return None
+    path = Path(models).expanduser()
+    if path.is_dir():
+        return None
+    found = "is not a folder" if path.exists() else "does not exist"
+    return (f"the model repository --models {models} {found}; create it (mkdir, or `appliance build --models "
+            f"{models} --defaults` to build the default models into it), or drop --models to use the default "
+            "repository")
+
+
+def _cmd_serve(config: Config, source: ConfigSource, args: argparse.Namespace) -> int:
     from appliance.auth import bind_refusal
+    from appliance.listener import ListenError, check_listen
 
     refusal = bind_refusal(config.server.host, KeyStore(config.paths.keys()))
     if refusal:
         print(f"appliance serve: refusing to start: {refusal}", file=sys.stderr)
         return 2
+    missing = _missing_models_folder(args.models)
+    if missing:
+        print(f"appliance serve: {missing}", file=sys.stderr)
+        return 2
+    try:
+        check_listen(config.server.host, config.server.port)  # before minutes of building or loading models
+    except ListenError as exc:
+        print(f"appliance serve: {exc}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("appliance")
+    log.info("effective configuration (%s):\n%s", config.source, config.to_toml())
     if not scan_repository(config.paths.models()):
-        from appliance.build.pipeline import build_defaults
+        if args.models:  # the defaults are built unasked only into the configured repository, never into --models
+            log.warning("the model repository %s has no models: serving none (build some into it with `appliance "
+                        "build --models %s --defaults` or `--source PATH --name NAME`)", config.paths.models(),
+                        args.models)
+        else:
+            _build_default_models(config)
+    try:
+        if config.server.workers > 1:
+            from appliance.supervisor import supervise
 
-        _progress(f"the model repository {config.paths.models()} is empty: building the default models first")
-        notifier().status("building the default models (first start)")
-        with notifier().keepalive():  # the build makes progress; systemd's watchdog must not kill it
-            build_defaults(config.paths.models(), config.paths.cache(), _progress)
-    if config.server.workers > 1:
-        from appliance.supervisor import supervise
+            return supervise(config, source)
+        from appliance.server import serve
 
-        return supervise(config, source)
-    from appliance.server import serve
-
-    return serve(config, source)
+        return serve(config, source)
+    except ListenError as exc:
+        print(f"appliance serve: {exc}", file=sys.stderr)
+        return 2
 
 
-def _cmd_models(config: Config) -> int:
+def _build_default_models(config: Config) -> None:
+    from appliance.build.pipeline import build_defaults
+
+    _progress(f"the model repository {config.paths.models()} is empty: building the default models first")
+    notifier().status("building the default models (first start)")
+    with notifier().keepalive():  # the build makes progress; systemd's watchdog must not kill it
+        build_defaults(config.paths.models(), config.paths.cache(), _progress)
+
+
+def _cmd_models(config: Config, args: argparse.Namespace) -> int:
+    missing = _missing_models_folder(args.models)
+    if missing:
+        print(f"appliance models: {missing}", file=sys.stderr)
+        return 2
     root = config.paths.models()
     live = _live_index(config)
     found = scan_repository(root)
@@ -249,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _configure_logging(config.server.log_level)
     if args.command == "serve":
-        return _cmd_serve(config, source)
+        return _cmd_serve(config, source, args)
     if args.command == "models":
-        return _cmd_models(config)
+        return _cmd_models(config, args)
     if args.command == "build":
         return _cmd_build(config, args)
     if args.command == "keys":

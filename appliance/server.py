@@ -13,6 +13,7 @@ from aiohttp import web
 from appliance.api.state import LIFECYCLE
 from appliance.app import create_app
 from appliance.config import Config
+from appliance.listener import listen_error
 from appliance.notify import Notifier, notifier as process_notifier
 from appliance.reload import ConfigSource, Reloader
 from appliance.workers import WorkerGroup
@@ -35,6 +36,7 @@ async def run_server(
     With ``config_source`` and ``handle_signals``, SIGHUP reloads the configuration and the model repository.
     ``notifier`` (default: systemd's, from the environment; a worker's goes to its supervisor) hears READY=1
     once the models are warm and the port listens, STATUS= lines, WATCHDOG=1 pings and STOPPING=1.
+    Raises :class:`~appliance.listener.ListenError` (after unloading the models) when the port cannot be bound.
     """
     app = app or create_app(config, workers=workers)
     if notifier is None:
@@ -59,7 +61,11 @@ async def _serve(config: Config, app: web.Application, stop: asyncio.Event | Non
     await runner.setup()  # runs the lifespan: models load and warm up here
     site = web.TCPSite(runner, server.host, server.port, backlog=2048, reuse_address=True,
                        reuse_port=workers is not None)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # `appliance serve` probed the port before loading; another process took it since
+        await runner.cleanup()
+        raise listen_error(server.host, server.port, exc) from exc
     if workers is not None:
         await web.UnixSite(runner, str(workers.socket(workers.index))).start()
     lifecycle = app[LIFECYCLE]

@@ -33,14 +33,32 @@ def build_defaults(repo: Path, cache: Path, progress: Progress, encoder: Encoder
     return results
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+SOURCE_KINDS = "a sentence-transformers folder (with modules.json) or a Llama-family GGUF file"
+
+
 def build_from_path(source: Path, repo: Path, name: str, progress: Progress, *, quantize: bool = False,
                     optimize: bool = True, tensorrt: bool = True) -> list[EntryResult]:
-    """Build a user's model: a sentence-transformers folder or a Llama-family GGUF file."""
-    if source.is_dir() and (source / "modules.json").is_file():
+    """Build a user's model: a sentence-transformers folder or a Llama-family GGUF file.
+
+    A source that is neither (a missing path, a folder without ``modules.json``, a file that does not start with
+    the GGUF magic bytes) is a :class:`ValueError` that says what was found and what is expected.
+    """
+    if source.is_dir():
+        if not (source / "modules.json").is_file():
+            raise ValueError(f"{source} is a folder without modules.json, so not a sentence-transformers model; "
+                             f"give {SOURCE_KINDS}")
         options = EncoderOptions(quantize=quantize, optimize=optimize, tensorrt=tensorrt)
         return build_encoder_entry(source, repo, name, options, progress)
-    if source.is_file() and source.suffix == ".gguf":
-        from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
+    if not source.exists():
+        raise ValueError(f"{source} does not exist; give {SOURCE_KINDS}")
+    if not source.is_file():
+        raise ValueError(f"{source} is neither a folder nor a file; give {SOURCE_KINDS}")
+    with source.open("rb") as file:
+        magic = file.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{source} is not a GGUF file (it does not start with the bytes {GGUF_MAGIC!r}: another "
+                         f"format, or a partial download); give {SOURCE_KINDS}")
+    from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
 
-        return build_decoder_tiers(source, repo, name, DecoderOptions(tensorrt=tensorrt), progress)
-    raise ValueError(f"{source} is neither a sentence-transformers folder (with modules.json) nor a .gguf file")
+    return build_decoder_tiers(source, repo, name, DecoderOptions(tensorrt=tensorrt), progress)

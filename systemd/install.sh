@@ -84,7 +84,9 @@ install_venv() {
     rm -rf "$PREFIX/venv.old"
     mkdir -p "$R/usr/local/bin"
     ln -sfn /opt/appliance/venv/bin/appliance "$R/usr/local/bin/appliance"
-    if [ -f "$HERE/../README.md" ]; then cp "$HERE/../README.md" "$PREFIX/README.md"; fi
+    for doc in README.md DESIGN.md; do  # the units' Documentation=; the README links the design
+        if [ -f "$HERE/../$doc" ]; then cp "$HERE/../$doc" "$PREFIX/$doc"; fi
+    done
 }
 
 default_config() {
@@ -94,7 +96,11 @@ default_config() {
 # After a change: `systemctl reload appliance` (settings that need a restart are named in the log).
 
 [server]
-host = "127.0.0.1"            # loopback only: this version has no API keys, so do not bind beyond it
+# Loopback only. Without API keys the server answers local callers alone, each as the operator; once a key exists
+# every request needs one (Authorization: Bearer <key>). To listen beyond loopback (host = "0.0.0.0"), create keys
+# first, as the service user; the server refuses to start beyond loopback without one:
+#   sudo -u appliance appliance --config /etc/appliance/config.toml keys create --name ops --tenant ops --admin
+host = "127.0.0.1"
 port = 8000
 drain_timeout_s = 30.0        # keep below the unit's TimeoutStopSec (90 s)
 
