@@ -19,21 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from appliance.config import AdmissionConfig
-from appliance.errors import ApplianceError, QueueFull
+from appliance.errors import QueueFull, Saturated
 from appliance.keys import LANES
 
 PRIORITY = {lane: rank for rank, lane in enumerate(LANES)}  # interactive before batch
-
-
-class Saturated(ApplianceError):
-    """The wait for a local model would be over the lane's maximum; retry after the estimate (429).
-
-    ``waited`` is true when the request spent the lane's wait at the gate already (the estimate was too hopeful):
-    it is too late then to send it elsewhere within the lane's budget.
-    """
-
-    status = 429
-    waited = False
 
 
 @dataclass(order=True)

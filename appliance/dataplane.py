@@ -1,456 +1,210 @@
 """The data plane: the one place that knows the order of the request path's steps.
 
-Handlers parse a protocol into a :class:`~appliance.types.Request` and hand it here; what comes back is a
-:class:`~appliance.types.Result`. Steps: resolve the model and check that the caller's key may use it, check the
-inputs, look the request up in the response cache under the caller's scope, queue on the model's batcher or
-scheduler (engine calls run in its worker threads), account and store the answer in the cache.
+Every operation (:class:`TensorRequest`, :class:`EmbedRequest`, :class:`GenerateRequest`) goes the same way:
+
+1. **route**: the model the request names, or the one a router alias picks (or the cloud);
+2. **resolve**: the serving version, if the caller's key may use it (a model that is not ready fails over to the
+   cloud where the caller's policy allows);
+3. **cache lookup** under the caller's scope, for deterministic requests;
+4. **admit** at the model's gate in the caller's lane (saturated: overflow to the cloud where allowed);
+5. **execute** on the local model's scheduler (an engine failure fails over to the cloud where allowed) or on
+   the cloud upstream;
+6. **account**: the trace, the cost, the token budget, the ledger and the cache store, when the work is done
+   (for a generation: when its stream closes).
+
+Handlers parse the wire format before and frame the answer after; they never see models, upstreams or the ledger.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from functools import partial
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import numpy as np
-
-from appliance.cache.payloads import StoredGeneration, decode_embeddings, decode_tensors, encode_embeddings, \
-    encode_tensors
+from appliance.accounting import Accounting
 from appliance.cache.service import BYPASS, CacheDecision, ResponseCacheService
-from appliance.engines.generation import SamplingParams, Sequence
-from appliance.errors import BadRequest, EngineFailed, Forbidden, ModelNotFound, ModelNotReady
+from appliance.cloud import Cloud
+from appliance.errors import EngineFailed, Forbidden, ModelNotFound, ModelNotReady
+from appliance.generation_stream import GenerationStream
 from appliance.model_version import ModelVersion
+from appliance.operations.base import Operation, Tally
+from appliance.operations.embed import EmbedOperation
+from appliance.operations.generate import GenerateOperation
+from appliance.operations.tensor import TensorOperation
 from appliance.placement import Placement, Ticket
 from appliance.repository import ModelManager
-from appliance.types import EmbedRequest, EmbedResponse, Request, Result, Trace, Usage
+from appliance.types import (Caller, EmbedRequest, EmbedResponse, GenerateRequest, Result, Route, TensorRequest,
+                             Trace, Usage)
 
-_Answer = TypeVar("_Answer")
-
-
-@dataclass(eq=False)
-class Generation:
-    """A sequence being generated for a request, and what its metrics need."""
-
-    served: ModelVersion
-    sequence: Sequence
-    prompt_tokens: int
-    started: float
-    token_times: list[float] = field(default_factory=list)
-    cache: CacheDecision | None = None
-    ticket: Ticket | None = None
-
-
-@dataclass(eq=False)
-class CachedGeneration:
-    """A generation answered from the response cache."""
-
-    served: ModelVersion
-    stored: StoredGeneration
+Answer = TypeVar("Answer")
+NAMED = "named in the request"
 
 
 class DataPlane:
     """Runs requests through the steps of the request path."""
 
     def __init__(self, models: ModelManager, cache: ResponseCacheService | None = None,
-                 placement: Placement | None = None, device_rate_per_hour: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 placement: Placement | None = None, cloud: Cloud | None = None,
+                 accounting: Accounting | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.models = models
         self.cache = cache
         self.placement = placement
-        self.device_rate_per_hour = device_rate_per_hour
+        self.cloud = cloud or Cloud({})
+        self.accounting = accounting or Accounting()
         self._clock = clock
+        self._tensor = TensorOperation(self._deadline)
+        self._embed = EmbedOperation(self._deadline)
+        self._generate = GenerateOperation(self._deadline, clock)
+
+    async def infer(self, request: TensorRequest) -> Result:
+        """Run a tensor request on its model version."""
+        return await self._serve(self._tensor, request, request.model, request.version)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """Embed texts or token sequences, in input order."""
+        return await self._serve(self._embed, request, request.model, None)
+
+    async def generate(self, request: GenerateRequest) -> GenerationStream:
+        """Generate text; the caller reads the stream and must close it."""
+        return await self._serve(self._generate, request, request.model, None)
+
+    # -- the steps, in their order ---------------------------------------------------------------------------------
+
+    async def _serve(self, operation: Operation[Any, Answer], request: Any, model: str,
+                     version: int | None) -> Answer:
+        caller, trace = request.caller, request.trace
+        route, via_router = self._route(operation, request, model)
+        served: ModelVersion | None = None
+        if route.place == "local":
+            served, route = self._resolve_or_failover(operation, request, route, version, via_router)
+        if served is not None:
+            decision = await self._lookup(operation, served, request)
+            if decision.payload is not None:
+                return self._from_cache(operation, served, request, decision)
+            admitted = await self.placement.admit(served, caller, operation.task) if self.placement else None
+            if isinstance(admitted, Route):
+                route = self._routed(trace, admitted)
+            else:
+                if decision.status != BYPASS or admitted is not None:  # it awaited: a swap may have happened
+                    served = self._resolve(operation, request, route.model, version, via_router)
+                try:
+                    return await self._run_local(operation, served, request, decision, admitted)
+                except EngineFailed as exc:
+                    route = self._failover(operation, route.model, caller, trace, exc)
+        return await self._run_cloud(operation, request, route)
+
+    def _route(self, operation: Operation[Any, Any], request: Any, model: str) -> tuple[Route, bool]:
+        """Step 1: the named model, or where a router alias sends the request (if the key may use the alias)."""
+        placement = self.placement
+        if placement is None or not placement.router.is_router(model):
+            route = placement.named(model) if placement is not None else Route("local", model, NAMED, "named")
+            return self._routed(request.trace, route), False
+        principal = request.caller.principal
+        if principal is not None and principal.models and model not in principal.models:
+            raise Forbidden(f"key {principal.key_name!r} may not use the router {model!r}; it may call "
+                            f"{', '.join(principal.models)}", param="model")
+        return self._routed(request.trace, operation.route(placement, model, request)), True
 
     @staticmethod
-    def _allow_router(alias: str, trace: Trace) -> None:
-        principal = trace.principal
-        if principal is not None and principal.models and alias not in principal.models:
-            raise Forbidden(f"key {principal.key_name!r} may not use the router {alias!r}; it may call "
-                            f"{', '.join(principal.models)}", param="model")
-        trace.routed_by = alias
+    def _routed(trace: Trace, route: Route) -> Route:
+        trace.route = route.reason
+        return route
 
-    def _served(self, name: str, version: int | None, trace: Trace, task: str) -> ModelVersion:
-        """:meth:`resolve`, failing over to the cloud (where allowed) when the model is not ready."""
+    def _resolve_or_failover(self, operation: Operation[Any, Any], request: Any, route: Route, version: int | None,
+                             via_router: bool) -> tuple[ModelVersion | None, Route]:
+        """Step 2: the serving version; a model that is not ready goes to the cloud where allowed."""
         try:
-            return self.resolve(name, version, trace)
+            return self._resolve(operation, request, route.model, version, via_router), route
         except ModelNotReady as exc:
-            if self.placement is not None:
-                self.placement.failover(name, task, trace, exc)
-            raise
+            return None, self._failover(operation, route.model, request.caller, request.trace, exc)
 
-    async def _admit(self, served: ModelVersion, trace: Trace, task: str) -> Ticket | None:
-        """Pass the model's gate; ``task`` is the request's protocol (it picks the kind of upstream to spill to)."""
-        return await self.placement.admit(served, trace, task) if self.placement is not None else None
+    def _failover(self, operation: Operation[Any, Any], model: str, caller: Caller, trace: Trace,
+                  exc: ModelNotReady | EngineFailed) -> Route:
+        route = self.placement.failover(model, operation.task, caller, exc) if self.placement else None
+        if route is None:
+            raise exc
+        return self._routed(trace, route)
 
-    async def _run_admitted(self, served: ModelVersion, trace: Trace, task: str, decision: CacheDecision,
-                            recheck: Callable[[], ModelVersion],
-                            run: Callable[[ModelVersion], Awaitable[_Answer]]) -> tuple[ModelVersion, _Answer]:
-        """Pass the gate, then ``run`` on the model; its place is held until ``run`` ends.
-
-        After an await (a cache lookup or a wait at the gate) a new version may have been swapped in, so the model
-        is looked up again with ``recheck``. An engine failure fails over to the cloud where allowed.
-        """
-        ticket = await self._admit(served, trace, task)
-        try:
-            if decision.status != BYPASS or ticket is not None:
-                served = recheck()
-            try:
-                return served, await run(served)
-            except EngineFailed as exc:
-                if self.placement is not None:
-                    self.placement.failover(served.name, task, trace, exc)
-                raise
-        finally:
-            if ticket is not None:
-                ticket.release(trace.usage.compute_s if trace.usage else None)
-
-    def _account(self, served: ModelVersion, trace: Trace, compute_s: float, input_tokens: int,
-                 output_tokens: int) -> None:
-        """Tokens and the local cost of a request the model ran."""
-        trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
-        trace.compute_s = compute_s
-        trace.cost = local_cost(served, compute_s, input_tokens, output_tokens, self.device_rate_per_hour)
-
-    def _cached(self, served: ModelVersion, trace: Trace, input_tokens: int, output_tokens: int) -> None:
-        trace.place = "cache"
-        trace.input_tokens, trace.output_tokens = input_tokens, output_tokens
-        trace.cost_avoided = local_cost(served, 0.0, input_tokens, output_tokens, self.device_rate_per_hour)
-
-    def resolve(self, name: str, version: int | None, trace: Trace) -> ModelVersion:
-        """The serving version of a model, name or alias, if the caller's key may use it.
+    def _resolve(self, operation: Operation[Any, Any], request: Any, name: str, version: int | None,
+                 via_router: bool) -> ModelVersion:
+        """The serving version of a model, name or alias, if the caller's key may use it, checked for the request.
 
         The key is checked before anything about the model is told or done: a model outside the key's list is 403
         whether it serves, loads or fails (and never fails over to the cloud). A model a router alias picked is
         allowed when the key allows that alias.
         """
-        principal = trace.principal
-        restricted = principal is not None and principal.models and not trace.routed_by
-        if restricted and name not in principal.models:  # type: ignore[union-attr]
+        principal = request.caller.principal
+        if principal is not None and principal.models and not via_router and name not in principal.models:
             try:
-                served = self.models.resolve(name, version)
+                served: ModelVersion | None = self.models.resolve(name, version)
             except (ModelNotFound, ModelNotReady):
                 served = None
-            if served is None or not principal.may_use(served.name, *served.spec.aliases):  # type: ignore[union-attr]
-                raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "  # type: ignore[union-attr]
-                                f"{', '.join(principal.models)}", param="model")  # type: ignore[union-attr]
+            if served is None or not principal.may_use(served.name, *served.spec.aliases):
+                raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "
+                                f"{', '.join(principal.models)}", param="model")
         else:
             served = self.models.resolve(name, version)
-        trace.model, trace.version = served.name, str(served.version)
-        if not trace.route:
-            if self.placement is not None:
-                self.placement.named(trace)
-            else:
-                trace.route = "named in the request"
+        trace = request.trace
+        trace.model, trace.version, trace.place = served.name, str(served.version), "local"
+        operation.check(served, request)
         return served
 
-    async def _lookup(self, served: ModelVersion, canonical: Callable[[], object], cache_control: str | None,
-                      deterministic: bool, trace: Trace) -> CacheDecision:
-        principal = trace.principal
-        if self.cache is None or principal is None:
+    async def _lookup(self, operation: Operation[Any, Any], served: ModelVersion, request: Any) -> CacheDecision:
+        """Step 3: the response cache, under the caller's scope."""
+        principal = request.caller.principal
+        key = operation.cache_key(served, request)
+        if self.cache is None or principal is None or key is None:
             return CacheDecision(BYPASS)
+        canonical, deterministic = key
         decision = await self.cache.lookup(principal.cache_scope, served.name, served.version, served.build_hash,
-                                           canonical, cache_control, deterministic)
-        trace.cache = decision.status
+                                           canonical, request.cache_control, deterministic)
+        request.trace.cache = decision.status
         return decision
 
-    def _remember(self, decision: CacheDecision, served: ModelVersion, payload: Callable[[], bytes]) -> None:
-        if decision.store and self.cache is not None:
-            self.cache.remember(decision, served.name, served.version, served.build_hash, payload())
+    def _from_cache(self, operation: Operation[Any, Answer], served: ModelVersion, request: Any,
+                    decision: CacheDecision) -> Answer:
+        assert decision.payload is not None
+        answer, tally = operation.cached(served, request, decision.payload)
+        request.trace.place = "cache"
+        request.trace.usage = Usage()
+        avoided = self.accounting.local_cost(served.spec, tally)
+        self.accounting.settle(request.caller, served.name, "cache", tally, 0.0, cost_avoided=avoided)
+        return answer
 
-    async def infer(self, request: Request, trace: Trace) -> tuple[Result, ModelVersion]:
-        """Run a tensor request on its model; ``trace`` is filled in as the model becomes known."""
-        served = self._checked(request, trace)
-        decision = await self._lookup(served, partial(_tensor_canonical, request), request.cache_control,
-                                      served.spec.deterministic, trace)
-        if decision.payload is not None:
-            self._cached(served, trace, 0, 0)
-            return Result(request.id, served.name, served.version, decode_tensors(decision.payload), Usage()), served
-        served, result = await self._run_admitted(served, trace, "tensor", decision,
-                                                  lambda: self._checked(request, trace),
-                                                  lambda model: self._run_tensors(request, model, trace))
-        rows = next(iter(request.inputs.values())).shape[0] if served.max_batch_size > 0 and request.inputs else 1
-        share = rows / max(rows, result.usage.batch_size or rows)  # the batch's time is shared by its rows
-        self._account(served, trace, result.usage.compute_s * share, 0, 0)
-        self._remember(decision, served, lambda: encode_tensors(result.outputs))
-        return result, served
+    async def _run_local(self, operation: Operation[Any, Answer], served: ModelVersion, request: Any,
+                         decision: CacheDecision, ticket: Ticket | None) -> Answer:
+        """Step 5 (local) and, through ``done``, step 6."""
+        settled = False
 
-    def _checked(self, request: Request, trace: Trace) -> ModelVersion:
-        served = self._served(request.model, request.version, trace, "tensor")
-        if served.generator is not None:
-            raise BadRequest(f"model {served.name!r} generates text: use POST /v1/chat/completions or "
-                             "/v1/completions")
-        served.check_inputs(request.inputs)
-        if request.outputs is not None:
-            known = {t.name for t in served.outputs}
-            unknown = [name for name in request.outputs if name not in known]
-            if unknown:
-                raise BadRequest(
-                    f"unknown output {unknown[0]!r} for model {served.name}; its outputs are {sorted(known)}"
-                )
-        return served
+        def done(tally: Tally, payload: Callable[[], bytes] | None) -> None:
+            nonlocal settled
+            settled = True
+            if ticket is not None:
+                ticket.release(tally.service_s)
+            request.trace.usage = Usage(tally.queue_s, tally.compute_s, tally.batch_size)
+            cost = self.accounting.local_cost(served.spec, tally)
+            self.accounting.settle(request.caller, served.name, "local", tally, cost)
+            if payload is not None and decision.store and self.cache is not None:
+                self.cache.remember(decision, served.name, served.version, served.build_hash, payload())
 
-    async def _run_tensors(self, request: Request, served: ModelVersion, trace: Trace) -> Result:
-        deadline = self._deadline(request.deadline, served)
-        if served.embedder is not None:
-            return await self._infer_embed_tensors(request, served, trace, deadline)
-        assert served.batcher is not None
-        metrics = served.metrics
-        metrics.in_flight.inc()
         try:
-            # Submitting is synchronous: no await between resolve() and here, so a swap cannot slip in between.
-            outcome = await served.batcher.submit(request.inputs, deadline)
+            return await operation.run(served, request, done)
         finally:
-            metrics.in_flight.dec()
-        metrics.queue_duration.observe(outcome.queue_s)
-        usage = Usage(queue_s=outcome.queue_s, compute_s=outcome.compute_s, batch_size=outcome.batch_size)
-        trace.usage = usage
-        outputs = outcome.outputs
-        if request.outputs is not None:
-            outputs = {name: outputs[name] for name in request.outputs}
-        return Result(request.id, served.name, served.version, outputs, usage)
+            if not settled and ticket is not None:
+                ticket.release(None)
+
+    async def _run_cloud(self, operation: Operation[Any, Answer], request: Any, route: Route) -> Answer:
+        """Step 5 (cloud) and, through ``done``, step 6."""
+        trace = request.trace
+        model = self.cloud.model_label(route)
+        trace.model, trace.version, trace.place, trace.cache = model, "", "cloud", ""
+
+        def done(tally: Tally) -> None:
+            self.accounting.settle(request.caller, model, "cloud", tally, tally.cost)
+
+        return await operation.cloud(self.cloud, route, request, done)
 
     def _deadline(self, deadline: float | None, served: ModelVersion) -> float | None:
         if deadline is None and served.default_timeout_s is not None:
             return self._clock() + served.default_timeout_s
         return deadline
-
-    async def _infer_embed_tensors(self, request: Request, served: ModelVersion, trace: Trace,
-                                   deadline: float | None) -> Result:
-        """A v2 tensor request to an embedding model: its rows go through the token-budget scheduler."""
-        ids, mask = request.inputs["input_ids"], request.inputs["attention_mask"]
-        sequences = [row[row_mask.astype(bool)].tolist() for row, row_mask in zip(ids, mask)]
-        if any(not sequence for sequence in sequences):
-            raise BadRequest("every row of attention_mask needs at least one 1")
-        outcome = await self._embed_sequences(served, sequences, deadline)
-        trace.usage = Usage(outcome.queue_s, outcome.compute_s, outcome.batches)
-        output = served.outputs[0].name
-        return Result(request.id, served.name, served.version, {output: outcome.embeddings}, trace.usage)
-
-    async def _embed_sequences(self, served: ModelVersion, sequences: list[list[int]], deadline: float | None):
-        assert served.embedder is not None
-        metrics = served.metrics
-        metrics.in_flight.inc()
-        try:
-            outcome = await served.embedder.submit(sequences, deadline)
-        finally:
-            metrics.in_flight.dec()
-        metrics.queue_duration.observe(outcome.queue_s)
-        return outcome
-
-    async def embed(self, request: EmbedRequest, trace: Trace) -> EmbedResponse:
-        """Embed texts or token sequences with an embedding model, in input order."""
-        if self.placement is not None and self.placement.router.is_router(request.model):
-            self._allow_router(request.model, trace)
-            route = self.placement.decided(self.placement.router.route_embedding(request.model), trace,
-                                           request.model)
-            request.model = route.model
-        served = self._embedder(request.model, trace)
-
-        def canonical() -> object:
-            return {"texts": request.texts, "ids": request.token_ids, "dimensions": request.dimensions,
-                    "truncate": request.truncate}
-
-        decision = await self._lookup(served, canonical, request.cache_control, served.spec.deterministic, trace)
-        if decision.payload is not None:
-            vectors, prompt_tokens = decode_embeddings(decision.payload)
-            self._cached(served, trace, prompt_tokens, 0)
-            return EmbedResponse(served.name, served.version, vectors, prompt_tokens, Usage())
-        served, response = await self._run_admitted(served, trace, "embed", decision,
-                                                    lambda: self._embedder(request.model, trace),
-                                                    lambda model: self._embed(request, model, trace))
-        self._account(served, trace, response.usage.compute_s, response.prompt_tokens, 0)
-        self._remember(decision, served, lambda: encode_embeddings(response.embeddings, response.prompt_tokens))
-        return response
-
-    async def _embed(self, request: EmbedRequest, served: ModelVersion, trace: Trace) -> EmbedResponse:
-        assert served.text is not None
-        text = served.text
-        if request.texts is not None:
-            if sum(len(t) for t in request.texts) > OFFLOAD_CHARS:
-                sequences = await asyncio.get_running_loop().run_in_executor(None, text.encode, request.texts)
-            else:
-                sequences = text.encode(request.texts)
-        else:
-            sequences = request.token_ids or []
-            for index, sequence in enumerate(sequences):
-                bad = next((t for t in sequence if not 0 <= t < text.vocab_size), None)
-                if bad is not None:
-                    raise BadRequest(f"input[{index}] has token id {bad}, outside the vocabulary of model "
-                                     f"{served.name} (0 to {text.vocab_size - 1})", param="input")
-                if not sequence:
-                    raise BadRequest(f"input[{index}] is an empty token array", param="input")
-        sequences = self._fit(sequences, text.max_length, request.truncate, keep_last=request.texts is not None)
-        embedding = served.spec.embedding
-        if request.dimensions is not None:
-            if not embedding.truncatable:
-                raise BadRequest(f"model {served.name} does not support fewer dimensions than its "
-                                 f"{embedding.dimensions}; leave out 'dimensions'", param="dimensions")
-            if not 1 <= request.dimensions <= embedding.dimensions:
-                raise BadRequest(f"dimensions must be from 1 to {embedding.dimensions}, not {request.dimensions}",
-                                 param="dimensions")
-        outcome = await self._embed_sequences(served, sequences, self._deadline(request.deadline, served))
-        vectors = outcome.embeddings
-        if request.dimensions is not None and request.dimensions < vectors.shape[1]:
-            vectors = vectors[:, : request.dimensions]
-            if embedding.normalize:
-                vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        usage = Usage(outcome.queue_s, outcome.compute_s, outcome.batches)
-        trace.usage = usage
-        return EmbedResponse(served.name, served.version, vectors, sum(len(s) for s in sequences), usage)
-
-    async def generate(self, model: str, messages: list[dict] | None, prompt: str | list[int] | None,
-                       params: SamplingParams, max_tokens: int | None, deadline: float | None,
-                       trace: Trace, canonical: Callable[[], object] | None = None,
-                       cache_control: str | None = None
-                       ) -> Generation | CachedGeneration:
-        """Render and tokenize the prompt, check it against the context, queue it on the model's scheduler.
-
-        ``canonical`` holds every request field that changes the output; a greedy or seeded request may then be
-        answered from the response cache (a :class:`CachedGeneration`).
-        """
-        started = self._clock()
-        if self.placement is not None and self.placement.router.is_router(model):
-            self._allow_router(model, trace)
-            model = self.placement.route_generation(model, messages, prompt, max_tokens, trace).model
-        served = self._generator(model, trace)
-        deterministic = canonical is not None and (params.temperature == 0 or params.seed is not None)
-        decision = await self._lookup(served, canonical or dict, cache_control, deterministic, trace)
-        if decision.payload is not None:
-            stored = StoredGeneration.decode(decision.payload)
-            self._cached(served, trace, stored.prompt_tokens, stored.completion_tokens)
-            return CachedGeneration(served, stored)
-        ticket = await self._admit(served, trace, "generate")
-        try:
-            if decision.status != BYPASS or ticket is not None:
-                served = self._generator(model, trace)  # it awaited: a swap may have happened
-            generation = self._start_generation(served, messages, prompt, params, max_tokens, deadline, started)
-        except BaseException:
-            if ticket is not None:
-                ticket.release(None)
-            raise
-        generation.cache, generation.ticket = decision, ticket
-        return generation
-
-    def remember_generation(self, generation: Generation, stored: StoredGeneration) -> None:
-        """Store a generation that ran to its end, if its lookup asked for it."""
-        if generation.cache is not None:
-            self._remember(generation.cache, generation.served, stored.encode)
-
-    def _embedder(self, model: str, trace: Trace) -> ModelVersion:
-        served = self._served(model, None, trace, "embed")
-        if served.embedder is None or served.text is None:
-            raise BadRequest(f"model {served.name!r} is not an embedding model (its task is {served.spec.task!r}); "
-                             "GET /v1/models lists the models", param="model")
-        return served
-
-    def _generator(self, model: str, trace: Trace) -> ModelVersion:
-        served = self._served(model, None, trace, "generate")
-        if served.generator is None or served.text is None:
-            raise BadRequest(f"model {served.name!r} does not generate text (its task is {served.spec.task!r}); "
-                             "GET /v1/models lists the models", param="model")
-        return served
-
-    def _start_generation(self, served: ModelVersion, messages: list[dict] | None, prompt: str | list[int] | None,
-                          params: SamplingParams, max_tokens: int | None, deadline: float | None,
-                          started: float) -> Generation:
-        assert served.text is not None
-        text = served.text
-        if messages is not None:
-            try:
-                rendered = served.chat_template.render(messages=messages, add_generation_prompt=True)
-            except Exception as exc:  # the template's own checks (e.g. role order) speak to the caller
-                raise BadRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
-            ids = text.encode([rendered], add_special_tokens=False)[0]
-        elif isinstance(prompt, str):
-            ids = text.encode([prompt], add_special_tokens=False)[0]
-        else:
-            ids = list(prompt or [])
-            bad = next((t for t in ids if not 0 <= t < text.vocab_size), None)
-            if bad is not None:
-                raise BadRequest(f"prompt token id {bad} is outside the vocabulary (0 to {text.vocab_size - 1})",
-                                 param="prompt")
-        limit = served.context_limit
-        if len(ids) >= limit:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; model {served.name} holds at most {limit} tokens "
-                             "per sequence (prompt and output); shorten the prompt", param="messages")
-        if max_tokens is not None and len(ids) + max_tokens > limit:
-            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}"
-                             f", over the {limit} tokens a sequence of model {served.name} may hold; ask for at most "
-                             f"{limit - len(ids)} tokens", param="max_tokens")
-        params.max_tokens = max_tokens or limit - len(ids)
-        assert served.generator is not None
-        sequence = served.generator.submit(ids, params, self._deadline(deadline, served))
-        served.metrics.prompt_tokens.inc(len(ids))
-        served.metrics.in_flight.inc()
-        return Generation(served, sequence, len(ids), started)
-
-    def observe_token(self, generation: Generation) -> None:
-        """Record a token's arrival: time to first token, then inter-token latency."""
-        now = self._clock()
-        metrics = generation.served.metrics
-        if not generation.token_times:
-            metrics.time_to_first_token.observe(now - generation.started)
-            if generation.sequence.admitted_at:
-                metrics.generation_queue.observe(generation.sequence.admitted_at - generation.sequence.enqueued)
-        else:
-            metrics.inter_token.observe(now - generation.token_times[-1])
-        generation.token_times.append(now)
-
-    def finish_generation(self, generation: Generation, completion_tokens: int, trace: Trace) -> None:
-        """The request is answered (or gone): stop its sequence if still running and record its totals."""
-        served = generation.served
-        assert served.generator is not None
-        served.generator.cancel(generation.sequence)
-        served.metrics.in_flight.dec()
-        served.metrics.generated_tokens.inc(completion_tokens)
-        now = self._clock()
-        served.metrics.generation_duration.observe(now - generation.started)
-        admitted = generation.sequence.admitted_at or now
-        held_s = now - admitted  # the time the sequence held a KV-cache row
-        if generation.ticket is not None:
-            generation.ticket.release(held_s if completion_tokens else None)
-        self._account(served, trace, held_s, generation.prompt_tokens, completion_tokens)
-
-    @staticmethod
-    def _fit(sequences: list[list[int]], limit: int, truncate: bool, keep_last: bool) -> list[list[int]]:
-        """Enforce the model's input limit: 400 naming the input, or cut when the request opted in."""
-        fitted = []
-        for index, sequence in enumerate(sequences):
-            if len(sequence) > limit:
-                if not truncate:
-                    raise BadRequest(
-                        f"input[{index}] has {len(sequence)} tokens, over the model's limit of {limit}; shorten "
-                        'it, split it, or send "truncate": true to cut it to the limit', param="input")
-                # Text inputs end with the tokenizer's closing special token: keep it.
-                sequence = sequence[: limit - 1] + sequence[-1:] if keep_last else sequence[:limit]
-            fitted.append(sequence)
-        return fitted
-
-
-OFFLOAD_CHARS = 16_384  # tokenize larger requests in a worker thread
-
-
-def _tensor_canonical(request: Request) -> object:
-    """The inputs (name, dtype, shape, bytes) and the outputs asked for: all that changes a tensor answer."""
-    inputs = []
-    for name in sorted(request.inputs):
-        array = request.inputs[name]
-        if array.dtype == object:
-            data: object = [item if isinstance(item, bytes) else str(item).encode() for item in array.ravel()]
-        else:
-            data = np.ascontiguousarray(array).tobytes()
-        inputs.append([name, array.dtype.str, list(array.shape), data])
-    return {"inputs": inputs, "outputs": request.outputs}
-
-
-def local_cost(served: ModelVersion, compute_s: float, input_tokens: int, output_tokens: int,
-               device_rate_per_hour: float) -> float:
-    """A local request's cost: the model's ``[cost]`` rates, else compute time at the device's hourly rate."""
-    rates = served.spec.cost
-    cost = rates.per_request + rates.per_compute_second * compute_s
-    cost += (rates.per_million_input_tokens * input_tokens + rates.per_million_output_tokens * output_tokens) / 1e6
-    if not (rates.per_compute_second or rates.per_million_input_tokens or rates.per_million_output_tokens):
-        cost += compute_s * device_rate_per_hour / 3600.0
-    return cost

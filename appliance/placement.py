@@ -12,22 +12,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from appliance.admission import Admission, LaneGate, Saturated
-from appliance.errors import ApplianceError, QueueFull
+from appliance.admission import Admission, LaneGate
+from appliance.errors import ApplianceError, QueueFull, Saturated
 from appliance.model_version import ModelVersion
 from appliance.routing import Router
 from appliance.telemetry import Metrics
-from appliance.types import Route, Trace
+from appliance.types import Caller, GenerateRequest, Route
 
 TASK_KINDS = {"generate": "openai", "embed": "openai", "tensor": "kserve"}
-
-
-class SpillToCloud(Exception):
-    """The request goes to a cloud upstream; the handler relays it (it holds the wire format)."""
-
-    def __init__(self, route: Route) -> None:
-        super().__init__(route.reason)
-        self.route = route
 
 
 @dataclass
@@ -45,7 +37,8 @@ class Ticket:
 
 
 class Placement:
-    """Routing, admission and cloud decisions for the data plane."""
+    """Routing, admission and cloud decisions for the data plane: each returns a :class:`Route` (or a place at the
+    gate); the data plane runs it."""
 
     def __init__(self, router: Router, admission: Admission, upstreams: Mapping[str, object],
                  metrics: Metrics) -> None:
@@ -55,10 +48,10 @@ class Placement:
         self._metrics = metrics
         self._named = metrics.route_decisions.labels("-", "local", "named")
 
-    def cloud_for(self, model: str, task: str, trace: Trace) -> str | None:
+    def cloud_for(self, model: str, task: str, caller: Caller) -> str | None:
         """The upstream that may take this request now, or ``None`` if it must stay on the device."""
-        principal = trace.principal
-        if principal is None or not principal.cloud or trace.local_only:
+        principal = caller.principal
+        if principal is None or not principal.cloud or caller.local_only:
             return None
         kind = TASK_KINDS.get(task)
         for name, upstream in self.upstreams.items():
@@ -67,69 +60,73 @@ class Placement:
                 return name
         return None
 
-    def named(self, trace: Trace) -> None:
-        """Record that the request named its model."""
-        trace.route = "named in the request"
+    def named(self, model: str) -> Route:
+        """The route of a request that named its model."""
         self._named.inc()
+        return Route("local", model, "named in the request", "named")
 
-    def decided(self, route: Route, trace: Trace, router: str = "") -> Route:
-        """Record a routing decision on the trace and in the metrics."""
-        trace.route = route.reason
+    def _decided(self, route: Route, router: str = "") -> Route:
         self._metrics.route_decisions.labels(router or "-", route.place, route.kind).inc()
-        if route.place == "cloud":
-            raise SpillToCloud(route)
         return route
 
-    def route_generation(self, name: str, messages: list[dict] | None, prompt: object, max_tokens: int | None,
-                         trace: Trace) -> Route:
-        """Route a router alias for chat or completions; raise :class:`SpillToCloud` for the cloud."""
-        if messages is not None:
-            text = "\n".join(m["content"] for m in messages)
-            turns = sum(1 for m in messages if m["role"] == "user")
+    def route_embedding(self, alias: str) -> Route:
+        """Route a router alias for embeddings."""
+        return self._decided(self.router.route_embedding(alias), alias)
+
+    def route_generation(self, alias: str, request: GenerateRequest) -> Route:
+        """Route a router alias for chat or completions by the request's complexity."""
+        if request.messages is not None:
+            text = "\n".join(m["content"] for m in request.messages)
+            turns = sum(1 for m in request.messages if m["role"] == "user")
         else:
+            prompt = request.prompt
             text, turns = (prompt if isinstance(prompt, str) else " ".join(map(str, prompt or []))), 1
 
         def cloud() -> str | None:
             upstream = self.router.config.cloud_upstream
             chosen = self.upstreams.get(upstream)
-            if chosen is None or self.cloud_for(name, "generate", trace) is None:
+            if chosen is None or self.cloud_for(alias, "generate", request.caller) is None:
                 return None
             return upstream if chosen.available() else None  # type: ignore[attr-defined]
 
-        route = self.router.route_generation(name, text, turns, max_tokens, cloud)
-        return self.decided(route, trace, name)
+        route = self.router.route_generation(alias, text, turns, request.max_tokens, cloud)
+        return self._decided(route, alias)
 
-    async def admit(self, served: ModelVersion, trace: Trace, task: str) -> Ticket | None:
-        """Pass the model's gate in the request's lane, or overflow: to the cloud if allowed, else 429/503."""
+    async def admit(self, served: ModelVersion, caller: Caller, task: str) -> Ticket | Route | None:
+        """A place at the model's gate in the caller's lane (``None`` when admission is off), or, when the model is
+        saturated, a cloud route where the policy allows one; else :class:`Saturated` or :class:`QueueFull`."""
         config = self.admission.config
         if not config.enabled:
             return None
-        lane = trace.lane or "interactive"
+        lane = caller.lane
         gate = self.admission.gate(served.name, served.version, *_capacity(served))
         budget = self.admission.max_wait_s(lane)
-        if trace.arrived:
-            budget -= time.monotonic() - trace.arrived  # reading and checking the request counts as waiting
+        if caller.arrived:
+            budget -= time.monotonic() - caller.arrived  # reading and checking the request counts as waiting
         try:
             await gate.acquire(lane, budget)
         except (Saturated, QueueFull) as exc:
-            self._overflow(served, trace, exc, task)
-            raise
+            overflow = self._overflow(served, caller, exc, task)
+            if overflow is None:
+                raise
+            return overflow
         return Ticket(gate)
 
-    def _overflow(self, served: ModelVersion, trace: Trace, exc: ApplianceError, task: str) -> None:
-        self._metrics.admission_rejected.labels(served.name, trace.lane or "interactive").inc()
+    def _overflow(self, served: ModelVersion, caller: Caller, exc: ApplianceError, task: str) -> Route | None:
+        self._metrics.admission_rejected.labels(served.name, caller.lane).inc()
         if not self.admission.config.overflow_to_cloud or getattr(exc, "waited", False):
-            return
-        upstream = self.cloud_for(served.name, task, trace)
-        if upstream is not None:
-            self.decided(Route("cloud", served.name, f"overflow: {exc.message}", "overflow", upstream=upstream),
-                         trace)
+            return None
+        upstream = self.cloud_for(served.name, task, caller)
+        if upstream is None:
+            return None
+        return self._decided(Route("cloud", served.name, f"overflow: {exc.message}", "overflow", upstream=upstream))
 
-    def failover(self, name: str, task: str, trace: Trace, exc: ApplianceError) -> None:
-        """A local model that is not ready or failing: to the cloud where allowed (else the caller re-raises)."""
-        upstream = self.cloud_for(name, task, trace)
-        if upstream is not None:
-            self.decided(Route("cloud", name, f"failover: {exc.message}", "failover", upstream=upstream), trace)
+    def failover(self, name: str, task: str, caller: Caller, exc: ApplianceError) -> Route | None:
+        """A cloud route for a local model that is not ready or failing, where the policy allows one."""
+        upstream = self.cloud_for(name, task, caller)
+        if upstream is None:
+            return None
+        return self._decided(Route("cloud", name, f"failover: {exc.message}", "failover", upstream=upstream))
 
 
 def _capacity(served: ModelVersion) -> tuple[int, int, float]:

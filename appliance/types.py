@@ -1,10 +1,20 @@
-"""The core types of the request path: one place each."""
+"""The core types of the request path: one place each.
+
+A handler turns the wire format into one typed request per operation (:class:`TensorRequest`,
+:class:`EmbedRequest`, :class:`GenerateRequest`), each carrying the :class:`Caller` the middleware derived and the
+:class:`Trace` the data plane fills in for the access log and the response headers.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from appliance.engines.generation import SamplingParams
 
 
 @dataclass(slots=True)
@@ -14,35 +24,6 @@ class Usage:
     queue_s: float = 0.0
     compute_s: float = 0.0
     batch_size: int = 0
-
-
-@dataclass(slots=True)
-class Request:
-    """A parsed request, whatever protocol it came in by.
-
-    ``deadline`` is on the ``time.monotonic`` clock; ``None`` means the model's default timeout applies.
-    ``outputs`` names the outputs wanted (``None``: all).
-    """
-
-    id: str
-    task: str  # tensor (embed and generate come with their APIs)
-    model: str
-    version: int | None
-    inputs: dict[str, np.ndarray]
-    outputs: list[str] | None = None
-    deadline: float | None = None
-    cache_control: str | None = None  # the request's Cache-Control header
-
-
-@dataclass(slots=True)
-class Result:
-    """The answer to a :class:`Request`."""
-
-    id: str
-    model: str
-    version: int
-    outputs: dict[str, np.ndarray]
-    usage: Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,27 +47,35 @@ class Principal:
         return not self.models or any(name in self.models for name in names)
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request and under which policy, as the middleware derived it from the key and the headers.
+
+    ``local_only`` is true when the key keeps data on the device or the request asked it to
+    (``x-appliance-data: local-only``); nothing a client sends widens what the key allows.
+    """
+
+    principal: Principal | None = None
+    lane: str = "interactive"
+    workflow: str = ""
+    local_only: bool = True
+    arrived: float = 0.0  # time.monotonic() when the request reached the server: lane waits count from here
+
+
 @dataclass(slots=True)
 class Trace:
-    """What the access log, the request metrics and the limits need to know about a request once it is answered."""
+    """What the data plane tells the access log, the metrics and the response headers about a request.
 
-    model: str = ""
+    Written by the data plane alone, as each step learns its part; read by the middleware once the request is
+    answered.
+    """
+
+    model: str = ""  # the model that answered, or ``<upstream>:<model>`` for the cloud
     version: str = ""
-    usage: Usage | None = None
-    principal: Principal | None = None
-    cache: str = ""  # hit, miss or bypass when the request went through the response cache
-    input_tokens: int = 0  # read and written: charged to the key's tokens-per-minute budget and the ledger
-    output_tokens: int = 0
-    place: str = "local"  # where it ran: local, cloud or cache
+    place: str = "local"  # local, cloud or cache
     route: str = ""  # why it went where it went, for x-appliance-route and the access log
-    lane: str = ""
-    workflow: str = ""
-    local_only: bool = False  # the caller asked (x-appliance-data: local-only) that its data stay here
-    cost: float = 0.0
-    cost_avoided: float = 0.0
-    compute_s: float = 0.0  # this request's share of engine time, for the ledger
-    arrived: float = 0.0  # time.monotonic() when the request reached the server: lane waits count from here
-    routed_by: str = ""  # the router alias the request named, once the key was found to allow it
+    cache: str = ""  # hit, miss or bypass when the request went through the response cache
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +87,48 @@ class Route:
     reason: str
     kind: str  # named, complexity, overflow, failover
     upstream: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WireBody:
+    """A request body as the client sent it, kept for a cloud upstream of the same protocol."""
+
+    body: bytes
+    content_type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TensorRequest:
+    """A KServe v2 infer request: named input arrays for one model version.
+
+    ``deadline`` is on the ``time.monotonic`` clock; ``None`` means the model's default timeout applies.
+    ``outputs`` names the outputs wanted (``None``: all).
+    """
+
+    model: str
+    version: int | None
+    inputs: dict[str, np.ndarray]
+    caller: Caller = field(default_factory=Caller)
+    trace: Trace = field(default_factory=Trace)
+    id: str = ""
+    outputs: list[str] | None = None
+    deadline: float | None = None
+    cache_control: str | None = None  # the request's Cache-Control header
+    wire: WireBody | None = None
+
+
+@dataclass(slots=True)
+class Result:
+    """The answer to a :class:`TensorRequest`: output arrays with their v2 datatypes, or, from a cloud upstream,
+    its answer as it came (``relayed``)."""
+
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    usage: Usage
+    relayed: Any = None  # an appliance.upstreams.UpstreamResult
 
 
 @dataclass(slots=True)
@@ -112,6 +143,9 @@ class EmbedRequest:
     truncate: bool = False
     deadline: float | None = None
     cache_control: str | None = None
+    caller: Caller = field(default_factory=Caller)
+    trace: Trace = field(default_factory=Trace)
+    wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
 
 
 @dataclass(slots=True)
@@ -123,3 +157,27 @@ class EmbedResponse:
     embeddings: np.ndarray
     prompt_tokens: int
     usage: Usage
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """A chat (``messages``) or completions (``prompt``) request.
+
+    ``canonical`` is every field that changes the generated text: the response cache's view of the request.
+    ``stream`` says whether the client reads the answer as it comes (a cloud upstream is then asked to stream).
+    """
+
+    model: str
+    chat: bool
+    params: SamplingParams
+    messages: list[dict] | None = None
+    prompt: str | list[int] | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    deadline: float | None = None
+    cache_control: str | None = None
+    canonical: dict[str, Any] | None = None
+    caller: Caller = field(default_factory=Caller)
+    trace: Trace = field(default_factory=Trace)
+    wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream

@@ -36,7 +36,7 @@ import orjson
 
 from appliance.breaker import CircuitBreaker, RetryBudget
 from appliance.upstream_config import UpstreamConfig
-from appliance.errors import ApplianceError, ModelNotFound
+from appliance.errors import ModelNotFound, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("appliance.upstreams")
 
@@ -47,24 +47,6 @@ DROPPED_HEADERS = frozenset({"connection", "keep-alive", "proxy-authenticate", "
                              "transfer-encoding", "upgrade", "content-length", "content-encoding"})
 KSERVE_PASSED_HEADERS = ("Inference-Header-Content-Length", "Accept")
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
-
-
-class UpstreamUnavailable(ApplianceError):
-    """The upstream cannot take or could not answer the request: breaker open, concurrency cap reached, connection
-    failure, timeout or 5xx after retries (503). ``retry_after_s`` is the breaker's remaining cooldown, else 1."""
-
-    status = 503
-
-
-class UpstreamRejected(ApplianceError):
-    """A streaming request that the upstream answered with a non-200, non-5xx status (4xx, 429); ``status`` is the
-    upstream's and ``result`` holds its answer as it came, to relay as the non-streaming methods would."""
-
-    def __init__(self, message: str, result: UpstreamResult) -> None:
-        retry_after = next((value for key, value in result.headers.items() if key.lower() == "retry-after"), "")
-        super().__init__(message, retry_after_s=float(retry_after) if retry_after.isdigit() else None)
-        self.status = result.status
-        self.result = result
 
 
 class _AttemptsFailed(Exception):

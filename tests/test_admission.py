@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from appliance.admission import LaneGate, Saturated
+from appliance.admission import LaneGate
+from appliance.errors import Saturated
 from appliance.errors import QueueFull
 
 

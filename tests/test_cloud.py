@@ -190,8 +190,12 @@ def test_the_breaker_opens_on_a_dead_upstream_and_local_traffic_goes_on(tmp_path
     _, token = KeyStore(tmp_path / "state" / "keys.json").create(name="c", tenant="t", cloud=True)
     running = RunningServer(config, engine_factory=slow_factory).start()
     try:
-        statuses = [r.status_code for r in burst(running.url, [auth(token)] * 12)]
-        assert 503 in statuses  # the first spills hit the closed port
+        first = burst(running.url, [auth(token)] * 12)
+        statuses = [r.status_code for r in first]
+        assert 502 in statuses  # the first spills hit the closed port: the upstream failed, not the caller
+        failed = next(r for r in first if r.status_code == 502)
+        assert "'edge'" in failed.json()["error"] and "may be retried" in failed.json()["error"]
+        assert failed.headers["Retry-After"] and "WWW-Authenticate" not in failed.headers
         assert statuses.count(200) >= 1
         later = burst(running.url, [auth(token)] * 12)
         # Open breaker: no more spills; the overflow is shed locally with the admission estimate.

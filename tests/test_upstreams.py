@@ -16,11 +16,8 @@ from aiohttp import web
 
 from appliance.config import ConfigError
 from appliance.breaker import CircuitBreaker
-from appliance.upstreams import (
-    Upstream,
-    UpstreamRejected,
-    UpstreamUnavailable,
-)
+from appliance.errors import UpstreamRejected, UpstreamUnavailable
+from appliance.upstreams import Upstream
 from appliance.upstream_config import parse_upstreams
 
 SECRET = "sk-test-0123456789abcdef"
@@ -336,7 +333,7 @@ async def test_stream_non_200_raises_with_the_answer(server, make_upstream):
     upstream = make_upstream(server.url + "/prefix")
     with pytest.raises(UpstreamRejected) as caught:
         await upstream.openai_stream("/v1/chat/completions", chat(), "smollm2-135m")
-    assert caught.value.status == 400 and b"max_tokens" in caught.value.result.body
+    assert caught.value.upstream_status == 400 and b"max_tokens" in caught.value.result.body
     assert upstream.in_flight == 0 and upstream.breaker.state == "closed"
 
 

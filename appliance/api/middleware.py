@@ -1,4 +1,5 @@
-"""The one middleware: request ids, drain, errors as JSON, request metrics and the access log."""
+"""The one middleware: request ids, drain, authentication and the caller's policy, errors as JSON (through
+``appliance.api.errors``), request metrics and the access log. Accounting is the data plane's."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from appliance.api.state import ACCESS_LOG, AUTH, LEDGER, LIFECYCLE, LIMITER, METRICS, TRACE
+from appliance.api.errors import error_response
+from appliance.api.state import ACCESS_LOG, AUTH, CALLER, LIFECYCLE, LIMITER, METRICS, TRACE
 from appliance.auth import LOCAL, require_admin
 from appliance.errors import (ApplianceError, BadRequest, Forbidden, PayloadTooLarge, RateLimited, ServerDraining,
                               Unauthorized)
 from appliance.keys import LANES, NAME
-from appliance.ledger import UsageRecord
-from appliance.types import Principal, Trace
+from appliance.types import Caller, Principal, Trace
 from appliance.workers import FANOUT_HEADER
 
 log = logging.getLogger("appliance.api")
@@ -35,52 +36,24 @@ ADMIN_PREFIXES = ("/v2/repository/", "/admin/", "/v1/usage")
 REJECTION_REASONS = {Unauthorized: "unauthenticated", Forbidden: "forbidden", RateLimited: "rate_limited"}
 
 
-OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                      404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
-
-
-def error_response(status: int, message: str, retry_after_s: float | None = None, *, openai: bool = False,
-                   param: str | None = None) -> web.Response:
-    """The JSON error body every failure gets: ``{"error": "..."}``, or OpenAI's error object under ``/v1``."""
-    headers = {}
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
-    if retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, int(retry_after_s + 0.999)))
-    if openai:
-        error: object = {"message": message, "type": OPENAI_ERROR_TYPES.get(status, "server_error"),
-                         "param": param, "code": None}
-    else:
-        error = message
-    return web.Response(
-        status=status, body=orjson.dumps({"error": error}), content_type="application/json", headers=headers
-    )
-
-
-def stream_error(exc: ApplianceError) -> bytes:
-    """An error that happened after a stream's headers were sent, as a server-sent event."""
-    error = {"message": exc.message, "type": "server_error" if exc.status >= 500 else "invalid_request_error",
-             "param": exc.param, "code": exc.status}
-    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
-
-
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Wrap every request: id, drain check, error mapping, accounting."""
+    """Wrap every request: id, drain check, the caller, error mapping, metrics and the access log."""
     started = time.perf_counter()
+    arrived = time.monotonic()
     request_id = request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
     app = request.app
     lifecycle = app[LIFECYCLE]
-    trace = Trace(arrived=time.monotonic())
+    trace = Trace()
     request[TRACE] = trace
+    request[CALLER] = caller = Caller(arrived=arrived)
     openai = request.path.startswith("/v1/")
     lifecycle.in_flight += 1
     try:
         if lifecycle.draining and request.path not in ALWAYS_ANSWERED:
             raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")
         if request.path not in PUBLIC:
-            trace.principal = _principal(request)
-            _policy(request, trace)
+            request[CALLER] = caller = _caller(request, _principal(request), arrived)
         response = await handler(request)
     except ApplianceError as exc:
         reason = REJECTION_REASONS.get(type(exc))
@@ -109,15 +82,6 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             response.headers["x-appliance-model"] = trace.model
         if trace.route:
             response.headers["x-appliance-route"] = trace.route
-    if trace.model and trace.principal is not None and response.status < 400 and LEDGER in app:
-        app[LEDGER].record(UsageRecord(
-            tenant=trace.principal.tenant, key_id=trace.principal.key_id, model=trace.model, place=trace.place,
-            workflow=trace.workflow, input_tokens=trace.input_tokens, output_tokens=trace.output_tokens,
-            compute_s=trace.compute_s, cost=trace.cost,
-            cost_avoided=trace.cost_avoided))
-    tokens = trace.input_tokens + trace.output_tokens
-    if tokens and trace.principal is not None and trace.principal.tokens_per_minute and trace.place != "cache":
-        app[LIMITER].charge_tokens(trace.principal, tokens)
     total = time.perf_counter() - started
     if trace.model or request.path.endswith("/infer"):
         app[METRICS].observe_request(trace.model, trace.version, response.status, total)
@@ -132,8 +96,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         version=trace.version,
         queue_s=usage.queue_s if usage else 0.0,
         compute_s=usage.compute_s if usage else 0.0,
-        tenant=trace.principal.tenant if trace.principal else "",
-        key_id=trace.principal.key_id if trace.principal else "",
+        tenant=caller.principal.tenant if caller.principal else "",
+        key_id=caller.principal.key_id if caller.principal else "",
         cache=trace.cache,
         place=trace.place if trace.model else "",
         route=trace.route,
@@ -159,24 +123,21 @@ def _from_unix_socket(request: web.Request) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
-def _policy(request: web.Request, trace: Trace) -> None:
-    """The request's lane, workflow tag and data policy: headers, else the key's defaults.
+def _caller(request: web.Request, principal: Principal, arrived: float) -> Caller:
+    """The caller's lane, workflow tag and data policy: headers, else the key's defaults.
 
     ``x-appliance-data: local-only`` can only tighten what the key allows; nothing a client sends widens it.
     """
-    principal = trace.principal
-    assert principal is not None
     headers = request.headers
     lane = headers.get("x-appliance-lane")
     if lane is not None and lane not in LANES:
         raise BadRequest(f"x-appliance-lane must be one of {', '.join(LANES)}, not {lane!r}")
-    trace.lane = lane or principal.lane
     data = headers.get("x-appliance-data")
     if data is not None and data not in ("local-only", "any"):
         raise BadRequest(f"x-appliance-data must be 'local-only' (or 'any', which keeps the key's policy), "
                          f"not {data!r}")
-    trace.local_only = data == "local-only" or not principal.cloud
     workflow = headers.get("x-appliance-workflow")
     if workflow is not None and not NAME.fullmatch(workflow):
         raise BadRequest("x-appliance-workflow must be 1 to 64 letters, digits, '.', '_' or '-'")
-    trace.workflow = workflow or principal.workflow
+    return Caller(principal=principal, lane=lane or principal.lane, workflow=workflow or principal.workflow,
+                  local_only=data == "local-only" or not principal.cloud, arrived=arrived)

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: ``POST /v1/embeddings`` and ``GET /v1/models``."""
+"""OpenAI-compatible endpoints: ``POST /v1/embeddings``, ``GET /v1/models`` and ``GET /v1/models/{model}``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import orjson
 from aiohttp import web
 
-from appliance.api.cloud_relay import relay_openai
-from appliance.api.state import CONFIG, DATAPLANE, MODELS, TRACE
-from appliance.errors import BadRequest, PayloadTooLarge
-from appliance.placement import SpillToCloud
+from appliance.api.errors import read_body
+from appliance.api.state import CALLER, CONFIG, DATAPLANE, MODELS, TRACE
+from appliance.errors import BadRequest, ModelNotFound
+from appliance.model_version import ModelVersion
 from appliance.types import EmbedRequest
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "truncate", "timeout"}
@@ -27,12 +27,10 @@ def _json(payload: object) -> web.Response:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, within the configured size limit."""
-    limit = request.app[CONFIG].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body is {request.content_length} bytes, over the limit of {limit}; send "
-                              "fewer inputs per request or raise server.max_body_bytes")
+    raw = await read_body(request, request.app[CONFIG].server.max_body_bytes,
+                          "send fewer inputs per request or raise server.max_body_bytes")
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -109,10 +107,8 @@ async def create_embeddings(request: web.Request) -> web.Response:
     raw = await read_json(request)
     embed_request, encoding = parse_embedding_request(raw)
     embed_request.cache_control = request.headers.get("Cache-Control")
-    try:
-        response = await request.app[DATAPLANE].embed(embed_request, request[TRACE])
-    except SpillToCloud as spill:
-        return await relay_openai(request, spill.route, "/v1/embeddings", raw, stream=False)
+    embed_request.caller, embed_request.trace, embed_request.wire = request[CALLER], request[TRACE], raw
+    response = await request.app[DATAPLANE].embed(embed_request)
     vectors = np.ascontiguousarray(response.embeddings, dtype=np.float32)
     if encoding == "base64":
         rows: list[Any] = [base64.b64encode(row.astype("<f4").tobytes()).decode() for row in vectors]
@@ -126,19 +122,36 @@ async def create_embeddings(request: web.Request) -> web.Response:
     })
 
 
+def _model_object(model: ModelVersion) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "appliance",
+            "task": model.spec.task, "tier": model.spec.tier or None, "aliases": model.spec.aliases}
+
+
+def _visible(request: web.Request) -> list[ModelVersion]:
+    """The models serving now that the caller's key may use."""
+    principal = request[CALLER].principal
+    return [model for model in request.app[MODELS].serving()
+            if principal is None or principal.may_use(model.name, *model.spec.aliases)]
+
+
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the models serving now that the caller's key may use, in OpenAI's shape."""
-    principal = request[TRACE].principal
-    return _json({
-        "object": "list",
-        "data": [{"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "appliance",
-                  "task": model.spec.task, "tier": model.spec.tier or None, "aliases": model.spec.aliases}
-                 for model in request.app[MODELS].serving()
-                 if principal is None or principal.may_use(model.name, *model.spec.aliases)],
-    })
+    return _json({"object": "list", "data": [_model_object(model) for model in _visible(request)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{model}: one of them, by name or alias (404 for any other, so that a key learns nothing of
+    models outside its list)."""
+    name = request.match_info["model"]
+    for model in _visible(request):
+        if name == model.name or name in model.spec.aliases:
+            return _json(_model_object(model))
+    raise ModelNotFound(f"no model {name!r} is serving for this key; GET /v1/models lists those that are",
+                        param="model")
 
 
 def add_routes(app: web.Application) -> None:
     """Register the OpenAI-compatible routes."""
     app.router.add_post("/v1/embeddings", create_embeddings)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", retrieve_model)

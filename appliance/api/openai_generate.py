@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from appliance.api.errors import stream_error
 from appliance.api.openai_api import check_user, deadline_from, is_int, read_json
-from appliance.api.state import DATAPLANE, TRACE
-from appliance.api.cloud_relay import relay_openai
-from appliance.api.middleware import stream_error
-from appliance.api.text_stream import TextAssembler
-from appliance.cache.payloads import StoredGeneration
-from appliance.dataplane import CachedGeneration, Generation
-from appliance.engines.generation import SamplingParams, TokenEvent
-from appliance.engines.tokenizer import TextEncoder
-from appliance.errors import ApplianceError, BadRequest, DeadlineExceeded, EngineFailed
-from appliance.placement import SpillToCloud
+from appliance.api.state import CALLER, DATAPLANE, TRACE
+from appliance.engines.generation import SamplingParams
+from appliance.errors import ApplianceError, BadRequest
+from appliance.generation_stream import GenerationStream, TokenCount
+from appliance.types import GenerateRequest, Trace
 
 COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                  "user", "n", "ignore_eos", "timeout"}
@@ -164,164 +158,66 @@ def _logprobs(body: dict, chat: bool) -> int:
     return -1 if count is None else count
 
 
-class _Reply:
-    """Assembles the response text, logprobs and usage from token events (or from a cached generation)."""
-
-    def __init__(self, text: TextEncoder | None, body: GenerateBody, chat: bool, model: str,
-                 prompt_tokens: int) -> None:
-        self.body, self.chat, self.model, self.prompt_tokens = body, chat, model, prompt_tokens
-        self._text = text
-        self.assembler = TextAssembler(text.stream(), body.stop) if text is not None else None
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.logprobs: list[dict] = []
-
-    def take(self, event: TokenEvent) -> str:
-        assert self.assembler is not None
-        if event.token is not None and not self.assembler.stopped:
-            self.completion_tokens += 1
-            piece = self.assembler.add(event.token)
-            if event.logprob is not None:
-                self.logprobs.append(self._logprob_entry(event))
-            if self.assembler.stopped:
-                self.finish_reason = "stop"
-                return piece
-        else:
-            piece = ""
-        if event.finish_reason is not None and self.finish_reason is None:
-            self.finish_reason = "length" if event.finish_reason == "length" else "stop"
-            piece += self.assembler.finish()
-        return piece
-
-    def _logprob_entry(self, event: TokenEvent) -> dict:
-        assert self._text is not None and event.token is not None
-        token = self._text.decode([event.token], skip_special_tokens=False)
-        entry = {"token": token, "logprob": event.logprob, "bytes": list(token.encode())}
-        entry["top_logprobs"] = [
-            {"token": (t := self._text.decode([tid], skip_special_tokens=False)), "logprob": lp,
-             "bytes": list(t.encode())} for tid, lp in (event.top_logprobs or [])]
-        return entry
-
-    def logprobs_object(self) -> dict | None:
-        if self.body.params.logprobs < 0:
-            return None
-        if self.chat:
-            return {"content": self.logprobs}
-        return {"tokens": [e["token"] for e in self.logprobs], "token_logprobs": [e["logprob"] for e in self.logprobs],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in self.logprobs]}
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+def _logprobs_object(entries: list[dict], chat: bool) -> dict:
+    if chat:
+        return {"content": entries}
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
 
 
-Pieces = AsyncIterator[tuple[str, list[dict]]]  # text as it may be sent, with the logprob entries that came with it
-
-
-async def _next_event(request: web.Request, generation: Generation) -> TokenEvent:
-    event: TokenEvent = await generation.sequence.events.get()
-    if event.token is not None:
-        request.app[DATAPLANE].observe_token(generation)
-    if event.finish_reason == "timeout":
-        raise DeadlineExceeded("the request's timeout passed before generation finished")
-    if event.finish_reason == "error":
-        raise EngineFailed(f"generation failed: {event.error}")
-    return event
-
-
-async def _live_pieces(request: web.Request, generation: Generation, reply: _Reply,
-                       recorded: list[tuple[str, list[dict]]]) -> Pieces:
-    while reply.finish_reason is None:
-        event = await _next_event(request, generation)
-        before = len(reply.logprobs)
-        piece = reply.take(event)
-        logprobs = reply.logprobs[before:]
-        if piece or logprobs:
-            recorded.append((piece, logprobs))
-        yield piece, logprobs
-
-
-async def _cached_pieces(stored: StoredGeneration, reply: _Reply) -> Pieces:
-    reply.completion_tokens = stored.completion_tokens
-    for piece, logprobs in stored.pieces:
-        reply.logprobs.extend(logprobs)
-        yield piece, logprobs
-    reply.finish_reason = stored.finish_reason
-    yield "", []
+def _usage(tokens: TokenCount) -> dict:
+    return {"prompt_tokens": tokens.prompt_tokens, "completion_tokens": tokens.completion_tokens,
+            "total_tokens": tokens.total_tokens}
 
 
 async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
     raw = await read_json(request)
     body = parse_generate(raw, chat)
-    dataplane = request.app[DATAPLANE]
-    trace = request[TRACE]
-    try:
-        generation = await dataplane.generate(body.model, body.messages, body.prompt, body.params,
-                                              body.max_tokens, body.deadline, trace,
-                                              canonical=partial(body.canonical, chat),
-                                              cache_control=request.headers.get("Cache-Control"))
-    except SpillToCloud as spill:
-        return await relay_openai(request, spill.route, "/v1/chat/completions" if chat else "/v1/completions", raw,
-                                  body.stream)
-    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    if isinstance(generation, CachedGeneration):
-        stored = generation.stored
-        reply = _Reply(None, body, chat, generation.served.name, stored.prompt_tokens)
-        return await _respond(request, reply, _cached_pieces(stored, reply), ident)
-    reply = _Reply(generation.served.text, body, chat, generation.served.name, generation.prompt_tokens)
-    recorded: list[tuple[str, list[dict]]] = []
-    try:
-        response = await _respond(request, reply, _live_pieces(request, generation, reply, recorded), ident)
-    finally:
-        dataplane.finish_generation(generation, reply.completion_tokens, trace)
-    if reply.finish_reason is None:  # cut short (an error in the stream, or the client left): nothing to keep
-        return response
-    dataplane.remember_generation(generation, StoredGeneration(recorded, reply.finish_reason, reply.prompt_tokens,
-                                                               reply.completion_tokens))
-    return response
+    generate = GenerateRequest(model=body.model, chat=chat, params=body.params, messages=body.messages,
+                               prompt=body.prompt, max_tokens=body.max_tokens, stop=body.stop, stream=body.stream,
+                               deadline=body.deadline, cache_control=request.headers.get("Cache-Control"),
+                               canonical=body.canonical(chat), caller=request[CALLER], trace=request[TRACE],
+                               wire=raw)
+    stream = await request.app[DATAPLANE].generate(generate)
+    async with stream:
+        frame = _Frame(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), stream.model,
+                       chat, body.include_usage)
+        headers = _headers(request[TRACE], stream.model)
+        if body.stream:
+            return await _stream(request, stream, frame, headers, body.params.logprobs >= 0)
+        return await _whole(stream, frame, headers, body.params.logprobs >= 0)
 
 
-async def _respond(request: web.Request, reply: _Reply, pieces: Pieces, ident: str) -> web.StreamResponse:
-    created = int(time.time())
-    trace = request[TRACE]
-    headers = {"x-appliance-model": reply.model}
+def _headers(trace: Trace, model: str) -> dict[str, str]:
+    headers = {"x-appliance-model": model}
     if trace.cache:
         headers["x-cache"] = trace.cache
     if trace.route:
         headers["x-appliance-route"] = trace.route
-    if reply.body.stream:
-        return await _stream(request, reply, pieces, ident, created, headers)
-    text = "".join([piece async for piece, _ in pieces])
-    choice: dict[str, Any] = {"index": 0, "logprobs": reply.logprobs_object(), "finish_reason": reply.finish_reason}
-    if reply.chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    payload = {"id": ident, "object": "chat.completion" if reply.chat else "text_completion", "created": created,
-               "model": reply.model, "choices": [choice], "usage": reply.usage()}
-    return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    return headers
 
 
-async def _stream(request: web.Request, reply: _Reply, pieces: Pieces, ident: str, created: int,
-                  headers: dict[str, str]) -> web.StreamResponse:
-    chat = reply.chat
-    # The first piece comes before the headers, so that a prompt that cannot run still gets a proper status.
-    first = await anext(pieces)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           **headers})
-    await response.prepare(request)
-    kind = "chat.completion.chunk" if chat else "text_completion"
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """What every chunk or answer object of one response repeats."""
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
-        payload: dict[str, Any] = {"id": ident, "object": kind, "created": created, "model": reply.model,
+    ident: str
+    created: int
+    model: str
+    chat: bool
+    include_usage: bool
+
+    def event(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        payload: dict[str, Any] = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else
+                                   "text_completion", "created": self.created, "model": self.model,
                                    "choices": choices}
-        if reply.body.include_usage:
+        if self.include_usage:
             payload["usage"] = usage
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
-    def choice(delta: str | None, finish: str | None, logprobs: list[dict] | None = None) -> dict:
+    def choice(self, delta: str | None, finish: str | None, logprobs: list[dict] | None = None) -> dict:
         item: dict[str, Any] = {"index": 0, "finish_reason": finish}
-        if chat:
+        if self.chat:
             item["delta"] = {} if delta is None else {"content": delta}
             item["logprobs"] = {"content": logprobs} if logprobs is not None else None
         else:
@@ -329,21 +225,47 @@ async def _stream(request: web.Request, reply: _Reply, pieces: Pieces, ident: st
             item["logprobs"] = None
         return item
 
+
+async def _whole(stream: GenerationStream, frame: _Frame, headers: dict[str, str],
+                 wants_logprobs: bool) -> web.Response:
+    texts: list[str] = []
+    entries: list[dict] = []
+    async for chunk in stream:
+        texts.append(chunk.text)
+        entries.extend(chunk.logprobs)
+    text = "".join(texts)
+    choice: dict[str, Any] = {"index": 0, "logprobs": _logprobs_object(entries, frame.chat) if wants_logprobs
+                              else None, "finish_reason": stream.finish_reason}
+    if frame.chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    payload = {"id": frame.ident, "object": "chat.completion" if frame.chat else "text_completion",
+               "created": frame.created, "model": frame.model, "choices": [choice], "usage": _usage(stream.tokens)}
+    return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+
+
+async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame, headers: dict[str, str],
+                  wants_logprobs: bool) -> web.StreamResponse:
+    # The first chunk comes before the headers, so that a prompt that cannot run still gets a proper status.
+    chunk = await anext(stream)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **headers})
+    await response.prepare(request)
     try:
-        if chat:
-            await response.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                         "finish_reason": None}]))
-        wants_logprobs = reply.body.params.logprobs >= 0
-        piece, logprobs = first
+        if frame.chat:
+            await response.write(frame.event([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]))
         while True:
-            if piece or (wants_logprobs and logprobs):
-                await response.write(chunk([choice(piece, None, logprobs if wants_logprobs else None)]))
-            if reply.finish_reason is not None:
+            if chunk.text or (wants_logprobs and chunk.logprobs):
+                await response.write(frame.event([frame.choice(chunk.text, None,
+                                                               chunk.logprobs if wants_logprobs else None)]))
+            if chunk.finish_reason is not None:
                 break
-            piece, logprobs = await anext(pieces)
-        await response.write(chunk([choice(None, reply.finish_reason)]))
-        if reply.body.include_usage:
-            await response.write(chunk([], reply.usage()))
+            chunk = await anext(stream)
+        await response.write(frame.event([frame.choice(None, chunk.finish_reason)]))
+        if frame.include_usage:
+            await response.write(frame.event([], _usage(stream.tokens)))
     except ConnectionResetError:
         return response  # the client went away; what was generated is still accounted
     except ApplianceError as exc:  # after the headers: the error goes in the stream, which then ends

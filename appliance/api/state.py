@@ -13,7 +13,7 @@ from appliance.ledger import CostLedger
 from appliance.dataplane import DataPlane
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
-from appliance.types import Trace
+from appliance.types import Caller, Trace
 from appliance.workers import WorkerGroup
 
 
@@ -39,7 +39,9 @@ LEDGER = web.AppKey("ledger", CostLedger)  # absent when [ledger] enabled = fals
 UPSTREAMS = web.AppKey("upstreams", dict)  # name -> Upstream
 LIMITER = web.AppKey("limiter", RateLimiter)
 WORKERS = web.AppKey("workers", WorkerGroup)  # present only when several worker processes share the port
-TRACE = web.RequestKey("trace", Trace)  # per-request Trace, set by the middleware
+TRACE = web.RequestKey("trace", Trace)  # per-request Trace: made by the middleware, filled in by the data plane
+CALLER = web.RequestKey("caller", Caller)  # who sent the request and under which policy, set by the middleware
 __all__ = [
-    "ACCESS_LOG", "AUTH", "CACHE", "CONFIG", "LEDGER", "UPSTREAMS", "LIMITER", "DATAPLANE", "LIFECYCLE", "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
+    "ACCESS_LOG", "AUTH", "CACHE", "CALLER", "CONFIG", "LEDGER", "UPSTREAMS", "LIMITER", "DATAPLANE", "LIFECYCLE",
+    "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
 ]

@@ -6,7 +6,7 @@ import orjson
 from aiohttp import web
 
 from appliance.api.state import LEDGER
-from appliance.errors import BadRequest, ModelNotReady
+from appliance.errors import BadRequest, FeatureDisabled
 
 FILTERS = ("tenant", "key", "model", "place", "workflow", "since", "until", "group_by")
 TOTALS = ("requests", "input_tokens", "output_tokens", "compute_s", "cost", "cost_avoided")
@@ -19,7 +19,8 @@ async def get_usage(request: web.Request) -> web.Response:
     ``YYYY-MM-DD``, inclusive) and ``group_by`` names the dimensions to keep (comma separated; the others are summed).
     """
     if LEDGER not in request.app:
-        raise ModelNotReady("the cost ledger is off ([ledger] enabled = false)")
+        raise FeatureDisabled("the cost ledger is off on this server ([ledger] enabled = false, or "
+                              "APPLIANCE_LEDGER_ENABLED=false); turn it on and restart to record usage")
     query = request.query
     unknown = sorted(set(query) - set(FILTERS))
     if unknown:

@@ -5,23 +5,24 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from appliance import __version__
 from appliance.api import v2_codec
-from appliance.api.cloud_relay import relay_kserve
-from appliance.api.state import CONFIG, DATAPLANE, LIFECYCLE, MODELS, TRACE, WORKERS
-from appliance.errors import BadRequest, PayloadTooLarge, WorkersDiverged
+from appliance.api.errors import read_body
+from appliance.api.state import CALLER, CONFIG, DATAPLANE, LIFECYCLE, MODELS, TRACE, WORKERS
+from appliance.errors import BadRequest, WorkersDiverged
 from appliance.model_version import ModelVersion, ServedTensor
-from appliance.placement import SpillToCloud
-from appliance.types import Request
+from appliance.types import TensorRequest, WireBody
 from appliance.workers import FANOUT_HEADER, forward_to_siblings
 
 # Bodies above this are decoded and encoded in a worker thread rather than on the event loop.
 OFFLOAD_BYTES = 256 * 1024
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "msgpack_tensor_data"]
+RELAYED_HEADERS = (v2_codec.BINARY_HEADER, "Accept")  # what a cloud upstream needs to read the body as it came
 
 
 def _json(payload: object, status: int = 200) -> web.Response:
@@ -104,13 +105,8 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    limit = request.app[CONFIG].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(
-            f"request body is {request.content_length} bytes, over the limit of {limit}; "
-            "send smaller batches or raise server.max_body_bytes"
-        )
-    return await request.read()
+    return await read_body(request, request.app[CONFIG].server.max_body_bytes,
+                           "send smaller batches or raise server.max_body_bytes")
 
 
 async def infer(request: web.Request) -> web.Response:
@@ -131,21 +127,23 @@ async def infer(request: web.Request) -> web.Response:
     else:
         parsed = decode()
     deadline = time.monotonic() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
-    infer_request = Request(
-        id=parsed.id or "",
-        task="tensor",
+    infer_request = TensorRequest(
         model=request.match_info["model"],
         version=_version_param(request),
         inputs=parsed.inputs,
+        caller=request[CALLER],
+        trace=request[TRACE],
+        id=parsed.id or "",
         outputs=parsed.outputs,
         deadline=deadline,
         cache_control=request.headers.get("Cache-Control"),
+        wire=WireBody(body, request.content_type, {name: request.headers[name] for name in RELAYED_HEADERS
+                                                    if name in request.headers}),
     )
-    try:
-        result, served = await request.app[DATAPLANE].infer(infer_request, request[TRACE])
-    except SpillToCloud as spill:
-        return await relay_kserve(request, spill.route, body)
-    datatypes = served.output_datatypes
+    result = await request.app[DATAPLANE].infer(infer_request)
+    if result.relayed is not None:
+        return _relayed(result.relayed)
+    datatypes = result.datatypes
     outputs = {name: (datatypes[name], array) for name, array in result.outputs.items()}
     request_id = parsed.id
     if use_msgpack or "msgpack" in request.headers.get("Accept", ""):
@@ -160,6 +158,14 @@ async def infer(request: web.Request) -> web.Response:
         content_type="application/octet-stream",
         headers={v2_codec.BINARY_HEADER: str(header_length)},
     )
+
+
+def _relayed(answer: Any) -> web.Response:
+    """A cloud upstream's answer, body and format as it came."""
+    headers = {}
+    if v2_codec.BINARY_HEADER in answer.headers:
+        headers[v2_codec.BINARY_HEADER] = answer.headers[v2_codec.BINARY_HEADER]
+    return web.Response(body=answer.body, content_type=answer.content_type.split(";")[0], headers=headers)
 
 
 async def repository_index(request: web.Request) -> web.Response:

@@ -1,0 +1,86 @@
+"""The answer to a generate request: a stream of chunks, the same type whether the text is generated here, read
+from the response cache or relayed from a cloud upstream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TokenCount:
+    """Tokens read and written by one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt and completion together."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A piece of the answer: text that is final, the token ids it came from, their logprob entries (OpenAI's
+    ``{token, logprob, bytes, top_logprobs}``) and, on the last chunk, why it ended and the totals."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None  # stop, length
+    usage: TokenCount | None = None
+
+
+class GenerationStream:
+    """An async iterator of :class:`Chunk` that ends after the chunk carrying ``finish_reason``.
+
+    Whoever reads it must close it (:meth:`aclose`, or ``async with``) whether it read to the end or not: closing
+    stops the generation if it still runs and settles the request (its place at the model's gate, the accounting,
+    the ledger and the response cache), exactly once.
+    """
+
+    def __init__(self, model: str, chunks: AsyncIterator[Chunk], tokens: TokenCount,
+                 on_close: Callable[[GenerationStream], None]) -> None:
+        self.model = model  # the model that answers, or ``<upstream>:<model>``
+        self.tokens = tokens  # kept up to date by the source as chunks arrive
+        self.finish_reason: str | None = None
+        self.started = False  # at least one chunk was delivered
+        self._chunks = chunks
+        self._on_close: Callable[[GenerationStream], None] | None = on_close
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._on_close is None:
+            raise StopAsyncIteration
+        if self.finish_reason is not None:  # read to the end
+            await self.aclose()
+            raise StopAsyncIteration
+        try:
+            chunk = await anext(self._chunks)
+        except BaseException:
+            await self.aclose()
+            raise
+        self.started = True
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+            chunk.usage = self.tokens
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop reading; settle the request (once)."""
+        on_close, self._on_close = self._on_close, None
+        if on_close is None:
+            return
+        try:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            on_close(self)
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

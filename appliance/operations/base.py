@@ -1,0 +1,64 @@
+"""What the data plane asks of every operation, and what an operation tells it when its work is done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from appliance.cloud import Cloud
+from appliance.model_version import ModelVersion
+from appliance.placement import Placement
+from appliance.types import Route
+
+RequestT = TypeVar("RequestT")
+AnswerT = TypeVar("AnswerT")
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one request consumed, told to the data plane once the work is done."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    compute_s: float = 0.0  # this request's share of engine time (a batch's time is shared by its rows)
+    service_s: float | None = None  # how long it held the model, for the gate's estimate; None: nothing learned
+    queue_s: float = 0.0
+    batch_size: int = 0
+    cost: float = 0.0  # a cloud call's price
+
+
+# Called once when a local run is done: its tally, and the cache payload when the answer is complete (else None).
+LocalDone = Callable[[Tally, Callable[[], bytes] | None], None]
+# Called once when a cloud call is done, with its tally (tokens and price).
+CloudDone = Callable[[Tally], None]
+
+
+class Operation(Protocol, Generic[RequestT, AnswerT]):
+    """One kind of request (tensor, embed, generate), as the data plane's steps see it."""
+
+    task: str  # the kind of request, which picks the kind of upstream (appliance.placement.TASK_KINDS)
+
+    def route(self, placement: Placement, alias: str, request: RequestT) -> Route:
+        """Where a request that names a router alias goes."""
+        ...
+
+    def check(self, served: ModelVersion, request: RequestT) -> None:
+        """Raise :class:`~appliance.errors.BadRequest` when the model cannot take the request."""
+        ...
+
+    def cache_key(self, served: ModelVersion, request: RequestT) -> tuple[Callable[[], Any], bool] | None:
+        """The request's canonical form and whether the model answers it deterministically; None: not cached."""
+        ...
+
+    def cached(self, served: ModelVersion, request: RequestT, payload: bytes) -> tuple[AnswerT, Tally]:
+        """The answer stored in the response cache."""
+        ...
+
+    async def run(self, served: ModelVersion, request: RequestT, done: LocalDone) -> AnswerT:
+        """Run on the local model; call ``done`` once the work is over (for a stream: when it closes)."""
+        ...
+
+    async def cloud(self, cloud: Cloud, route: Route, request: RequestT, done: CloudDone) -> AnswerT:
+        """Run on the cloud upstream the route names; call ``done`` once the call is over."""
+        ...

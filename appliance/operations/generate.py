@@ -1,0 +1,209 @@
+"""Generate requests (chat and completions): the prompt rendered and tokenized, the sequence queued on the model's
+generation scheduler, its tokens turned into text chunks (whole characters, stop strings never leaked, logprob
+entries) as a :class:`GenerationStream`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from appliance.cache.payloads import StoredGeneration
+from appliance.cloud import Cloud, CloudCost
+from appliance.engines.generation import Sequence, TokenEvent
+from appliance.engines.tokenizer import TextEncoder
+from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
+from appliance.generation_stream import Chunk, GenerationStream, TokenCount
+from appliance.model_version import ModelVersion
+from appliance.operations.base import CloudDone, LocalDone, Tally
+from appliance.placement import Placement
+from appliance.text_stream import TextAssembler
+from appliance.types import GenerateRequest, Route
+
+
+class GenerateOperation:
+    """The ``generate`` operation."""
+
+    task = "generate"
+
+    def __init__(self, deadline: Callable[[float | None, ModelVersion], float | None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._deadline = deadline
+        self._clock = clock
+
+    def route(self, placement: Placement, alias: str, request: GenerateRequest) -> Route:
+        """A router alias: the tier the request's complexity calls for (or the cloud)."""
+        return placement.route_generation(alias, request)
+
+    def check(self, served: ModelVersion, request: GenerateRequest) -> None:
+        """A model that generates text."""
+        if served.generator is None or served.text is None:
+            raise BadRequest(f"model {served.name!r} does not generate text (its task is {served.spec.task!r}); "
+                             "GET /v1/models lists the models", param="model")
+
+    def cache_key(self, served: ModelVersion, request: GenerateRequest) -> tuple[Callable[[], Any], bool] | None:
+        """Every field that changes the text; greedy and seeded requests are deterministic."""
+        canonical = request.canonical
+        if canonical is None:
+            return None
+        params = request.params
+        return (lambda: canonical), params.temperature == 0 or params.seed is not None
+
+    def cached(self, served: ModelVersion, request: GenerateRequest,
+               payload: bytes) -> tuple[GenerationStream, Tally]:
+        """The stored pieces, as they were first sent."""
+        stored = StoredGeneration.decode(payload)
+        tokens = TokenCount(stored.prompt_tokens, stored.completion_tokens)
+        stream = GenerationStream(served.name, _stored_chunks(stored), tokens, on_close=_nothing)
+        return stream, Tally(stored.prompt_tokens, stored.completion_tokens)
+
+    async def run(self, served: ModelVersion, request: GenerateRequest, done: LocalDone) -> GenerationStream:
+        """Render, tokenize and check the prompt, then queue it; the stream settles the request when it closes."""
+        started = self._clock()
+        assert served.text is not None and served.generator is not None
+        ids = self._prompt_ids(served, request)
+        request.params.max_tokens = request.max_tokens or served.context_limit - len(ids)
+        sequence = served.generator.submit(ids, request.params, self._deadline(request.deadline, served))
+        served.metrics.prompt_tokens.inc(len(ids))
+        served.metrics.in_flight.inc()
+        live = _Live(served, sequence, request, started, self._clock)
+
+        def close(stream: GenerationStream) -> None:
+            tally = live.close()
+            payload = live.stored(stream).encode if stream.finish_reason is not None else None
+            done(tally, payload)
+
+        return GenerationStream(served.name, live.chunks(), live.tokens, on_close=close)
+
+    async def cloud(self, cloud: Cloud, route: Route, request: GenerateRequest, done: CloudDone) -> GenerationStream:
+        """The body, as it came, to an ``openai`` upstream; streamed when the client streams."""
+        tokens, cost = TokenCount(), CloudCost()
+        chunks = await cloud.generate(route, request, tokens, cost)
+
+        def close(stream: GenerationStream) -> None:
+            done(Tally(tokens.prompt_tokens, tokens.completion_tokens, cost=cost.value))
+
+        return GenerationStream(cloud.model_label(route), chunks, tokens, on_close=close)
+
+    @staticmethod
+    def _prompt_ids(served: ModelVersion, request: GenerateRequest) -> list[int]:
+        text = served.text
+        assert text is not None
+        if request.messages is not None:
+            try:
+                rendered = served.chat_template.render(messages=request.messages, add_generation_prompt=True)
+            except Exception as exc:  # the template's own checks (e.g. role order) speak to the caller
+                raise BadRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
+            ids = text.encode([rendered], add_special_tokens=False)[0]
+        elif isinstance(request.prompt, str):
+            ids = text.encode([request.prompt], add_special_tokens=False)[0]
+        else:
+            ids = list(request.prompt or [])
+            bad = next((t for t in ids if not 0 <= t < text.vocab_size), None)
+            if bad is not None:
+                raise BadRequest(f"prompt token id {bad} is outside the vocabulary (0 to {text.vocab_size - 1})",
+                                 param="prompt")
+        limit, max_tokens = served.context_limit, request.max_tokens
+        if len(ids) >= limit:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; model {served.name} holds at most {limit} tokens "
+                             "per sequence (prompt and output); shorten the prompt", param="messages")
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise BadRequest(f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is {len(ids) + max_tokens}"
+                             f", over the {limit} tokens a sequence of model {served.name} may hold; ask for at most "
+                             f"{limit - len(ids)} tokens", param="max_tokens")
+        return ids
+
+
+class _Live:
+    """A sequence on the scheduler, read as chunks: detokenized, stop strings applied, latencies observed."""
+
+    def __init__(self, served: ModelVersion, sequence: Sequence, request: GenerateRequest, started: float,
+                 clock: Callable[[], float]) -> None:
+        assert served.text is not None
+        self.served, self.sequence, self.started = served, sequence, started
+        self.tokens = TokenCount(prompt_tokens=len(sequence.prompt))
+        self.pieces: list[tuple[str, list[dict]]] = []  # what was sent, for the response cache
+        self._text: TextEncoder = served.text
+        self._assembler = TextAssembler(served.text.stream(), request.stop)
+        self._clock = clock
+        self._last_token_at = 0.0
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        assembler = self._assembler
+        while True:
+            event: TokenEvent = await self.sequence.events.get()
+            if event.token is not None:
+                self._observe_token()
+            if event.finish_reason == "timeout":
+                raise DeadlineExceeded("the request's timeout passed before generation finished")
+            if event.finish_reason == "error":
+                raise EngineFailed(f"generation failed: {event.error}")
+            chunk = Chunk()
+            if event.token is not None:
+                self.tokens.completion_tokens += 1
+                chunk.token_ids.append(event.token)
+                chunk.text = assembler.add(event.token)
+                if event.logprob is not None:
+                    chunk.logprobs.append(self._logprob_entry(event))
+                if assembler.stopped:
+                    chunk.finish_reason = "stop"
+            if chunk.finish_reason is None and event.finish_reason is not None:
+                chunk.finish_reason = "length" if event.finish_reason == "length" else "stop"
+                chunk.text += assembler.finish()
+            if chunk.text or chunk.logprobs:
+                self.pieces.append((chunk.text, chunk.logprobs))
+            if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
+                yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    def _observe_token(self) -> None:
+        now = self._clock()
+        metrics = self.served.metrics
+        if not self._last_token_at:
+            metrics.time_to_first_token.observe(now - self.started)
+            if self.sequence.admitted_at:
+                metrics.generation_queue.observe(self.sequence.admitted_at - self.sequence.enqueued)
+        else:
+            metrics.inter_token.observe(now - self._last_token_at)
+        self._last_token_at = now
+
+    def _logprob_entry(self, event: TokenEvent) -> dict:
+        assert event.token is not None
+        decode = self._text.decode
+        token = decode([event.token], skip_special_tokens=False)
+        entry = {"token": token, "logprob": event.logprob, "bytes": list(token.encode())}
+        entry["top_logprobs"] = [
+            {"token": (t := decode([tid], skip_special_tokens=False)), "logprob": lp, "bytes": list(t.encode())}
+            for tid, lp in (event.top_logprobs or [])]
+        return entry
+
+    def close(self) -> Tally:
+        """Stop the sequence if it still runs; the totals, and the time it held a KV-cache row."""
+        served = self.served
+        assert served.generator is not None
+        served.generator.cancel(self.sequence)
+        completion = self.tokens.completion_tokens
+        metrics = served.metrics
+        metrics.in_flight.dec()
+        metrics.generated_tokens.inc(completion)
+        now = self._clock()
+        metrics.generation_duration.observe(now - self.started)
+        held_s = now - (self.sequence.admitted_at or now)
+        return Tally(self.tokens.prompt_tokens, completion, compute_s=held_s,
+                     service_s=held_s if completion else None)
+
+    def stored(self, stream: GenerationStream) -> StoredGeneration:
+        """The finished generation, as the response cache keeps it."""
+        return StoredGeneration(self.pieces, stream.finish_reason or "stop", self.tokens.prompt_tokens,
+                                self.tokens.completion_tokens)
+
+
+async def _stored_chunks(stored: StoredGeneration) -> AsyncIterator[Chunk]:
+    for text, logprobs in stored.pieces:
+        yield Chunk(text=text, logprobs=logprobs)
+    yield Chunk(finish_reason=stored.finish_reason)
+
+
+def _nothing(stream: GenerationStream) -> None:
+    """A cached answer was settled when it was read."""
