@@ -15,11 +15,13 @@ from appliance.api import openai_api, openai_generate, v2
 from appliance.api.middleware import request_middleware
 from appliance.api.openapi import openapi_document
 from appliance.api import admin, usage
+from appliance.accounting import Accounting
 from appliance.admission import Admission
 from appliance.api.state import (ACCESS_LOG, AUTH, CACHE, CONFIG, DATAPLANE, LEDGER, LIFECYCLE, LIMITER, METRICS,
                                  MODELS, UPSTREAMS, WORKERS, Lifecycle)
 from appliance.auth import Authenticator, RateLimiter, is_loopback
 from appliance.cache.service import ResponseCacheService
+from appliance.cloud import Cloud
 from appliance.config import Config
 from appliance.dataplane import DataPlane
 from appliance.engine_factory import create_engine
@@ -97,12 +99,13 @@ def create_app(
     app[UPSTREAMS] = {name: Upstream(upstream) for name, upstream in config.upstreams.items()}
     placement = Placement(Router(config.routing, app[MODELS]), Admission(config.admission), app[UPSTREAMS],
                           app[METRICS])
-    app[DATAPLANE] = DataPlane(app[MODELS], app[CACHE], placement, config.ledger.device_rate_per_hour)
     if config.ledger.enabled:
         app[LEDGER] = CostLedger(config.paths.ledger_dir(), app[METRICS].registry,
                                  max_workflows=config.ledger.max_workflows)
     app[AUTH] = Authenticator(KeyStore(config.paths.keys()), loopback_only=is_loopback(config.server.host))
     app[LIMITER] = RateLimiter(share=1.0 / (workers.count if workers is not None else 1))
+    accounting = Accounting(app.get(LEDGER), app[LIMITER], config.ledger.device_rate_per_hour)
+    app[DATAPLANE] = DataPlane(app[MODELS], app[CACHE], placement, Cloud(app[UPSTREAMS]), accounting)
     app[LIFECYCLE] = Lifecycle()
     if workers is not None:
         app[WORKERS] = workers
