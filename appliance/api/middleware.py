@@ -33,6 +33,7 @@ ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 # Paths anyone who can reach the port may call: probes, metrics (no payloads, no keys) and the API description.
 PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"})
 ADMIN_PREFIXES = ("/v2/repository/", "/admin/", "/v1/usage")
+ANONYMOUS = Caller()  # public paths, and requests refused before their key was known
 REJECTION_REASONS = {Unauthorized: "unauthenticated", Forbidden: "forbidden", RateLimited: "rate_limited"}
 
 
@@ -46,7 +47,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     lifecycle = app[LIFECYCLE]
     trace = Trace()
     request[TRACE] = trace
-    request[CALLER] = caller = Caller(arrived=arrived)
+    request[CALLER] = caller = ANONYMOUS
     openai = request.path.startswith("/v1/")
     lifecycle.in_flight += 1
     try:
