@@ -1,9 +1,15 @@
-"""Builds the engine a model version asks for, with the server's defaults filled in."""
+"""The default runtimes: ONNX Runtime engines and decoders, with the server's defaults filled in."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from appliance.config import Config
-from appliance.engines.base import Engine
+from appliance.engine_registry import DecoderRegistry, EngineRegistry, Runtimes
+from appliance.engines.base import Decoder, Engine
+from appliance.engines.generation import GenerationLimits
+from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
 from appliance.model_spec import ModelSpec
 
@@ -20,8 +26,36 @@ def ort_options(spec: ModelSpec, config: Config) -> OrtOptions:
     )
 
 
+def onnxruntime_engine(spec: ModelSpec, config: Config) -> Engine:
+    """An ONNX Runtime engine for a tensor or embedding model."""
+    return OnnxRuntimeEngine(spec.model_file, ort_options(spec, config))
+
+
+def onnxruntime_decoder(spec: ModelSpec, config: Config, generation: Mapping[str, Any],
+                        limits: GenerationLimits) -> Decoder:
+    """An ONNX Runtime decoder with a KV cache of ``limits.slots`` rows x ``limits.capacity`` positions."""
+    threads = spec.engine.intra_op_threads
+    threads = config.onnxruntime.intra_op_threads if threads < 0 else threads
+    return OnnxRuntimeDecoder(spec.model_file, generation, rows=limits.slots, max_capacity=limits.capacity,
+                              threads=threads, spin=spec.generation.spin_threads,
+                              dense_batches=spec.generation.dense_batches)
+
+
+def default_engines() -> EngineRegistry:
+    """The engine kinds this server runs."""
+    return EngineRegistry({"onnxruntime": onnxruntime_engine})
+
+
+def default_decoders() -> DecoderRegistry:
+    """The decoder kinds this server runs."""
+    return DecoderRegistry({"onnxruntime": onnxruntime_decoder})
+
+
+def default_runtimes() -> Runtimes:
+    """The default engine and decoder registries together."""
+    return Runtimes(default_engines(), default_decoders())
+
+
 def create_engine(spec: ModelSpec, config: Config) -> Engine:
-    """The default engine factory."""
-    if spec.engine.kind == "onnxruntime":
-        return OnnxRuntimeEngine(spec.model_file, ort_options(spec, config))
-    raise ValueError(f"engine kind {spec.engine.kind!r} is not supported")
+    """The default engine factory: the engine of ``spec``'s kind from :func:`default_engines`."""
+    return default_engines()(spec, config)

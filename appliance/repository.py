@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import Config, ConfigError
+from appliance.engine_factory import default_decoders, default_engines
+from appliance.engine_registry import DecoderFactory, EngineFactory, Runtimes
 from appliance.errors import ModelLoadFailed, ModelNotFound, ModelNotReady
 from appliance.model_spec import ModelSpec, read_model_spec
-from appliance.model_version import EngineFactory, ModelVersion
+from appliance.models import ModelVersion, model_for
 from appliance.telemetry import Metrics
 
 log = logging.getLogger("appliance.repository")
@@ -63,13 +65,17 @@ class ModelManager:
     def __init__(
         self,
         config: Config,
-        engine_factory: EngineFactory,
-        metrics: Metrics,
+        engine_factory: EngineFactory | None = None,
+        metrics: Metrics | None = None,
         drain_timeout_s: float | None = None,
+        *,
+        decoder_factory: DecoderFactory | None = None,
     ) -> None:
+        """Versions make their engines with ``engine_factory`` and their decoders with ``decoder_factory``
+        (default: the registries of :mod:`appliance.engine_factory`, keyed by ``[engine] kind``)."""
         self._config = config
-        self._engine_factory = engine_factory
-        self._metrics = metrics
+        self._runtimes = Runtimes(engine_factory or default_engines(), decoder_factory or default_decoders())
+        self._metrics = metrics or Metrics()
         self._drain_timeout_s = config.server.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.root = config.paths.models()
         self._serving: dict[str, ModelVersion] = {}
@@ -164,13 +170,13 @@ class ModelManager:
     async def _prepare(self, name: str, version: int) -> ModelVersion:
         spec: ModelSpec = read_model_spec(name, version, self.root / name / str(version))
         self._check_aliases(spec)
-        candidate = ModelVersion(spec, self._config, self._engine_factory, self._metrics.for_version(name, version))
+        candidate = model_for(spec, self._config, self._metrics.for_version(name, version), self._runtimes)
         loop = asyncio.get_running_loop()
         try:
             load_s = await loop.run_in_executor(None, candidate.load_blocking)
             warmup_s = await loop.run_in_executor(None, candidate.warmup_blocking)
         except Exception:
-            await loop.run_in_executor(None, candidate.close_engines)
+            await loop.run_in_executor(None, candidate.close)
             raise
         candidate.metrics.load_duration.set(load_s)
         candidate.metrics.warmup_duration.set(warmup_s)

@@ -24,7 +24,8 @@ from appliance.build.entries import (
     publish,
     stage,
 )
-from appliance.build.gguf_decoder import DecoderBuild, greedy, import_gguf, render_chat, teacher_forced_argmax
+from appliance.build.gguf_decoder import DecoderBuild, import_gguf, render_chat
+from appliance.build.parity import greedy, parity_decoder, teacher_forced_argmax
 from appliance.build.provenance import build_key, sha256_file
 
 TIERS = {"exact": "mid", "fast": "small"}
@@ -116,15 +117,22 @@ def agreement(exact: DecoderBuild, candidate: DecoderBuild) -> dict[str, object]
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(exact.tokenizer_path))
+    prompts = [tokenizer.encode(render_chat(template, messages), add_special_tokens=False).ids
+               for messages in PARITY_CHATS]
+    longest = max(len(prompt) for prompt in prompts) + PARITY_STEPS
+    reference = parity_decoder(exact.model_path, generation, longest)
+    measured = parity_decoder(candidate.model_path, generation, longest)
+    eos = generation.get("eos_token_ids", [])
     agreed, total, divergences = 0, 0, []
-    for messages in PARITY_CHATS:
-        prompt = tokenizer.encode(render_chat(template, messages), add_special_tokens=False).ids
-        want, _ = greedy(exact.model_path, prompt, PARITY_STEPS, generation)
-        got, _ = greedy(candidate.model_path, prompt, PARITY_STEPS, generation)
-        forced = teacher_forced_argmax(candidate.model_path, prompt, want, generation)
+    for prompt in prompts:
+        want, _ = greedy(reference, prompt, PARITY_STEPS, eos)
+        got, _ = greedy(measured, prompt, PARITY_STEPS, eos)
+        forced = teacher_forced_argmax(measured, prompt, want, eos)
         agreed += int((forced == np.array(want)).sum())
         total += len(want)
         divergences.append(next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), len(want)))
+    reference.close()
+    measured.close()
     return {"teacher_forced_top1": agreed / total, "tokens_before_divergence": divergences,
             "steps": PARITY_STEPS, "prompts": len(PARITY_CHATS)}
 

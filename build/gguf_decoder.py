@@ -8,6 +8,9 @@ default domain 17, com.microsoft 1. One ``.onnx`` file (no external data; the fi
 Graph I/O contract
 ==================
 
+``appliance.engines.onnxruntime_decoder`` drives a graph this way, for serving and for the parity checks of the
+build (``appliance.build.parity``).
+
 Dimensions: ``B`` batch rows, ``S`` new tokens per row in this call, ``C`` KV capacity (the caller's buffer
 length, ``<= max_seq_len``), ``L`` layers, ``Hkv`` KV heads, ``D`` head dim, ``V`` vocabulary.
 
@@ -92,8 +95,7 @@ from appliance.build import q4_repack
 from appliance.build.gguf_tokenizer import UnsupportedModel, build_tokenizer, render_chat, special_token_ids
 from appliance.build.q4_repack import NBitsWeight
 
-__all__ = ["DecoderBuild", "import_gguf", "render_chat", "greedy", "teacher_forced_argmax", "DecoderRunner",
-           "read_gguf", "LlamaConfig", "build_graph"]
+__all__ = ["DecoderBuild", "import_gguf", "render_chat", "read_gguf", "LlamaConfig", "build_graph"]
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
@@ -571,133 +573,3 @@ def import_gguf(gguf_path: Path, out_dir: Path, variant: str = "exact", max_seq_
         head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, context_length=cfg.context_length,
         bos_token_id=int(special["bos_token_id"]) if special["bos_token_id"] is not None else -1,
         eos_token_ids=list(special["eos_token_ids"]), variant=variant)
-
-
-# --------------------------------------------------------------------------------------------------- running
-
-_SESSIONS: dict[tuple[str, int, int], Any] = {}
-_MAX_SESSIONS = 3
-
-
-def _session(model_path: Path, threads: int = 0) -> Any:
-    """A CPU session for ``model_path``, reused while the file is unchanged (a few models at most)."""
-    import onnxruntime as ort
-
-    path = Path(model_path)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, threads)
-    session = _SESSIONS.pop(key, None)
-    if session is None:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    _SESSIONS[key] = session  # most recently used last
-    while len(_SESSIONS) > _MAX_SESSIONS:
-        _SESSIONS.pop(next(iter(_SESSIONS)))
-    return session
-
-
-class DecoderRunner:
-    """Drives the decoder graph over one shared KV buffer per layer (``batch`` rows x ``capacity`` positions).
-
-    A minimal reference for the I/O contract: ``step`` runs all rows, ``step_row`` runs one row alone on a view
-    of its part of the buffers (how a scheduler prefills a new request while other rows decode).
-    """
-
-    def __init__(self, model_path: Path, generation: dict[str, Any], batch: int, capacity: int,
-                 session: Any = None) -> None:
-        import onnxruntime as ort
-
-        self._ort = ort
-        self.session = session or _session(model_path)
-        self.generation = generation
-        self.batch, self.capacity = batch, capacity
-        self.with_query_seqlens = "query_seqlens" in {i.name for i in self.session.get_inputs()}
-        shape = (batch, int(generation["num_kv_heads"]), capacity, int(generation["head_dim"]))
-        self.buffers = {(i, w): np.zeros(shape, np.float32)
-                        for i in range(int(generation["num_layers"])) for w in ("key", "value")}
-        self._views: dict[tuple[int, int], list[tuple[str, str, Any]]] = {}
-
-    def _kv_values(self, rows: slice) -> list[tuple[str, str, Any]]:
-        """OrtValues wrapping (not copying) ``rows`` of every buffer, made once per row range."""
-        key = rows.indices(self.batch)[:2]
-        if key not in self._views:
-            self._views[key] = [
-                (_kv_name(layer, which, True), _kv_name(layer, which, False),
-                 self._ort.OrtValue.ortvalue_from_numpy(buf[rows]))
-                for (layer, which), buf in self.buffers.items()]
-        return self._views[key]
-
-    def _run(self, rows: slice, input_ids: np.ndarray, seqlens_k: np.ndarray, total: int,
-             query_seqlens: np.ndarray | None) -> np.ndarray:
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        if self.with_query_seqlens:
-            if query_seqlens is None:
-                query_seqlens = np.minimum(input_ids.shape[1], np.asarray(seqlens_k) + 1)
-            binding.bind_cpu_input("query_seqlens", np.ascontiguousarray(query_seqlens, dtype=np.int32))
-        binding.bind_output("logits")  # first bound output: index 0 below
-        for past, present, value in self._kv_values(rows):
-            binding.bind_ortvalue_input(past, value)  # the same memory in and out: updated in place
-            binding.bind_ortvalue_output(present, value)
-        self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()  # only the logits: the KV buffers stay where they are
-
-    def step(self, input_ids: np.ndarray, seqlens_k: np.ndarray, total_sequence_length: int | None = None,
-             query_seqlens: np.ndarray | None = None) -> np.ndarray:
-        """All rows: ``input_ids`` [batch, S]; returns logits ([batch, S or 1, vocab])."""
-        seqlens_k = np.asarray(seqlens_k, dtype=np.int32)
-        total = int(seqlens_k.max()) + 1 if total_sequence_length is None else int(total_sequence_length)
-        return self._run(slice(None), input_ids, seqlens_k, total, query_seqlens)
-
-    def step_row(self, row: int, input_ids: list[int] | np.ndarray, past_length: int) -> np.ndarray:
-        """One row alone (batch 1 on a view of the buffers): append ``input_ids`` after ``past_length`` tokens."""
-        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
-        total = past_length + ids.shape[1]
-        return self._run(slice(row, row + 1), ids, np.array([total - 1], np.int32), total, None)
-
-
-def greedy(model_path: Path, prompt_ids: list[int], steps: int, generation: dict,
-           suppress_eos: bool = True) -> tuple[list[int], np.ndarray]:
-    """Greedy decoding of exactly ``steps`` tokens for one prompt, batch 1.
-
-    With ``suppress_eos`` the end-of-generation ids (``generation["eos_token_ids"]``) are never chosen, like
-    transformers' ``min_new_tokens = steps`` (how the parity reference was generated). Returns the generated ids
-    and the raw logits [vocab] of the first generated position. ``generation``: the content of
-    ``generation.json``.
-    """
-    runner = DecoderRunner(model_path, generation, batch=1, capacity=len(prompt_ids) + steps)
-    banned = list(generation.get("eos_token_ids", [])) if suppress_eos else []
-    logits = runner.step_row(0, prompt_ids, 0)[0, -1]
-    first = logits.copy()
-    ids: list[int] = []
-    length = len(prompt_ids)
-    for _ in range(steps):
-        logits[banned] = -np.inf
-        token = int(np.argmax(logits))
-        ids.append(token)
-        if len(ids) == steps:
-            break
-        logits = runner.step_row(0, [token], length)[0, -1]
-        length += 1
-    return ids, first
-
-
-def teacher_forced_argmax(model_path: Path, prompt_ids: list[int], continuation: list[int], generation: dict,
-                          suppress_eos: bool = True) -> np.ndarray:
-    """The model's greedy choice at each of the ``len(continuation)`` positions when fed ``prompt_ids`` followed
-    by ``continuation`` (teacher forcing). One prefill call when the graph returns all logits, else step by step.
-    """
-    banned = list(generation.get("eos_token_ids", [])) if suppress_eos else []
-    seq = list(prompt_ids) + list(continuation[:-1])
-    runner = DecoderRunner(model_path, generation, batch=1, capacity=len(seq))
-    if generation.get("logits", "all") == "all":
-        logits = runner.step_row(0, seq, 0)[0, len(prompt_ids) - 1:]
-    else:
-        rows = [runner.step_row(0, prompt_ids, 0)[0, -1]]
-        for j, token in enumerate(continuation[:-1]):
-            rows.append(runner.step_row(0, [token], len(prompt_ids) + j)[0, -1])
-        logits = np.stack(rows)
-    logits[:, banned] = -np.inf
-    return logits.argmax(axis=-1)

@@ -1,10 +1,19 @@
-"""Parity checks: how closely a built variant reproduces its reference graph."""
+"""Parity checks: how closely a built variant reproduces its reference graph.
+
+Encoders are compared by the cosine of their embeddings; decoders by their greedy tokens, run through the same
+:class:`~appliance.engines.onnxruntime_decoder.OnnxRuntimeDecoder` that serves them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from appliance.engines.base import Decoder
+from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
 
 # Varied lengths and content, so that padding, long inputs and punctuation are all exercised.
 SAMPLE_TEXTS = [
@@ -53,3 +62,60 @@ def encoder_parity(reference: Path, candidate: Path, tokenizer: Path, max_length
     want, got = embeddings(reference, feed), embeddings(candidate, feed)
     cosine = np.sum(want * got, axis=1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
     return {"min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean()), "samples": len(SAMPLE_TEXTS)}
+
+
+def parity_decoder(model_path: Path, generation: Mapping[str, Any], max_capacity: int,
+                   rows: int = 1) -> OnnxRuntimeDecoder:
+    """A decoder for the parity checks: the graph's own weights (no float32 twin), ONNX Runtime's thread count,
+    threads spinning between parallel regions (ONNX Runtime's default: the checks run alone).
+
+    ``max_capacity``: the longest sequence (prompt plus continuation) it will be given.
+    """
+    return OnnxRuntimeDecoder(model_path, generation, rows=rows, max_capacity=max_capacity, spin=True)
+
+
+def greedy(decoder: Decoder, prompt_ids: Sequence[int], steps: int, suppress: Sequence[int] = (),
+           row: int = 0) -> tuple[list[int], np.ndarray]:
+    """Greedy decoding of exactly ``steps`` tokens for one prompt, in ``row`` of ``decoder``'s cache.
+
+    ``suppress``: ids never chosen; the end-of-generation ids make this transformers' ``min_new_tokens = steps``
+    (how the parity reference was generated). Returns the generated ids and the raw logits [vocab] of the first
+    generated position.
+    """
+    length = len(prompt_ids)
+    decoder.ensure(length + steps)
+    banned = list(suppress)
+    logits = decoder.run(row, np.array([prompt_ids], np.int64), np.array([length - 1], np.int32))[0]
+    first = logits.copy()
+    ids: list[int] = []
+    for _ in range(steps):
+        logits[banned] = -np.inf
+        token = int(np.argmax(logits))
+        ids.append(token)
+        if len(ids) == steps:
+            break
+        logits = decoder.run(row, np.array([[token]], np.int64), np.array([length], np.int32))[0]
+        length += 1
+    return ids, first
+
+
+def teacher_forced_argmax(decoder: OnnxRuntimeDecoder, prompt_ids: Sequence[int], continuation: Sequence[int],
+                          suppress: Sequence[int] = ()) -> np.ndarray:
+    """The model's greedy choice at each of the ``len(continuation)`` positions when fed ``prompt_ids`` followed
+    by ``continuation`` (teacher forcing), ``suppress`` ids never chosen. One prefill call when the graph returns
+    the logits of every position, else one call per token.
+    """
+    sequence = list(prompt_ids) + list(continuation[:-1])
+    decoder.ensure(len(sequence))
+    if decoder.all_positions:
+        logits = decoder.logits(0, np.array([sequence], np.int64), np.array([len(sequence) - 1], np.int32))
+        logits = logits[0, len(prompt_ids) - 1:]
+    else:
+        length = len(prompt_ids)
+        rows = [decoder.run(0, np.array([prompt_ids], np.int64), np.array([length - 1], np.int32))[0]]
+        for token in continuation[:-1]:
+            rows.append(decoder.run(0, np.array([[token]], np.int64), np.array([length], np.int32))[0])
+            length += 1
+        logits = np.stack(rows)
+    logits[:, list(suppress)] = -np.inf
+    return logits.argmax(axis=-1)

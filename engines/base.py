@@ -1,7 +1,7 @@
-"""The Engine contract: what every model runtime offers to the schedulers.
+"""The runtime contracts the schedulers drive: :class:`Engine` for tensor models, :class:`Decoder` for generation.
 
-An engine knows nothing of HTTP or asyncio. ``run`` blocks and is only ever called from a scheduler's worker
-thread; an engine instance is used by one thread at a time.
+Neither knows anything of HTTP or asyncio. Their methods block and are only ever called from a scheduler's worker
+thread; an instance is used by one thread at a time.
 """
 
 from __future__ import annotations
@@ -43,4 +43,54 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release the runtime session."""
+        ...
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """A loaded decoder graph and its KV cache of ``rows`` sequences, one row each.
+
+    A row's tokens sit at positions ``[0, length)`` of the row. The cache may hold fewer positions than a row may
+    ever need (``capacity`` up to ``max_capacity``): the scheduler asks for room before each call.
+    """
+
+    @property
+    def rows(self) -> int:
+        """Sequences the KV cache holds at once."""
+        ...
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row holds now."""
+        ...
+
+    @property
+    def max_capacity(self) -> int:
+        """The most positions a row may grow to."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """A one-line summary for logs: runtime, rows, positions."""
+        ...
+
+    def ensure(self, positions: int) -> None:
+        """Grow the cache so that every row holds at least ``positions`` tokens (at most ``max_capacity``);
+        the tokens already in it are kept."""
+        ...
+
+    def shrink(self) -> None:
+        """Give back memory grown for long sequences; only called while no row holds a sequence."""
+        ...
+
+    def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
+        """One step over rows ``start_row .. start_row + len(input_ids)``.
+
+        ``input_ids`` ``[rows, new tokens]`` are appended to each row; ``seqlens_k[r]`` is row ``r``'s length
+        after the call minus 1. Returns the logits of each row's last new position, ``[rows, vocab]``.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the session and the cache."""
         ...

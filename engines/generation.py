@@ -1,8 +1,7 @@
 """Continuous (iteration-level) batching for decoder models over a shared KV cache.
 
-The KV cache is one buffer per layer and K/V, ``[slots, kv_heads, capacity, head_dim]``, bound to the graph as
-both past and present (ONNX Runtime IOBinding), so GroupQueryAttention appends in place. Each sequence owns a slot
-(a row) while it runs; its tokens sit at positions ``[0, length)`` of that row.
+Each sequence owns a slot (a row of the decoder's KV cache) while it runs; its tokens sit at positions
+``[0, length)`` of that row.
 
 One thread runs the steps. At each step boundary it admits waiting sequences into free slots, prefills them in
 chunks under a per-step token budget (``prefill_chunk``) so that a long prompt never stalls the running streams
@@ -10,8 +9,8 @@ for long, then runs one decode call for every decoding row together. Tokens are 
 temperature, top-p, top-k) with each request's own seeded generator, and handed to the event loop as they come.
 A cancelled or expired sequence frees its slot at the next step boundary.
 
-With ``dense_batches`` a second session over the same KV buffers, whose 4-bit weights were dequantized to float32
-at load (``dense_weights``), takes every call except a one-row decode step: prefills and multi-row steps.
+The scheduler drives any :class:`~appliance.engines.base.Decoder`; the ONNX Runtime one is in
+``appliance.engines.onnxruntime_decoder``.
 """
 
 from __future__ import annotations
@@ -24,11 +23,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from appliance.engines.base import Decoder
 from appliance.errors import ModelNotReady, QueueFull
 
 log = logging.getLogger("appliance.engines.generation")
@@ -90,117 +88,15 @@ class GenerationLimits:
     max_waiting: int = 64
 
 
-class KVDecoder:
-    """The decoder session and its shared KV buffers; every method runs on the scheduler thread.
-
-    The buffers start small and double (copying the rows) when a sequence needs more positions, up to the
-    configured capacity, and shrink back once nothing runs: attention over the shared buffer costs in proportion
-    to its length, so short conversations should not pay for the longest one the cache could hold.
-    """
-
-    INITIAL_CAPACITY = 256
-
-    def __init__(self, model_path: Path, generation: dict[str, Any], limits: GenerationLimits, threads: int, *,
-                 dense_batches: bool = False, spin: bool = False) -> None:
-        import onnxruntime as ort
-
-        self._ort = ort
-        self._threads, self._spin = threads, spin
-        self.session = ort.InferenceSession(str(model_path), self._options(), providers=["CPUExecutionProvider"])
-        # Every call but a one-row decode step goes to a float32-weight twin of the graph when asked (dense_weights).
-        self.wide_session = self._dense_twin(model_path) if dense_batches else None
-        self.layers = int(generation["num_layers"])
-        self.slots, self.max_capacity = limits.slots, limits.capacity
-        self._shape = (limits.slots, int(generation["num_kv_heads"]), int(generation["head_dim"]))
-        self._allocate(min(self.INITIAL_CAPACITY, self.max_capacity))
-
-    def _options(self) -> Any:
-        options = self._ort.SessionOptions()
-        options.intra_op_num_threads = self._threads
-        options.log_severity_level = 3
-        # A decode step is hundreds of small parallel regions: threads that spin between them instead of sleeping
-        # cut a step by ~20% (SmolLM2-135M, 2 cores), at the price of a busy core while a step runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
-        return options
-
-    def _dense_twin(self, model_path: Path) -> Any:
-        import onnx
-
-        from appliance.engines.dense_weights import dense_twin
-
-        try:
-            twin = dense_twin(onnx.load(str(model_path)))
-            if not twin.weights:
-                return None
-            options = self._options()
-            twin.supply(options)
-            session = self._ort.InferenceSession(twin.graph, options, providers=["CPUExecutionProvider"])
-        except (MemoryError, *_ort_errors(self._ort)) as exc:
-            # Short of memory: serve every call from the 4-bit graph (slower batches) rather than not at all.
-            log.warning("%s: no float32 twin for multi-row calls (%s); batches use the 4-bit graph", model_path, exc)
-            _release_free_memory()
-            return None
-        log.info("%s: float32 twin for multi-row calls, %d weights, %.0f MB", model_path, len(twin.weights),
-                 twin.weight_bytes / 1e6)
-        del options, twin
-        _release_free_memory()
-        return session
-
-    def _allocate(self, capacity: int, keep: int = 0) -> None:
-        slots, heads, dim = self._shape
-        buffers = [np.zeros((slots, heads, capacity, dim), np.float32) for _ in range(self.layers * 2)]
-        if keep:
-            for new, old in zip(buffers, self._buffers):
-                new[:, :, :keep] = old[:, :, :keep]
-        self._buffers, self.capacity = buffers, capacity
-        self._values: dict[tuple[int, int], list[Any]] = {}
-
-    def ensure(self, positions: int) -> None:
-        """Make room for ``positions`` tokens per row (doubling, at most the configured capacity)."""
-        if positions <= self.capacity:
-            return
-        capacity = self.capacity
-        while capacity < positions:
-            capacity *= 2
-        self._allocate(min(capacity, self.max_capacity), keep=self.capacity)
-
-    def shrink(self) -> None:
-        """Back to the initial size; only when no sequence holds a row."""
-        if self.capacity > self.INITIAL_CAPACITY:
-            self._allocate(min(self.INITIAL_CAPACITY, self.max_capacity))
-
-    def _kv(self, start: int, stop: int) -> list[Any]:
-        key = (start, stop)
-        if key not in self._values:
-            self._values[key] = [self._ort.OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self._buffers]
-        return self._values[key]
-
-    def run(self, start: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
-        """Rows ``start .. start + len(input_ids)``; returns the last position's logits per row ``[rows, vocab]``."""
-        rows = input_ids.shape[0]
-        single_token = rows == 1 and input_ids.shape[1] == 1
-        session = self.session if single_token or self.wide_session is None else self.wide_session
-        binding = session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
-        binding.bind_output("logits")
-        for index, value in enumerate(self._kv(start, start + rows)):
-            layer, which = divmod(index, 2)
-            kind = ("key", "value")[which]
-            binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
-            binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
-        session.run_with_iobinding(binding)
-        # Only the logits leave the session: copy_outputs_to_cpu() would also copy every KV buffer.
-        return binding.get_outputs()[0].numpy()[:, -1, :]
-
-
 class GenerationScheduler:
     """Admits, prefills, decodes and samples sequences for one decoder model version."""
 
-    def __init__(self, decoder: KVDecoder, limits: GenerationLimits, eos_ids: list[int], *,
+    def __init__(self, decoder: Decoder, limits: GenerationLimits, eos_ids: list[int], *,
                  on_step: Callable[[dict[str, float]], None] | None = None, name: str = "model",
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if decoder.rows < limits.slots or decoder.max_capacity < limits.capacity:
+            raise ValueError(f"model {name}: the decoder holds {decoder.rows} rows x {decoder.max_capacity} tokens, "
+                             f"fewer than the {limits.slots} x {limits.capacity} the limits ask for")
         self._decoder = decoder
         self.limits = limits
         self._eos = set(eos_ids)
@@ -418,22 +314,6 @@ class GenerationScheduler:
         self._slots[slot] = None
         if sequence is not None:
             self._emit(sequence, event)
-
-
-def _ort_errors(ort: Any) -> tuple[type[Exception], ...]:
-    """ONNX Runtime's session-creation errors (allocation failures among them); not subclasses of RuntimeError."""
-    state = ort.capi.onnxruntime_pybind11_state
-    return state.Fail, state.RuntimeException
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap back to the system (glibc keeps the pages of large freed arrays otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _put_all(batch: list[tuple[Sequence, TokenEvent]]) -> None:

@@ -17,18 +17,13 @@ import pytest
 from tokenizers import Tokenizer
 
 from appliance.build import q4_repack
-from appliance.build.gguf_decoder import (
-    DecoderBuild,
-    DecoderRunner,
-    greedy,
-    import_gguf,
-    read_gguf,
-    render_chat,
-    teacher_forced_argmax,
-)
+from appliance.build.gguf_decoder import DecoderBuild, import_gguf, read_gguf, render_chat
+from appliance.build.parity import greedy, parity_decoder, teacher_forced_argmax
+from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
 from reference_data import reference_items
 
 STEPS = 48
+CAPACITY = 256  # positions of the parity decoders' rows: every reference prompt and its STEPS tokens fit
 
 # Measured for the fast variant (accuracy_level 4) on a 2-core AMD EPYC (AVX2), ONNX Runtime 1.32:
 # teacher-forced top-1 agreement with the reference 322/336, first-step top-5 logits within 0.72,
@@ -88,6 +83,17 @@ def ragged_build(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> D
 
 def _generation(build: DecoderBuild) -> dict:
     return json.loads(build.generation_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def decoders(builds) -> dict[str, OnnxRuntimeDecoder]:
+    """One parity decoder per tier (one row), shared by the tests that decode one sequence at a time."""
+    return {tier: parity_decoder(build.model_path, _generation(build), CAPACITY) for tier, build in builds.items()}
+
+
+@pytest.fixture(scope="session")
+def all_logits_decoder(all_logits_build) -> OnnxRuntimeDecoder:
+    return parity_decoder(all_logits_build.model_path, _generation(all_logits_build), CAPACITY)
 
 
 def _prompt_text(build: DecoderBuild, item: dict) -> str:
@@ -179,10 +185,9 @@ def test_chat_template_is_sandboxed():
 # ------------------------------------------------------------------------------------------ parity
 
 @pytest.fixture(scope="session")
-def exact_runs(builds, reference) -> list[tuple[list[int], np.ndarray]]:
-    build = builds["exact"]
-    generation = _generation(build)
-    return [greedy(build.model_path, item["prompt_ids"], STEPS, generation) for item in reference]
+def exact_runs(builds, decoders, reference) -> list[tuple[list[int], np.ndarray]]:
+    eos = builds["exact"].eos_token_ids
+    return [greedy(decoders["exact"], item["prompt_ids"], STEPS, eos) for item in reference]
 
 
 def test_exact_greedy_ids_match_reference(exact_runs, reference):
@@ -201,14 +206,13 @@ def test_exact_first_step_top5_logits(exact_runs, reference):
     print(f"\nexact: first-step top-5 logits within {worst:.2e} of the reference")
 
 
-def test_fast_variant_agreement(builds, reference):
-    build = builds["fast"]
-    generation = _generation(build)
+def test_fast_variant_agreement(builds, decoders, reference):
+    eos = builds["fast"].eos_token_ids
     divergences, forced, top5 = [], 0, 0.0
     for item in reference:
-        ids, logits = greedy(build.model_path, item["prompt_ids"], STEPS, generation)
+        ids, logits = greedy(decoders["fast"], item["prompt_ids"], STEPS, eos)
         divergences.append(_divergence(ids, item["greedy_ids"]))
-        choices = teacher_forced_argmax(build.model_path, item["prompt_ids"], item["greedy_ids"], generation)
+        choices = teacher_forced_argmax(decoders["fast"], item["prompt_ids"], item["greedy_ids"], eos)
         forced += int((choices == np.array(item["greedy_ids"])).sum())
         ref_ids = [int(t) for t, _ in item["first_step_top5_logits"]]
         top5 = max(top5, float(np.abs(logits[ref_ids] - [v for _, v in item["first_step_top5_logits"]]).max()))
@@ -222,54 +226,63 @@ def test_fast_variant_agreement(builds, reference):
 
 # ------------------------------------------------------------------------------------------ KV cache contract
 
-def _alone(build: DecoderBuild, prompt: list[int], steps: int) -> list[int]:
-    return greedy(build.model_path, prompt, steps, _generation(build), suppress_eos=False)[0]
+def _alone(decoder: OnnxRuntimeDecoder, prompt: list[int], steps: int) -> list[int]:
+    return greedy(decoder, prompt, steps)[0]
+
+
+def _ids(*rows: list[int]) -> np.ndarray:
+    return np.array(rows, np.int64)
 
 
 @pytest.mark.parametrize("prefill", ["one_padded_call", "row_by_row"])
-def test_batched_decode_matches_single_stream(all_logits_build, reference, prefill):
+def test_batched_decode_matches_single_stream(all_logits_build, all_logits_decoder, reference, prefill):
     """Two prompts of different lengths in rows 0 and 1 of one shared KV buffer, each row's tokens starting at
     position 0 (padding only after them), decoded together for 8 steps: same tokens as each alone."""
     build = all_logits_build
     a, b = reference[0]["prompt_ids"], reference[5]["prompt_ids"]  # 37 and 4 tokens
-    runner = DecoderRunner(build.model_path, _generation(build), batch=2, capacity=64)
-    lengths = np.array([len(a), len(b)])
+    decoder = parity_decoder(build.model_path, _generation(build), 64, rows=2)
+    lengths = np.array([len(a), len(b)], np.int32)
     if prefill == "one_padded_call":
         ids = np.zeros((2, len(a)), np.int64)
         ids[0], ids[1, :len(b)] = a, b
-        logits = runner.step(ids, lengths - 1, total_sequence_length=len(a))
+        logits = decoder.logits(0, ids, lengths - 1)  # every position: row 1's last one is not the last column
         tokens = [[int(logits[0, len(a) - 1].argmax())], [int(logits[1, len(b) - 1].argmax())]]
-    else:  # how a scheduler admits a request: batch-1 prefill on a view of its row
-        tokens = [[int(runner.step_row(1, b, 0)[0, -1].argmax())]]
-        tokens.insert(0, [int(runner.step_row(0, a, 0)[0, -1].argmax())])
+    else:  # how a scheduler admits a request: a one-row prefill on its row
+        tokens = [[int(decoder.run(1, _ids(b), lengths[1:] - 1)[0].argmax())]]
+        tokens.insert(0, [int(decoder.run(0, _ids(a), lengths[:1] - 1)[0].argmax())])
     for _ in range(7):
         lengths += 1
-        logits = runner.step(np.array([[tokens[0][-1]], [tokens[1][-1]]]), lengths - 1)
-        assert logits.shape == (2, 1, build.vocab_size)
+        logits = decoder.run(0, _ids([tokens[0][-1]], [tokens[1][-1]]), lengths - 1)
+        assert logits.shape == (2, build.vocab_size)
         for row in (0, 1):
-            tokens[row].append(int(logits[row, -1].argmax()))
-    assert tokens[0] == _alone(build, a, 8)
-    assert tokens[1] == _alone(build, b, 8)
+            tokens[row].append(int(logits[row].argmax()))
+    assert tokens[0] == _alone(all_logits_decoder, a, 8)
+    assert tokens[1] == _alone(all_logits_decoder, b, 8)
 
 
 def test_chunked_prefill_equals_one_prefill(all_logits_build, reference):
+    """The prompt whole in row 0, in 16-token chunks in row 1: the same logits at every position."""
     build = all_logits_build
     prompt = reference[3]["prompt_ids"]
-    whole = DecoderRunner(build.model_path, _generation(build), 1, 64).step_row(0, prompt, 0)[0]
-    runner = DecoderRunner(build.model_path, _generation(build), 1, 64)
-    parts = [runner.step_row(0, prompt[start:start + 16], start)[0] for start in range(0, len(prompt), 16)]
+    decoder = parity_decoder(build.model_path, _generation(build), 64, rows=2)
+    whole = decoder.logits(0, _ids(prompt), np.array([len(prompt) - 1], np.int32))[0]
+    parts = []
+    for start in range(0, len(prompt), 16):
+        chunk = prompt[start:start + 16]
+        parts.append(decoder.logits(1, _ids(chunk), np.array([start + len(chunk) - 1], np.int32))[0])
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-3, rtol=0)
 
 
-def test_ragged_chunks_with_query_seqlens(ragged_build, builds, reference):
+def test_ragged_chunks_with_query_seqlens(ragged_build, decoders, reference):
     """Built with ``query_seqlens`` and last-position logits: one row decodes while another is prefilled in
     16-token chunks and a third row idles, all in the same calls."""
-    generation = _generation(ragged_build)
     a, b = reference[0]["prompt_ids"], reference[3]["prompt_ids"]
-    runner = DecoderRunner(ragged_build.model_path, generation, batch=3, capacity=128)
+    decoder = parity_decoder(ragged_build.model_path, _generation(ragged_build), 128, rows=3)
+    assert decoder.takes_query_seqlens and not decoder.all_positions and decoder.capacity == 128
     ids = np.zeros((3, len(a)), np.int64)
     ids[0] = a
-    logits = runner.step(ids, np.array([len(a) - 1, 0, 0]), 128, query_seqlens=np.array([len(a), 0, 0]))
+    logits = decoder.logits(0, ids, np.array([len(a) - 1, 0, 0]), query_seqlens=np.array([len(a), 0, 0]),
+                            total_sequence_length=128)
     assert logits.shape == (3, 1, ragged_build.vocab_size)
     out_a, len_a, out_b, len_b = [int(logits[0, 0].argmax())], len(a), [], 0
     while len(out_a) < 8 or len(out_b) < 8:
@@ -280,16 +293,16 @@ def test_ragged_chunks_with_query_seqlens(ragged_build, builds, reference):
         ids[0, 0] = out_a[-1] if step_a else 0
         ids[1, :len(chunk)] = chunk
         seqlens = np.array([len_a + step_a - 1, max(len_b + len(chunk) - 1, 0), 0])
-        logits = runner.step(ids, seqlens, 128, query_seqlens=np.array([step_a, len(chunk), 0]))
+        logits = decoder.logits(0, ids, seqlens, query_seqlens=np.array([step_a, len(chunk), 0]),
+                                total_sequence_length=128)
         if step_a:
             len_a += 1
             out_a.append(int(logits[0, 0].argmax()))
         len_b += len(chunk)
         if chunk and len_b >= len(b):
             out_b.append(int(logits[1, 0].argmax()))
-    exact = builds["exact"]
-    assert out_a == _alone(exact, a, 8)
-    assert out_b == _alone(exact, b, 8)
+    assert out_a == _alone(decoders["exact"], a, 8)
+    assert out_b == _alone(decoders["exact"], b, 8)
 
 
 def test_rebuilding_unchanged_tiers_does_nothing(smollm2_gguf, smollm2_repo):

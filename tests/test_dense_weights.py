@@ -1,5 +1,5 @@
 """The float32 twin of a MatMulNBits graph computes what the 4-bit graph computes, for every weight form the
-decoder builder writes, and the exact tier's scheduler uses it for multi-row calls."""
+decoder builder writes, and the exact tier's decoder uses it for multi-row calls."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from appliance.build.gguf_decoder import MS_DOMAIN, OPSET, _Graph
 from appliance.build.q4_repack import BLOCK, NBitsWeight, _pack_nibbles_pairwise
 from appliance.engines.dense_weights import DenseTwin, dense_twin
-from appliance.engines.generation import GenerationLimits, KVDecoder
+from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
 from reference_data import reference_items
 
 K, N, ROWS = 128, 48, 5
@@ -90,15 +90,15 @@ def test_twin_leaves_forms_it_does_not_know_alone():
 def exact_decoder(smollm2_repo):
     folder = smollm2_repo / "smollm2-135m" / "1"
     generation = json.loads((folder / "generation.json").read_text())
-    return KVDecoder(folder / "model.onnx", generation, GenerationLimits(slots=4, capacity=256), 0,
-                     dense_batches=True, spin=True)
+    return OnnxRuntimeDecoder(folder / "model.onnx", generation, rows=4, max_capacity=256, dense_batches=True,
+                              spin=True)
 
 
 def test_exact_tier_decodes_rows_together_as_each_alone(exact_decoder, smollm2_repo):
     """Rows prefilled and decoded through the twin pick the tokens of the independent reference, and of the 4-bit
     graph decoding each row alone."""
     decoder = exact_decoder
-    assert decoder.wide_session is not None and decoder.wide_session is not decoder.session
+    assert decoder.uses_dense_twin
     items = reference_items("smollm2-135m-instruct")
     eos = json.loads((smollm2_repo / "smollm2-135m" / "1" / "generation.json").read_text())["eos_token_ids"]
 
@@ -129,17 +129,16 @@ def test_exact_tier_decodes_rows_together_as_each_alone(exact_decoder, smollm2_r
     assert together == alone
 
 
-def test_exact_tier_without_memory_for_the_twin_serves_from_the_4_bit_graph(smollm2_repo, monkeypatch):
-    import appliance.engines.dense_weights as dense_weights
-
-    def no_memory(model):
+def test_exact_tier_without_memory_for_the_twin_serves_from_the_4_bit_graph(smollm2_repo, caplog):
+    def no_memory(model: onnx.ModelProto) -> DenseTwin:
         raise MemoryError("cannot allocate 540 MB")
 
-    monkeypatch.setattr(dense_weights, "dense_twin", no_memory)
     folder = smollm2_repo / "smollm2-135m" / "1"
     generation = json.loads((folder / "generation.json").read_text())
-    decoder = KVDecoder(folder / "model.onnx", generation, GenerationLimits(slots=2, capacity=64), 0,
-                        dense_batches=True)
-    assert decoder.wide_session is None
+    with caplog.at_level("WARNING", logger="appliance.engines.onnxruntime_decoder"):
+        decoder = OnnxRuntimeDecoder(folder / "model.onnx", generation, rows=2, max_capacity=64,
+                                     dense_batches=True, twin_builder=no_memory)
+    assert not decoder.uses_dense_twin
+    assert any("cannot allocate 540 MB" in record.getMessage() for record in caplog.records)
     logits = decoder.run(0, np.ones((2, 1), np.int64), np.array([0, 0], np.int32))
     assert logits.shape == (2, generation["vocab_size"]) and np.isfinite(logits).all()

@@ -1,0 +1,38 @@
+"""Embedding models: an encoder with a tokenizer, its sequences batched under a padded-token budget."""
+
+from __future__ import annotations
+
+from appliance.config import ConfigError
+from appliance.engines.token_batcher import TokenBudgetBatcher
+from appliance.engines.tokenizer import TextEncoder
+from appliance.models.engine_model import EngineModel
+
+
+class EmbeddingModel(EngineModel):
+    """An encoder taking ``input_ids`` and ``attention_mask`` and returning one embedding per row; requests go
+    through :class:`TokenBudgetBatcher`."""
+
+    def _load(self) -> None:
+        super()._load()
+        self.text = TextEncoder.from_file(self.spec.path / self.spec.tokenizer.file, self.spec.tokenizer.max_seq_length)
+        names = sorted(t.name for t in self.inputs)
+        if names != ["attention_mask", "input_ids"] or len(self.outputs) != 1:
+            raise ConfigError(
+                f"embedding model {self.name}: inputs must be input_ids and attention_mask and there must be one "
+                f"output; found inputs {names} and outputs {[t.name for t in self.outputs]}"
+            )
+
+    def _create_scheduler(self) -> TokenBudgetBatcher:
+        batching = self.spec.batching
+        self.embedder = TokenBudgetBatcher(
+            self.engines,
+            output=self.outputs[0].name,
+            max_batch_tokens=batching.max_batch_tokens,
+            max_batch_size=max(batching.max_batch_size, 1),
+            max_wait_s=batching.max_queue_delay_microseconds / 1e6,
+            max_queue_items=batching.max_queue_size or self._config.batching.max_queue_size,
+            pad_id=self.text.pad_id if self.text else 0,
+            on_batch=lambda items, padded, compute_s: self.metrics.observe_batch(items, compute_s),
+            name=f"{self.name}/{self.version}",
+        )
+        return self.embedder

@@ -1,0 +1,67 @@
+"""Generative models: a decoder with a KV cache, a tokenizer and a chat template, under continuous batching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from appliance.config import Config
+from appliance.engine_registry import Runtimes
+from appliance.engines.base import Decoder
+from appliance.engines.generation import GenerationLimits, GenerationScheduler
+from appliance.engines.tokenizer import TextEncoder
+from appliance.model_spec import ModelSpec
+from appliance.models.base import ModelVersion
+from appliance.telemetry import VersionMetrics
+
+
+class GenerativeModel(ModelVersion):
+    """A decoder made by the decoder factory, driven by :class:`GenerationScheduler`. It serves no tensors."""
+
+    def __init__(self, spec: ModelSpec, config: Config, metrics: VersionMetrics, runtimes: Runtimes) -> None:
+        super().__init__(spec, config, metrics, runtimes)
+        self._decoder_factory = runtimes.decoders
+        self.decoder: Decoder | None = None
+
+    @property
+    def description(self) -> str:
+        """The decoder and the prefill chunk."""
+        if self.decoder is None or self.generation_limits is None:
+            return "no decoder"
+        return f"{self.decoder.description}, prefill chunk {self.generation_limits.prefill_chunk}"
+
+    def _load(self) -> None:
+        spec = self.spec
+        self.generation = json.loads((spec.path / spec.generation.config).read_text())
+        from appliance.build.gguf_tokenizer import compile_chat_template
+
+        self.chat_template = compile_chat_template((spec.path / spec.generation.chat_template).read_text())
+        self.text = TextEncoder.from_file(spec.path / spec.tokenizer.file, spec.tokenizer.max_seq_length)
+        self.generation_limits = GenerationLimits(
+            slots=spec.generation.max_running,
+            capacity=min(spec.generation.kv_capacity, int(self.generation["max_seq_len"])),
+            prefill_chunk=spec.generation.prefill_chunk,
+            max_waiting=spec.generation.max_waiting,
+        )
+        self.decoder = self._decoder_factory(spec, self._config, self.generation, self.generation_limits)
+
+    def _warmup(self) -> None:
+        """A short prefill and one decode step on row 0 (its cache is rewritten by the first request)."""
+        assert self.decoder is not None
+        logits = self.decoder.run(0, np.ones((1, 8), np.int64), np.array([7], np.int32))
+        self.decoder.run(0, np.array([[int(logits[0].argmax())]], np.int64), np.array([8], np.int32))
+
+    def _create_scheduler(self) -> GenerationScheduler:
+        assert self.decoder is not None and self.generation_limits is not None
+        eos = [int(t) for t in self.generation.get("eos_token_ids", [])]
+        self.generator = GenerationScheduler(self.decoder, self.generation_limits, eos,
+                                             on_step=self.metrics.observe_generation,
+                                             name=f"{self.name}/{self.version}")
+        return self.generator
+
+    def close(self) -> None:
+        """Release the decoder."""
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None

@@ -1,0 +1,287 @@
+"""The continuous-batching scheduler against a small fake Decoder: admission into rows, chunked prefill under the
+token budget, cancellation, deadlines, the waiting bound and per-row seeded sampling."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from appliance.engines.base import Decoder
+from appliance.engines.generation import GenerationLimits, GenerationScheduler, SamplingParams, Sequence, TokenEvent
+from appliance.errors import QueueFull
+
+VOCAB = 50
+EOS = 0
+GREEDY = SamplingParams(temperature=0, ignore_eos=True)
+
+
+@dataclass
+class Call:
+    """One ``run`` as the decoder saw it."""
+
+    start_row: int
+    input_ids: list[list[int]]
+    seqlens_k: list[int]
+
+
+class FakeDecoder:
+    """A :class:`Decoder` whose logits are a fixed random function of everything in the row's cache.
+
+    It keeps the tokens written to each row, so a wrong position or a missing ``ensure`` shows up in the tokens the
+    scheduler picks (or fails the call). ``pause`` holds a ``run`` until ``resume``: the step thread then sits at
+    a known point while the test submits, cancels or moves the clock.
+    """
+
+    def __init__(self, rows: int, max_capacity: int, initial_capacity: int = 16) -> None:
+        self.rows, self.max_capacity = rows, max_capacity
+        self.capacity = self.initial_capacity = initial_capacity
+        self.description = "fake decoder"
+        self.cache = [[-1] * max_capacity for _ in range(rows)]
+        self.calls: list[Call] = []
+        self._table = np.random.default_rng(0).standard_normal((101, VOCAB)) * 2
+        self._hold_at: int | None = None
+        self._resume = threading.Event()
+        self.paused = threading.Event()  # set while a run is held
+
+    def logits_after(self, tokens: list[int]) -> np.ndarray:
+        """The logits for a row holding ``tokens``."""
+        return self._table[(sum(tokens) * 7 + len(tokens)) % len(self._table)].copy()
+
+    def ensure(self, positions: int) -> None:
+        assert positions <= self.max_capacity
+        self.capacity = max(self.capacity, positions)
+
+    def shrink(self) -> None:
+        self.capacity = self.initial_capacity
+
+    def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
+        if self._hold_at is not None and len(self.calls) >= self._hold_at:
+            self.paused.set()
+            self._resume.wait(10)
+            self.paused.clear()
+        self.calls.append(Call(start_row, input_ids.tolist(), seqlens_k.tolist()))
+        width = input_ids.shape[1]
+        out = np.empty((len(input_ids), VOCAB))
+        for offset, (ids, last) in enumerate(zip(input_ids.tolist(), seqlens_k.tolist())):
+            row, end = self.cache[start_row + offset], last + 1
+            if end > self.capacity:
+                raise AssertionError(f"position {end - 1} written with capacity {self.capacity}")
+            row[end - width:end] = ids
+            out[offset] = self.logits_after(row[:end])
+        return out
+
+    def close(self) -> None:
+        pass
+
+    def pause(self, after_calls: int = 0) -> None:
+        """Hold the call that follows the first ``after_calls`` calls."""
+        self._resume.clear()
+        self._hold_at = after_calls
+
+    def resume(self) -> None:
+        self._hold_at = None
+        self._resume.set()
+
+    async def wait_paused(self) -> None:
+        assert await asyncio.to_thread(self.paused.wait, 10), "the scheduler never called the decoder"
+
+
+def greedy_reference(decoder: FakeDecoder, prompt: list[int], count: int) -> list[int]:
+    """What greedy decoding of ``prompt`` gives with this decoder, computed without the scheduler."""
+    tokens, out = list(prompt), []
+    for _ in range(count):
+        logits = decoder.logits_after(tokens)
+        logits[EOS] = -np.inf  # the requests here ignore the end token
+        out.append(int(np.argmax(logits)))
+        tokens.append(out[-1])
+    return out
+
+
+async def collect(sequence: Sequence) -> list[TokenEvent]:
+    events = []
+    while not events or events[-1].finish_reason is None:
+        events.append(await asyncio.wait_for(sequence.events.get(), 10))
+    return events
+
+
+def tokens_of(events: list[TokenEvent]) -> list[int]:
+    return [e.token for e in events if e.token is not None]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scheduler(decoder: FakeDecoder, clock=None, **limits) -> GenerationScheduler:
+    settings = {"slots": decoder.rows, "capacity": decoder.max_capacity, "prefill_chunk": 64, "max_waiting": 8}
+    options = {"clock": clock} if clock is not None else {}
+    return GenerationScheduler(decoder, GenerationLimits(**{**settings, **limits}), [EOS], name="fake", **options)
+
+
+def params(max_tokens: int, **options) -> SamplingParams:
+    return SamplingParams(**{**GREEDY.__dict__, "max_tokens": max_tokens, **options})
+
+
+@pytest.fixture()
+async def running():
+    started: list[GenerationScheduler] = []
+
+    def start(decoder: FakeDecoder, **options) -> GenerationScheduler:
+        generator = scheduler(decoder, **options)
+        generator.start()
+        started.append(generator)
+        return generator
+
+    yield start
+    for generator in started:
+        await generator.close(5)
+
+
+def test_the_fake_is_a_decoder():
+    assert isinstance(FakeDecoder(1, 8), Decoder)
+
+
+def test_a_decoder_smaller_than_the_limits_is_refused():
+    with pytest.raises(ValueError, match="2 rows x 64 tokens"):
+        scheduler(FakeDecoder(2, 64), slots=4)
+
+
+async def test_sequences_take_free_rows_and_wait_for_one_when_all_are_busy(running):
+    decoder = FakeDecoder(rows=2, max_capacity=64)
+    decoder.pause()
+    generator = running(decoder)
+    hold = generator.submit([5], params(1))
+    await decoder.wait_paused()  # the step thread is inside hold's prefill: the next three wait together
+    prompts = {"short": [3, 4], "long": [7, 8, 9], "third": [11]}
+    lengths = {"short": 2, "long": 5, "third": 3}
+    sequences = {name: generator.submit(prompt, params(lengths[name])) for name, prompt in prompts.items()}
+    decoder.resume()
+    await collect(hold)
+    results = {name: await collect(sequence) for name, sequence in sequences.items()}
+    for name, events in results.items():
+        assert tokens_of(events) == greedy_reference(decoder, prompts[name], lengths[name]), name
+        assert events[-1].finish_reason == "length"
+    assert (sequences["short"].slot, sequences["long"].slot) == (0, 1)
+    assert sequences["third"].slot == 0  # the row "short" gave back, while "long" still held row 1
+    third_prefill = decoder.calls.index(Call(0, [prompts["third"]], [0]))
+    short_done = next(i for i, c in enumerate(decoder.calls) if len(c.input_ids) == 2)  # its second token
+    assert third_prefill == short_done + 1  # admitted at the step after "short" finished
+    assert generator.stats() == {"running": 0, "waiting": 0, "kv_used": 0.0}
+
+
+async def test_long_prompts_are_prefilled_in_chunks_under_the_step_budget(running):
+    decoder = FakeDecoder(rows=2, max_capacity=64)
+    decoder.pause()
+    generator = running(decoder, prefill_chunk=4)
+    hold = generator.submit([1], params(1))
+    await decoder.wait_paused()
+    short, long = [2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    first = generator.submit(short, params(6))
+    second = generator.submit(long, params(3))
+    decoder.resume()
+    await collect(hold)
+    first_events, second_events = await collect(first), await collect(second)
+    assert tokens_of(first_events) == greedy_reference(decoder, short, 6)
+    assert tokens_of(second_events) == greedy_reference(decoder, long, 3)
+    a1, a2, a3 = tokens_of(first_events)[:3]
+    b1 = tokens_of(second_events)[0]
+    # Each step spends at most 4 prompt tokens, then decodes every row that has its first token: the running
+    # sequence keeps a token per step while the long prompt goes in.
+    assert decoder.calls[1:8] == [
+        Call(0, [short], [1]), Call(1, [long[0:2]], [1]), Call(0, [[a1]], [2]),
+        Call(1, [long[2:6]], [5]), Call(0, [[a2]], [3]),
+        Call(1, [long[6:10]], [9]), Call(0, [[a3], [b1]], [4, 10]),
+    ]
+    assert all(sum(len(ids) for ids in call.input_ids) <= 4 for call in decoder.calls)
+
+
+async def test_a_cancelled_sequence_frees_its_row_at_the_next_step(running):
+    decoder = FakeDecoder(rows=1, max_capacity=64)
+    decoder.pause(after_calls=5)  # the prefill and four decode steps
+    generator = running(decoder)
+    endless = generator.submit([1, 2], params(0))
+    await decoder.wait_paused()
+    waiting = generator.submit([9], params(2))
+    generator.cancel(endless)
+    decoder.resume()
+    events = await collect(endless)
+    assert events[-1] == TokenEvent(None, finish_reason="cancelled")
+    assert tokens_of(events) == greedy_reference(decoder, [1, 2], 6)  # the held step still gave its token
+    assert tokens_of(await collect(waiting)) == greedy_reference(decoder, [9], 2)
+    assert decoder.calls[6] == Call(0, [[9]], [0])  # the next step: the row is free and the waiting one gets it
+
+
+async def test_deadlines_end_waiting_and_running_sequences_with_a_timeout(running):
+    clock = FakeClock()
+    decoder = FakeDecoder(rows=1, max_capacity=64)
+    decoder.pause(after_calls=3)
+    generator = running(decoder, clock=clock)
+    first = generator.submit([1], params(0), deadline=clock.now + 5)
+    await decoder.wait_paused()
+    queued = generator.submit([2, 3], params(4), deadline=clock.now + 1)
+    clock.now += 10  # past both deadlines
+    decoder.resume()
+    first_events, queued_events = await collect(first), await collect(queued)
+    assert first_events[-1] == TokenEvent(None, finish_reason="timeout")
+    assert len(tokens_of(first_events)) == 4 and len(decoder.calls) == 4  # nothing ran after the held step
+    assert queued_events == [TokenEvent(None, finish_reason="timeout")]
+    assert not any(call.input_ids == [[2, 3]] for call in decoder.calls)  # never prefilled
+
+
+async def test_the_waiting_bound_turns_new_sequences_away_with_a_retry_time(running):
+    decoder = FakeDecoder(rows=1, max_capacity=64)
+    decoder.pause()
+    generator = running(decoder, max_waiting=2)
+    hold = generator.submit([1], params(1))
+    await decoder.wait_paused()
+    waiting = [generator.submit([2], params(1)), generator.submit([3], params(1))]
+    with pytest.raises(QueueFull, match="2 sequences waiting") as refused:
+        generator.submit([4], params(1))
+    assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 0
+    assert generator.stats()["waiting"] == 2
+    decoder.resume()
+    for sequence in [hold, *waiting]:
+        assert (await collect(sequence))[-1].finish_reason == "length"
+
+
+async def test_seeded_sampling_gives_a_row_the_same_tokens_whatever_runs_beside_it(running):
+    sampled = {"temperature": 1.0, "top_p": 0.9, "top_k": 20}
+    prompt = [5, 6, 7]
+
+    async def run_alone(seed: int) -> list[int]:
+        generator = running(FakeDecoder(rows=4, max_capacity=64))
+        return tokens_of(await collect(generator.submit(prompt, params(12, seed=seed, **sampled))))
+
+    alone = await run_alone(1234)
+    assert alone == await run_alone(1234)
+    assert alone != await run_alone(99)
+    generator = running(FakeDecoder(rows=4, max_capacity=64))
+    crowd = [generator.submit([8 + i], params(12, seed=i, **sampled)) for i in range(3)]
+    ours = generator.submit(prompt, params(12, seed=1234, **sampled))
+    assert tokens_of(await collect(ours)) == alone
+    for sequence in crowd:
+        await collect(sequence)
+
+
+async def test_the_cache_grows_before_each_write_and_shrinks_once_idle(running):
+    decoder = FakeDecoder(rows=1, max_capacity=64, initial_capacity=4)
+    decoder.pause(after_calls=19)  # the last decode step of 20 tokens
+    generator = running(decoder)
+    sequence = generator.submit(list(range(1, 11)), params(20))
+    await decoder.wait_paused()
+    assert decoder.capacity == 29  # asked for before the call: the fake fails a write past its capacity
+    decoder.resume()
+    assert tokens_of(await collect(sequence)) == greedy_reference(decoder, list(range(1, 11)), 20)
+    for _ in range(200):  # the step thread shrinks the cache once it has nothing to run
+        if decoder.capacity == decoder.initial_capacity:
+            break
+        await asyncio.sleep(0.01)
+    assert decoder.capacity == decoder.initial_capacity
