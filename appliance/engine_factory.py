@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from appliance.config import Config
-from appliance.engine_registry import DecoderRegistry, EngineRegistry, Runtimes
+from appliance.engine_registry import DecoderRegistry, EngineRegistry
 from appliance.engines.base import Decoder, Engine
 from appliance.engines.generation import GenerationLimits
 from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
@@ -49,11 +49,6 @@ def default_engines() -> EngineRegistry:
 def default_decoders() -> DecoderRegistry:
     """The decoder kinds this server runs."""
     return DecoderRegistry({"onnxruntime": onnxruntime_decoder})
-
-
-def default_runtimes() -> Runtimes:
-    """The default engine and decoder registries together."""
-    return Runtimes(default_engines(), default_decoders())
 
 
 def create_engine(spec: ModelSpec, config: Config) -> Engine:

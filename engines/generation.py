@@ -88,15 +88,20 @@ class GenerationLimits:
     max_waiting: int = 64
 
 
+def check_decoder_fits(decoder: Decoder, limits: GenerationLimits, name: str) -> None:
+    """Raise :class:`ValueError` unless ``decoder`` holds the rows and positions ``limits`` schedule."""
+    if decoder.rows < limits.slots or decoder.max_capacity < limits.capacity:
+        raise ValueError(f"model {name}: the decoder holds {decoder.rows} rows x {decoder.max_capacity} tokens, "
+                         f"fewer than the {limits.slots} x {limits.capacity} the limits ask for")
+
+
 class GenerationScheduler:
     """Admits, prefills, decodes and samples sequences for one decoder model version."""
 
     def __init__(self, decoder: Decoder, limits: GenerationLimits, eos_ids: list[int], *,
                  on_step: Callable[[dict[str, float]], None] | None = None, name: str = "model",
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if decoder.rows < limits.slots or decoder.max_capacity < limits.capacity:
-            raise ValueError(f"model {name}: the decoder holds {decoder.rows} rows x {decoder.max_capacity} tokens, "
-                             f"fewer than the {limits.slots} x {limits.capacity} the limits ask for")
+        check_decoder_fits(decoder, limits, name)
         self._decoder = decoder
         self.limits = limits
         self._eos = set(eos_ids)

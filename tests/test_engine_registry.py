@@ -19,6 +19,7 @@ from appliance.engine_registry import DecoderRegistry, EngineRegistry
 from appliance.engines.base import Decoder, Engine
 from appliance.engines.generation import SamplingParams
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine
+from appliance.errors import ModelLoadFailed
 from appliance.model_spec import ModelSpec, read_model_spec
 from appliance.models import EmbeddingModel, GenerativeModel, ModelVersion, TensorModel
 from appliance.repository import ModelManager
@@ -145,3 +146,19 @@ async def test_the_manager_makes_every_version_with_the_factories_it_was_given(t
     assert tokens[-1].finish_reason == "stop"
     await manager.close()
     assert decoder.closed
+
+
+async def test_a_decoder_smaller_than_the_model_asks_fails_the_load_not_the_swap(tmp_path):
+    repo = tmp_path / "repo"
+    write_generate_model(repo)
+    made: list[CountingDecoder] = []
+
+    def one_row(spec, config, generation, limits):
+        made.append(CountingDecoder(1, limits.capacity))
+        return made[-1]
+
+    manager = ModelManager(make_config(repo, tmp_path / "state"), decoder_factory=one_row)
+    with pytest.raises(ModelLoadFailed, match="the decoder holds 1 rows x 32 tokens, fewer than the 2 x 32"):
+        await manager.load("counter")
+    assert [(s.name, s.state) for s in manager.index()] == [("counter", "UNAVAILABLE")]
+    assert made[0].closed and not made[0].calls  # released without a warmup

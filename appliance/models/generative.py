@@ -9,7 +9,7 @@ import numpy as np
 from appliance.config import Config
 from appliance.engine_registry import Runtimes
 from appliance.engines.base import Decoder
-from appliance.engines.generation import GenerationLimits, GenerationScheduler
+from appliance.engines.generation import GenerationLimits, GenerationScheduler, check_decoder_fits
 from appliance.engines.tokenizer import TextEncoder
 from appliance.model_spec import ModelSpec
 from appliance.models.base import ModelVersion
@@ -45,6 +45,7 @@ class GenerativeModel(ModelVersion):
             max_waiting=spec.generation.max_waiting,
         )
         self.decoder = self._decoder_factory(spec, self._config, self.generation, self.generation_limits)
+        check_decoder_fits(self.decoder, self.generation_limits, f"{self.name}/{self.version}")  # here, not at swap
 
     def _warmup(self) -> None:
         """A short prefill and one decode step on row 0 (its cache is rewritten by the first request)."""
