@@ -124,9 +124,10 @@ class FieldSpec:
     field: dataclasses.Field
     hint: Any
     required: bool
+    default: Any  # the default value; dataclasses.MISSING when required or made by a default factory
     check: Checker
 
-    def default(self) -> Any:
+    def make_default(self) -> Any:
         """The field's default value (a fresh one, for a default factory)."""
         if self.field.default_factory is not dataclasses.MISSING:
             return self.field.default_factory()
@@ -137,7 +138,7 @@ class FieldSpec:
 def fields(cls: type) -> dict[str, FieldSpec]:
     """The init fields of dataclass ``cls``, in declared order, annotations resolved once."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    return {f.name: FieldSpec(f, hints[f.name], f.default is f.default_factory is dataclasses.MISSING,
+    return {f.name: FieldSpec(f, hints[f.name], f.default is f.default_factory is dataclasses.MISSING, f.default,
                               _checker(hints[f.name]))
             for f in dataclasses.fields(cls) if f.init}
 
@@ -185,10 +186,19 @@ def _bare(hint: Any) -> Any:
 @functools.cache
 def _checker(hint: Any) -> Checker:
     """How to check ``hint``, worked out once per annotation."""
+    walk = _walker(hint)
+    if not _native(hint):
+        return walk or functools.partial(_unsupported, hint)
+    # msgspec keeps what it learns of a Struct type, not of a bare annotation: a one-field Struct checks in a third
+    # of the time.
+    box = msgspec.defstruct("Box", [("value", hint)])
+    return functools.partial(_boxed, box, hint, walk)
+
+
+def _walker(hint: Any) -> Checker | None:
+    """A check that walks ``hint`` to the value that does not fit (``None`` for a leaf, which msgspec checks)."""
     if _is_dataclass(hint):
         return lambda value, loc: build(hint, value, loc)
-    if _native(hint):
-        return functools.partial(_leaf, hint)
     whole = hint
     origin, args = get_origin(hint), get_args(hint)
     limits: tuple[Any, ...] = ()
@@ -196,13 +206,25 @@ def _checker(hint: Any) -> Checker:
         hint, limits = args[0], args[1:]
         origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, types.UnionType):
-        return functools.partial(_union, whole, tuple(_checker(arg) for arg in args))
+        return functools.partial(_union, whole, tuple((_kinds(arg), _checker(arg)) for arg in args))
+    if not _holds_dataclass(hint) and _native(whole):
+        return None
     if origin in _CONTAINERS and args and (origin is not tuple or args[-1] is Ellipsis):
         shape = tuple[Any, ...] if origin is tuple else origin[Any]
-        return functools.partial(_items, whole, _limited(shape, limits), _checker(args[0]), origin)
+        return functools.partial(_items, whole, _checker(_limited(shape, limits)), _checker(args[0]), origin)
     if origin is dict and args:
-        return functools.partial(_items, whole, _limited(dict[args[0], Any], limits), _checker(args[1]), dict)
-    return functools.partial(_unsupported, whole)
+        return functools.partial(_items, whole, _checker(_limited(dict[args[0], Any], limits)), _checker(args[1]),
+                                 dict)
+    return None
+
+
+def _boxed(box: type, hint: Any, walk: Checker | None, value: Any, loc: Loc) -> Any:
+    try:
+        return msgspec.convert({"value": value}, box).value
+    except msgspec.ValidationError:
+        if walk is not None:
+            walk(value, loc)  # finds, and reports, the value inside that does not fit
+        raise Invalid("value", loc, value, hint) from None
 
 
 def _unsupported(hint: Any, value: Any, loc: Loc) -> Any:
@@ -213,24 +235,49 @@ def _limited(shape: Any, limits: tuple[Any, ...]) -> Any:
     return Annotated[(shape, *limits)] if limits else shape
 
 
-def _leaf(hint: Any, value: Any, loc: Loc, reported: Any = None) -> Any:
-    try:
-        return msgspec.convert(value, hint)
-    except msgspec.ValidationError:
-        raise Invalid("value", loc, value, hint if reported is None else reported) from None
+def _unsupported(hint: Any, value: Any, loc: Loc) -> Any:
+    raise TypeError(f"appliance.validation cannot check values of type {hint!r} (at {path_of(loc)})")
 
 
-def _union(hint: Any, members: tuple[Checker, ...], value: Any, loc: Loc) -> Any:
-    for member in members:  # in the order written: the first that fits
-        try:
-            return member(value, loc)
-        except Invalid:
-            pass
+def _union(hint: Any, members: tuple[tuple[tuple[type, ...] | None, Checker], ...], value: Any, loc: Loc) -> Any:
+    for kinds, member in members:  # in the order written: the first that fits
+        if kinds is None or isinstance(value, kinds):
+            try:
+                return member(value, loc)
+            except Invalid:
+                pass
     raise Invalid("value", loc, value, hint)
 
 
-def _items(hint: Any, shape: Any, item: Checker, origin: type, value: Any, loc: Loc) -> Any:
-    _leaf(shape, value, loc, hint)
+_ARRAYS = (list, tuple, set, frozenset)
+
+
+def _kinds(hint: Any) -> tuple[type, ...] | None:
+    """The Python types a value of ``hint`` can have (``None``: any), so that a union skips members that cannot fit
+    without the cost of trying them."""
+    base = _split(hint)[0]
+    origin, args = get_origin(base), get_args(base)
+    if origin in (Union, types.UnionType):
+        members = [_kinds(arg) for arg in args]
+        return None if None in members else tuple(kind for kinds in members for kind in kinds or ())
+    if origin is typing.Literal:
+        return tuple({type(value) for value in args})
+    if base is float:
+        return (int, float)
+    if base in (str, int, bool, _NONE):
+        return (base,)
+    if origin in _CONTAINERS:
+        return _ARRAYS
+    if origin is dict or _is_dataclass(base):
+        return (dict,)
+    return None
+
+
+def _items(hint: Any, shape: Checker, item: Checker, origin: type, value: Any, loc: Loc) -> Any:
+    try:
+        shape(value, loc)
+    except Invalid:
+        raise Invalid("value", loc, value, hint) from None
     if origin is dict:
         return {key: item(entry, (*loc, key)) for key, entry in value.items()}
     items = [item(entry, (*loc, index)) for index, entry in enumerate(value)]
@@ -245,16 +292,28 @@ def _holds_dataclass(hint: Any) -> bool:
     return _is_dataclass(hint) or any(_holds_dataclass(arg) for arg in get_args(hint))
 
 
+@functools.cache
 def _native(hint: Any) -> bool:
-    """Whether msgspec checks ``hint`` whole: no dataclass inside (their keys are checked here) and a type msgspec
-    supports (it refuses, for one, unions of several kinds of list)."""
-    if _holds_dataclass(hint):
+    """Whether msgspec can check ``hint`` whole: a type it supports (it refuses, for one, unions of several kinds of
+    list) whose dataclasses all ignore undeclared keys, as msgspec does (the others' keys are checked here)."""
+    if not _lenient(hint):
         return False
     try:
         mi.type_info(hint)
     except (TypeError, ValueError):
         return False
     return True
+
+
+def _lenient(hint: Any, seen: frozenset[type] = frozenset()) -> bool:
+    if _is_dataclass(hint):
+        if getattr(hint, "extra_keys", None) != IGNORE:
+            return False
+        if hint in seen:
+            return True
+        hints = typing.get_type_hints(hint, include_extras=True)
+        return all(_lenient(hints[f.name], seen | {hint}) for f in dataclasses.fields(hint) if f.init)
+    return all(_lenient(arg, seen) for arg in get_args(hint))
 
 
 # -- words ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,283 @@
+"""The OpenAI-compatible request bodies: their wire format, as dataclasses, and the parsers that check a body.
+
+A field's annotation says what it accepts (the rules of :mod:`appliance.validation`), its default what leaving it
+out means (and sending null, where the type allows null), and its metadata the 400 message when the value does not
+fit (``param`` is the field's name) and the field's description. ``GET /openapi.json`` documents the request bodies
+from these classes, so the document and the parsers cannot disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
+
+from msgspec import Meta
+
+from appliance import validation
+from appliance.engines.generation import SamplingParams
+from appliance.errors import BadRequest
+from appliance.types import EmbedRequest
+
+MAX_INPUTS = 2048  # texts (or token id arrays) per embeddings request
+ErrorText = str | Callable[[Any, validation.Invalid], str]  # a str is formatted with the value sent as {value!r}
+
+
+def _says(error: ErrorText, description: str = "") -> dict[str, Any]:
+    """Field metadata: the message of the 400 a value that does not fit gets, and what the field means."""
+    return {"error": error, "description": description} if description else {"error": error}
+
+
+# -- the wire format -----------------------------------------------------------------------------------------------
+
+@dataclass
+class TextPart:
+    """A part of a message's content; a text model understands text parts only."""
+
+    extra_keys: ClassVar[str] = validation.IGNORE
+    type: Literal["text"]
+    text: str
+
+
+@dataclass
+class ChatMessage:
+    """One turn of a conversation; ``developer`` is read as ``system``, and content parts are joined."""
+
+    extra_keys: ClassVar[str] = validation.IGNORE
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+@dataclass
+class StreamOptions:
+    """What a stream carries besides the text."""
+
+    include_usage: Any = field(default=False, metadata={
+        "description": "true: a last chunk carries the usage (any value is read as true or false)"})
+
+
+def _messages_error(value: Any, error: validation.Invalid) -> str:
+    if len(error.loc) == 1:
+        return "'messages' must be a non-empty array of {role, content}"
+    index = error.loc[1]
+    if error.loc[2:] == ("content",):
+        if isinstance(value[index].get("content"), list):
+            return f"messages[{index}].content parts must all be text parts"
+        return f"messages[{index}].content must be a string"
+    return f"messages[{index}] needs a role of system, developer, user or assistant"
+
+
+def _top_p_error(value: Any, error: validation.Invalid) -> str:
+    if value == 0 and not isinstance(value, bool):
+        return "top_p must be above 0"
+    return f"top_p must be a number from 0.0 to 1.0, not {value!r}"
+
+
+_STREAM_OPTIONS = "stream_options needs stream: true and takes only include_usage"
+_TOP_LOGPROBS = "top_logprobs needs logprobs: true"
+
+
+@dataclass
+class GenerationRequest:
+    """The fields ``POST /v1/chat/completions`` and ``POST /v1/completions`` share."""
+
+    model: Annotated[str, Meta(min_length=1)] = field(metadata=_says(
+        "'model' is required: a model name, alias or tier (GET /v1/models)", "a model name, alias or tier"))
+    n: Literal[1] = field(default=1, metadata=_says("n must be 1 (one choice per request), not {value!r}"))
+    max_tokens: Annotated[int, Meta(ge=1)] | None = field(default=None, metadata=_says(
+        "max_tokens must be an integer >= 1, not {value!r}", "at most this many tokens are generated"))
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = field(default=1.0, metadata=_says(
+        "temperature must be a number from 0.0 to 2.0, not {value!r}", "0 picks the most likely token"))
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = field(default=1.0, metadata=_says(_top_p_error))
+    top_k: Annotated[int, Meta(ge=0)] | None = field(default=0, metadata=_says(
+        "top_k must be an integer >= 0, not {value!r}", "0: no limit"))
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = field(default=None, metadata=_says(
+        "seed must be an integer from -9223372036854775808 to 9223372036854775807, not {value!r}"))
+    ignore_eos: bool = field(default=False, metadata=_says("ignore_eos must be true or false"))
+    stop: (Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=4)]
+           | None) = field(default=None, metadata=_says(
+               "stop must be a non-empty string or an array of at most 4 such strings"))
+    stream: bool = field(default=False, metadata=_says("stream must be true or false", "server-sent events"))
+    stream_options: StreamOptions | None = field(default=None, metadata=_says(_STREAM_OPTIONS, _STREAM_OPTIONS))
+    user: str | None = field(default=None, metadata=_says("user must be a string", "accepted, not stored"))
+    timeout: Annotated[float, Meta(gt=0)] | None = field(default=None, metadata=_says(
+        "timeout is in seconds and must be a positive number, not {value!r}", "seconds"))
+
+
+@dataclass
+class ChatCompletionRequest(GenerationRequest):
+    """The body of ``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)] = field(kw_only=True,
+                                                                       metadata=_says(_messages_error))
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = field(default=None, metadata=_says(
+        "max_completion_tokens must be an integer >= 1, not {value!r}", "when set, max_tokens is not read"))
+    logprobs: bool = field(default=False, metadata=_says("logprobs must be true or false"))
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = field(default=None, metadata=_says(
+        "top_logprobs must be an integer from 0 to 20, not {value!r}", _TOP_LOGPROBS))
+
+
+@dataclass
+class CompletionRequest(GenerationRequest):
+    """The body of ``POST /v1/completions``."""
+
+    prompt: (str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+             | Annotated[list[int], Meta(min_length=1)]) = field(kw_only=True, metadata=_says(
+                 "'prompt' must be a string (or one string in an array) or an array of token ids"))
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = field(default=None, metadata=_says(
+        "logprobs must be an integer from 0 to 5, not {value!r}", "this many likely tokens besides the one chosen"))
+
+
+@dataclass
+class EmbeddingRequest:
+    """The body of ``POST /v1/embeddings``."""
+
+    model: Annotated[str, Meta(min_length=1)] = field(metadata=_says(
+        "'model' is required: the name or alias of an embedding model (GET /v1/models)"))
+    input: (str | Annotated[list[str], Meta(min_length=1)] | Annotated[list[int], Meta(min_length=1)]
+            | Annotated[list[list[int]], Meta(min_length=1)]) = field(metadata=_says(
+                "'input' must be a string, a non-empty array of strings, an array of token ids, or an array of such "
+                "arrays", f"at most {MAX_INPUTS} texts or token id arrays per request"))
+    encoding_format: Literal["float", "base64"] = field(default="float", metadata=_says(
+        "encoding_format must be 'float' or 'base64', not {value!r}"))
+    dimensions: Annotated[int, Meta(ge=1)] | None = field(default=None, metadata=_says(
+        "dimensions must be a positive integer, not {value!r}", "fewer dimensions, for models trained for it"))
+    truncate: bool = field(default=False, metadata=_says(
+        "truncate must be true or false, not {value!r}", "cut inputs over the limit instead of 400"))
+    user: str | None = field(default=None, metadata=_says("user must be a string", "accepted, not stored"))
+    timeout: Annotated[float, Meta(gt=0)] | None = field(default=None, metadata=_says(
+        "timeout is in seconds and must be a positive number, not {value!r}", "seconds"))
+
+
+# -- the parsers ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerateBody:
+    """A checked chat or completions body."""
+
+    model: str
+    messages: list[dict] | None = None
+    prompt: str | list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    deadline: float | None = None
+
+    def canonical(self, chat: bool) -> dict[str, Any]:
+        """Every field that changes the generated text: the response cache's view of the request."""
+        p = self.params
+        return {"chat": chat, "messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
+                "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed,
+                "stop": self.stop, "logprobs": p.logprobs, "ignore_eos": p.ignore_eos}
+
+
+_ABSENT = object()
+Specs = dict[str, validation.FieldSpec]
+
+
+def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
+    """Check every field; unknown fields and unsupported values get 400 naming the field."""
+    specs = validation.fields(ChatCompletionRequest if chat else CompletionRequest)
+    _refuse_unknown(body, specs, "unknown or unsupported field")
+    parsed = GenerateBody(model=_read(body, specs, "model"))
+    if chat:
+        parsed.messages = [_turn(message) for message in _read(body, specs, "messages")]
+    else:
+        prompt = _read(body, specs, "prompt")
+        parsed.prompt = prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str) else prompt
+    if body.get("n", 1) != 1:  # compared as a number, as it always was: 1.0 (and true) ask for one choice too
+        _read(body, specs, "n")
+    newer = chat and body.get("max_completion_tokens") is not None  # then max_tokens is not read
+    parsed.max_tokens = _read(body, specs, "max_completion_tokens" if newer else "max_tokens")
+    params = parsed.params
+    params.temperature = _read(body, specs, "temperature")
+    params.top_p = _read(body, specs, "top_p")
+    params.top_k = _read(body, specs, "top_k")
+    seed = _read(body, specs, "seed")
+    params.seed = seed & (1 << 64) - 1 if seed is not None and seed < 0 else seed
+    params.ignore_eos = _read(body, specs, "ignore_eos")
+    stop = _read(body, specs, "stop")
+    parsed.stop = [stop] if isinstance(stop, str) else stop or []
+    parsed.stream = _read(body, specs, "stream")
+    options = _read(body, specs, "stream_options")
+    if options is not None:
+        if not parsed.stream:
+            raise BadRequest(_STREAM_OPTIONS, param="stream_options")
+        parsed.include_usage = bool(options.include_usage)
+    if chat:
+        wanted = _read(body, specs, "logprobs")
+        top = _read(body, specs, "top_logprobs")
+        if top is not None and not wanted:
+            raise BadRequest(_TOP_LOGPROBS, param="top_logprobs")
+        params.logprobs = (top or 0) if wanted else -1
+    else:
+        count = _read(body, specs, "logprobs")
+        params.logprobs = -1 if count is None else count
+    _read(body, specs, "user")
+    parsed.deadline = _deadline(_read(body, specs, "timeout"))
+    return parsed
+
+
+def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
+    """Check an embeddings body field by field; returns the request and the encoding format."""
+    specs = validation.fields(EmbeddingRequest)
+    _refuse_unknown(body, specs, "unknown field")
+    request = EmbedRequest(id="", model=_read(body, specs, "model"))
+    value = _read(body, specs, "input")
+    if isinstance(value, str):
+        request.texts = [value]
+    elif isinstance(value[0], str):
+        request.texts = value
+    elif isinstance(value[0], int):
+        request.token_ids = [value]
+    else:
+        request.token_ids = value
+    count = len(request.texts or request.token_ids or [])
+    if count > MAX_INPUTS:
+        raise BadRequest(f"'input' has {count} items; at most {MAX_INPUTS} per request", param="input")
+    encoding = _read(body, specs, "encoding_format")
+    request.dimensions = _read(body, specs, "dimensions")
+    request.truncate = _read(body, specs, "truncate")
+    _read(body, specs, "user")
+    request.deadline = _deadline(_read(body, specs, "timeout"))
+    return request, encoding
+
+
+def _refuse_unknown(body: dict[str, Any], specs: Specs, words: str) -> None:
+    unknown = sorted(set(body) - specs.keys())
+    if unknown:
+        raise BadRequest(f"{words} {unknown[0]!r}; this endpoint takes {sorted(specs)}", param=unknown[0])
+
+
+def _read(body: dict[str, Any], specs: Specs, name: str) -> Any:
+    """The field ``name`` of ``body``, checked against its declared type: its default when absent (or null, where
+    null is allowed); a 400 with the field's message when it does not fit."""
+    spec = specs[name]  # the wire classes' defaults are plain values, made by no factory
+    value = body.get(name, _ABSENT)
+    if value is _ABSENT:
+        if spec.required:
+            raise _bad(spec, name, None, validation.Invalid("missing", (name,), hint=spec.hint))
+        return spec.default
+    try:
+        checked = spec.check(value, (name,))
+    except validation.Invalid as exc:
+        raise _bad(spec, name, value, exc) from None
+    return spec.default if checked is None else checked
+
+
+def _bad(spec: validation.FieldSpec, name: str, value: Any, error: validation.Invalid) -> BadRequest:
+    text: ErrorText = spec.field.metadata["error"]
+    return BadRequest(text.format(value=value) if isinstance(text, str) else text(value, error), param=name)
+
+
+def _turn(message: ChatMessage) -> dict[str, str]:
+    content = message.content if isinstance(message.content, str) else "".join(part.text for part in message.content)
+    return {"role": "system" if message.role == "developer" else message.role, "content": content}
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """The ``timeout`` extension (seconds) as a deadline on the monotonic clock."""
+    return None if timeout is None else time.monotonic() + timeout
