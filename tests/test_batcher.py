@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 
 import tiny_models
+from waiting import ManualClock
 from appliance.engines.batcher import DynamicBatcher
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
 from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, QueueFull
 
 
 class RecordingEngine:
-    """A real ORT engine that records the batch sizes it runs, can be held, and fails rows holding NaN."""
+    """A real ORT engine that records the batch sizes it runs, can be held, and fails rows holding NaN.
+
+    With ``gate`` cleared, a batch that reaches ``run`` sets ``entered`` and waits there until the gate opens.
+    """
 
     def __init__(self, model: Path) -> None:
         self.inner = OnnxRuntimeEngine(model, OrtOptions(providers=["cpu"], intra_op_threads=1))
@@ -26,17 +30,23 @@ class RecordingEngine:
         self.batches: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
 
     def load(self) -> None:
         pass
 
     def run(self, inputs):
+        self.entered.set()
         self.gate.wait(10)
         array = inputs["INPUT0"]
         self.batches.append(array.shape[0])
         if np.isnan(array).any():
             raise ValueError("NaN in input")
         return self.inner.run(inputs)
+
+    async def held(self) -> None:
+        """Wait until a batch is inside ``run``, held at the gate: what is submitted next queues behind it."""
+        assert await asyncio.to_thread(self.entered.wait, 10), "no batch reached the engine"
 
     def close(self) -> None:
         self.inner.close()
@@ -61,7 +71,7 @@ async def test_requests_queued_while_busy_form_one_batch(engine):
     batcher.start()
     engine.gate.clear()
     first = batcher.submit(rows(1, 0))
-    await asyncio.sleep(0.05)  # the instance is now held inside the first batch
+    await engine.held()
     rest = [batcher.submit(rows(1, i)) for i in range(1, 6)]
     engine.gate.set()
     results = await asyncio.gather(first, *rest)
@@ -77,7 +87,7 @@ async def test_max_batch_size_splits_and_keeps_order(engine):
     batcher.start()
     engine.gate.clear()
     blocker = batcher.submit(rows(1, 100))
-    await asyncio.sleep(0.05)
+    await engine.held()
     futures = [batcher.submit(rows(3, i)) for i in range(3)]  # 3 + 3 does not fit in 4
     engine.gate.set()
     await blocker
@@ -90,26 +100,31 @@ async def test_max_batch_size_splits_and_keeps_order(engine):
 
 
 async def test_delay_waits_for_preferred_batch_size(engine):
-    batcher = DynamicBatcher([engine], max_batch_size=16, max_queue_delay_s=2.0, preferred_batch_sizes=[4])
+    clock = ManualClock()
+    batcher = DynamicBatcher([engine], max_batch_size=16, max_queue_delay_s=2.0, preferred_batch_sizes=[4],
+                             clock=clock)
     batcher.start()
-    started = time.monotonic()
     futures = [batcher.submit(rows(1))]
-    await asyncio.sleep(0.05)
+    await clock.read_by_worker()  # the worker has seen the lone request and chosen to wait for company
     futures += [batcher.submit(rows(1)) for _ in range(3)]
-    await asyncio.gather(*futures)
-    assert engine.batches == [4]  # sent as soon as the preferred size formed, long before the 2 s delay
-    assert time.monotonic() - started < 1.0
+    results = await asyncio.wait_for(asyncio.gather(*futures), 10)
+    # Sent as soon as the preferred size formed: the clock never moved, so the 2 s delay cannot have run out.
+    assert engine.batches == [4]
+    assert all(result.queue_s == 0 for result in results)
     await batcher.close()
 
 
 async def test_delay_expiry_sends_partial_batch(engine):
-    batcher = DynamicBatcher([engine], max_batch_size=16, max_queue_delay_s=0.1, preferred_batch_sizes=[8])
+    clock = ManualClock()
+    batcher = DynamicBatcher([engine], max_batch_size=16, max_queue_delay_s=0.1, preferred_batch_sizes=[8],
+                             clock=clock)
     batcher.start()
-    started = time.monotonic()
-    await asyncio.gather(*(batcher.submit(rows(1)) for _ in range(3)))
-    waited = time.monotonic() - started
+    futures = [batcher.submit(rows(1)) for _ in range(3)]
+    await clock.read_by_worker()  # the worker holds them, waiting for the preferred 8
+    clock.advance(0.1)  # the oldest request's delay runs out
+    results = await asyncio.wait_for(asyncio.gather(*futures), 10)
     assert engine.batches == [3]
-    assert 0.09 <= waited < 1.0
+    assert [result.queue_s for result in results] == [pytest.approx(0.1)] * 3  # sent only once the delay ran out
     await batcher.close()
 
 
@@ -142,7 +157,7 @@ async def test_failing_request_does_not_fail_its_batch(engine):
     batcher.start()
     engine.gate.clear()
     blocker = batcher.submit(rows(1))
-    await asyncio.sleep(0.05)
+    await engine.held()
     good_before = batcher.submit(rows(2, 1))
     bad = batcher.submit(rows(1, float("nan")))
     good_after = batcher.submit(rows(1, 5))
@@ -162,7 +177,7 @@ async def test_queue_full_raises_with_retry_after(engine):
     batcher.start()
     engine.gate.clear()
     running = batcher.submit(rows(1))
-    await asyncio.sleep(0.05)
+    await engine.held()
     queued = [batcher.submit(rows(1)) for _ in range(3)]
     with pytest.raises(QueueFull) as error:
         batcher.submit(rows(1))
@@ -177,7 +192,7 @@ async def test_expired_request_is_answered_and_never_runs(engine):
     batcher.start()
     engine.gate.clear()
     running = batcher.submit(rows(1))
-    await asyncio.sleep(0.05)
+    await engine.held()
     doomed = batcher.submit(rows(7, 3), deadline=time.monotonic() + 0.05)
     with pytest.raises(DeadlineExceeded, match="timed out"):
         await asyncio.wait_for(doomed, 2)
@@ -194,7 +209,7 @@ async def test_close_drains_queued_work_then_refuses(engine):
     engine.gate.clear()
     futures = [batcher.submit(rows(1)) for _ in range(5)]
     closing = asyncio.ensure_future(batcher.close(timeout_s=10))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one turn of the loop: close() has begun, and waits for the queued work
     with pytest.raises(ModelNotReady):
         batcher.submit(rows(1))
     engine.gate.set()

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from waiting import ManualClock
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
 from appliance.engines.token_batcher import TokenBudgetBatcher
 from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, QueueFull
@@ -27,11 +28,13 @@ class RecordingEncoder:
         self.shapes: list[tuple[int, int]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # a batch reached run (and waits there while the gate is closed)
 
     def load(self) -> None:
         pass
 
     def run(self, inputs):
+        self.entered.set()
         self.gate.wait(10)
         self.shapes.append(inputs["input_ids"].shape)
         return self.inner.run(inputs)
@@ -66,7 +69,7 @@ async def hold(engine, batcher) -> asyncio.Future:
     """Occupy the only instance so that what the test queues next waits together."""
     engine.gate.clear()
     blocker = batcher.submit([seq(4)])
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(engine.entered.wait, 10), "the blocker never reached the engine"
     return blocker
 
 
@@ -152,13 +155,15 @@ async def test_queue_bound_is_in_inputs(engine):
 
 
 async def test_wait_collects_a_fuller_batch(engine):
-    batcher = make(engine, max_wait_s=0.1)
-    started = time.monotonic()
+    clock = ManualClock()
+    batcher = make(engine, max_wait_s=0.1, clock=clock)
     first = batcher.submit([seq(8)])
-    await asyncio.sleep(0.02)
+    await clock.read_by_worker()  # the worker has seen the lone input and chosen to wait for company
     second = batcher.submit([seq(9)])
-    await asyncio.gather(first, second)
-    assert engine.shapes == [(2, 9)] and time.monotonic() - started >= 0.09
+    clock.advance(0.1)
+    results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert engine.shapes == [(2, 9)]
+    assert results[0].queue_s == pytest.approx(0.1)  # it went only once its wait was over
     await batcher.close()
 
 
@@ -167,7 +172,7 @@ async def test_close_finishes_queued_work_then_refuses(engine):
     engine.gate.clear()
     futures = [batcher.submit([seq(5)]) for _ in range(5)]
     closing = asyncio.ensure_future(batcher.close(timeout_s=10))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one turn of the loop: close() has begun, and waits for the queued work
     with pytest.raises(ModelNotReady):
         batcher.submit([seq(5)])
     engine.gate.set()
