@@ -471,7 +471,7 @@ def _object_schema(cls: type, components: dict[str, Any], ref_template: str) -> 
         properties[name] = schema
     result: dict[str, Any] = {"title": cls.__name__, "type": "object"}
     if "__doc__" in vars(cls) and cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):
-        result["description"] = inspect.cleandoc(cls.__doc__)
+        result["description"] = inspect.cleandoc(cls.__doc__).replace("``", "`")  # Markdown, as OpenAPI reads it
     result["properties"] = properties
     if required:
         result["required"] = required

@@ -1,4 +1,8 @@
-"""The OpenAPI 3 description of the HTTP API, served at ``GET /openapi.json``."""
+"""The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
+
+The request bodies of the OpenAI-compatible routes are generated from the definitions their parsers check against
+(:mod:`appliance.api.bodies`); the schemas are JSON Schema 2020-12, which OpenAPI 3.1 uses.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from appliance import __version__
+from appliance import __version__, validation
+from appliance.api.bodies import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-_ERROR = {
-    "description": "Error",
-    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-}
+# Where an operation fails; replaced, per path, by the error body that path really sends (see _error_for).
+_ERROR: dict[str, Any] = {"description": "Error"}
+REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+                  "/v1/embeddings": EmbeddingRequest}
+
+
+def _error_for(path: str) -> dict[str, Any]:
+    """Under ``/v1/`` an error is OpenAI's error object; elsewhere ``{"error": "<message>"}``."""
+    name = "OpenAIError" if path.startswith("/v1/") else "Error"
+    return {"description": "Error",
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
 
@@ -57,7 +71,8 @@ def _model_paths() -> dict[str, dict]:
             "application/msgpack": {"schema": {"type": "string", "format": "binary"}},
         },
     }
-    for base, params in (("/v2/models/{model}", [_MODEL]), ("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION])):
+    for base, params in (("/v2/models/{model}", [_MODEL]),
+                         ("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION])):
         paths[base] = {"get": _op("Model metadata", {"200": _json_ok("#/components/schemas/ModelMetadata"),
                                                       "404": _ERROR, "503": _ERROR}, params=params)}
         paths[base + "/ready"] = {"get": _op("Model readiness", {"200": _json_ok(), "404": _ERROR, "503": _ERROR},
@@ -105,22 +120,18 @@ def build_openapi() -> dict[str, Any]:
         "/v1/embeddings": {"post": _op(
             "OpenAI-compatible embeddings",
             {"200": _json_ok("#/components/schemas/EmbeddingList"), "400": _ERROR, "404": _ERROR, "413": _ERROR,
-             "503": _ERROR, "504": _ERROR},
-            body={"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}}})},
-        "/v1/models": {"get": _op("Models serving now (OpenAI shape)", {"200": _json_ok()})},
+             "503": _ERROR, "504": _ERROR})},
+        "/v1/models": {"get": _op("Models serving now that the key may use (OpenAI shape)", {"200": _json_ok()})},
+        "/v1/models/{model}": {"get": _op("One of them, by name or alias", {"200": _json_ok(), "404": _ERROR},
+                                          params=[_MODEL])},
         "/v1/chat/completions": {"post": _op(
             "OpenAI-compatible chat completions (stream: server-sent events)",
             {"200": {"description": "a chat.completion, or text/event-stream chunks ending with data: [DONE]"},
-             "400": _ERROR, "404": _ERROR, "503": _ERROR, "504": _ERROR},
-            body={"required": True, "content": {"application/json": {"schema": {"type": "object",
-                                                                                "required": ["model", "messages"]}}}})},
+             "400": _ERROR, "404": _ERROR, "413": _ERROR, "503": _ERROR, "504": _ERROR})},
         "/v1/completions": {"post": _op(
             "OpenAI-compatible completions (stream: server-sent events)",
             {"200": {"description": "a text_completion, or text/event-stream chunks ending with data: [DONE]"},
-             "400": _ERROR, "404": _ERROR, "503": _ERROR, "504": _ERROR},
-            body={"required": True, "content": {"application/json": {"schema": {"type": "object",
-                                                                                "required": ["model", "prompt"]}}}})},
+             "400": _ERROR, "404": _ERROR, "413": _ERROR, "503": _ERROR, "504": _ERROR})},
         "/admin/cache": {"get": _op("Response cache entries, bytes and cap (admin key)",
                                     {"200": _json_ok(), "401": _ERROR, "403": _ERROR})},
         "/admin/cache/purge": {"post": _op(
@@ -137,17 +148,23 @@ def build_openapi() -> dict[str, Any]:
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
         "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
     }
+    schemas: dict[str, Any] = {}
+    for path, definition in REQUEST_BODIES.items():
+        paths[path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": validation.json_schema(definition, schemas)}}}
     for path, methods in paths.items():
-        if path in ("/metrics", "/openapi.json") or path.startswith("/v2/health"):
-            continue
         for operation in methods.values():
-            operation["security"] = [{"bearer": []}]
-            operation["responses"].setdefault("401", _ERROR)
-            operation["responses"].setdefault("403", _ERROR)
-            if path.startswith(("/v1/", "/v2/models/")):
-                operation["responses"].setdefault("429", _ERROR)
+            if path not in ("/metrics", "/openapi.json") and not path.startswith("/v2/health"):
+                operation["security"] = [{"bearer": []}]
+                operation["responses"].setdefault("401", _ERROR)
+                operation["responses"].setdefault("403", _ERROR)
+                if path.startswith(("/v1/", "/v2/models/")):
+                    operation["responses"].setdefault("429", _ERROR)
+            error = _error_for(path)
+            operation["responses"] = {status: error if response is _ERROR else response
+                                      for status, response in operation["responses"].items()}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "appliance", "version": __version__},
         "paths": paths,
         "components": {
@@ -156,6 +173,14 @@ def build_openapi() -> dict[str, Any]:
                                                           "loopback-only server without keys"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["message", "type", "param", "code"], "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string", "description": "invalid_request_error, authentication_error, "
+                                 "permission_error, not_found_error, rate_limit_error, server_error, ..."},
+                        "param": {"type": ["string", "null"], "description": "the request field at fault"},
+                        "code": {"type": ["integer", "string", "null"],
+                                 "description": "null; in a stream, the HTTP status the error would have had"}}}}},
                 "Tensor": tensor,
                 "InferRequest": {
                     "type": "object",
@@ -189,22 +214,6 @@ def build_openapi() -> dict[str, Any]:
                         "outputs": {"type": "array", "items": {"type": "object"}},
                     },
                 },
-                "EmbeddingRequest": {
-                    "type": "object",
-                    "required": ["model", "input"],
-                    "properties": {
-                        "model": {"type": "string"},
-                        "input": {"oneOf": [
-                            {"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                            {"type": "array", "items": {"type": "integer"}},
-                            {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]},
-                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                        "dimensions": {"type": "integer", "minimum": 1},
-                        "user": {"type": "string"},
-                        "truncate": {"type": "boolean", "description": "cut inputs over the limit instead of 400"},
-                        "timeout": {"type": "number", "description": "seconds"},
-                    },
-                },
                 "EmbeddingList": {
                     "type": "object",
                     "properties": {
@@ -221,6 +230,7 @@ def build_openapi() -> dict[str, Any]:
                 "RepositoryIndex": {"type": "array", "items": {"type": "object", "properties": {
                     "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"},
                     "reason": {"type": "string"}}}},
+                **schemas,
             }
         },
     }
