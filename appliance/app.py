@@ -25,6 +25,7 @@ from appliance.cloud import Cloud
 from appliance.config import Config
 from appliance.dataplane import DataPlane
 from appliance.engine_factory import create_engine
+from appliance.engine_registry import DecoderFactory
 from appliance.keys import KeyStore
 from appliance.ledger import CostLedger
 from appliance.placement import Placement
@@ -85,6 +86,7 @@ def create_app(
     config: Config,
     *,
     engine_factory: EngineFactory = create_engine,
+    decoder_factory: DecoderFactory | None = None,
     metrics: Metrics | None = None,
     access_log_stream: TextIO | None = None,
     workers: WorkerGroup | None = None,
@@ -94,7 +96,7 @@ def create_app(
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
     app[ACCESS_LOG] = AccessLog(access_log_stream, enabled=config.server.access_log)
-    app[MODELS] = ModelManager(config, engine_factory, app[METRICS])
+    app[MODELS] = ModelManager(config, engine_factory, app[METRICS], decoder_factory=decoder_factory)
     app[CACHE] = ResponseCacheService(config.cache, config.paths.response_cache_dir(), app[METRICS])
     app[UPSTREAMS] = {name: Upstream(upstream) for name, upstream in config.upstreams.items()}
     placement = Placement(Router(config.routing, app[MODELS]), Admission(config.admission), app[UPSTREAMS],

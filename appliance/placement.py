@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from appliance.admission import Admission, LaneGate
 from appliance.errors import ApplianceError, QueueFull, Saturated
 from appliance.model_version import ModelVersion
+from appliance.models import GenerativeModel
 from appliance.routing import Router
 from appliance.telemetry import Metrics
 from appliance.types import Caller, GenerateRequest, Route
@@ -132,7 +133,7 @@ class Placement:
 def _capacity(served: ModelVersion) -> tuple[int, int, float]:
     """(parallel capacity, admission limit, initial service time) of a model version."""
     spec = served.spec
-    if served.generator is not None and served.generation_limits is not None:
+    if isinstance(served, GenerativeModel) and served.generation_limits is not None:
         slots = served.generation_limits.slots
         return slots, slots, 2.0
     rows = max(1, spec.batching.max_batch_size) * max(1, spec.engine.instances)

@@ -18,6 +18,7 @@ from appliance.dataplane import DataPlane
 from appliance.errors import EngineFailed, Forbidden, ModelNotReady, QueueFull, Saturated
 from appliance.generation_stream import Chunk, GenerationStream, TokenCount
 from appliance.ledger import UsageRecord
+from appliance.models import TensorModel
 from appliance.placement import Placement
 from appliance.routing import Router
 from appliance.telemetry import Metrics
@@ -46,23 +47,30 @@ class FakeBatcher:
         return SimpleNamespace(outputs={"y": inputs["x"] + 1}, queue_s=0.001, compute_s=0.5, batch_size=4)
 
 
-def fake_model(name: str = "m", aliases: tuple[str, ...] = ()) -> Any:
-    cost = SimpleNamespace(per_request=0.0, per_compute_second=2.0, per_million_input_tokens=0.0,
-                           per_million_output_tokens=0.0)
-    spec = SimpleNamespace(name=name, aliases=list(aliases), deterministic=True, task="tensor", tier="", cost=cost,
-                           batching=SimpleNamespace(max_batch_size=4), engine=SimpleNamespace(instances=1))
-    metrics = SimpleNamespace(in_flight=_Gauge(), queue_duration=_Gauge())
-    return SimpleNamespace(name=name, version=1, spec=spec, metrics=metrics, batcher=FakeBatcher(), embedder=None,
-                           generator=None, text=None, outputs=[SimpleNamespace(name="y")],
-                           output_datatypes={"y": "FP32"}, max_batch_size=4, default_timeout_s=None,
-                           build_hash="h", warm_run_s=0.01, check_inputs=lambda inputs: None)
+class FakeTensorModel(TensorModel):
+    """A tensor model version with no engine: a fake batcher answers, the spec is made up."""
+
+    def __init__(self, name: str = "m") -> None:  # no super().__init__: nothing to load
+        cost = SimpleNamespace(per_request=0.0, per_compute_second=2.0, per_million_input_tokens=0.0,
+                               per_million_output_tokens=0.0)
+        batching = SimpleNamespace(max_batch_size=4, default_timeout_ms=0)
+        self.spec = SimpleNamespace(name=name, version=1, aliases=[], deterministic=True, task="tensor", tier="",
+                                    cost=cost, batching=batching, engine=SimpleNamespace(instances=1))
+        self.metrics = SimpleNamespace(in_flight=_Gauge(), queue_duration=_Gauge())
+        self.batcher = FakeBatcher()  # type: ignore[assignment]
+        self.outputs = [SimpleNamespace(name="y")]  # type: ignore[list-item]
+        self.output_datatypes = {"y": "FP32"}
+        self.build_hash, self.warm_run_s, self.ready = "h", 0.01, True
+
+    def check_inputs(self, inputs: Any) -> None:
+        """Any inputs will do."""
 
 
 @dataclass
 class FakeModels:
     """A ModelManager with one model, which can be made not ready."""
 
-    model: Any = field(default_factory=fake_model)
+    model: Any = field(default_factory=FakeTensorModel)
     ready: bool = True
     resolved: list[str] = field(default_factory=list)
 

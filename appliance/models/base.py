@@ -2,9 +2,8 @@
 load -> warm up -> start -> stop -> close.
 
 One subclass per task (``tensor``, ``embedding``, ``generative``) owns its runtime, scheduler, input checks and
-warmup. The attributes of the other tasks stay at their empty defaults here (``batcher``, ``embedder`` and
-``generator`` are ``None`` on the versions that have no such scheduler), so a caller may read any of them on any
-version.
+warmup; callers tell them apart with ``isinstance``. The served tensors (``inputs``, ``outputs``) are here, empty
+for a model that serves none, because the v2 metadata endpoints describe every model.
 """
 
 from __future__ import annotations
@@ -15,17 +14,13 @@ import hashlib
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from appliance.config import Config
 from appliance.engine_registry import Runtimes
 from appliance.engines.base import Engine
-from appliance.engines.batcher import DynamicBatcher
-from appliance.engines.generation import GenerationLimits, GenerationScheduler
-from appliance.engines.token_batcher import TokenBudgetBatcher
-from appliance.engines.tokenizer import TextEncoder
 from appliance.model_spec import ModelSpec
 from appliance.models.served_tensors import ServedTensor, check_inputs
 from appliance.telemetry import VersionMetrics
@@ -75,13 +70,6 @@ class ModelVersion(abc.ABC):
         self.inputs: list[ServedTensor] = []
         self.outputs: list[ServedTensor] = []
         self.output_datatypes: dict[str, str] = {}
-        self.batcher: DynamicBatcher | None = None
-        self.embedder: TokenBudgetBatcher | None = None
-        self.generator: GenerationScheduler | None = None
-        self.text: TextEncoder | None = None
-        self.chat_template: Any = None
-        self.generation: dict[str, Any] = {}  # a decoder's generation.json
-        self.generation_limits: GenerationLimits | None = None
         self._inputs_by_name: dict[str, ServedTensor] = {}
         self._scheduler: Scheduler | None = None
 
@@ -107,11 +95,6 @@ class ModelVersion(abc.ABC):
         if ms < 0:
             ms = self._config.batching.default_timeout_ms
         return ms / 1000 if ms > 0 else None
-
-    @property
-    def context_limit(self) -> int:
-        """Tokens a generate model's sequence may hold (prompt plus output); 0 for other models."""
-        return self.generation_limits.capacity if self.generation_limits else 0
 
     @property
     @abc.abstractmethod

@@ -12,6 +12,9 @@ class EmbeddingModel(EngineModel):
     """An encoder taking ``input_ids`` and ``attention_mask`` and returning one embedding per row; requests go
     through :class:`TokenBudgetBatcher`."""
 
+    text: TextEncoder  # once loaded
+    embedder: TokenBudgetBatcher | None = None  # once started
+
     def _load(self) -> None:
         super()._load()
         self.text = TextEncoder.from_file(self.spec.path / self.spec.tokenizer.file, self.spec.tokenizer.max_seq_length)
@@ -31,7 +34,7 @@ class EmbeddingModel(EngineModel):
             max_batch_size=max(batching.max_batch_size, 1),
             max_wait_s=batching.max_queue_delay_microseconds / 1e6,
             max_queue_items=batching.max_queue_size or self._config.batching.max_queue_size,
-            pad_id=self.text.pad_id if self.text else 0,
+            pad_id=self.text.pad_id,
             on_batch=lambda items, padded, compute_s: self.metrics.observe_batch(items, compute_s),
             name=f"{self.name}/{self.version}",
         )

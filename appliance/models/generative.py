@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,16 @@ class GenerativeModel(ModelVersion):
         super().__init__(spec, config, metrics, runtimes)
         self._decoder_factory = runtimes.decoders
         self.decoder: Decoder | None = None
+        self.generation: dict[str, Any] = {}  # generation.json
+        self.generation_limits: GenerationLimits | None = None
+        self.text: TextEncoder | None = None
+        self.chat_template: Any = None
+        self.generator: GenerationScheduler | None = None  # once started
+
+    @property
+    def context_limit(self) -> int:
+        """Tokens a sequence may hold: prompt plus output."""
+        return self.generation_limits.capacity if self.generation_limits else 0
 
     @property
     def description(self) -> str:

@@ -9,6 +9,8 @@ from appliance.models.engine_model import EngineModel
 class TensorModel(EngineModel):
     """A model served over the KServe v2 tensor API; requests are batched by :class:`DynamicBatcher`."""
 
+    batcher: DynamicBatcher | None = None  # once started
+
     def _create_scheduler(self) -> DynamicBatcher:
         batching = self.spec.batching
         self.batcher = DynamicBatcher(

@@ -12,6 +12,7 @@ from appliance.cache.payloads import decode_embeddings, encode_embeddings
 from appliance.cloud import Cloud
 from appliance.errors import BadRequest
 from appliance.model_version import ModelVersion
+from appliance.models import EmbeddingModel
 from appliance.operations.base import CloudDone, LocalDone, Tally
 from appliance.placement import Placement
 from appliance.types import EmbedRequest, EmbedResponse, Route, Usage
@@ -33,7 +34,7 @@ class EmbedOperation:
 
     def check(self, served: ModelVersion, request: EmbedRequest) -> None:
         """An embedding model, and ``dimensions`` it can give."""
-        if served.embedder is None or served.text is None:
+        if not isinstance(served, EmbeddingModel):
             raise BadRequest(f"model {served.name!r} is not an embedding model (its task is {served.spec.task!r}); "
                              "GET /v1/models lists the models", param="model")
         embedding = served.spec.embedding
@@ -60,7 +61,7 @@ class EmbedOperation:
 
     async def run(self, served: ModelVersion, request: EmbedRequest, done: LocalDone) -> EmbedResponse:
         """Tokenize, fit to the model's limit, queue on the token-budget scheduler."""
-        assert served.text is not None and served.embedder is not None
+        assert isinstance(served, EmbeddingModel) and served.embedder is not None  # checked, started
         sequences = _fit(await _sequences(served, request), served.text.max_length, request.truncate,
                          keep_last=request.texts is not None)
         metrics = served.metrics
@@ -89,9 +90,8 @@ class EmbedOperation:
         return response
 
 
-async def _sequences(served: ModelVersion, request: EmbedRequest) -> list[list[int]]:
+async def _sequences(served: EmbeddingModel, request: EmbedRequest) -> list[list[int]]:
     text = served.text
-    assert text is not None
     if request.texts is not None:
         if sum(len(t) for t in request.texts) > OFFLOAD_CHARS:
             return await asyncio.get_running_loop().run_in_executor(None, text.encode, request.texts)

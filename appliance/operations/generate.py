@@ -15,6 +15,7 @@ from appliance.engines.tokenizer import TextEncoder
 from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
 from appliance.generation_stream import Chunk, GenerationStream, TokenCount
 from appliance.model_version import ModelVersion
+from appliance.models import GenerativeModel
 from appliance.operations.base import CloudDone, LocalDone, Tally
 from appliance.placement import Placement
 from appliance.text_stream import TextAssembler
@@ -37,7 +38,7 @@ class GenerateOperation:
 
     def check(self, served: ModelVersion, request: GenerateRequest) -> None:
         """A model that generates text."""
-        if served.generator is None or served.text is None:
+        if not isinstance(served, GenerativeModel):
             raise BadRequest(f"model {served.name!r} does not generate text (its task is {served.spec.task!r}); "
                              "GET /v1/models lists the models", param="model")
 
@@ -60,7 +61,7 @@ class GenerateOperation:
     async def run(self, served: ModelVersion, request: GenerateRequest, done: LocalDone) -> GenerationStream:
         """Render, tokenize and check the prompt, then queue it; the stream settles the request when it closes."""
         started = self._clock()
-        assert served.text is not None and served.generator is not None
+        assert isinstance(served, GenerativeModel) and served.generator is not None  # checked, started
         ids = self._prompt_ids(served, request)
         request.params.max_tokens = request.max_tokens or served.context_limit - len(ids)
         sequence = served.generator.submit(ids, request.params, self._deadline(request.deadline, served))
@@ -86,9 +87,9 @@ class GenerateOperation:
         return GenerationStream(cloud.model_label(route), chunks, tokens, on_close=close)
 
     @staticmethod
-    def _prompt_ids(served: ModelVersion, request: GenerateRequest) -> list[int]:
+    def _prompt_ids(served: GenerativeModel, request: GenerateRequest) -> list[int]:
         text = served.text
-        assert text is not None
+        assert text is not None  # loaded
         if request.messages is not None:
             try:
                 rendered = served.chat_template.render(messages=request.messages, add_generation_prompt=True)
@@ -117,9 +118,9 @@ class GenerateOperation:
 class _Live:
     """A sequence on the scheduler, read as chunks: detokenized, stop strings applied, latencies observed."""
 
-    def __init__(self, served: ModelVersion, sequence: Sequence, request: GenerateRequest, started: float,
+    def __init__(self, served: GenerativeModel, sequence: Sequence, request: GenerateRequest, started: float,
                  clock: Callable[[], float]) -> None:
-        assert served.text is not None
+        assert served.text is not None  # loaded
         self.served, self.sequence, self.started = served, sequence, started
         self.tokens = TokenCount(prompt_tokens=len(sequence.prompt))
         self.pieces: list[tuple[str, list[dict]]] = []  # what was sent, for the response cache

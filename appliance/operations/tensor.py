@@ -12,6 +12,7 @@ from appliance.cache.payloads import decode_tensors, encode_tensors
 from appliance.cloud import Cloud
 from appliance.errors import BadRequest
 from appliance.model_version import ModelVersion
+from appliance.models import EmbeddingModel, GenerativeModel, TensorModel
 from appliance.operations.base import CloudDone, LocalDone, Tally
 from appliance.placement import Placement
 from appliance.types import Result, Route, TensorRequest, Usage
@@ -31,7 +32,7 @@ class TensorOperation:
 
     def check(self, served: ModelVersion, request: TensorRequest) -> None:
         """The model's inputs, datatypes and shapes, and the outputs asked for."""
-        if served.generator is not None:
+        if isinstance(served, GenerativeModel):
             raise BadRequest(f"model {served.name!r} generates text: use POST /v1/chat/completions or "
                              "/v1/completions")
         served.check_inputs(request.inputs)
@@ -42,7 +43,7 @@ class TensorOperation:
                 raise BadRequest(
                     f"unknown output {unknown[0]!r} for model {served.name}; its outputs are {sorted(known)}"
                 )
-        if served.embedder is not None:
+        if isinstance(served, EmbeddingModel):
             _check_token_tensors(served, request.inputs)
 
     def cache_key(self, served: ModelVersion, request: TensorRequest) -> tuple[Callable[[], Any], bool]:
@@ -60,10 +61,10 @@ class TensorOperation:
         metrics = served.metrics
         metrics.in_flight.inc()
         try:
-            if served.embedder is not None:
+            if isinstance(served, EmbeddingModel):
                 outputs, tally = await _embed_tensors(served, request, deadline)
             else:
-                assert served.batcher is not None
+                assert isinstance(served, TensorModel) and served.batcher is not None
                 # Submitting is synchronous: no await between resolve() and here, so a swap cannot slip in between.
                 outcome = await served.batcher.submit(request.inputs, deadline)
                 outputs = outcome.outputs
@@ -91,23 +92,23 @@ def _datatypes(served: ModelVersion, outputs: dict[str, np.ndarray]) -> dict[str
     return {name: served.output_datatypes[name] for name in outputs}
 
 
-def _check_token_tensors(served: ModelVersion, inputs: dict[str, np.ndarray]) -> None:
+def _check_token_tensors(served: EmbeddingModel, inputs: dict[str, np.ndarray]) -> None:
     """An embedding model's ``input_ids`` and ``attention_mask``: the same shape, ids inside the vocabulary."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if ids.shape != mask.shape:
         raise BadRequest(f"input_ids has shape {list(ids.shape)} but attention_mask has {list(mask.shape)}; "
                          "they need the same shape")
-    vocab = served.text.vocab_size if served.text is not None else None
-    if vocab is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    vocab = served.text.vocab_size
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise BadRequest(f"input_ids has token id {bad}, outside the vocabulary of model {served.name} "
                          f"(0 to {vocab - 1})")
 
 
-async def _embed_tensors(served: ModelVersion, request: TensorRequest,
+async def _embed_tensors(served: EmbeddingModel, request: TensorRequest,
                          deadline: float | None) -> tuple[dict[str, np.ndarray], Tally]:
     """A v2 tensor request to an embedding model: its rows go through the token-budget scheduler."""
-    assert served.embedder is not None
+    assert served.embedder is not None  # started
     ids, mask = request.inputs["input_ids"], request.inputs["attention_mask"]
     sequences = [row[row_mask.astype(bool)].tolist() for row, row_mask in zip(ids, mask)]
     if any(not sequence for sequence in sequences):
