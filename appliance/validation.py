@@ -127,12 +127,6 @@ class FieldSpec:
     default: Any  # the default value; dataclasses.MISSING when required or made by a default factory
     check: Checker
 
-    def make_default(self) -> Any:
-        """The field's default value (a fresh one, for a default factory)."""
-        if self.field.default_factory is not dataclasses.MISSING:
-            return self.field.default_factory()
-        return self.field.default
-
 
 @functools.cache
 def fields(cls: type) -> dict[str, FieldSpec]:
@@ -233,10 +227,6 @@ def _unsupported(hint: Any, value: Any, loc: Loc) -> Any:
 
 def _limited(shape: Any, limits: tuple[Any, ...]) -> Any:
     return Annotated[(shape, *limits)] if limits else shape
-
-
-def _unsupported(hint: Any, value: Any, loc: Loc) -> Any:
-    raise TypeError(f"appliance.validation cannot check values of type {hint!r} (at {path_of(loc)})")
 
 
 def _union(hint: Any, members: tuple[tuple[tuple[type, ...] | None, Checker], ...], value: Any, loc: Loc) -> Any:
@@ -436,7 +426,9 @@ def json_schema(hint: Any, components: dict[str, Any], ref_template: str = REF_T
             components[name] = {}  # taken, should a field refer back to its own class
             components[name] = _object_schema(hint, components, ref_template)
         return {"$ref": ref_template.format(name=name)}
-    if _native(hint):
+    if get_origin(hint) is typing.Literal:
+        return {"enum": list(get_args(hint))}  # in the order written (msgspec sorts them)
+    if not _holds_dataclass(hint) and _native(hint):
         (schema,), defined = msgspec.json.schema_components([hint], ref_template=ref_template)
         components.update(defined)
         return schema
