@@ -9,15 +9,16 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 import tiny_models
+from waiting import wait_until
 
 SLOW = tiny_models.BATCHED.format(max_batch=8, delay_us=1_500_000)  # one request waits 1.5 s for company
+STUCK = tiny_models.BATCHED.format(max_batch=8, delay_us=60_000_000)  # ... and this one a minute
 
 
 def free_port() -> int:
@@ -38,17 +39,36 @@ def start(repo: Path, state: Path, **env: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=environ,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"server exited early: {process.stderr.read()}")
         try:
-            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return process, url
+            return requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200
         except requests.ConnectionError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("server did not become ready")
+            return False
+
+    try:
+        wait_until(ready, 180, "the server to become ready")
+    except AssertionError:
+        process.kill()
+        raise
+    return process, url
+
+
+def in_flight(url: str, model: str) -> float:
+    """Requests ``model`` is handling now, from the server's metrics (a request queued in the batcher counts)."""
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("appliance_requests_in_flight{") and f'model="{model}"' in line)
+
+
+def refuses_connections(url: str) -> bool:
+    try:
+        requests.get(f"{url}/v2/health/live", timeout=2)
+    except requests.ConnectionError:
+        return True
+    return False
 
 
 @pytest.fixture()
@@ -58,10 +78,10 @@ def slow_repo(tmp_path: Path) -> Path:
     return repo
 
 
-def slow_request(url: str, results: list) -> None:
+def slow_request(url: str, results: list, model: str = "slow") -> None:
     body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     try:
-        results.append(requests.post(f"{url}/v2/models/slow/infer", json=body, timeout=30))
+        results.append(requests.post(f"{url}/v2/models/{model}/infer", json=body, timeout=30))
     except requests.RequestException as exc:
         results.append(exc)
 
@@ -71,11 +91,10 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_repo, tmp_path):
     results: list = []
     client = threading.Thread(target=slow_request, args=(url, results))
     client.start()
-    time.sleep(0.4)  # the request is now waiting in the batcher
+    wait_until(lambda: in_flight(url, "slow") == 1, 30, "the request to wait in the batcher")
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{url}/v2/health/live", timeout=2)  # no longer accepting
+    wait_until(lambda: refuses_connections(url), 10, "the listener to close")
+    assert not results  # the listener closed while the request was still in flight
     client.join(10)
     assert process.wait(20) == 0
     response = results[0]
@@ -89,16 +108,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_repo, tmp_path):
 
 
 def test_drain_timeout_bounds_shutdown(slow_repo, tmp_path):
+    tiny_models.write_version(slow_repo, "stuck", 1, STUCK, tiny_models.add_constant)
     process, url = start(slow_repo, tmp_path / "state", APPLIANCE_SERVER_DRAIN_TIMEOUT_S="0.2")
     results: list = []
-    client = threading.Thread(target=slow_request, args=(url, results))
+    client = threading.Thread(target=slow_request, args=(url, results, "stuck"))
     client.start()
-    time.sleep(0.3)
-    started = time.monotonic()
+    wait_until(lambda: in_flight(url, "stuck") == 1, 30, "the request to wait in the batcher")
     process.send_signal(signal.SIGINT)
-    assert process.wait(20) == 0
-    assert time.monotonic() - started < 1.3  # did not wait for the 1.5 s request
+    assert process.wait(20) == 0  # long before the request's minute was up
     client.join(10)
+    assert isinstance(results[0], requests.ConnectionError), results[0]  # cut off, not answered
 
 
 def test_models_command_shows_live_state(slow_repo, tmp_path):
@@ -136,8 +155,9 @@ def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
         def versions_seen(count: int) -> set[str]:
             seen = set()
             for _ in range(count):  # a new connection each time, so the kernel spreads them over the workers
+                # no-store: every request reaches a model, and the cache stays empty for the check below
                 response = requests.post(f"{url}/v2/models/add_one/infer", json=body, timeout=10,
-                                         headers={"Connection": "close"})
+                                         headers={"Connection": "close", "Cache-Control": "no-store"})
                 assert response.status_code == 200
                 payload = response.json()
                 seen.add((payload["model_version"], payload["outputs"][0]["data"][0]))
@@ -153,16 +173,20 @@ def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
         total = sum(float(line.split()[-1]) for line in metrics.splitlines()
                     if line.startswith("appliance_requests_total{") and 'status="200"' in line)
         assert total == 80  # summed over both workers
-        # Both workers share one response cache file: after the first answer is written, both serve it.
+        # Both workers share one response cache file: once the first answer is written, both serve it.
         once = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [5, 5, 5, 5]}]}
-        marks = []
-        for _ in range(20):
+
+        def cache_once() -> str:
             response = requests.post(f"{url}/v2/models/add_one/infer", json=once, timeout=10,
                                      headers={"Connection": "close"})
             assert response.json()["outputs"][0]["data"] == [7, 7, 7, 7]
-            marks.append(response.headers["x-cache"])
-            time.sleep(0.02)
-        assert marks[0] == "miss" and marks.count("hit") >= 17, marks
+            return response.headers["x-cache"]
+
+        assert cache_once() == "miss"
+        wait_until(lambda: requests.get(f"{url}/admin/cache", timeout=10).json()["entries"] == 1, 30,
+                   "the first answer to be written")
+        marks = [cache_once() for _ in range(20)]
+        assert marks == ["hit"] * 20, marks
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
@@ -177,23 +201,46 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _workers(pid: int) -> set[int]:
+    """The supervisor's live worker processes (not multiprocessing's resource tracker, nor a dead one)."""
+    found = set()
+    for child in _children(pid):
+        try:
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
+                found.add(child)
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a listening TCP socket on ``port``."""
+    try:
+        sockets = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+        table = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in table:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and f"socket:[{inode}]" in sockets:
+            return True
+    return False
+
+
 def test_supervisor_restarts_a_dead_worker(tmp_path):
     _, process, url = start_two_workers(tmp_path)
     try:
-        workers = {pid for pid in _children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
+        workers = _workers(process.pid)
         assert len(workers) == 2
         victim = max(workers)
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            current = _children(process.pid)
-            if victim not in current and len(current - {victim}) >= len(workers):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the dead worker was not replaced")
+        (replacement,) = wait_until(lambda: _workers(process.pid) - workers, 30, "the dead worker to be replaced")
+        assert victim not in _workers(process.pid)
+        port = int(url.rsplit(":", 1)[1])
+        # A worker opens the port only once its models are warm.
+        wait_until(lambda: _listens(replacement, port), 60, "the new worker to listen")
         body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}
-        time.sleep(1.0)  # the new worker loads its models
         for _ in range(20):
             response = requests.post(f"{url}/v2/models/add_one/infer", json=body, timeout=10,
                                      headers={"Connection": "close"})
