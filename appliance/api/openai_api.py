@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 import numpy as np
 import orjson
 from aiohttp import web
 
+from appliance.api.bodies import parse_embedding_request
 from appliance.api.errors import read_body
 from appliance.api.state import CALLER, CONFIG, DATAPLANE, MODELS, TRACE
 from appliance.errors import BadRequest, ModelNotFound
 from appliance.model_version import ModelVersion
-from appliance.types import EmbedRequest
-
-EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "truncate", "timeout"}
-MAX_INPUTS = 2048
-
 
 def _json(payload: object) -> web.Response:
     return web.Response(body=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
@@ -36,70 +31,6 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
-
-
-def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
-    """Check an embeddings body field by field; returns the request and the encoding format."""
-    unknown = sorted(set(body) - EMBEDDING_FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}; this endpoint takes {sorted(EMBEDDING_FIELDS)}",
-                         param=unknown[0])
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required: the name or alias of an embedding model (GET /v1/models)",
-                         param="model")
-    request = EmbedRequest(id="", model=model)
-    value = body.get("input")
-    if isinstance(value, str):
-        request.texts = [value]
-    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        request.texts = list(value)
-    elif isinstance(value, list) and value and all(is_int(v) for v in value):
-        request.token_ids = [list(value)]
-    elif isinstance(value, list) and value and all(isinstance(v, list) and all(is_int(t) for t in v)
-                                                   for v in value):
-        request.token_ids = [list(v) for v in value]
-    else:
-        raise BadRequest("'input' must be a string, a non-empty array of strings, an array of token ids, or an "
-                         "array of such arrays", param="input")
-    count = len(request.texts or request.token_ids or [])
-    if count > MAX_INPUTS:
-        raise BadRequest(f"'input' has {count} items; at most {MAX_INPUTS} per request", param="input")
-    encoding = body.get("encoding_format", "float")
-    if encoding not in ("float", "base64"):
-        raise BadRequest(f"encoding_format must be 'float' or 'base64', not {encoding!r}", param="encoding_format")
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (not is_int(dimensions) or dimensions < 1):
-        raise BadRequest(f"dimensions must be a positive integer, not {dimensions!r}", param="dimensions")
-    request.dimensions = dimensions
-    truncate = body.get("truncate", False)
-    if not isinstance(truncate, bool):
-        raise BadRequest(f"truncate must be true or false, not {truncate!r}", param="truncate")
-    request.truncate = truncate
-    check_user(body)
-    request.deadline = deadline_from(body)
-    return request, encoding
-
-
-def check_user(body: dict[str, Any]) -> None:
-    """``user`` is accepted (and not stored) when it is a string."""
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise BadRequest("user must be a string", param="user")
-
-
-def deadline_from(body: dict[str, Any]) -> float | None:
-    """The ``timeout`` extension (seconds) as a deadline on the monotonic clock."""
-    timeout = body.get("timeout")
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise BadRequest(f"timeout is in seconds and must be a positive number, not {timeout!r}", param="timeout")
-    return time.monotonic() + float(timeout)
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 async def create_embeddings(request: web.Request) -> web.Response:
