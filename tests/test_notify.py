@@ -36,6 +36,7 @@ class Inbox:
         self.socket.bind(b"\0" + address[1:].encode() if address.startswith("@") else address)
         self.socket.settimeout(0.1)
         self.messages: list[tuple[float, str]] = []
+        self._arrived = threading.Condition()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -48,20 +49,26 @@ class Inbox:
                 continue
             except OSError:
                 return
-            self.messages.append((time.monotonic(), data.decode()))
+            with self._arrived:
+                self.messages.append((time.monotonic(), data.decode()))
+                self._arrived.notify_all()
 
-    def wait_for(self, line: str, timeout_s: float = 60.0) -> float:
-        """The arrival time of the first message with ``line``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for at, message in list(self.messages):
-                if line in message.splitlines():
-                    return at
-            time.sleep(0.01)
-        raise AssertionError(f"no {line!r} in {self.texts()}")
+    def wait_for(self, line: str, timeout_s: float = 60.0, count: int = 1, after: float = 0.0) -> float:
+        """The arrival time of the ``count``-th message with ``line`` that arrived after ``after``."""
+
+        def arrivals() -> list[float]:
+            return [at for at, message in self.messages if at > after and line in message.splitlines()]
+
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(arrivals()) >= count, timeout_s):
+                raise AssertionError(f"not {count} times {line!r} in {self.texts()}")
+            return arrivals()[count - 1]
+
+    def count(self, line: str) -> int:
+        return sum(line in text.splitlines() for text in self.texts())
 
     def texts(self) -> list[str]:
-        return [message for _, message in self.messages]
+        return [message for _, message in list(self.messages)]
 
     def close(self) -> None:
         self._closed.set()
@@ -115,10 +122,7 @@ def test_ready_only_after_warmup_then_watchdog_pings_then_stopping(tmp_path):
         before = [at for at, text in inbox.messages if at < ready]
         assert not any("READY=1" in text.splitlines() for at, text in inbox.messages if at < ready)
         assert any("WATCHDOG=1" in text.splitlines() for at, text in inbox.messages if at < ready), before
-        time.sleep(1.0)
-        pings = [at for at, text in inbox.messages if at > ready and "WATCHDOG=1" in text.splitlines()]
-        assert len(pings) >= 5  # every 0.1 s (half of WATCHDOG_USEC) while the loop is healthy
-        assert max(b - a for a, b in zip(pings, pings[1:])) < 0.5
+        inbox.wait_for("WATCHDOG=1", 30, count=5, after=ready)  # the pings go on while the loop is healthy
         ready_text = next(text for at, text in inbox.messages if at == ready)
         assert "STATUS=serving on http://127.0.0.1:" in ready_text
         process.send_signal(signal.SIGTERM)
@@ -148,19 +152,18 @@ def test_workers_report_to_the_supervisor_which_sends_one_ready(tmp_path):
             response = requests.post(f"{url}/v2/models/add_one/infer", json=body, timeout=10,
                                      headers={"Connection": "close"})
             assert response.status_code == 200
-        time.sleep(0.6)
-        texts = inbox.texts()
-        assert sum("READY=1" in t.splitlines() for t in texts) == 1
-        assert any("with 2 workers" in t for t in texts)
-        assert any("1 of 2 workers ready" in t for t in texts)
-        assert sum("WATCHDOG=1" in t.splitlines() for t in texts) >= 2
+        inbox.wait_for("WATCHDOG=1", 30, count=2)  # the supervisor pings the watchdog
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-        inbox.wait_for("STOPPING=1", 5)
+        inbox.wait_for("STOPPING=1", 5)  # the supervisor's last message: everything it sent is in
     finally:
         if process.poll() is None:
             process.kill()
         inbox.close()
+    texts = inbox.texts()
+    assert inbox.count("READY=1") == 1  # though both workers reported ready (below)
+    assert any("with 2 workers" in t for t in texts)
+    assert any("1 of 2 workers ready" in t for t in texts)
     stderr = process.stderr.read()
     assert "worker 0 is ready" in stderr and "worker 1 is ready" in stderr
 
@@ -175,11 +178,9 @@ def test_keepalive_pings_from_a_thread_while_a_blocking_step_runs(tmp_path):
     try:
         notifier = Notifier(inbox.address, watchdog_usec=100_000)
         with notifier.keepalive():
-            time.sleep(0.5)  # the event loop is not running: e.g. the first start's model build
-        time.sleep(0.2)  # let the inbox take in what was already sent
-        count = sum("WATCHDOG=1" in t.splitlines() for t in inbox.texts())
-        assert count >= 4
-        time.sleep(0.3)
-        assert sum("WATCHDOG=1" in t.splitlines() for t in inbox.texts()) == count  # stopped with the step
+            # This thread blocks, as in the first start's model build with no event loop running, until the
+            # pings have kept coming from elsewhere.
+            inbox.wait_for("WATCHDOG=1", 30, count=4)
+        assert not any(thread.name == "watchdog-keepalive" for thread in threading.enumerate())  # stopped with it
     finally:
         inbox.close()

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import requests
 
 import tiny_models
 from test_serve_process import free_port
+from waiting import wait_until
 
 from appliance.api.state import ACCESS_LOG, CONFIG, MODELS
 from appliance.config import Config
@@ -38,24 +38,23 @@ class Server:
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "".join(self.log)
-            try:
-                if requests.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError("server did not become ready")
+        wait_until(self._ready, 120, lambda: f"the server to become ready; its log:\n{''.join(self.log)}")
 
-    def wait_log(self, text: str, timeout_s: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in list(self.log):
-                if text in line:
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not in the log:\n{''.join(self.log)}")
+    def _ready(self) -> bool:
+        assert self.process.poll() is None, "".join(self.log)
+        try:
+            return requests.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def wait_log(self, text: str, count: int = 1, timeout_s: float = 60.0) -> str:
+        """The first log line holding ``text``, once ``count`` lines do."""
+
+        def found() -> list[str]:
+            lines = [line for line in list(self.log) if text in line]
+            return lines if len(lines) >= count else []
+
+        return wait_until(found, timeout_s, lambda: f"{text!r} in {count} lines of the log:\n{''.join(self.log)}")[0]
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -83,6 +82,11 @@ class Traffic:
                 except (requests.RequestException, ValueError) as exc:
                     self.outcomes.append(exc)
 
+    def wait_for_more(self, count: int = 20) -> None:
+        """Wait until ``count`` more requests have been answered from now on."""
+        target = len(self.outcomes) + count
+        wait_until(lambda: len(self.outcomes) >= target, 60, f"{count} more requests to be answered")
+
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
@@ -103,7 +107,7 @@ def test_sighup_under_traffic_reloads_config_and_models_without_a_failed_request
     server = Server(config_file, tmp_path / "state")
     traffic = Traffic(server.url)
     try:
-        time.sleep(0.5)
+        traffic.wait_for_more()
         # A new version, a new model, a removed model, one live setting and one that needs a restart.
         tiny_models.write_version(repo, "add_one", 2, MODEL, lambda p: tiny_models.add_constant(p, 2.0))
         tiny_models.write_version(repo, "extra", 1, MODEL, tiny_models.add_constant)
@@ -115,14 +119,14 @@ def test_sighup_under_traffic_reloads_config_and_models_without_a_failed_request
         assert "server.host ('127.0.0.1' -> '127.0.0.2')" in server.wait_log("only applied on a restart")
         index = {e["name"]: e for e in requests.post(f"{server.url}/v2/repository/index", timeout=5).json()}
         assert index["add_one"]["version"] == "2" and index["extra"]["state"] == "READY" and "doomed" not in index
-        time.sleep(0.5)
+        traffic.wait_for_more()
 
         # A configuration that does not validate: rejected, the running one (and the models) stay.
         write_config(config_file, repo, access_log=True, extra='log_level = "loud"')
         server.process.send_signal(signal.SIGHUP)
         rejected = server.wait_log("the new configuration is rejected and the running one stays in force")
         assert "server.log_level = 'loud'" in rejected and "expected one of" in rejected
-        time.sleep(0.5)
+        traffic.wait_for_more()
     finally:
         traffic.stop()
         assert server.stop() == 0
@@ -175,10 +179,7 @@ def test_sighup_reaches_every_worker(tmp_path):
         server.wait_log("worker 0 is ready")
         tiny_models.write_version(repo, "add_one", 2, MODEL, lambda p: tiny_models.add_constant(p, 2.0))
         server.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 60
-        while sum("reload: models loaded ['add_one']" in line for line in list(server.log)) < 2:
-            assert time.monotonic() < deadline, "".join(server.log)
-            time.sleep(0.05)
+        server.wait_log("reload: models loaded ['add_one']", count=2)  # one line from each worker
         seen = set()
         for _ in range(40):  # new connections, spread by the kernel over both workers
             response = requests.post(f"{server.url}/v2/models/add_one/infer", json=BODY, timeout=10,
