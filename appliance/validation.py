@@ -189,16 +189,22 @@ def _checker(hint: Any) -> Checker:
     return functools.partial(_boxed, box, hint, walk)
 
 
-def _walker(hint: Any) -> Checker | None:
-    """A check that walks ``hint`` to the value that does not fit (``None`` for a leaf, which msgspec checks)."""
-    if _is_dataclass(hint):
-        return lambda value, loc: build(hint, value, loc)
-    whole = hint
+def _unwrapped(hint: Any) -> tuple[Any, tuple[Any, ...], Any, tuple[Any, ...]]:
+    """``(type, Annotated metadata, origin, args)`` of a hint, with ``Annotated`` taken off."""
     origin, args = get_origin(hint), get_args(hint)
     limits: tuple[Any, ...] = ()
     if origin is Annotated:
         hint, limits = args[0], args[1:]
         origin, args = get_origin(hint), get_args(hint)
+    return hint, limits, origin, args
+
+
+def _walker(hint: Any) -> Checker | None:
+    """A check that walks ``hint`` to the value that does not fit (``None`` for a leaf, which msgspec checks)."""
+    if _is_dataclass(hint):
+        return lambda value, loc: build(hint, value, loc)
+    whole = hint
+    hint, limits, origin, args = _unwrapped(hint)
     if origin in (Union, types.UnionType):
         return functools.partial(_union, whole, tuple((_kinds(arg), _checker(arg)) for arg in args))
     if not _holds_dataclass(hint) and _native(whole):
@@ -432,11 +438,7 @@ def json_schema(hint: Any, components: dict[str, Any], ref_template: str = REF_T
         (schema,), defined = msgspec.json.schema_components([hint], ref_template=ref_template)
         components.update(defined)
         return schema
-    origin, args = get_origin(hint), get_args(hint)
-    limits: tuple[Any, ...] = ()
-    if origin is Annotated:
-        hint, limits = args[0], args[1:]
-        origin, args = get_origin(hint), get_args(hint)
+    hint, limits, origin, args = _unwrapped(hint)
     if origin in (Union, types.UnionType):
         return {"anyOf": [json_schema(arg, components, ref_template) for arg in args]}
     if origin in _CONTAINERS:
