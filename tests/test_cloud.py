@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from appliance.engine_factory import create_engine
 from appliance.keys import KeyStore
 from conftest import RunningServer
 from test_serve_process import free_port
+from waiting import wait_until
 
 SLOW_S = 0.05
 BODY = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -67,24 +69,36 @@ def upstream(tmp_path_factory, standard_repo, smollm2_repo):
         process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
                                    stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
+
+    def ready() -> bool:
         assert process.poll() is None, "the upstream appliance exited"
         try:
-            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
+            return requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200
         except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "the upstream appliance did not start"
-        time.sleep(0.1)
+            return False
+
+    wait_until(ready, 120, "the upstream appliance to start")
     yield url, log
     process.terminate()
     process.wait(30)
 
 
-def upstream_requests(log: Path, path: str) -> int:
-    time.sleep(0.5)  # the access log is flushed every 0.2 s
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+def upstream_requests(upstream: tuple[str, Path], path: str) -> int:
+    """Requests for ``path`` in the upstream's access log, counting every one it answered before this call.
+
+    The log is flushed on a timer, in the order requests finished: once a marker request sent now shows in it,
+    so do all those before.
+    """
+    url, log = upstream
+    marker = f"marker-{uuid.uuid4().hex}"
+    requests.get(f"{url}/v2/health/live", headers={"x-request-id": marker}, timeout=10)
+
+    def written() -> list[dict] | None:
+        text = log.read_text()
+        lines = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.startswith("{")]
+        return lines if any(line.get("request_id") == marker for line in lines) else None
+
+    lines = wait_until(written, 30, "the upstream's access log to be flushed")
     return sum(1 for line in lines if line.get("type") == "access" and line["path"] == path)
 
 
@@ -159,8 +173,7 @@ def burst(url: str, calls: list[dict[str, str]]) -> list[requests.Response]:
 
 def test_overload_spills_to_the_cloud_only_where_policy_allows(local, upstream):
     running, tokens = local
-    _, log = upstream
-    before = upstream_requests(log, "/v2/models/add_one/infer")
+    before = upstream_requests(upstream, "/v2/models/add_one/infer")
     calls = ([auth(tokens["cloudy"])] * 16 + [auth(tokens["private"])] * 8
              + [auth(tokens["cloudy"], **{"x-appliance-data": "local-only"})] * 8)
     responses = burst(running.url, calls)
@@ -180,7 +193,7 @@ def test_overload_spills_to_the_cloud_only_where_policy_allows(local, upstream):
             assert "slow" in response.json()["error"]
     assert any(r.status_code == 429 for r in private + pinned), "the local-only burst was never shed"
     # The upstream saw exactly the spilled requests: none of the local-only ones.
-    assert upstream_requests(log, "/v2/models/add_one/infer") - before == len(spilled)
+    assert upstream_requests(upstream, "/v2/models/add_one/infer") - before == len(spilled)
 
 
 def test_the_breaker_opens_on_a_dead_upstream_and_local_traffic_goes_on(tmp_path, smollm2_repo, upstream):
@@ -235,8 +248,7 @@ def test_routing_decisions_for_a_table_of_prompts(local, prompt, model):
 
 def test_a_complex_prompt_streams_through_the_cloud_when_allowed(local, upstream):
     running, tokens = local
-    _, log = upstream
-    before = upstream_requests(log, "/v1/chat/completions")
+    before = upstream_requests(upstream, "/v1/chat/completions")
     response = chat(running.url, tokens["cloudy"], COMPLEX, stream=True, max_tokens=8)
     assert response.status_code == 200 and response.headers["x-appliance-model"] == "chat:smollm2-135m"
     assert "cloud upstream chat" in response.headers["x-appliance-route"]
@@ -245,7 +257,7 @@ def test_a_complex_prompt_streams_through_the_cloud_when_allowed(local, upstream
     text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1]
                    if json.loads(e[6:])["choices"])
     assert text
-    assert upstream_requests(log, "/v1/chat/completions") == before + 1
+    assert upstream_requests(upstream, "/v1/chat/completions") == before + 1
     # The same prompt from a key whose data stays here runs on the mid tier and says why.
     private = chat(running.url, tokens["private"], COMPLEX)
     assert private.headers["x-appliance-model"] == "smollm2-135m"
