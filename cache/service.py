@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,9 +57,11 @@ def cache_control(header: str | None) -> tuple[bool, bool]:
 class ResponseCacheService:
     """Async front of :class:`ResponseCache` for the data plane; one per server process."""
 
-    def __init__(self, config: CacheConfig, path: Path, metrics: Metrics) -> None:
+    def __init__(self, config: CacheConfig, path: Path, metrics: Metrics, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        """``clock`` is the store's: unix time, by which entries expire after ``config.ttl_s``."""
         self.config = config
-        self.store = ResponseCache(path, config.max_bytes, config.ttl_s, sync=config.sync)
+        self.store = ResponseCache(path, config.max_bytes, config.ttl_s, sync=config.sync, clock=clock)
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache")
         # Writes take LMDB's one write lock (and an fsync) each: one thread for them, so lookups never queue behind.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 
 import numpy as np
 import pytest
@@ -16,8 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.cache.keys import scope_hash
+from appliance.cache.service import ResponseCacheService
+from appliance.config import CacheConfig
 from appliance.keys import KeyStore
+from appliance.telemetry import Metrics
 from conftest import RunningServer, make_config
+from test_response_cache_store import FakeClock
 
 CACHE_ON = {"enabled": True}
 
@@ -148,12 +151,27 @@ def test_a_model_not_marked_deterministic_is_never_cached(fresh_repo, server_fac
         assert infer(running.url, None, [1, 2, 3, 4]).headers["x-cache"] == "bypass"
 
 
-def test_entries_expire_after_the_ttl(standard_repo, server_factory):
-    running = server_factory(standard_repo, cache={"enabled": True, "ttl_s": 1})
-    assert infer(running.url, None, [5, 6, 7, 8]).headers["x-cache"] == "miss"
-    assert infer(running.url, None, [5, 6, 7, 8]).headers["x-cache"] == "hit"
-    time.sleep(1.2)
-    assert infer(running.url, None, [5, 6, 7, 8]).headers["x-cache"] == "miss"
+async def test_entries_expire_after_the_configured_ttl(tmp_path):
+    """The data plane's cache keeps an answer for ``cache.ttl_s`` by its clock (unix time; a fake one here)."""
+    config, clock, path = CacheConfig(enabled=True, ttl_s=60), FakeClock(), tmp_path / "response-cache"
+
+    async def lookup(service: ResponseCacheService) -> str:
+        decision = await service.lookup("tenant:t", "add_one", 1, "build", lambda: [5, 6, 7, 8], None, True)
+        if decision.status == "miss":
+            service.remember(decision, "add_one", 1, "build", b"the answer")
+        return decision.status
+
+    writer = ResponseCacheService(config, path, Metrics(), clock=clock)
+    await writer.open()
+    assert await lookup(writer) == "miss"
+    await writer.close()  # waits for the write
+    reader = ResponseCacheService(config, path, Metrics(), clock=clock)
+    await reader.open()
+    clock.tick(59.0)
+    assert await lookup(reader) == "hit"
+    clock.tick(1.0)
+    assert await lookup(reader) == "miss"
+    await reader.close()
 
 
 def test_the_cache_survives_a_restart_and_its_files_are_private(standard_repo, tmp_path):

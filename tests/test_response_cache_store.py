@@ -487,12 +487,11 @@ def _script(body: str, *helpers) -> str:
 
 
 _CONCURRENT_WRITER = """
-    import time
     worker = int(sys.argv[2])
     cache = ResponseCache(Path(sys.argv[1]), 8 * 1024 * 1024, 600.0, sync=False)
     assert cache.open()
-    while not Path(sys.argv[3]).exists():  # start together, so that the writes overlap
-        time.sleep(0.005)
+    print("open", flush=True)
+    sys.stdin.read()  # start together when the parent closes stdin, so that the writes overlap
     for i in range(150):
         assert cache.put(process_key(worker, i), CacheEntry("m", "s", process_payload(worker, i))).stored
     cache.close()
@@ -502,11 +501,14 @@ _CONCURRENT_WRITER = """
 def test_several_processes_share_one_file(tmp_path):
     path = tmp_path / "c"
     script = _script(_CONCURRENT_WRITER, process_key, process_payload)
-    go = tmp_path / "go"
-    workers = [subprocess.Popen([sys.executable, "-c", script, str(path), str(w), str(go)]) for w in range(3)]
-    threading.Event().wait(0.3)
-    go.touch()
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(path), str(w)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for w in range(3)]
+    assert [worker.stdout.readline() for worker in workers] == ["open\n"] * 3
+    for worker in workers:
+        worker.stdin.close()  # all three are open: now they write together
     assert [worker.wait(timeout=60) for worker in workers] == [0, 0, 0]
+    for worker in workers:
+        worker.stdout.close()
     cache = ResponseCache(path, 8 * MiB, 600.0)
     assert cache.open()
     written = {process_key(w, i): process_payload(w, i) for w in range(3) for i in range(150)}
