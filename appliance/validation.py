@@ -408,10 +408,14 @@ def _string(limits: dict[str, Any], described: bool) -> tuple[str, str]:
 
 
 def _bounds(limits: dict[str, Any]) -> str:
-    if "ge" in limits and "le" in limits:
-        return f"from {limits['ge']} to {limits['le']}"
-    low = f">= {limits['ge']}" if "ge" in limits else f"> {limits['gt']}" if "gt" in limits else ""
-    high = f"<= {limits['le']}" if "le" in limits else f"< {limits['lt']}" if "lt" in limits else ""
+    # A whole float is written as an integer: Meta(gt=0) and Meta(gt=0.0) are equal, so the cached checks of equal
+    # annotations may carry either, and the message must read the same.
+    n = {key: int(value) if isinstance(value, float) and value.is_integer() else value
+         for key, value in limits.items() if key in ("gt", "ge", "lt", "le")}
+    if "ge" in n and "le" in n:
+        return f"from {n['ge']} to {n['le']}"
+    low = f">= {n['ge']}" if "ge" in n else f"> {n['gt']}" if "gt" in n else ""
+    high = f"<= {n['le']}" if "le" in n else f"< {n['lt']}" if "lt" in n else ""
     return " and ".join(part for part in (low, high) if part)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -22,6 +23,13 @@ from appliance.api.state import LIFECYCLE  # noqa: E402
 from appliance.app import create_app  # noqa: E402
 from appliance.config import Config, load_config  # noqa: E402
 from appliance.server import run_server  # noqa: E402
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (bound and closed again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class RunningServer:

@@ -51,7 +51,8 @@ class ManualClock:
             self._read.set()
         return self.now
 
-    def advance(self, seconds: float) -> None:
+    def advance(self, seconds: float = 1.0) -> None:
+        """Move the clock on by ``seconds``."""
         self.now += seconds
 
     async def read_by_worker(self, timeout_s: float = 10.0) -> None:

@@ -13,6 +13,7 @@ import pytest
 from appliance.engines.base import Decoder
 from appliance.engines.generation import GenerationLimits, GenerationScheduler, SamplingParams, Sequence, TokenEvent
 from appliance.errors import QueueFull
+from waiting import ManualClock
 
 VOCAB = 50
 EOS = 0
@@ -110,14 +111,6 @@ async def collect(sequence: Sequence) -> list[TokenEvent]:
 
 def tokens_of(events: list[TokenEvent]) -> list[int]:
     return [e.token for e in events if e.token is not None]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def scheduler(decoder: FakeDecoder, clock=None, **limits) -> GenerationScheduler:
@@ -220,14 +213,14 @@ async def test_a_cancelled_sequence_frees_its_row_at_the_next_step(running):
 
 
 async def test_deadlines_end_waiting_and_running_sequences_with_a_timeout(running):
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     decoder = FakeDecoder(rows=1, max_capacity=64)
     decoder.pause(after_calls=3)
     generator = running(decoder, clock=clock)
     first = generator.submit([1], params(0), deadline=clock.now + 5)
     await decoder.wait_paused()
     queued = generator.submit([2, 3], params(4), deadline=clock.now + 1)
-    clock.now += 10  # past both deadlines
+    clock.advance(10)  # past both deadlines
     decoder.resume()
     first_events, queued_events = await collect(first), await collect(queued)
     assert first_events[-1] == TokenEvent(None, finish_reason="timeout")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,16 +14,11 @@ import pytest
 import requests
 
 import tiny_models
+from conftest import free_port
 from waiting import wait_until
 
 SLOW = tiny_models.BATCHED.format(max_batch=8, delay_us=1_500_000)  # one request waits 1.5 s for company
 STUCK = tiny_models.BATCHED.format(max_batch=8, delay_us=60_000_000)  # ... and this one a minute
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(repo: Path, state: Path, **env: str) -> tuple[subprocess.Popen, str]:

@@ -20,7 +20,7 @@ from appliance.config import CacheConfig
 from appliance.keys import KeyStore
 from appliance.telemetry import Metrics
 from conftest import RunningServer, make_config
-from test_response_cache_store import FakeClock
+from waiting import ManualClock
 
 CACHE_ON = {"enabled": True}
 
@@ -153,7 +153,7 @@ def test_a_model_not_marked_deterministic_is_never_cached(fresh_repo, server_fac
 
 async def test_entries_expire_after_the_configured_ttl(tmp_path):
     """The data plane's cache keeps an answer for ``cache.ttl_s`` by its clock (unix time; a fake one here)."""
-    config, clock, path = CacheConfig(enabled=True, ttl_s=60), FakeClock(), tmp_path / "response-cache"
+    config, clock, path = CacheConfig(enabled=True, ttl_s=60), ManualClock(1_000_000.0), tmp_path / "response-cache"
 
     async def lookup(service: ResponseCacheService) -> str:
         decision = await service.lookup("tenant:t", "add_one", 1, "build", lambda: [5, 6, 7, 8], None, True)
@@ -167,9 +167,9 @@ async def test_entries_expire_after_the_configured_ttl(tmp_path):
     await writer.close()  # waits for the write
     reader = ResponseCacheService(config, path, Metrics(), clock=clock)
     await reader.open()
-    clock.tick(59.0)
+    clock.advance(59.0)
     assert await lookup(reader) == "hit"
-    clock.tick(1.0)
+    clock.advance(1.0)
     assert await lookup(reader) == "miss"
     await reader.close()
 

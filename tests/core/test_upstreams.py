@@ -19,17 +19,10 @@ from appliance.breaker import CircuitBreaker
 from appliance.errors import UpstreamRejected, UpstreamUnavailable
 from appliance.upstreams import Upstream
 from appliance.upstream_config import parse_upstreams
+from waiting import ManualClock
 
 SECRET = "sk-test-0123456789abcdef"
 USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeServer:
@@ -391,7 +384,7 @@ async def test_no_retry_after_the_first_byte(server, make_upstream):
 
 
 async def test_retry_budget_limits_retries(server, make_upstream):
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     server.fail_first = 1000
     upstream = make_upstream(server.url + "/prefix", retries=5, retry_budget=0.0, failure_threshold=1000,
                              error_window=1000, clock=clock)
@@ -399,7 +392,7 @@ async def test_retry_budget_limits_retries(server, make_upstream):
         with pytest.raises(UpstreamUnavailable):
             await upstream.openai("/v1/chat/completions", chat(), "smollm2-135m")
         assert len(server.calls) == expected_calls
-    clock.now += 61  # the window slides on
+    clock.advance(61)  # the window slides on
     with pytest.raises(UpstreamUnavailable):
         await upstream.openai("/v1/chat/completions", chat(), "smollm2-135m")
     assert len(server.calls) == 9
@@ -421,37 +414,37 @@ async def test_breaker_opens_on_closed_port_then_fails_fast(make_upstream):
 
 
 async def test_breaker_half_opens_after_cooldown_and_closes_on_success(server, make_upstream):
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     server.fail_first, server.fail_status = 2, 500
     upstream = make_upstream(server.url + "/prefix", retries=0, failure_threshold=2, cooldown_s=10, clock=clock)
     for _ in range(2):
         with pytest.raises(UpstreamUnavailable, match="answered 500"):
             await upstream.openai("/v1/chat/completions", chat(), "smollm2-135m")
     assert upstream.breaker.state == "open"
-    clock.now += 4
+    clock.advance(4)
     with pytest.raises(UpstreamUnavailable, match="circuit breaker") as caught:
         await upstream.openai("/v1/chat/completions", chat(), "smollm2-135m")
     assert caught.value.retry_after_s == pytest.approx(6)
     assert len(server.calls) == 2  # failed fast: no request reached the server
-    clock.now += 6
+    clock.advance(6)
     assert upstream.breaker.state == "half_open" and upstream.available()
     result = await upstream.openai("/v1/chat/completions", chat(), "smollm2-135m")
     assert result.status == 200 and upstream.breaker.state == "closed" and len(server.calls) == 3
 
 
 def test_breaker_half_open_admits_one_trial_and_failure_reopens():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     breaker = CircuitBreaker(failure_threshold=1, error_rate_threshold=1.0, error_window=10, cooldown_s=5,
                              clock=clock)
     assert breaker.allow()
     breaker.record(False)
     assert breaker.state == "open" and not breaker.allow() and breaker.retry_after_s() == 5
-    clock.now += 5
+    clock.advance(5)
     assert breaker.state == "half_open"
     assert breaker.allow() and not breaker.allow()  # one trial at a time
     breaker.record(False)
     assert breaker.state == "open" and breaker.retry_after_s() == 5
-    clock.now += 5
+    clock.advance(5)
     assert breaker.allow()
     breaker.abandon()  # a cancelled trial frees the slot for another
     assert breaker.allow()
@@ -461,7 +454,7 @@ def test_breaker_half_open_admits_one_trial_and_failure_reopens():
 
 def test_breaker_opens_on_error_rate_once_the_window_is_full():
     breaker = CircuitBreaker(failure_threshold=100, error_rate_threshold=0.5, error_window=4, cooldown_s=5,
-                             clock=FakeClock())
+                             clock=ManualClock(1000.0))
     for ok in (False, True, False):
         breaker.record(ok)
     assert breaker.state == "closed"  # 2 of 3, but the window is not full yet

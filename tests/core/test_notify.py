@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import tiny_models
-from test_serve_process import free_port
+from conftest import free_port
 
 from appliance.notify import Notifier
 

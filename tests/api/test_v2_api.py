@@ -233,7 +233,7 @@ def test_tritonclient_reports_errors(client):
 def test_example_repository_and_alias(server_factory):
     from pathlib import Path
 
-    example = server_factory(Path(__file__).parent.parent / "examples" / "models")
+    example = server_factory(Path(__file__).resolve().parents[2] / "examples" / "models")
     body = {"inputs": [{"name": "INPUT0", "shape": [2, 4], "datatype": "FP32", "data": list(range(8))}]}
     for name in ("add_one", "plus-one"):
         response = requests.post(f"{example.url}/v2/models/{name}/infer", json=body, timeout=10)

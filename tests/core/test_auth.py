@@ -12,8 +12,7 @@ import pytest
 import requests
 
 from appliance.keys import KeyStore
-from conftest import RunningServer, make_config
-from test_serve_process import free_port
+from conftest import RunningServer, free_port, make_config
 from waiting import wait_until
 
 BODY = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}

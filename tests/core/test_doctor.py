@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_serve_process import free_port
+from conftest import free_port
 
 from appliance.doctor import FAIL, OK, Check, GpuInfo, check_gpu, format_table
 

@@ -19,7 +19,7 @@ import tiny_models
 from appliance.build.refresh import stale_versions
 from appliance.config import load_config
 
-SYSTEMD = Path(__file__).parent.parent / "systemd"
+SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = ("appliance.service", "appliance-build.service")
 EXEC = "/opt/appliance/venv/bin/appliance"
 DRAIN_TIMEOUT_DEFAULT_S = 30

@@ -21,28 +21,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from waiting import ManualClock
+
 from appliance.cache.keys import cache_key, canonical_bytes, scope_hash
 from appliance.cache.store import DB_ENTRIES, DB_META, DB_ORDER, FORMAT_VERSION, CacheEntry, ResponseCache
 
 MiB = 1024 * 1024
 
 
-class FakeClock:
-    """A settable unix clock."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float = 1.0) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(1_000_000.0)
 
 
 @pytest.fixture
@@ -101,17 +90,17 @@ def test_round_trip_and_miss(make_cache, clock):
 def test_replace_adjusts_bytes_and_order(make_cache, clock):
     cache = make_cache(max_bytes=200)
     cache.put(b"a", entry(b"1" * 50))
-    clock.tick()
+    clock.advance()
     cache.put(b"b", entry(b"2" * 50))
-    clock.tick()
+    clock.advance()
     assert cache.put(b"a", entry(b"3" * 30)).evicted == []  # a replacement is no eviction
     assert cache.stats()["entries"] == 2 and cache.stats()["bytes"] == 80
     assert cache.get(b"a").payload == b"3" * 30
     for key in (b"c", b"d"):
-        clock.tick()
+        clock.advance()
         assert cache.put(key, entry(b"4" * 50)).evicted == []
     # "a" was rewritten after "b", so "b" is now the oldest.
-    clock.tick()
+    clock.advance()
     assert cache.put(b"e", entry(b"5" * 50)).evicted == [("m", scope_hash("scope"), 50)]
     assert cache.get(b"b") is None and cache.get(b"a") is not None
     assert cache.stats()["bytes"] == 180
@@ -142,11 +131,11 @@ def test_bad_configuration_fails_fast(tmp_path, max_bytes, ttl_s):
 def test_entry_expires_at_its_ttl(make_cache, clock):
     cache = make_cache(ttl_s=10.0)
     cache.put(b"k", entry())
-    clock.tick(9.999)
+    clock.advance(9.999)
     assert cache.get(b"k") is not None
-    clock.tick(0.001)
+    clock.advance(0.001)
     assert cache.get(b"k") is None  # now == expires
-    clock.tick(100)
+    clock.advance(100)
     assert cache.get(b"k") is None
 
 
@@ -156,9 +145,9 @@ def test_per_put_ttl_override(make_cache, clock):
     cache.put(b"short", entry(), ttl_s=2.0)
     cache.put(b"long", entry(), ttl_s=100.0)
     assert cache.get(b"long").expires == start + 100.0
-    clock.tick(5)
+    clock.advance(5)
     assert cache.get(b"short") is None and cache.get(b"long") is not None
-    clock.tick(94.9)
+    clock.advance(94.9)
     assert cache.get(b"long") is not None
     assert cache.put(b"never", entry(), ttl_s=0).stored is False
 
@@ -170,11 +159,11 @@ def test_eviction_is_oldest_first_and_reported(make_cache, clock):
     cache = make_cache(max_bytes=1000)
     for i in range(10):
         assert cache.put(bytes([i]), entry(b"x" * 100, model=f"m{i}", scope=f"s{i}")).stored
-        clock.tick()
+        clock.advance()
     assert cache.stats()["bytes"] == 1000
     result = cache.put(b"\x0a", entry(b"y" * 100))
     assert result.stored and result.evicted == [("m0", scope_hash("s0"), 100)]
-    clock.tick()
+    clock.advance()
     result = cache.put(b"\x0b", entry(b"z" * 250))  # needs three to go
     assert result.evicted == [(f"m{i}", scope_hash(f"s{i}"), 100) for i in (1, 2, 3)]
     found = consistent(cache, [bytes([i]) for i in range(12)])
@@ -185,13 +174,13 @@ def test_eviction_is_oldest_first_and_reported(make_cache, clock):
 def test_expired_entries_go_before_live_ones(make_cache, clock):
     cache = make_cache(max_bytes=1000, ttl_s=1000.0)
     cache.put(b"old-live", entry(b"a" * 250))
-    clock.tick()
+    clock.advance()
     cache.put(b"young-expiring", entry(b"b" * 250), ttl_s=5.0)
-    clock.tick()
+    clock.advance()
     cache.put(b"c", entry(b"c" * 250))
-    clock.tick()
+    clock.advance()
     cache.put(b"d", entry(b"d" * 250))
-    clock.tick(10)
+    clock.advance(10)
     result = cache.put(b"e", entry(b"e" * 250))
     assert result.evicted == [("m", scope_hash("scope"), 250)]
     assert cache.get(b"young-expiring") is None
@@ -203,7 +192,7 @@ def test_expired_entries_are_swept_even_when_there_is_room(make_cache, clock):
     cache = make_cache(ttl_s=5.0)
     for i in range(3):
         cache.put(bytes([i]), entry(b"x" * 10))
-    clock.tick(5)
+    clock.advance(5)
     result = cache.put(b"new", entry(b"y" * 10))
     assert len(result.evicted) == 3
     assert cache.stats()["entries"] == 1 and cache.stats()["bytes"] == 10
@@ -570,7 +559,7 @@ REQUESTS = [
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.booleans()), max_size=30))
 def test_hits_only_what_the_same_scope_stored(operations):
     with tempfile.TemporaryDirectory() as folder:
-        cache = ResponseCache(Path(folder) / "c", MiB, 60.0, clock=FakeClock())
+        cache = ResponseCache(Path(folder) / "c", MiB, 60.0, clock=ManualClock(1_000_000.0))
         assert cache.open()
         try:
             stored: dict[tuple[str, bytes], bytes] = {}

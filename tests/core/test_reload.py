@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 
 import tiny_models
-from test_serve_process import free_port
+from conftest import free_port
 from waiting import wait_until
 
 from appliance.api.state import ACCESS_LOG, CONFIG, MODELS

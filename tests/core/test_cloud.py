@@ -23,8 +23,7 @@ import tiny_models
 from appliance.config import load_config
 from appliance.engine_factory import create_engine
 from appliance.keys import KeyStore
-from conftest import RunningServer
-from test_serve_process import free_port
+from conftest import RunningServer, free_port
 from waiting import wait_until
 
 SLOW_S = 0.05

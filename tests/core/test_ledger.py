@@ -18,24 +18,16 @@ from prometheus_client import CollectorRegistry
 
 import appliance.ledger as ledger_module
 from appliance.ledger import GROUP_FIELDS, PLACES, TOTAL_FIELDS, CostLedger, UsageRecord
-from waiting import wait_until
+from waiting import ManualClock, wait_until
 
 DAY0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 DAY = 86400.0
-REPO = Path(__file__).resolve().parents[1]
-
-
-class FakeClock:
-    def __init__(self, now: float = DAY0 + 3600) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_ledger(path: Path, clock: Callable[[], float] | None = None, **options) -> CostLedger:
     options.setdefault("flush_interval_s", 3600)  # tests flush explicitly unless they say otherwise
-    return CostLedger(path, CollectorRegistry(), clock=clock or FakeClock(), **options)
+    return CostLedger(path, CollectorRegistry(), clock=clock or ManualClock(DAY0 + 3600), **options)
 
 
 def day_of(offset_days: int) -> str:
@@ -87,7 +79,7 @@ def random_record(rng: random.Random) -> UsageRecord:
 
 async def test_random_records_sum_up_for_any_grouping_and_filter(tmp_path: Path) -> None:
     rng = random.Random(1234)
-    clock = FakeClock()
+    clock = ManualClock(DAY0 + 3600)
     ledger = make_ledger(tmp_path / "ledger", clock)
     await ledger.start()
     records = []
@@ -137,7 +129,7 @@ async def test_rows_have_the_documented_shape(tmp_path: Path) -> None:
 
 
 async def test_day_is_the_utc_date_of_the_clock(tmp_path: Path) -> None:
-    clock = FakeClock(DAY0 - 0.001)  # the last millisecond of 2025-12-31
+    clock = ManualClock(DAY0 - 0.001)  # the last millisecond of 2025-12-31
     ledger = make_ledger(tmp_path / "ledger", clock)
     await ledger.start()
     ledger.record(UsageRecord("acme", "", "m", "local"))
@@ -262,7 +254,7 @@ async def test_max_workflows_zero_records_every_tag_as_other(tmp_path: Path) -> 
 
 async def test_prometheus_counters_count_at_record_time(tmp_path: Path) -> None:
     registry = CollectorRegistry()
-    ledger = CostLedger(tmp_path / "ledger", registry, clock=FakeClock())  # not even started: no I/O needed
+    ledger = CostLedger(tmp_path / "ledger", registry, clock=ManualClock(DAY0 + 3600))  # not even started: no I/O needed
     ledger.record(UsageRecord("acme", "k1", "minilm", "cloud", input_tokens=10, output_tokens=3, cost=0.25))
     ledger.record(UsageRecord("acme", "k2", "minilm", "cloud", input_tokens=5, output_tokens=1, cost=0.5))
     ledger.record(UsageRecord("acme", "k1", "minilm", "cache", input_tokens=10, output_tokens=3,
