@@ -125,25 +125,30 @@ class DataPlane:
             raise exc
         return self._routed(trace, route)
 
-    def _resolve(self, operation: Operation[Any, Any], request: Any, name: str, version: int | None,
-                 via_router: bool) -> ModelVersion:
-        """The serving version of a model, name or alias, if the caller's key may use it, checked for the request.
+    def resolve(self, caller: Caller, name: str, version: int | None = None, *,
+                via_router: bool = False) -> ModelVersion:
+        """The serving version of a model, name or alias, if the caller's key may use it.
 
         The key is checked before anything about the model is told or done: a model outside the key's list is 403
         whether it serves, loads or fails (and never fails over to the cloud). A model a router alias picked is
-        allowed when the key allows that alias.
+        allowed when the key allows that alias. The v2 metadata endpoints ask here too.
         """
-        principal = request.caller.principal
-        if principal is not None and principal.models and not via_router and name not in principal.models:
-            try:
-                served: ModelVersion | None = self.models.resolve(name, version)
-            except (ModelNotFound, ModelNotReady):
-                served = None
-            if served is None or not principal.may_use(served.name, *served.spec.aliases):
-                raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "
-                                f"{', '.join(principal.models)}", param="model")
-        else:
-            served = self.models.resolve(name, version)
+        principal = caller.principal
+        if principal is None or not principal.models or via_router or name in principal.models:
+            return self.models.resolve(name, version)
+        try:
+            served: ModelVersion | None = self.models.resolve(name, version)
+        except (ModelNotFound, ModelNotReady):
+            served = None
+        if served is None or not principal.may_use(served.name, *served.spec.aliases):
+            raise Forbidden(f"key {principal.key_name!r} may not call model {name!r}; it may call "
+                            f"{', '.join(principal.models)}", param="model")
+        return served
+
+    def _resolve(self, operation: Operation[Any, Any], request: Any, name: str, version: int | None,
+                 via_router: bool) -> ModelVersion:
+        """:meth:`resolve`, then checked for the request; the trace learns the model."""
+        served = self.resolve(request.caller, name, version, via_router=via_router)
         trace = request.trace
         trace.model, trace.version, trace.place = served.name, str(served.version), "local"
         operation.check(served, request)

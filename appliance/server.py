@@ -53,7 +53,10 @@ async def run_server(
 async def _serve(config: Config, app: web.Application, stop: asyncio.Event | None, handle_signals: bool,
                  workers: WorkerGroup | None, config_source: ConfigSource | None, notifier: Notifier) -> None:
     server = config.server
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s)
+    # handler_cancellation: a client that leaves cancels its handler, so that its queued or running work stops
+    # (a generation frees its KV-cache row at the next step) instead of running for no one.
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s,
+                           handler_cancellation=True)
     loop = asyncio.get_running_loop()
     if handle_signals:
         loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP ignored: the server is still starting")

@@ -16,6 +16,8 @@ import numpy as np
 if TYPE_CHECKING:
     from appliance.engines.generation import SamplingParams
 
+MAX_EMBED_INPUTS = 2048  # texts (or token id arrays) per embeddings request; an embedding model's queue holds two
+
 
 @dataclass(slots=True)
 class Usage:

@@ -8,10 +8,14 @@ an entry, and a rebuilt or reloaded model never serves a response of its predece
 from __future__ import annotations
 
 import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
 
 import msgpack
 
-__all__ = ["cache_key", "canonical_bytes", "scope_hash"]
+__all__ = ["cache_key", "canonical_bytes", "load_label_key", "scope_hash"]
 
 _SCOPE_DOMAIN = b"appliance-cache-scope\0"
 _KEY_DOMAIN = "appliance-cache-key/1"
@@ -23,13 +27,32 @@ _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _EXT_BIGINT = 1
 
 
-def scope_hash(scope: str) -> str:
-    """Return a short, stable label for ``scope`` (16 hex chars).
+def scope_hash(scope: str, key: bytes) -> str:
+    """A short, stable label for ``scope`` (16 hex chars): HMAC-SHA256 under this install's ``key``.
 
-    Used in metrics and stored in entries instead of the raw scope (a guessable scope
-    can still be confirmed from its label: the label is not a secret).
+    Used in metrics and stored in entries instead of the raw scope. Keyed, so that a guessed tenant name cannot
+    be confirmed against a label by anyone who does not hold the install's key.
     """
-    return hashlib.sha256(_SCOPE_DOMAIN + scope.encode()).hexdigest()[:16]
+    return hmac.new(key, _SCOPE_DOMAIN + scope.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def load_label_key(path: Path) -> bytes:
+    """The install's scope-label key in ``path`` (32 random bytes, owner-only), made on first use.
+
+    Worker processes race to make it: the first one's file wins and the others read it.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ValueError(f"{path} holds {len(key)} bytes, not the 32 of a scope-label key; delete it to make a new "
+                             "one (the stored cache entries then lose their labels)") from None
+        return key
+    key = secrets.token_bytes(32)
+    with os.fdopen(fd, "wb") as file:
+        file.write(key)
+    return key
 
 
 def canonical_bytes(value: object) -> bytes:

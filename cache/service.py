@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from appliance.cache.keys import cache_key, scope_hash
+from appliance.cache.keys import cache_key, load_label_key, scope_hash
 from appliance.cache.store import CacheEntry, PutResult, ResponseCache
 from appliance.config import CacheConfig
 from appliance.telemetry import Metrics
@@ -54,6 +55,9 @@ def cache_control(header: str | None) -> tuple[bool, bool]:
     return True, True
 
 
+LABEL_KEY = "scope-label.key"  # in the store's folder, beside the LMDB files
+
+
 class ResponseCacheService:
     """Async front of :class:`ResponseCache` for the data plane; one per server process."""
 
@@ -70,6 +74,9 @@ class ResponseCacheService:
         # Answers handed to the writer but not yet committed: a repeat that arrives meanwhile is still a hit.
         self._pending: dict[bytes, bytes] = {}
         self._lookup_children: dict[tuple[str, str, str], object] = {}
+        # Scope labels are keyed by the install's secret (read at open); until then, or with the cache off, a
+        # per-process key: nothing is stored under those labels.
+        self._label_key = secrets.token_bytes(32)
 
     @property
     def enabled(self) -> bool:
@@ -86,6 +93,7 @@ class ResponseCacheService:
             log.error("the response cache at %s is off until it can be opened; requests are served uncached",
                       self.store.path)
             return
+        self._label_key = await loop.run_in_executor(self._executor, load_label_key, self.store.path / LABEL_KEY)
         await self._refresh_gauges()
 
     async def lookup(self, scope: str | None, model: str, version: int, build_hash: str,
@@ -98,7 +106,7 @@ class ResponseCacheService:
         if not (deterministic and scope is not None and self.config.enabled and (read or write)):
             self._count(model, "", BYPASS)
             return CacheDecision(BYPASS)
-        label = scope_hash(scope)
+        label = scope_hash(scope, self._label_key)
         if not self.store.healthy:  # a store that could not open degrades to misses (the error is logged)
             self._count(model, label, MISS)
             return CacheDecision(MISS)
@@ -168,7 +176,7 @@ class ResponseCacheService:
         """Delete the entries of a scope and/or a model; returns how many went."""
         if not self.store.healthy:
             return 0
-        label = scope_hash(scope) if scope is not None else None
+        label = scope_hash(scope, self._label_key) if scope is not None else None
         self._pending.clear()
         # On the writer thread: writes queued before the purge land first and are purged with the rest.
         count = await asyncio.get_running_loop().run_in_executor(self._writer, self.store.purge, label, model)

@@ -26,7 +26,7 @@ import numpy as np
 
 from appliance.engines.base import Engine
 from appliance.engines.worker_threads import EngineThreads
-from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, QueueFull
+from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, PayloadTooLarge, QueueFull
 
 log = logging.getLogger("appliance.engines.token_batcher")
 
@@ -121,13 +121,17 @@ class TokenBudgetBatcher:
     def submit(self, sequences: Sequence[Sequence[int]], deadline: float | None = None) -> asyncio.Future:
         """Queue one request's token sequences; the future resolves to an :class:`EmbedResult`.
 
-        Raises :class:`QueueFull` when the items would not fit in the queue, :class:`ModelNotReady` once closing.
+        Raises :class:`PayloadTooLarge` when they could never fit in the queue, :class:`QueueFull` when they do not
+        fit now, :class:`ModelNotReady` once closing.
         """
         loop = self._threads.loop
         if self._closing or loop is None:
             raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
         if not sequences:
             raise ValueError("a request needs at least one input")
+        if len(sequences) > self._max_queue:  # not even an empty queue holds it: retrying cannot help
+            raise PayloadTooLarge(f"the request has {len(sequences)} inputs; model {self._name} queues at most "
+                                  f"{self._max_queue} ([batching] max_queue_size); send fewer per request")
         if len(self._items) + len(sequences) > self._max_queue:
             wait = max(self.estimated_wait_s(), 0.001)
             raise QueueFull(

@@ -18,9 +18,9 @@ from msgspec import Meta
 from appliance import validation
 from appliance.engines.generation import SamplingParams
 from appliance.errors import BadRequest
-from appliance.types import EmbedRequest
+from appliance.types import MAX_EMBED_INPUTS, EmbedRequest
 
-MAX_INPUTS = 2048  # texts (or token id arrays) per embeddings request
+MAX_INPUTS = MAX_EMBED_INPUTS
 ErrorText = str | Callable[[Any, validation.Invalid], str]  # a str is formatted with the value sent as {value!r}
 
 

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +35,8 @@ ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
 # Paths anyone who can reach the port may call: probes, metrics (no payloads, no keys) and the API description.
 PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"})
 ADMIN_PREFIXES = ("/v2/repository/", "/admin/", "/v1/usage")
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
+REQUEST_ID = re.compile(r"[!-~]{1,128}")  # a client's x-request-id is kept when it is this; else the server makes one
 ANONYMOUS = Caller()  # public paths, and requests refused before their key was known
 REJECTION_REASONS = {Unauthorized: "unauthenticated", Forbidden: "forbidden", RateLimited: "rate_limited"}
 
@@ -42,7 +46,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Wrap every request: id, drain check, the caller, error mapping, metrics and the access log."""
     started = time.perf_counter()
     arrived = time.monotonic()
-    request_id = request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    request_id = _request_id(request)
     app = request.app
     lifecycle = app[LIFECYCLE]
     trace = Trace()
@@ -56,6 +60,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         if request.path not in PUBLIC:
             request[CALLER] = caller = _caller(request, _principal(request), arrived)
         response = await handler(request)
+    except asyncio.CancelledError:  # the client left and aiohttp cancelled the handler: the work stops here
+        _record(request, request_id, CLIENT_CLOSED, started, trace, caller)
+        raise
     except ApplianceError as exc:
         reason = REJECTION_REASONS.get(type(exc))
         if reason is not None:
@@ -83,15 +90,35 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             response.headers["x-appliance-model"] = trace.model
         if trace.route:
             response.headers["x-appliance-route"] = trace.route
+    status = response.status
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        status = CLIENT_CLOSED  # the answer (or the rest of the stream) never reached the client
+    _record(request, request_id, status, started, trace, caller)
+    return response
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's ``x-request-id`` when it is 1 to 128 printable ASCII characters, else one of the server's."""
+    given = request.headers.get("x-request-id")
+    if given is not None and REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
+def _record(request: web.Request, request_id: str, status: int, started: float, trace: Trace,
+            caller: Caller) -> None:
+    """The request's metrics and access log line."""
+    app = request.app
     total = time.perf_counter() - started
     if trace.model or request.path.endswith("/infer"):
-        app[METRICS].observe_request(trace.model, trace.version, response.status, total)
+        app[METRICS].observe_request(trace.model, trace.version, status, total)
     usage = trace.usage
     app[ACCESS_LOG].record(
         request_id=request_id,
         method=request.method,
         path=request.path,
-        status=response.status,
+        status=status,
         total_s=total,
         model=trace.model,
         version=trace.version,
@@ -103,7 +130,6 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         place=trace.place if trace.model else "",
         route=trace.route,
     )
-    return response
 
 
 def _principal(request: web.Request) -> Principal:

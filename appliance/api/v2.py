@@ -38,6 +38,11 @@ def _version_param(request: web.Request) -> int | None:
     return int(text)
 
 
+def _model(request: web.Request) -> ModelVersion:
+    """The model the path names, if the caller's key may use it (403 otherwise, as for inference)."""
+    return request.app[DATAPLANE].resolve(request[CALLER], request.match_info["model"], _version_param(request))
+
+
 def _shape(model: ModelVersion, tensor: ServedTensor) -> list[int]:
     return ([-1] if model.max_batch_size > 0 else []) + list(tensor.dims)
 
@@ -60,7 +65,7 @@ async def health_ready(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     """GET /v2/models/{model}[/versions/{version}]"""
-    model = request.app[MODELS].resolve(request.match_info["model"], _version_param(request))
+    model = _model(request)
     return _json(
         {
             "name": model.name,
@@ -74,13 +79,13 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 async def model_ready(request: web.Request) -> web.Response:
     """GET /v2/models/{model}[/versions/{version}]/ready: 200 when serving, 503 when not, 404 if unknown."""
-    request.app[MODELS].resolve(request.match_info["model"], _version_param(request))
+    _model(request)
     return web.Response(status=200)
 
 
 async def model_config(request: web.Request) -> web.Response:
     """GET /v2/models/{model}[/versions/{version}]/config: the configuration in Triton's shape."""
-    model = request.app[MODELS].resolve(request.match_info["model"], _version_param(request))
+    model = _model(request)
     batching = model.spec.batching
 
     def tensors(items: list[ServedTensor]) -> list[dict]:
@@ -193,7 +198,8 @@ async def repository_index(request: web.Request) -> web.Response:
 async def repository_load(request: web.Request) -> web.Response:
     """POST /v2/repository/models/{model}/load: load (or reload) the newest version, warm it, swap it in."""
     await _read_body(request)
-    model = await request.app[MODELS].load(request.match_info["model"])
+    # Shielded: a client that leaves must not cut a load between its warmup and the swap.
+    model = await asyncio.shield(request.app[MODELS].load(request.match_info["model"]))
     await _fan_out(request, f"loaded version {model.version}")
     return _json({"name": model.name, "version": str(model.version), "state": "READY"})
 
@@ -201,7 +207,7 @@ async def repository_load(request: web.Request) -> web.Response:
 async def repository_unload(request: web.Request) -> web.Response:
     """POST /v2/repository/models/{model}/unload: stop serving after queued requests finish."""
     await _read_body(request)
-    await request.app[MODELS].unload(request.match_info["model"])
+    await asyncio.shield(request.app[MODELS].unload(request.match_info["model"]))
     await _fan_out(request, "unloaded")
     return _json({"name": request.match_info["model"], "state": "UNAVAILABLE"})
 

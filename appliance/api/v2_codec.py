@@ -124,16 +124,23 @@ def _requested_outputs(header: dict) -> tuple[list[str] | None, set[str]]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest(f"outputs[{index}] needs a 'name' string")
         names.append(item["name"])
-        params = item.get("parameters") or {}
-        if params.get("binary_data"):
+        if _parameters(item, f"outputs[{index}]").get("binary_data"):
             binary.add(item["name"])
     return names, binary
 
 
-def _request_parameters(header: dict) -> tuple[bool, int | None]:
-    params = header.get("parameters") or {}
+def _parameters(holder: dict, where: str) -> dict:
+    """``holder["parameters"]``: an object, or absent."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
     if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
+        raise BadRequest(f"{where}.parameters must be an object (name to value), not {params!r:.40}")
+    return params
+
+
+def _request_parameters(header: dict) -> tuple[bool, int | None]:
+    params = _parameters(header, "the request")
     timeout = params.get("timeout")
     if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
         raise BadRequest(f"parameters.timeout is in microseconds and must be a non-negative integer, not {timeout!r}")
@@ -163,7 +170,7 @@ def decode_json(body: bytes, header_length: int | None) -> ParsedInfer:
         name, shape, datatype, dtype = _shape_and_dtype(tensor, index)
         if name in inputs:
             raise BadRequest(f"input {name!r} appears twice")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(tensor, f"inputs[{index}]").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(tail):
                 raise BadRequest(f"input {name!r}: binary_data_size {size!r} does not fit the binary data")

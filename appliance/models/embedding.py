@@ -6,6 +6,7 @@ from appliance.config import ConfigError
 from appliance.engines.token_batcher import TokenBudgetBatcher
 from appliance.engines.tokenizer import TextEncoder
 from appliance.models.engine_model import EngineModel
+from appliance.types import MAX_EMBED_INPUTS
 
 
 class EmbeddingModel(EngineModel):
@@ -33,7 +34,9 @@ class EmbeddingModel(EngineModel):
             max_batch_tokens=batching.max_batch_tokens,
             max_batch_size=max(batching.max_batch_size, 1),
             max_wait_s=batching.max_queue_delay_microseconds / 1e6,
-            max_queue_items=batching.max_queue_size or self._config.batching.max_queue_size,
+            # Two of the largest requests the API takes fit, so that one never meets a queue it cannot enter.
+            max_queue_items=batching.max_queue_size or max(self._config.batching.max_queue_size,
+                                                           2 * MAX_EMBED_INPUTS),
             pad_id=self.text.pad_id,
             on_batch=lambda items, padded, compute_s: self.metrics.observe_batch(items, compute_s),
             name=f"{self.name}/{self.version}",

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.cache.keys import scope_hash
-from appliance.cache.service import ResponseCacheService
+from appliance.cache.service import LABEL_KEY, ResponseCacheService
 from appliance.config import CacheConfig
 from appliance.keys import KeyStore
 from appliance.telemetry import Metrics
@@ -135,8 +135,10 @@ def test_purge_by_tenant_and_metrics_carry_scope_hashes_only(scoped):
     bad = requests.post(f"{running.url}/admin/cache/purge", json={}, headers=bearer(tokens["admin"]), timeout=10)
     assert bad.status_code == 400 and "say what to purge" in bad.json()["error"]
     text = requests.get(f"{running.url}/metrics", timeout=10).text
-    alpha = scope_hash(scopes["a1"])
+    key = (running.config.paths.response_cache_dir() / LABEL_KEY).read_bytes()  # the install's own label key
+    alpha = scope_hash(scopes["a1"], key)
     assert re.search(rf'appliance_cache_lookups_total{{model="add_one",result="hit",scope="{alpha}"}} [1-9]', text)
+    assert scope_hash(scopes["a1"], b"\0" * 32) not in text  # a label cannot be matched without the key
     assert "tenant:alpha" not in text and tokens["a1"] not in text
     assert re.search(r"appliance_cache_size_bytes \d", text) and "appliance_cache_stored_bytes_total" in text
     stats = requests.get(f"{running.url}/admin/cache", headers=bearer(tokens["admin"]), timeout=10).json()

@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 
 from waiting import ManualClock
 
-from appliance.cache.keys import cache_key, canonical_bytes, scope_hash
+KEY = b"k" * 32  # a scope-label key
+
+from appliance.cache.keys import cache_key, canonical_bytes, load_label_key, scope_hash
 from appliance.cache.store import DB_ENTRIES, DB_META, DB_ORDER, FORMAT_VERSION, CacheEntry, ResponseCache
 
 MiB = 1024 * 1024
@@ -62,7 +64,7 @@ def payload_of(i: int) -> bytes:
 
 
 def entry(payload: bytes = b"response", model: str = "m", scope: str = "scope") -> CacheEntry:
-    return CacheEntry(model=model, scope_hash=scope_hash(scope), payload=payload)
+    return CacheEntry(model=model, scope_hash=scope_hash(scope, KEY), payload=payload)
 
 
 def consistent(cache: ResponseCache, keys) -> dict:
@@ -82,7 +84,7 @@ def test_round_trip_and_miss(make_cache, clock):
     result = cache.put(b"k" * 32, entry(b"hello"))
     assert result.stored and result.evicted == []
     hit = cache.get(b"k" * 32)
-    assert hit == CacheEntry("m", scope_hash("scope"), b"hello", clock.now, clock.now + 60.0)
+    assert hit == CacheEntry("m", scope_hash("scope", KEY), b"hello", clock.now, clock.now + 60.0)
     assert cache.get(b"x" * 32) is None
     assert cache.stats() == {"entries": 1, "bytes": 5, "max_bytes": MiB, "healthy": True}
 
@@ -101,7 +103,7 @@ def test_replace_adjusts_bytes_and_order(make_cache, clock):
         assert cache.put(key, entry(b"4" * 50)).evicted == []
     # "a" was rewritten after "b", so "b" is now the oldest.
     clock.advance()
-    assert cache.put(b"e", entry(b"5" * 50)).evicted == [("m", scope_hash("scope"), 50)]
+    assert cache.put(b"e", entry(b"5" * 50)).evicted == [("m", scope_hash("scope", KEY), 50)]
     assert cache.get(b"b") is None and cache.get(b"a") is not None
     assert cache.stats()["bytes"] == 180
     consistent(cache, [b"a", b"b", b"c", b"d", b"e"])
@@ -162,10 +164,10 @@ def test_eviction_is_oldest_first_and_reported(make_cache, clock):
         clock.advance()
     assert cache.stats()["bytes"] == 1000
     result = cache.put(b"\x0a", entry(b"y" * 100))
-    assert result.stored and result.evicted == [("m0", scope_hash("s0"), 100)]
+    assert result.stored and result.evicted == [("m0", scope_hash("s0", KEY), 100)]
     clock.advance()
     result = cache.put(b"\x0b", entry(b"z" * 250))  # needs three to go
-    assert result.evicted == [(f"m{i}", scope_hash(f"s{i}"), 100) for i in (1, 2, 3)]
+    assert result.evicted == [(f"m{i}", scope_hash(f"s{i}", KEY), 100) for i in (1, 2, 3)]
     found = consistent(cache, [bytes([i]) for i in range(12)])
     assert sorted(found) == [bytes([i]) for i in range(4, 12)]
     assert cache.stats()["bytes"] == 950
@@ -182,7 +184,7 @@ def test_expired_entries_go_before_live_ones(make_cache, clock):
     cache.put(b"d", entry(b"d" * 250))
     clock.advance(10)
     result = cache.put(b"e", entry(b"e" * 250))
-    assert result.evicted == [("m", scope_hash("scope"), 250)]
+    assert result.evicted == [("m", scope_hash("scope", KEY), 250)]
     assert cache.get(b"young-expiring") is None
     assert cache.get(b"old-live") is not None
     consistent(cache, [b"old-live", b"young-expiring", b"c", b"d", b"e"])
@@ -233,8 +235,8 @@ def test_purge_by_scope_model_and_both(make_cache):
                 key = cache_key(scope, model, 1, "h", n)
                 keys[key] = (scope, model)
                 cache.put(key, entry(f"{scope}/{model}/{n}".encode(), model=model, scope=scope))
-    assert cache.purge(scope_hash=scope_hash("alice"), model="chat") == 3
-    assert cache.purge(scope_hash=scope_hash("bob")) == 6
+    assert cache.purge(scope_hash=scope_hash("alice", KEY), model="chat") == 3
+    assert cache.purge(scope_hash=scope_hash("bob", KEY)) == 6
     assert cache.purge(model="nope") == 0
     found = consistent(cache, keys)
     assert {keys[key] for key in found} == {("alice", "embed")}
@@ -576,7 +578,7 @@ def test_hits_only_what_the_same_scope_stored(operations):
                     if model_key not in stored:
                         assert hit is None
                     else:
-                        assert hit.payload == stored[model_key] and hit.scope_hash == scope_hash(scope)
+                        assert hit.payload == stored[model_key] and hit.scope_hash == scope_hash(scope, KEY)
                         assert msgpack.unpackb(hit.payload)[0] == scope
         finally:
             cache.close()
@@ -637,8 +639,19 @@ def test_cache_key_binds_every_part():
     assert len({key, *(cache_key(*v) for v in variants)}) == len(variants) + 1
 
 
-def test_scope_hash_is_a_short_stable_label():
-    label = scope_hash("tenant:acme")
+def test_scope_hash_is_a_short_stable_label_keyed_by_the_install():
+    label = scope_hash("tenant:acme", KEY)
     assert len(label) == 16 and int(label, 16) >= 0
-    assert label == scope_hash("tenant:acme") != scope_hash("tenant:acm")
+    assert label == scope_hash("tenant:acme", KEY) != scope_hash("tenant:acm", KEY)
     assert "acme" not in label
+    assert scope_hash("tenant:acme", b"another install") != label  # a guessed name cannot be checked without the key
+
+
+def test_the_label_key_is_made_once_owner_only_and_then_read(tmp_path):
+    path = tmp_path / "scope-label.key"
+    key = load_label_key(path)
+    assert len(key) == 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_label_key(path) == key
+    path.write_bytes(b"short")
+    with pytest.raises(ValueError, match="not the 32"):
+        load_label_key(path)

@@ -13,7 +13,7 @@ import pytest
 from waiting import ManualClock
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
 from appliance.engines.token_batcher import TokenBudgetBatcher
-from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, QueueFull
+from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, PayloadTooLarge, QueueFull
 
 VOCAB = 30522
 
@@ -149,6 +149,9 @@ async def test_queue_bound_is_in_inputs(engine):
     with pytest.raises(QueueFull) as error:
         batcher.submit([seq(5)] * 2)
     assert error.value.retry_after_s > 0 and "limit is 4" in error.value.message
+    with pytest.raises(PayloadTooLarge) as never:  # more than even an empty queue holds: not retryable
+        batcher.submit([seq(5)] * 5)
+    assert never.value.retry_after_s is None and "queues at most 4" in never.value.message
     engine.gate.set()
     await asyncio.gather(blocker, first)
     await batcher.close()
