@@ -81,6 +81,8 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--workflow", default="", help="default workflow tag for cost attribution")
     create.add_argument("--lane", choices=LANES, default="interactive",
                         help="default admission lane of its requests (x-appliance-lane overrides)")
+    create.add_argument("--token-input", action="store_true",
+                        help="may send token ids (not only texts) as /v1/embeddings input")
     listing = actions.add_parser("list", help="list the keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     revoke = actions.add_parser("revoke", help="revoke a key; a running server stops accepting it")
@@ -233,7 +235,7 @@ def _cmd_keys(config: Config, args: argparse.Namespace) -> int:
             key, token = store.create(name=args.name, tenant=args.tenant, models=models, cloud=args.cloud,
                                       cache_scope=args.cache_scope, requests_per_minute=args.rpm,
                                       tokens_per_minute=args.tpm, admin=args.admin, workflow=args.workflow,
-                                      lane=args.lane)
+                                      lane=args.lane, token_input=args.token_input)
             print(token)
             print(f"appliance keys: created key {key.id} ({key.name}, tenant {key.tenant}) in {store.path}; the "
                   "token above is shown once and cannot be recovered; a running server picks it up within a few "

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from appliance.accounting import Accounting
 from appliance.cache.service import BYPASS, CacheDecision, ResponseCacheService
 from appliance.cloud import Cloud
-from appliance.errors import EngineFailed, Forbidden, ModelNotFound, ModelNotReady
+from appliance.errors import BadRequest, EngineFailed, Forbidden, ModelNotFound, ModelNotReady
 from appliance.generation_stream import GenerationStream
 from appliance.model_version import ModelVersion
 from appliance.operations.base import Operation, Tally
@@ -62,6 +62,12 @@ class DataPlane:
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         """Embed texts or token sequences, in input order."""
+        principal = request.caller.principal
+        if request.token_ids is not None and principal is not None and not principal.token_input:
+            raise BadRequest(f"key {principal.key_name!r} may send texts only, not token ids: token arrays are read as "
+                             "the model's own ids, so another tokenizer's ids would be embedded as the wrong tokens. "
+                             "Send the texts (LangChain: check_embedding_ctx_length=False), or create the key with "
+                             "--token-input", param="input")
         return await self._serve(self._embed, request, request.model, None)
 
     async def generate(self, request: GenerateRequest) -> GenerationStream:

@@ -67,6 +67,9 @@ class ApiKey:
     # The default workflow tag for cost attribution; "": none.
     workflow: Annotated[str, Meta(pattern=rf"^({NAME.pattern})?\Z", description=f"{_NAME_RULE}, or '' for none")] = ""
     lane: Lane = "interactive"  # the default admission lane
+    # It may send token ids as embeddings input: off by default, since clients that send another tokenizer's ids
+    # (LangChain's tiktoken length check) would get the wrong tokens embedded, silently.
+    token_input: bool = False
     created: UnixTime = 0.0
     revoked: UnixTime = 0.0  # the time of revocation; 0: active
 
@@ -135,14 +138,16 @@ class KeyStore:
 
     def create(self, *, name: str, tenant: str, models: Iterable[str] = (), cloud: bool = False,
                cache_scope: str = "tenant", requests_per_minute: int = 0, tokens_per_minute: int = 0,
-               admin: bool = False, workflow: str = "", lane: str = "interactive") -> tuple[ApiKey, str]:
+               admin: bool = False, workflow: str = "", lane: str = "interactive",
+               token_input: bool = False) -> tuple[ApiKey, str]:
         """Add a key; return its record and its token, which is not stored and cannot be shown again."""
         if isinstance(models, str):
             raise KeyStoreError(f"cannot create key {name!r}: models must be a list of names, not {models!r}")
         try:
             key = _checked(dict(id="0" * 12, name=name, tenant=tenant, models=tuple(models), cloud=cloud,
                                 cache_scope=cache_scope, requests_per_minute=requests_per_minute,
-                                tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow, lane=lane))
+                                tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow, lane=lane,
+                                token_input=token_input))
         except KeyStoreError as exc:
             raise KeyStoreError(f"cannot create key {name!r}: {exc}") from None
         with self._locked():

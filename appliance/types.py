@@ -43,6 +43,7 @@ class Principal:
     requests_per_minute: int = 0  # 0: unlimited
     tokens_per_minute: int = 0
     lane: str = "interactive"  # default admission lane
+    token_input: bool = True  # may send token ids as embeddings input (a key must opt in; the operator may)
 
     def may_use(self, *names: str) -> bool:
         """Whether any of ``names`` (a model's name or aliases) is in the key's list; an empty list allows all."""

@@ -138,3 +138,23 @@ def test_v2_metadata_config_and_ready_honour_the_keys_model_list(standard_repo, 
             assert unknown.status_code == 403, suffix  # as for inference: nothing is told of models outside the list
     finally:
         running.stop()
+
+
+def test_token_id_input_needs_a_key_that_opted_in(minilm_repo, tmp_path):
+    state = tmp_path / "state"
+    store = KeyStore(state / "keys.json")
+    _, texts_only = store.create(name="texts", tenant="t")
+    _, ids_too = store.create(name="ids", tenant="t", token_input=True)
+    running = RunningServer(make_config(minilm_repo, state)).start()
+    try:
+        def embed(token: str, value: object) -> requests.Response:
+            return requests.post(f"{running.url}/v1/embeddings", json={"model": "minilm-l6", "input": value},
+                                 headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+        refused = embed(texts_only, [[101, 7592, 102]])
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+        assert "check_embedding_ctx_length=False" in refused.json()["error"]["message"]
+        assert embed(texts_only, ["hello"]).status_code == 200
+        assert embed(ids_too, [[101, 7592, 102]]).status_code == 200
+    finally:
+        running.stop()
