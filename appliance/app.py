@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TextIO
 
 from aiohttp import web
@@ -17,12 +17,13 @@ from appliance.api.openapi import openapi_document
 from appliance.api import admin, usage
 from appliance.accounting import Accounting
 from appliance.admission import Admission
-from appliance.api.state import (ACCESS_LOG, AUTH, CACHE, CONFIG, DATAPLANE, LEDGER, LIFECYCLE, LIMITER, METRICS,
-                                 MODELS, UPSTREAMS, WORKERS, Lifecycle)
+from appliance.api.state import (ACCESS_LOG, AUTH, CACHE, CONFIG, DATAPLANE, GPU_PROBE, LEDGER, LIFECYCLE, LIMITER,
+                                 METRICS, MODELS, UPSTREAMS, WORKERS, Lifecycle)
 from appliance.auth import Authenticator, RateLimiter, is_loopback
 from appliance.cache.service import ResponseCacheService
 from appliance.cloud import Cloud
 from appliance.config import Config
+from appliance.gpu_telemetry import GpuGauges, NvmlReader, open_nvml, sample_forever
 from appliance.dataplane import DataPlane
 from appliance.engine_factory import create_engine
 from appliance.engine_registry import DecoderFactory
@@ -60,13 +61,18 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         log.info("model %s: %s %s", state.name, state.state, state.reason)
     if not states:
         log.warning("the model repository %s has no models", models.root)
+    gpus = await loop.run_in_executor(None, app[GPU_PROBE])
     app[LIFECYCLE].started = True
     tasks = [loop.create_task(_flush_access_log(app[ACCESS_LOG])), loop.create_task(app[AUTH].watch())]
+    if gpus is not None:
+        tasks.append(loop.create_task(sample_forever(gpus, GpuGauges(app[METRICS].registry))))
     yield
     for task in tasks:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if gpus is not None:
+        await loop.run_in_executor(None, gpus.close)
     await models.close()
     await app[CACHE].close()
     for upstream in app[UPSTREAMS].values():
@@ -90,8 +96,12 @@ def create_app(
     metrics: Metrics | None = None,
     access_log_stream: TextIO | None = None,
     workers: WorkerGroup | None = None,
+    gpu_probe: Callable[[], NvmlReader | None] = open_nvml,
 ) -> web.Application:
-    """Build the application; models load when it starts (``cleanup_ctx``) and unload when it stops."""
+    """Build the application; models load when it starts (``cleanup_ctx``) and unload when it stops.
+
+    ``gpu_probe`` opens the GPU telemetry reader at start (``None``: no GPU, no ``appliance_gpu_*`` series).
+    """
     app = web.Application(middlewares=[request_middleware], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[METRICS] = metrics or Metrics()
@@ -109,6 +119,7 @@ def create_app(
     accounting = Accounting(app.get(LEDGER), app[LIMITER], config.ledger.device_rate_per_hour)
     app[DATAPLANE] = DataPlane(app[MODELS], app[CACHE], placement, Cloud(app[UPSTREAMS]), accounting)
     app[LIFECYCLE] = Lifecycle()
+    app[GPU_PROBE] = gpu_probe
     if workers is not None:
         app[WORKERS] = workers
     v2.add_routes(app)

@@ -6,7 +6,6 @@ with a fix for every WARN and FAIL. The exit status is 1 when anything fails.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import importlib.metadata
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from appliance.auth import is_loopback
 from appliance.config import Config, ConfigError
+from appliance.gpu_telemetry import DriverInfo, GpuReading, open_nvml
 from appliance.keys import KeyStore, KeyStoreError
 from appliance.reload import ConfigSource
 
@@ -39,40 +39,26 @@ class Check:
     fix: str = ""
 
 
-@dataclass
-class GpuInfo:
-    """What NVML says about the machine's NVIDIA driver and GPUs."""
-
-    driver: str
-    cuda: str
-    gpus: list[str]
-
-
-def nvml_probe() -> GpuInfo | None:
-    """Driver, CUDA driver API version and GPU names from NVML (``libnvidia-ml.so.1``); ``None`` without a driver."""
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    if nvml.nvmlInit_v2() != 0:
+def nvml_probe() -> DriverInfo | None:
+    """Driver, CUDA driver API version and GPU names from NVML; ``None`` without a driver."""
+    reader = open_nvml()
+    if reader is None:
         return None
     try:
-        text = ctypes.create_string_buffer(96)
-        nvml.nvmlSystemGetDriverVersion(text, 96)
-        driver = text.value.decode()
-        cuda = ctypes.c_int()
-        nvml.nvmlSystemGetCudaDriverVersion_v2(ctypes.byref(cuda))
-        count = ctypes.c_uint()
-        nvml.nvmlDeviceGetCount_v2(ctypes.byref(count))
-        gpus = []
-        for index in range(count.value):
-            handle = ctypes.c_void_p()
-            if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) == 0:
-                nvml.nvmlDeviceGetName(handle, text, 96)
-                gpus.append(text.value.decode())
-        return GpuInfo(driver, f"{cuda.value // 1000}.{cuda.value % 1000 // 10}", gpus)
+        return reader.driver()
     finally:
-        nvml.nvmlShutdown()
+        reader.close()
+
+
+def gpu_readings() -> list[GpuReading]:
+    """Each GPU's utilization, memory, temperature and power now; empty without a driver."""
+    reader = open_nvml()
+    if reader is None:
+        return []
+    try:
+        return reader.read()
+    finally:
+        reader.close()
 
 
 def _version(distribution: str) -> str | None:
@@ -125,7 +111,8 @@ def check_onnxruntime(config: Config) -> list[Check]:
     return [Check("onnxruntime providers", OK, detail)]
 
 
-def check_gpu(probe: Callable[[], GpuInfo | None] = nvml_probe) -> list[Check]:
+def check_gpu(probe: Callable[[], DriverInfo | None] = nvml_probe,
+              readings: Callable[[], list[GpuReading]] = gpu_readings) -> list[Check]:
     """GPU, driver, CUDA and TensorRT versions (NVML where the driver is installed)."""
     info = probe()
     tensorrt = _version("tensorrt")
@@ -138,6 +125,11 @@ def check_gpu(probe: Callable[[], GpuInfo | None] = nvml_probe) -> list[Check]:
     checks = [Check("gpu", OK if info.gpus else WARN,
                     f"{', '.join(info.gpus) or 'no GPU'}; driver {info.driver}; CUDA (driver API) {info.cuda}",
                     "" if info.gpus else "check nvidia-smi: the driver sees no GPU")]
+    for reading in readings():
+        checks.append(Check(f"gpu {reading.index}", OK,
+                            f"{reading.name}: {reading.utilization:.0%} busy, memory {reading.memory_used_bytes / 2**30:.1f}"
+                            f" of {reading.memory_total_bytes / 2**30:.1f} GiB, {reading.temperature_c:.0f} C, "
+                            f"{reading.power_w:.0f} W"))
     nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
     checks.append(Check("gpu device nodes", OK if nodes else FAIL, ", ".join(nodes) or "no /dev/nvidia* nodes",
                         "" if nodes else "load the driver (modprobe nvidia nvidia_uvm) or run nvidia-modprobe"))
@@ -268,7 +260,7 @@ def check_keys(config: Config) -> list[Check]:
     return checks
 
 
-def run_checks(source: ConfigSource, gpu_probe: Callable[[], GpuInfo | None] = nvml_probe) -> list[Check]:
+def run_checks(source: ConfigSource, gpu_probe: Callable[[], DriverInfo | None] = nvml_probe) -> list[Check]:
     """Every check, in the order of the report."""
     checks = check_python()
     try:

@@ -38,10 +38,11 @@ CACHE = web.AppKey("cache", ResponseCacheService)
 LEDGER = web.AppKey("ledger", CostLedger)  # absent when [ledger] enabled = false
 UPSTREAMS = web.AppKey("upstreams", dict)  # name -> Upstream
 LIMITER = web.AppKey("limiter", RateLimiter)
+GPU_PROBE = web.AppKey("gpu_probe", object)  # opens the GPU telemetry reader at start (None: no GPU)
 WORKERS = web.AppKey("workers", WorkerGroup)  # present only when several worker processes share the port
 TRACE = web.RequestKey("trace", Trace)  # per-request Trace: made by the middleware, filled in by the data plane
 CALLER = web.RequestKey("caller", Caller)  # who sent the request and under which policy, set by the middleware
 __all__ = [
-    "ACCESS_LOG", "AUTH", "CACHE", "CALLER", "CONFIG", "LEDGER", "UPSTREAMS", "LIMITER", "DATAPLANE", "LIFECYCLE",
+    "ACCESS_LOG", "AUTH", "CACHE", "CALLER", "CONFIG", "GPU_PROBE", "LEDGER", "UPSTREAMS", "LIMITER", "DATAPLANE", "LIFECYCLE",
     "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
 ]

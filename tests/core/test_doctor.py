@@ -10,7 +10,8 @@ from pathlib import Path
 
 from conftest import free_port
 
-from appliance.doctor import FAIL, OK, Check, GpuInfo, check_gpu, format_table
+from appliance.doctor import FAIL, OK, Check, check_gpu, format_table
+from appliance.gpu_telemetry import DriverInfo, GpuReading
 
 CHECKS = ("python", "packages", "gpu", "config", "onnxruntime providers", "model repository", "engines",
           "cache disk space", "cache dir writable", "model repository writable", "port", "api keys")
@@ -88,11 +89,13 @@ def test_a_broken_model_fails_and_an_empty_repository_only_warns(tmp_path, stand
 
 
 def test_gpu_versions_come_from_the_probe():
-    checks = check_gpu(lambda: GpuInfo(driver="550.54.15", cuda="12.4", gpus=["NVIDIA L4"]))
+    reading = GpuReading(0, "NVIDIA L4", 0.25, 3 * 2**30, 24 * 2**30, 51.0, 72.5)
+    checks = check_gpu(lambda: DriverInfo(driver="550.54.15", cuda="12.4", gpus=["NVIDIA L4"]), lambda: [reading])
     gpu = checks[0]
     assert gpu.status == OK and "NVIDIA L4" in gpu.detail and "driver 550.54.15" in gpu.detail
     assert "CUDA (driver API) 12.4" in gpu.detail
-    assert [c.name for c in checks] == ["gpu", "gpu device nodes", "tensorrt"]
+    assert [c.name for c in checks] == ["gpu", "gpu 0", "gpu device nodes", "tensorrt"]
+    assert checks[1].detail == "NVIDIA L4: 25% busy, memory 3.0 of 24.0 GiB, 51 C, 72 W"
 
 
 def test_table_puts_a_fix_under_each_failure():
