@@ -45,6 +45,8 @@ class BatchingSection:
     max_queue_size: Annotated[int, Meta(ge=0, le=1_000_000)] = 0  # 0: the server default
     max_batch_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 8192  # embed: padded tokens per batch
     default_timeout_ms: Annotated[float, Meta(ge=-1)] = -1.0  # -1: the server default
+    # embed: every input runs as a call of its own, so its vector never depends on other requests (and is cached)
+    reproducible: bool = False
 
 
 @dataclass
@@ -98,6 +100,9 @@ class GenerationSection:
     # Multi-row calls through a float32-weight twin of a 4-bit graph: faster batches for ~4 bytes per weight of RAM.
     dense_batches: bool = False
     spin_threads: bool = True  # ONNX Runtime threads spin between a step's parallel regions (faster, busier)
+    # Every sequence runs as if alone (fixed prefill chunks, decode steps of its own): greedy and seeded requests
+    # then give the same tokens whatever else runs, and are cached.
+    reproducible: bool = False
 
 
 @dataclass
@@ -121,7 +126,7 @@ class ModelSpec:
     description: str = ""
     tier: Tier = ""
     aliases: list[str] = field(default_factory=list)
-    deterministic: bool = True
+    deterministic: bool = True  # proved batch-invariant: a request's answer never depends on what ran beside it
     engine: EngineSection = field(default_factory=EngineSection)
     batching: BatchingSection = field(default_factory=BatchingSection)
     inputs: list[TensorSection] = field(default_factory=list)

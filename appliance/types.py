@@ -55,7 +55,8 @@ class Caller:
     """Who sent a request and under which policy, as the middleware derived it from the key and the headers.
 
     ``local_only`` is true when the key keeps data on the device or the request asked it to
-    (``x-appliance-data: local-only``); nothing a client sends widens what the key allows.
+    (``x-appliance-data: local-only``); nothing a client sends widens what the key allows. ``reproducible``: the
+    request asked (``x-appliance-reproducible: true``) for an answer that does not depend on what runs beside it.
     """
 
     principal: Principal | None = None
@@ -63,6 +64,7 @@ class Caller:
     workflow: str = ""
     local_only: bool = True
     arrived: float = 0.0  # time.monotonic() when the request reached the server: lane waits count from here
+    reproducible: bool = False
 
 
 @dataclass(slots=True)

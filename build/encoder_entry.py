@@ -156,7 +156,9 @@ def _model_toml(read, options: EncoderOptions, source_path: str) -> str:
     return f'''# Built by `appliance build` from {source_path}
 task = "embed"
 description = "sentence embeddings ({read.pooling} pooling{', normalized' if read.normalize else ''})"
-deterministic = true
+# Not batch-invariant (bench/invariance.py): a row's vector changes with the rows it shares a call with, padded or
+# not, float or int8. Cached only in the reproducible mode ([batching] reproducible, or x-appliance-reproducible).
+deterministic = false
 
 [engine]
 file = "model.onnx"

@@ -9,6 +9,12 @@ for long, then runs one decode call for every decoding row together. Tokens are 
 temperature, top-p, top-k) with each request's own seeded generator, and handed to the event loop as they come.
 A cancelled or expired sequence frees its slot at the next step boundary.
 
+A *reproducible* sequence gets the tokens it would get alone, whatever runs beside it: its prompt is prefilled in
+fixed chunks of ``prefill_chunk`` (a chunk the step's remaining budget cannot hold waits for the next step rather
+than being cut), and each of its decode steps is a call of its own (one row, the kernels a lone sequence runs on),
+made after the shared call so that nothing that call writes can reach its KV row. Batch-invariance of the
+decoder's kernels is not needed for that; what it costs is measured by ``bench/invariance.py``.
+
 The scheduler drives any :class:`~appliance.engines.base.Decoder`; the ONNX Runtime one is in
 ``appliance.engines.onnxruntime_decoder``.
 """
@@ -73,6 +79,7 @@ class Sequence:
     next_token: int | None = None
     cancelled: bool = False
     admitted_at: float = 0.0
+    reproducible: bool = False  # run as if alone (see the module docstring)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
@@ -138,15 +145,19 @@ class GenerationScheduler:
         """A rough wait for a new sequence: queue depth times recent step time per slot freed."""
         return max(1.0, len(self._waiting) * self._step_s * 16 / self.limits.slots)
 
-    def submit(self, prompt: list[int], params: SamplingParams, deadline: float | None = None) -> Sequence:
-        """Queue a sequence; its tokens arrive as :class:`TokenEvent` on ``sequence.events``."""
+    def submit(self, prompt: list[int], params: SamplingParams, deadline: float | None = None, *,
+               reproducible: bool = False) -> Sequence:
+        """Queue a sequence; its tokens arrive as :class:`TokenEvent` on ``sequence.events``.
+
+        ``reproducible``: its tokens are those it gets alone, whatever else runs (at the cost of its own calls).
+        """
         if self._closing or self._loop is None:
             raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
         if len(self._waiting) >= self.limits.max_waiting:
             wait = self.estimated_wait_s()
             raise QueueFull(f"model {self._name} has {len(self._waiting)} sequences waiting (the limit); retry "
                             f"after about {wait:.0f} s", retry_after_s=wait)
-        sequence = Sequence(list(prompt), params, asyncio.Queue(), deadline, self._clock())
+        sequence = Sequence(list(prompt), params, asyncio.Queue(), deadline, self._clock(), reproducible=reproducible)
         with self._lock:
             self._waiting.append(sequence)
             idle = self._idle
@@ -208,16 +219,32 @@ class GenerationScheduler:
                 self._finish(slot, TokenEvent(None, finish_reason="cancelled" if sequence.cancelled else "timeout"))
         self._admit(now)
         budget = self.limits.prefill_chunk
-        for slot, sequence in enumerate(self._slots):
+        prefilling = [slot for slot, s in enumerate(self._slots) if s is not None and s.prefilled < len(s.prompt)]
+        # Reproducible rows first: the first prefill of a step always has the whole budget, so they never starve.
+        for slot in sorted(prefilling, key=lambda slot: not self._reproducible(slot)):
             if budget <= 0:
                 break
-            if sequence is not None and sequence.prefilled < len(sequence.prompt):
+            sequence = self._slots[slot]
+            assert sequence is not None
+            if sequence.reproducible:
+                chunk = min(self.limits.prefill_chunk, len(sequence.prompt) - sequence.prefilled)
+                if chunk <= budget:  # else it waits: a cut chunk would move its chunk boundaries
+                    budget -= self._prefill(slot, sequence, chunk)
+            else:
                 budget -= self._prefill(slot, sequence, budget)
         self._deliver()  # first tokens go out now, not after this step's decode call
         decoding = [slot for slot, s in enumerate(self._slots)
                     if s is not None and s.prefilled == len(s.prompt) and s.next_token is not None]
-        if decoding:
-            self._decode(decoding)
+        alone = [slot for slot in decoding if self._reproducible(slot)]
+        shared = [slot for slot in decoding if slot not in alone]
+        if shared:
+            self._decode(shared)
+        for slot in alone:  # after the shared call, which writes a placeholder into every row of its range
+            self._decode([slot])
+
+    def _reproducible(self, slot: int) -> bool:
+        sequence = self._slots[slot]
+        return sequence is not None and sequence.reproducible
 
     def _admit(self, now: float) -> None:
         with self._lock:

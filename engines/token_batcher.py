@@ -7,7 +7,10 @@ instance's thread forms its own batches from it:
   stays small;
 * it closes when the next item would push the padded size (rows x longest row) over ``max_batch_tokens``, when it
   holds ``max_batch_size`` items, or when the oldest item has waited ``max_wait_s``;
-* a request with many items may be split over several batches; its answer is assembled in input order.
+* a request with many items may be split over several batches; its answer is assembled in input order;
+* an item of a *reproducible* request runs as a batch of its own: an encoder row's output depends on the other
+  rows of its call (padding, and the batch size even at equal lengths: measured by ``bench/invariance.py``), so
+  only a call of one row gives the vector the input gets alone.
 
 A batch that fails is re-run item by item, so an input that breaks the engine fails only its own request. A
 request that is cancelled, fails or passes its deadline has its remaining items dropped from the queue. The queue
@@ -52,6 +55,7 @@ class _Request:
     compute_s: float = 0.0
     batches: int = 0
     failed: bool = False
+    reproducible: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -118,8 +122,11 @@ class TokenBudgetBatcher:
         tokens = sum(item.length for item in self._items)
         return tokens * self._service_per_token_s / len(self._threads.engines)
 
-    def submit(self, sequences: Sequence[Sequence[int]], deadline: float | None = None) -> asyncio.Future:
+    def submit(self, sequences: Sequence[Sequence[int]], deadline: float | None = None, *,
+               reproducible: bool = False) -> asyncio.Future:
         """Queue one request's token sequences; the future resolves to an :class:`EmbedResult`.
+
+        ``reproducible``: each sequence runs alone, so its vector is the one it gets whatever else is queued.
 
         Raises :class:`PayloadTooLarge` when they could never fit in the queue, :class:`QueueFull` when they do not
         fit now, :class:`ModelNotReady` once closing.
@@ -140,7 +147,8 @@ class TokenBudgetBatcher:
                 retry_after_s=wait,
             )
         now = self._clock()
-        request = _Request(loop.create_future(), [None] * len(sequences), now, deadline, len(sequences))
+        request = _Request(loop.create_future(), [None] * len(sequences), now, deadline, len(sequences),
+                           reproducible=reproducible)
         items = [_Item(request, index, tokens, now) for index, tokens in enumerate(sequences)]
         request.future.add_done_callback(self._on_done)
         with self._lock:
@@ -249,7 +257,10 @@ class TokenBudgetBatcher:
     def _choose(self) -> tuple[list[_Item], bool]:
         """The oldest item and its nearest neighbours in length, within the budgets; and whether it is full."""
         head = self._items[0]
-        others = sorted(self._items[1:], key=lambda item: (abs(item.length - head.length), item.enqueued))
+        if head.request.reproducible:
+            return [head], True
+        others = sorted((item for item in self._items[1:] if not item.request.reproducible),
+                        key=lambda item: (abs(item.length - head.length), item.enqueued))
         batch, longest = [head], head.length
         for item in others:
             if len(batch) >= self.max_batch_size:

@@ -151,7 +151,7 @@ def _from_unix_socket(request: web.Request) -> bool:
 
 
 def _caller(request: web.Request, principal: Principal, arrived: float) -> Caller:
-    """The caller's lane, workflow tag and data policy: headers, else the key's defaults.
+    """The caller's lane, workflow tag, data policy and reproducible mode: headers, else the key's defaults.
 
     ``x-appliance-data: local-only`` can only tighten what the key allows; nothing a client sends widens it.
     """
@@ -166,5 +166,9 @@ def _caller(request: web.Request, principal: Principal, arrived: float) -> Calle
     workflow = headers.get("x-appliance-workflow")
     if workflow is not None and not NAME.fullmatch(workflow):
         raise BadRequest("x-appliance-workflow must be 1 to 64 letters, digits, '.', '_' or '-'")
+    reproducible = headers.get("x-appliance-reproducible", "false").lower()
+    if reproducible not in ("true", "false"):
+        raise BadRequest(f"x-appliance-reproducible must be 'true' or 'false', not {reproducible!r}")
     return Caller(principal=principal, lane=lane or principal.lane, workflow=workflow or principal.workflow,
-                  local_only=data == "local-only" or not principal.cloud, arrived=arrived)
+                  local_only=data == "local-only" or not principal.cloud, arrived=arrived,
+                  reproducible=reproducible == "true")

@@ -154,6 +154,17 @@ class ModelVersion(abc.ABC):
 
     # -- requests ------------------------------------------------------------------------------------------------
 
+    def reproducible(self, asked: bool) -> bool:
+        """Whether a request runs in the reproducible mode (its answer as if it ran alone): it ``asked``
+        (``x-appliance-reproducible``), or the model runs every request so. A task without the mode: never."""
+        return False
+
+    def deterministic(self, asked: bool) -> bool:
+        """Whether equal requests get equal answers whatever runs beside them, so that the response cache may keep
+        them: the model is proved batch-invariant (``deterministic`` in model.toml), or the request runs in the
+        reproducible mode."""
+        return self.spec.deterministic or self.reproducible(asked)
+
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Raise :class:`~appliance.errors.BadRequest` naming the input and the expected and received shape or
         dtype."""

@@ -16,6 +16,10 @@ class EmbeddingModel(EngineModel):
     text: TextEncoder  # once loaded
     embedder: TokenBudgetBatcher | None = None  # once started
 
+    def reproducible(self, asked: bool) -> bool:
+        """Asked for, or ``[batching] reproducible`` runs every input so."""
+        return asked or self.spec.batching.reproducible
+
     def _load(self) -> None:
         super()._load()
         self.text = TextEncoder.from_file(self.spec.path / self.spec.tokenizer.file, self.spec.tokenizer.max_seq_length)

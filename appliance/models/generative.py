@@ -42,6 +42,10 @@ class GenerativeModel(ModelVersion):
             return "no decoder"
         return f"{self.decoder.description}, prefill chunk {self.generation_limits.prefill_chunk}"
 
+    def reproducible(self, asked: bool) -> bool:
+        """Asked for, or ``[generation] reproducible`` runs every sequence so."""
+        return asked or self.spec.generation.reproducible
+
     def _load(self) -> None:
         spec = self.spec
         self.generation = json.loads((spec.path / spec.generation.config).read_text())

@@ -47,12 +47,13 @@ class EmbedOperation:
                                  param="dimensions")
 
     def cache_key(self, served: ModelVersion, request: EmbedRequest) -> tuple[Callable[[], Any], bool]:
-        """Inputs, dimensions and truncation; the model's ``deterministic`` flag."""
+        """Inputs, dimensions and truncation; deterministic when the model is proved batch-invariant or the request
+        runs in the reproducible mode."""
         def canonical() -> object:
             return {"texts": request.texts, "ids": request.token_ids, "dimensions": request.dimensions,
                     "truncate": request.truncate}
 
-        return canonical, served.spec.deterministic
+        return canonical, served.deterministic(request.caller.reproducible)
 
     def cached(self, served: ModelVersion, request: EmbedRequest, payload: bytes) -> tuple[EmbedResponse, Tally]:
         """The stored vectors and the tokens they were made from."""
@@ -67,7 +68,8 @@ class EmbedOperation:
         metrics = served.metrics
         metrics.in_flight.inc()
         try:
-            outcome = await served.embedder.submit(sequences, self._deadline(request.deadline, served))
+            outcome = await served.embedder.submit(sequences, self._deadline(request.deadline, served),
+                                                   reproducible=served.reproducible(request.caller.reproducible))
         finally:
             metrics.in_flight.dec()
         metrics.queue_duration.observe(outcome.queue_s)

@@ -43,12 +43,14 @@ class GenerateOperation:
                              "GET /v1/models lists the models", param="model")
 
     def cache_key(self, served: ModelVersion, request: GenerateRequest) -> tuple[Callable[[], Any], bool] | None:
-        """Every field that changes the text; greedy and seeded requests are deterministic."""
+        """Every field that changes the text; greedy and seeded requests are deterministic where the model is proved
+        batch-invariant or the request runs in the reproducible mode (else their tokens depend on the neighbours)."""
         canonical = request.canonical
         if canonical is None:
             return None
         params = request.params
-        return (lambda: canonical), params.temperature == 0 or params.seed is not None
+        repeatable = params.temperature == 0 or params.seed is not None
+        return (lambda: canonical), repeatable and served.deterministic(request.caller.reproducible)
 
     def cached(self, served: ModelVersion, request: GenerateRequest,
                payload: bytes) -> tuple[GenerationStream, Tally]:
@@ -64,7 +66,8 @@ class GenerateOperation:
         assert isinstance(served, GenerativeModel) and served.generator is not None  # checked, started
         ids = self._prompt_ids(served, request)
         request.params.max_tokens = request.max_tokens or served.context_limit - len(ids)
-        sequence = served.generator.submit(ids, request.params, self._deadline(request.deadline, served))
+        sequence = served.generator.submit(ids, request.params, self._deadline(request.deadline, served),
+                                           reproducible=served.reproducible(request.caller.reproducible))
         served.metrics.prompt_tokens.inc(len(ids))
         served.metrics.in_flight.inc()
         live = _Live(served, sequence, request, started, self._clock)

@@ -47,8 +47,9 @@ class TensorOperation:
             _check_token_tensors(served, request.inputs)
 
     def cache_key(self, served: ModelVersion, request: TensorRequest) -> tuple[Callable[[], Any], bool]:
-        """Inputs and outputs asked for; the model's ``deterministic`` flag."""
-        return (lambda: _canonical(request)), served.spec.deterministic
+        """Inputs and outputs asked for; deterministic when the model is proved batch-invariant (or, for an
+        embedding model, the request runs in the reproducible mode)."""
+        return (lambda: _canonical(request)), served.deterministic(request.caller.reproducible)
 
     def cached(self, served: ModelVersion, request: TensorRequest, payload: bytes) -> tuple[Result, Tally]:
         """The stored output arrays."""
@@ -113,7 +114,8 @@ async def _embed_tensors(served: EmbeddingModel, request: TensorRequest,
     sequences = [row[row_mask.astype(bool)].tolist() for row, row_mask in zip(ids, mask)]
     if any(not sequence for sequence in sequences):
         raise BadRequest("every row of attention_mask needs at least one 1")
-    outcome = await served.embedder.submit(sequences, deadline)
+    outcome = await served.embedder.submit(sequences, deadline,
+                                           reproducible=served.reproducible(request.caller.reproducible))
     tally = Tally(compute_s=outcome.compute_s, service_s=outcome.compute_s, queue_s=outcome.queue_s,
                   batch_size=outcome.batches)
     return {served.outputs[0].name: outcome.embeddings}, tally

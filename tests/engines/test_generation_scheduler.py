@@ -278,3 +278,59 @@ async def test_the_cache_grows_before_each_write_and_shrinks_once_idle(running):
             break
         await asyncio.sleep(0.01)
     assert decoder.capacity == decoder.initial_capacity
+
+
+class ShapeSensitiveDecoder(FakeDecoder):
+    """A :class:`FakeDecoder` that is not batch-invariant, like the real kernels: each call's logits also depend on
+    its shape (rows and new tokens), so a row's tokens change with its neighbours and its prefill chunks."""
+
+    def __init__(self, rows: int, max_capacity: int) -> None:
+        super().__init__(rows, max_capacity)
+        self._noise = np.random.default_rng(1).standard_normal((64, VOCAB)) * 3
+
+    def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
+        rows, width = input_ids.shape
+        return super().run(start_row, input_ids, seqlens_k) + self._noise[(rows * 13 + width * 7) % 64]
+
+
+async def beside_others(generator: GenerationScheduler, prompt: list[int], sampling: SamplingParams,
+                        reproducible: bool) -> list[int]:
+    """``prompt``'s tokens when it joins three neighbours, one with a long prompt that shares the prefill budget."""
+    neighbours = [generator.submit(list(range(1, 31)), params(20)), generator.submit([4, 5], params(20))]
+    target = generator.submit(prompt, sampling, reproducible=reproducible)
+    neighbours.append(generator.submit([9, 9, 9], params(20)))
+    events = await collect(target)
+    for sequence in neighbours:
+        await collect(sequence)
+    return tokens_of(events)
+
+
+@pytest.mark.parametrize("sampling", [params(12), params(12, temperature=0.9, seed=3)], ids=["greedy", "seeded"])
+async def test_a_reproducible_sequence_gets_its_lone_tokens_whatever_runs_beside_it(running, sampling):
+    decoder = ShapeSensitiveDecoder(rows=4, max_capacity=64)
+    generator = running(decoder, prefill_chunk=8)
+    prompt = list(range(40, 60))  # 20 tokens: chunks of 8, 8 and 4 alone
+    alone = tokens_of(await collect(generator.submit(prompt, sampling)))
+    calls_before = len(decoder.calls)
+    assert tokens_of(await collect(generator.submit(prompt, sampling, reproducible=True))) == alone
+    assert await beside_others(generator, prompt, sampling, reproducible=True) == alone
+    # Its prompt was prefilled in the chunks it gets alone, though a long neighbour shared the budget.
+    chunks = [c.input_ids[0] for c in decoder.calls[calls_before:]
+              if len(c.input_ids[0]) > 1 and c.input_ids[0][0] in prompt]
+    assert chunks == [prompt[:8], prompt[8:16], prompt[16:]] * 2
+    # The fake really is batch-variant: the same request in the normal mode gets other tokens beside others.
+    assert await beside_others(generator, prompt, sampling, reproducible=False) != alone
+
+
+async def test_reproducible_rows_decode_after_the_shared_call_and_keep_their_cache(running):
+    """The shared call writes a placeholder into every row of its range; a reproducible row in that range must
+    still read its own token at that position, so its own call comes after."""
+    decoder = FakeDecoder(rows=3, max_capacity=64)
+    generator = running(decoder)
+    sequences = [generator.submit([3, 1], params(6)), generator.submit([5, 2], params(6), reproducible=True),
+                 generator.submit([7, 3], params(6))]
+    results = [tokens_of(await collect(s)) for s in sequences]
+    assert results == [greedy_reference(decoder, p, 6) for p in ([3, 1], [5, 2], [7, 3])]
+    decodes = [c for c in decoder.calls if len(c.input_ids[0]) == 1]
+    assert any(c.start_row == 0 and len(c.input_ids) == 3 for c in decodes)  # rows 0 and 2 share a call
+    assert any(c.start_row == 1 and len(c.input_ids) == 1 for c in decodes)  # row 1 runs alone, after it
