@@ -17,8 +17,9 @@ class EmbeddingModel(EngineModel):
     embedder: TokenBudgetBatcher | None = None  # once started
 
     def reproducible(self, asked: bool) -> bool:
-        """Asked for, or ``[batching] reproducible`` runs every input so."""
-        return asked or self.spec.batching.reproducible
+        """Asked for (or ``[batching] reproducible`` runs every input so), unless not needed."""
+        # A model proved batch-invariant gives every request its lone answer already: the mode would only cost.
+        return (asked or self.spec.batching.reproducible) and not self.spec.deterministic
 
     def _load(self) -> None:
         super()._load()

@@ -43,8 +43,9 @@ class GenerativeModel(ModelVersion):
         return f"{self.decoder.description}, prefill chunk {self.generation_limits.prefill_chunk}"
 
     def reproducible(self, asked: bool) -> bool:
-        """Asked for, or ``[generation] reproducible`` runs every sequence so."""
-        return asked or self.spec.generation.reproducible
+        """Asked for (or ``[generation] reproducible`` runs every sequence so), unless not needed."""
+        # A model proved batch-invariant gives every request its lone answer already: the mode would only cost.
+        return (asked or self.spec.generation.reproducible) and not self.spec.deterministic
 
     def _load(self) -> None:
         spec = self.spec

@@ -181,3 +181,24 @@ async def test_close_finishes_queued_work_then_refuses(engine):
     engine.gate.set()
     await closing
     assert all(f.done() and not f.exception() for f in futures)
+
+
+async def test_reproducible_inputs_run_as_batches_of_one_and_get_their_lone_vectors(engine):
+    batcher = make(engine, max_wait_s=0.05)
+    try:
+        alone = (await batcher.submit([[101, 2023, 2003, 102]], reproducible=True)).embeddings[0]
+        engine.shapes.clear()
+        engine.entered.clear()
+        engine.gate.clear()
+        first = batcher.submit([[101, 7592, 102]])  # holds the engine while the rest queue up together
+        await asyncio.to_thread(engine.entered.wait, 10)
+        others = batcher.submit([[101, 2023, 2003, 102], [101, 1037, 2936, 6251, 2182, 102]])
+        mine = batcher.submit([[101, 2023, 2003, 102], [101, 7592, 102]], reproducible=True)
+        engine.gate.set()
+        await first
+        await others
+        result = await mine
+    finally:
+        await batcher.close()
+    assert np.array_equal(result.embeddings[0], alone)
+    assert sorted(engine.shapes) == sorted([(1, 3), (2, 6), (1, 4), (1, 3)])  # the others share a padded call
