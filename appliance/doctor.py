@@ -161,7 +161,7 @@ def check_models(config: Config) -> list[Check]:
                     "; ".join(bad) if bad else f"{root}: {len(found)} models ({', '.join(found)})",
                     "fix the model.toml named above, or remove that version folder" if bad else "")]
     from appliance.build.refresh import stale_versions
-    from appliance.build.tensorrt_stage import current_plan_key
+    from appliance.engines.tensorrt_plans import current_plan_key
 
     key = current_plan_key()
     if key is None:

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 from appliance.build import tensorrt_stage
+from appliance.engines.tensorrt_plans import current_plan_key
 from appliance.build.entries import Progress
 from appliance.build.provenance import PROVENANCE_FILE
 from appliance.repository import scan_repository
@@ -50,7 +51,7 @@ def refresh(repo: Path, cache: Path, progress: Progress) -> int:
         progress(f"the model repository {repo} is empty: building the default models")
         build_defaults(repo, cache, progress)
         return 0
-    key = tensorrt_stage.current_plan_key()
+    key = current_plan_key()
     if key is None:
         progress("no TensorRT GPU here (tensorrt or CUDA does not import): no engine plans to build")
         return 0
