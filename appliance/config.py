@@ -21,13 +21,10 @@ from typing import Annotated, Any, Literal, get_args
 from msgspec import Meta
 
 from appliance import validation
+from appliance.validation import ConfigError
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 ENV_PREFIX = "APPLIANCE_"
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message says which field and what to change."""
 
 
 def _default_state_dir() -> str:

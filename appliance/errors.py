@@ -6,10 +6,7 @@ from status to the ``type`` of an OpenAI error object, for JSON bodies and strea
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from appliance.upstreams import UpstreamResult
+from typing import Any
 
 
 class ApplianceError(Exception):
@@ -136,7 +133,8 @@ class UpstreamRejected(ApplianceError):
 
     status = 502
 
-    def __init__(self, message: str, result: UpstreamResult) -> None:
+    def __init__(self, message: str, result: Any) -> None:
+        """``result``: the upstream's answer (an :class:`appliance.upstreams.UpstreamResult`)."""
         retry_after = next((value for key, value in result.headers.items() if key.lower() == "retry-after"), "")
         super().__init__(message, retry_after_s=float(retry_after) if retry_after.isdigit() else None)
         self.upstream_status = result.status

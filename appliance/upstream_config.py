@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 from msgspec import Meta
 
 from appliance import validation
-from appliance.config import ConfigError
+from appliance.validation import ConfigError
 
 Kind = Literal["openai", "kserve"]
 KINDS: tuple[str, ...] = get_args(Kind)

@@ -30,6 +30,11 @@ _CONTAINERS = (list, tuple, set, frozenset)
 _NONE = type(None)
 
 
+class ConfigError(ValueError):
+    """The configuration (server config, model.toml, upstream tables) cannot be used; the message says which field
+    and what to change. Re-exported by :mod:`appliance.config`."""
+
+
 class Invalid(ValueError):
     """A value that does not fit its type.
 
