@@ -5,8 +5,7 @@ from __future__ import annotations
 from appliance.auth import RateLimiter
 from appliance.ledger import CostLedger, UsageRecord
 from appliance.model_spec import ModelSpec
-from appliance.operations.base import Tally
-from appliance.types import Caller
+from appliance.types import Caller, Tally
 
 
 class Accounting:

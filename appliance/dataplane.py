@@ -27,14 +27,14 @@ from appliance.cloud import Cloud
 from appliance.errors import BadRequest, EngineFailed, Forbidden, ModelNotFound, ModelNotReady
 from appliance.generation_stream import GenerationStream
 from appliance.model_version import ModelVersion
-from appliance.operations.base import Operation, Tally
+from appliance.operations.base import Operation
 from appliance.operations.embed import EmbedOperation
 from appliance.operations.generate import GenerateOperation
 from appliance.operations.tensor import TensorOperation
 from appliance.placement import Placement, Ticket
 from appliance.repository import ModelManager
 from appliance.types import (Caller, EmbedRequest, EmbedResponse, GenerateRequest, Result, Route, TensorRequest,
-                             Trace, Usage)
+                             Tally, Trace, Usage)
 
 Answer = TypeVar("Answer")
 NAMED = "named in the request"

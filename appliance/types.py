@@ -28,6 +28,19 @@ class Usage:
     batch_size: int = 0
 
 
+@dataclass(slots=True)
+class Tally:
+    """What one request consumed, told to the data plane once the work is done."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    compute_s: float = 0.0  # this request's share of engine time (a batch's time is shared by its rows)
+    service_s: float | None = None  # how long it held the model, for the gate's estimate; None: nothing learned
+    queue_s: float = 0.0
+    batch_size: int = 0
+    cost: float = 0.0  # a cloud call's price
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """The caller, as the server derived it from the key (never from anything else the client sends)."""

@@ -1,31 +1,17 @@
-"""What the data plane asks of every operation, and what an operation tells it when its work is done."""
+"""What the data plane asks of every operation, and how an operation tells it that its work is done."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from appliance.cloud import Cloud
 from appliance.model_version import ModelVersion
 from appliance.placement import Placement
-from appliance.types import Route
+from appliance.types import Route, Tally
 
 RequestT = TypeVar("RequestT")
 AnswerT = TypeVar("AnswerT")
-
-
-@dataclass(slots=True)
-class Tally:
-    """What one request consumed, told to the data plane once the work is done."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    compute_s: float = 0.0  # this request's share of engine time (a batch's time is shared by its rows)
-    service_s: float | None = None  # how long it held the model, for the gate's estimate; None: nothing learned
-    queue_s: float = 0.0
-    batch_size: int = 0
-    cost: float = 0.0  # a cloud call's price
 
 
 # Called once when a local run is done: its tally, and the cache payload when the answer is complete (else None).

@@ -13,9 +13,9 @@ from appliance.cloud import Cloud
 from appliance.errors import BadRequest
 from appliance.model_version import ModelVersion
 from appliance.models import EmbeddingModel
-from appliance.operations.base import CloudDone, LocalDone, Tally
+from appliance.operations.base import CloudDone, LocalDone
 from appliance.placement import Placement
-from appliance.types import EmbedRequest, EmbedResponse, Route, Usage
+from appliance.types import EmbedRequest, EmbedResponse, Route, Tally, Usage
 
 OFFLOAD_CHARS = 16_384  # tokenize larger requests in a worker thread
 

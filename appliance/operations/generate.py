@@ -16,10 +16,10 @@ from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
 from appliance.generation_stream import Chunk, GenerationStream, TokenCount
 from appliance.model_version import ModelVersion
 from appliance.models import GenerativeModel
-from appliance.operations.base import CloudDone, LocalDone, Tally
+from appliance.operations.base import CloudDone, LocalDone
 from appliance.placement import Placement
 from appliance.text_stream import TextAssembler
-from appliance.types import GenerateRequest, Route
+from appliance.types import GenerateRequest, Route, Tally
 
 
 class GenerateOperation:

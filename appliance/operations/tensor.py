@@ -13,9 +13,9 @@ from appliance.cloud import Cloud
 from appliance.errors import BadRequest
 from appliance.model_version import ModelVersion
 from appliance.models import EmbeddingModel, GenerativeModel, TensorModel
-from appliance.operations.base import CloudDone, LocalDone, Tally
+from appliance.operations.base import CloudDone, LocalDone
 from appliance.placement import Placement
-from appliance.types import Result, Route, TensorRequest, Usage
+from appliance.types import Result, Route, Tally, TensorRequest, Usage
 
 
 class TensorOperation:
