@@ -11,7 +11,6 @@ from appliance.errors import BadRequest
 from appliance.keys import NAME
 
 
-
 def _json(payload: object) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
@@ -36,7 +35,9 @@ async def cache_purge(request: web.Request) -> web.Response:
     for field in ("tenant", "key", "model"):
         value = body.get(field)
         if value is not None and (not isinstance(value, str) or not NAME.fullmatch(value)):
-            raise BadRequest(f"{field} must be a name of letters, digits, '.', '_' or '-', not {value!r}")
+            raise BadRequest(f"{field} must be a name of 1 to 64 letters, digits, '.', '_' or '-', not {value!r}")
+    if body.get("all") is not None and not isinstance(body["all"], bool):
+        raise BadRequest(f"all must be true or false, not {body['all']!r}")
     if body.get("tenant") and body.get("key"):
         raise BadRequest("give tenant or key, not both: a key's private entries and a tenant's shared ones are "
                          "different scopes")

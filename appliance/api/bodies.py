@@ -21,6 +21,7 @@ from appliance.errors import BadRequest
 from appliance.types import MAX_EMBED_INPUTS, EmbedRequest
 
 MAX_INPUTS = MAX_EMBED_INPUTS
+EXACT_FLOAT_INTEGERS = 2**53  # below this, a float holds every integer exactly
 ErrorText = str | Callable[[Any, validation.Invalid], str]  # a str is formatted with the value sent as {value!r}
 
 
@@ -122,9 +123,11 @@ class ChatCompletionRequest(GenerationRequest):
 class CompletionRequest(GenerationRequest):
     """The body of ``POST /v1/completions``."""
 
-    prompt: (str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    prompt: (Annotated[str, Meta(min_length=1)]
+             | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=1)]
              | Annotated[list[int], Meta(min_length=1)]) = field(kw_only=True, metadata=_says(
-                 "'prompt' must be a string (or one string in an array) or an array of token ids"))
+                 "'prompt' must be a non-empty string (or one such string in an array) or an array of token ids",
+                 "an empty prompt has no token to continue from"))
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = field(default=None, metadata=_says(
         "logprobs must be an integer from 0 to 5, not {value!r}", "this many likely tokens besides the one chosen"))
 
@@ -148,6 +151,20 @@ class EmbeddingRequest:
     user: str | None = field(default=None, metadata=_says("user must be a string", "accepted, not stored"))
     timeout: Annotated[float, Meta(gt=0)] | None = field(default=None, metadata=_says(
         "timeout is in seconds and must be a positive number, not {value!r}", "seconds"))
+
+
+def _needs_true(field_name: str, flag: str) -> dict[str, Any]:
+    """JSON Schema: a non-null ``field_name`` needs ``flag: true``."""
+    return {"anyOf": [{"properties": {field_name: {"type": "null"}}},
+                      {"required": [flag], "properties": {flag: {"const": True}}}]}
+
+
+# Rules between fields, which the parsers check after the fields themselves: the document states them too (each
+# class's schema gets them as ``allOf``).
+FIELD_RULES: dict[type, list[dict[str, Any]]] = {
+    ChatCompletionRequest: [_needs_true("stream_options", "stream"), _needs_true("top_logprobs", "logprobs")],
+    CompletionRequest: [_needs_true("stream_options", "stream")],
+}
 
 
 # -- the parsers ---------------------------------------------------------------------------------------------------
@@ -178,8 +195,22 @@ _ABSENT = object()
 Specs = dict[str, validation.FieldSpec]
 
 
+def whole_numbers(value: Any) -> Any:
+    """``value`` with every number that has no fraction (``2.0``, ``1e3``) as an int: JSON has one kind of number,
+    and JSON Schema (so the document) counts those as integers wherever an integer is asked for. Floats from 2**53
+    on stay floats: they may be an integer literal too large for 64 bits that the JSON parser rounded."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < EXACT_FLOAT_INTEGERS else value
+    if isinstance(value, list):
+        return [whole_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: whole_numbers(item) for key, item in value.items()}
+    return value
+
+
 def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
     """Check every field; unknown fields and unsupported values get 400 naming the field."""
+    body = whole_numbers(body)
     specs = validation.fields(ChatCompletionRequest if chat else CompletionRequest)
     _refuse_unknown(body, specs, "unknown or unsupported field")
     parsed = GenerateBody(model=_read(body, specs, "model"))
@@ -188,7 +219,7 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
     else:
         prompt = _read(body, specs, "prompt")
         parsed.prompt = prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str) else prompt
-    if body.get("n", 1) != 1:  # compared as a number, as it always was: 1.0 (and true) ask for one choice too
+    if body.get("n", 1) != 1:  # compared as a number, as it always was: true asks for one choice too
         _read(body, specs, "n")
     newer = chat and body.get("max_completion_tokens") is not None  # then max_tokens is not read
     parsed.max_tokens = _read(body, specs, "max_completion_tokens" if newer else "max_tokens")
@@ -223,6 +254,7 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
 
 def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     """Check an embeddings body field by field; returns the request and the encoding format."""
+    body = whole_numbers(body)
     specs = validation.fields(EmbeddingRequest)
     _refuse_unknown(body, specs, "unknown field")
     request = EmbedRequest(id="", model=_read(body, specs, "model"))

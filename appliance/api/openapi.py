@@ -12,7 +12,9 @@ import orjson
 from aiohttp import web
 
 from appliance import __version__, validation
-from appliance.api.bodies import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from appliance.api.bodies import FIELD_RULES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from appliance.keys import NAME
+from appliance.ledger import GROUP_FIELDS, PLACES
 
 # Where an operation fails; replaced, per path, by the error body that path really sends (see _error_for).
 _ERROR: dict[str, Any] = {"description": "Error"}
@@ -28,6 +30,25 @@ def _error_for(path: str) -> dict[str, Any]:
 
 
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_NAME = {"type": "string", "pattern": f"^{NAME.pattern}$"}
+_DAY = {"type": "string", "format": "date", "description": "YYYY-MM-DD, inclusive; since must not be after until"}
+_DIMENSION = f"(?:{'|'.join(GROUP_FIELDS)})"
+# Comma-separated dimensions (spaces and empty items ignored, a repeated one counted once); empty: totals only.
+_GROUP_BY = {"type": "string", "pattern": f"^[ ,]*(?:{_DIMENSION} *(?:,[ ,]*{_DIMENSION} *)*)?[ ,]*$",
+             "description": f"the dimensions to keep, comma separated: {', '.join(GROUP_FIELDS)} (all when absent)"}
+_USAGE_PARAMS = {"tenant": {"type": "string"}, "key": {"type": "string", "description": "a key id"},
+                 "model": {"type": "string"}, "place": {"enum": list(PLACES)}, "workflow": {"type": "string"},
+                 "since": _DAY, "until": _DAY, "group_by": _GROUP_BY}
+_PURGE = {
+    "type": "object",
+    "properties": {"tenant": {"anyOf": [_NAME, {"type": "null"}]}, "key": {"anyOf": [_NAME, {"type": "null"}]},
+                   "model": {"anyOf": [_NAME, {"type": "null"}]}, "all": {"type": ["boolean", "null"]}},
+    "additionalProperties": False,
+    # Say what to purge (a tenant, a key and/or a model, or all: true); a tenant and a key are different scopes.
+    "anyOf": [{"required": [name], "properties": {name: _NAME}} for name in ("tenant", "key", "model")]
+    + [{"required": ["all"], "properties": {"all": {"const": True}}}],
+    "not": {"required": ["tenant", "key"], "properties": {"tenant": _NAME, "key": _NAME}},
+}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
 
 
@@ -73,12 +94,15 @@ def _model_paths() -> dict[str, dict]:
     }
     for base, params in (("/v2/models/{model}", [_MODEL]),
                          ("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION])):
+        # A version that is not a number is a 400 (it cannot name any version).
+        bad_version = {"400": _ERROR} if len(params) == 2 else {}
         paths[base] = {"get": _op("Model metadata", {"200": _json_ok("#/components/schemas/ModelMetadata"),
-                                                      "404": _ERROR, "503": _ERROR}, params=params)}
-        paths[base + "/ready"] = {"get": _op("Model readiness", {"200": _json_ok(), "404": _ERROR, "503": _ERROR},
-                                             params=params)}
+                                                      **bad_version, "404": _ERROR, "503": _ERROR}, params=params)}
+        paths[base + "/ready"] = {"get": _op("Model readiness", {"200": _json_ok(), **bad_version, "404": _ERROR,
+                                                                 "503": _ERROR}, params=params)}
         paths[base + "/config"] = {"get": _op("Model configuration (Triton's shape)",
-                                              {"200": _json_ok(), "404": _ERROR}, params=params)}
+                                              {"200": _json_ok(), **bad_version, "404": _ERROR, "503": _ERROR},
+                                              params=params)}
         paths[base + "/infer"] = {
             "post": _op(
                 "Run inference",
@@ -110,8 +134,11 @@ def build_openapi() -> dict[str, Any]:
         "/v2/health/ready": {"get": _op("Readiness: models loaded and not draining", {"200": _json_ok(),
                                                                                      "503": _json_ok()})},
         **_model_paths(),
-        "/v2/repository/index": {"post": _op("Models in the repository and their state",
-                                             {"200": _json_ok("#/components/schemas/RepositoryIndex")})},
+        "/v2/repository/index": {"post": _op(
+            "Models in the repository and their state",
+            {"200": _json_ok("#/components/schemas/RepositoryIndex"), "400": _ERROR},
+            body={"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"ready": {"type": "boolean", "description": "only ready ones"}}}}}})},
         "/v2/repository/models/{model}/load": {"post": _op("Load or reload the newest version",
                                                            {"200": _json_ok(), "400": _ERROR, "404": _ERROR},
                                                            params=[_MODEL])},
@@ -137,14 +164,12 @@ def build_openapi() -> dict[str, Any]:
         "/admin/cache/purge": {"post": _op(
             "Delete cached answers of a tenant, a key's private scope and/or a model (admin key)",
             {"200": _json_ok(), "400": _ERROR, "401": _ERROR, "403": _ERROR},
-            body={"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
-                "tenant": {"type": "string"}, "key": {"type": "string"}, "model": {"type": "string"},
-                "all": {"type": "boolean"}}}}}})},
+            body={"required": True, "content": {"application/json": {"schema": _PURGE}}})},
         "/v1/usage": {"get": _op(
             "Cost ledger totals (admin key): filter by tenant, key, model, place, workflow, since, until; group_by",
-            {"200": _json_ok(), "400": _ERROR, "401": _ERROR, "403": _ERROR},
-            params=[{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
-                    for name in ("tenant", "key", "model", "place", "workflow", "since", "until", "group_by")])},
+            {"200": _json_ok(), "400": _ERROR, "401": _ERROR, "403": _ERROR, "404": _ERROR},  # 404: ledger off
+            params=[{"name": name, "in": "query", "required": False, "schema": schema}
+                    for name, schema in _USAGE_PARAMS.items()])},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
         "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
     }
@@ -152,6 +177,8 @@ def build_openapi() -> dict[str, Any]:
     for path, definition in REQUEST_BODIES.items():
         paths[path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": validation.json_schema(definition, schemas)}}}
+    for definition, rules in FIELD_RULES.items():
+        schemas[definition.__name__] = {**schemas[definition.__name__], "allOf": rules}
     for path, methods in paths.items():
         for operation in methods.values():
             if path not in ("/metrics", "/openapi.json") and not path.startswith("/v2/health"):

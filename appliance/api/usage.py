@@ -7,6 +7,7 @@ from aiohttp import web
 
 from appliance.api.state import LEDGER
 from appliance.errors import BadRequest, FeatureDisabled
+from appliance.ledger import GROUP_FIELDS
 
 FILTERS = ("tenant", "key", "model", "place", "workflow", "since", "until", "group_by")
 TOTALS = ("requests", "input_tokens", "output_tokens", "compute_s", "cost", "cost_avoided")
@@ -25,8 +26,9 @@ async def get_usage(request: web.Request) -> web.Response:
     unknown = sorted(set(query) - set(FILTERS))
     if unknown:
         raise BadRequest(f"unknown query parameter {unknown[0]!r}; /v1/usage takes {', '.join(FILTERS)}")
-    group_by = [g.strip() for g in query.get("group_by", "day,tenant,key,model,place,workflow").split(",")
-                if g.strip()]
+    # Spaces and empty items are ignored, and a dimension named twice is kept once.
+    names = (name.strip(" ") for name in query.get("group_by", ",".join(GROUP_FIELDS)).split(","))
+    group_by = list(dict.fromkeys(name for name in names if name))
     try:
         rows = await request.app[LEDGER].query(
             tenant=query.get("tenant"), key_id=query.get("key"), model=query.get("model"), place=query.get("place"),

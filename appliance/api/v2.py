@@ -183,7 +183,11 @@ async def repository_index(request: web.Request) -> web.Response:
                 options = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
                 raise BadRequest(f"the body must be JSON: {exc}") from None
-            ready_only = bool(isinstance(options, dict) and options.get("ready"))
+            if not isinstance(options, dict):
+                raise BadRequest('the body must be a JSON object, such as {"ready": true}')
+            ready_only = options.get("ready", False)
+            if not isinstance(ready_only, bool):
+                raise BadRequest(f"ready must be true or false, not {ready_only!r}")
     entries = []
     for state in request.app[MODELS].index():
         if ready_only and state.state != "READY":

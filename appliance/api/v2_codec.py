@@ -39,6 +39,16 @@ class ParsedInfer:
     timeout_us: int | None
 
 
+def _whole(value: Any) -> int | None:
+    """``value`` as an int when it is a number without a fraction (``2`` or ``2.0``, as JSON Schema counts
+    integers; a float from 2**53 on may be a rounded integer literal, and is not one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**53 else None
+
+
 def _check_header(header: Any) -> dict:
     if not isinstance(header, dict):
         raise BadRequest("the request body must be a JSON object with an 'inputs' array")
@@ -54,9 +64,10 @@ def _shape_and_dtype(tensor: Any, index: int) -> tuple[str, list[int], str, np.d
     name = tensor.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest(f"inputs[{index}] needs a 'name' string")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise BadRequest(f"input {name!r}: 'shape' must be an array of non-negative integers, received {shape!r}")
+    given = tensor.get("shape")
+    shape = [_whole(d) for d in given] if isinstance(given, list) else None
+    if shape is None or not all(d is not None and d >= 0 for d in shape):
+        raise BadRequest(f"input {name!r}: 'shape' must be an array of non-negative integers, received {given!r}")
     datatype = tensor.get("datatype")
     dtype = V2_TO_NUMPY.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
@@ -141,9 +152,10 @@ def _parameters(holder: dict, where: str) -> dict:
 
 def _request_parameters(header: dict) -> tuple[bool, int | None]:
     params = _parameters(header, "the request")
-    timeout = params.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
-        raise BadRequest(f"parameters.timeout is in microseconds and must be a non-negative integer, not {timeout!r}")
+    given = params.get("timeout")
+    timeout = _whole(given)
+    if given is not None and (timeout is None or timeout < 0):
+        raise BadRequest(f"parameters.timeout is in microseconds and must be a non-negative integer, not {given!r}")
     return bool(params.get("binary_data_output", False)), timeout or None
 
 
@@ -170,10 +182,11 @@ def decode_json(body: bytes, header_length: int | None) -> ParsedInfer:
         name, shape, datatype, dtype = _shape_and_dtype(tensor, index)
         if name in inputs:
             raise BadRequest(f"input {name!r} appears twice")
-        size = _parameters(tensor, f"inputs[{index}]").get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
-                raise BadRequest(f"input {name!r}: binary_data_size {size!r} does not fit the binary data")
+        given = _parameters(tensor, f"inputs[{index}]").get("binary_data_size")
+        if given is not None:
+            size = _whole(given)
+            if size is None or size < 0 or offset + size > len(tail):
+                raise BadRequest(f"input {name!r}: binary_data_size {given!r} does not fit the binary data")
             inputs[name] = _from_bytes(name, tail[offset : offset + size], shape, datatype, dtype)
             offset += size
         elif "data" in tensor:

@@ -66,7 +66,10 @@ def test_every_chat_field_is_read():
 def test_completion_prompts_and_logprobs():
     assert completion({**COMPLETION, "prompt": ["one"]}).prompt == "one"
     assert completion({**COMPLETION, "prompt": [1, 2]}).prompt == [1, 2]
-    assert completion({**COMPLETION, "prompt": ""}).prompt == ""
+    for empty in ("", [""]):  # nothing to continue from: refused here, before it reaches the scheduler
+        with pytest.raises(BadRequest, match="non-empty string") as caught:
+            completion({**COMPLETION, "prompt": empty})
+        assert caught.value.param == "prompt"
     assert completion({**COMPLETION, "logprobs": 0}).params.logprobs == 0
     assert completion({**COMPLETION, "logprobs": None}).params.logprobs == -1
     assert chat({**CHAT, "logprobs": True}).params.logprobs == 0
@@ -109,7 +112,7 @@ def test_embedding_inputs():
 MODEL = "'model' is required: a model name, alias or tier (GET /v1/models)"
 MESSAGES = "'messages' must be a non-empty array of {role, content}"
 ROLE = "messages[{}] needs a role of system, developer, user or assistant"
-PROMPT = "'prompt' must be a string (or one string in an array) or an array of token ids"
+PROMPT = "'prompt' must be a non-empty string (or one such string in an array) or an array of token ids"
 STOP = "stop must be a non-empty string or an array of at most 4 such strings"
 STREAM_OPTIONS = "stream_options needs stream: true and takes only include_usage"
 SEED = "seed must be an integer from -9223372036854775808 to 9223372036854775807, not {}"
@@ -139,7 +142,7 @@ TIMEOUT = "timeout is in seconds and must be a positive number, not {}"
     ({**CHAT, "n": 2}, "n must be 1 (one choice per request), not 2", "n"),
     ({**CHAT, "n": None}, "n must be 1 (one choice per request), not None", "n"),
     ({**CHAT, "max_tokens": 0}, "max_tokens must be an integer >= 1, not 0", "max_tokens"),
-    ({**CHAT, "max_tokens": 1.0}, "max_tokens must be an integer >= 1, not 1.0", "max_tokens"),
+    ({**CHAT, "max_tokens": 1.5}, "max_tokens must be an integer >= 1, not 1.5", "max_tokens"),
     ({**CHAT, "max_tokens": True}, "max_tokens must be an integer >= 1, not True", "max_tokens"),
     ({**CHAT, "max_completion_tokens": 0, "max_tokens": 5},
      "max_completion_tokens must be an integer >= 1, not 0", "max_completion_tokens"),
@@ -236,3 +239,13 @@ def test_canonical_view_holds_what_changes_the_text():
     assert body.canonical(True) == {"chat": True, "messages": [{"role": "user", "content": "hi"}], "prompt": None,
                                     "max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 3,
                                     "stop": ["x"], "logprobs": -1, "ignore_eos": False}
+
+
+def test_numbers_without_a_fraction_are_integers_as_the_document_counts_them():
+    body = completion({**COMPLETION, "max_tokens": 8.0, "seed": -3e2, "top_k": 1e1, "logprobs": 2.0, "n": 1.0})
+    assert (body.max_tokens, body.params.top_k, body.params.logprobs) == (8, 10, 2)
+    assert body.params.seed == -300 & (1 << 64) - 1
+    with pytest.raises(BadRequest, match="max_tokens must be an integer"):
+        completion({**COMPLETION, "max_tokens": 8.5})
+    with pytest.raises(BadRequest, match="seed must be an integer"):  # a 65-bit literal, which JSON parsers round
+        completion({**COMPLETION, "seed": -9223372036854775809.0})

@@ -7,8 +7,8 @@ import pytest
 import requests
 
 from appliance import validation
-from appliance.api.bodies import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_embedding_request,
-                                  parse_generate)
+from appliance.api.bodies import (FIELD_RULES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                                  parse_embedding_request, parse_generate)
 from appliance.api.openapi import build_openapi
 from appliance.app import create_app
 from appliance.config import load_config
@@ -59,6 +59,8 @@ def test_request_bodies_are_generated_from_the_parsers_definitions():
         body = document["paths"][path]["post"]["requestBody"]
         assert body["required"] is True
         assert body["content"]["application/json"]["schema"] == validation.json_schema(definition, generated)
+    for definition, rules in FIELD_RULES.items():  # the rules between fields join the generated definitions
+        generated[definition.__name__] = {**generated[definition.__name__], "allOf": rules}
     assert {name: document["components"]["schemas"][name] for name in generated} == generated
     for schema in document["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(schema)
@@ -98,7 +100,8 @@ ACCEPTED = {
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": "."},
     ],
     "/v1/completions": [
-        {"model": "m", "prompt": ""}, {"model": "m", "prompt": ["one"]}, {"model": "m", "prompt": [1, 2, 3]},
+        {"model": "m", "prompt": " "}, {"model": "m", "prompt": ["one"]}, {"model": "m", "prompt": [1, 2, 3]},
+        {"model": "m", "prompt": "x", "max_tokens": 2.0, "seed": -3e2, "top_k": 1e1, "n": 1.0},
         {"model": "m", "prompt": "x", "logprobs": 5, "stop": [], "stream": False, "seed": 2**63 - 1},
     ],
     "/v1/embeddings": [
@@ -123,8 +126,11 @@ REFUSED = {
                              {"n": 2}, {"max_tokens": 0}, {"max_tokens": 1.5}, {"temperature": 2.5}, {"top_p": 0},
                              {"top_k": -1}, {"stop": ["a"] * 5}, {"stop": ""}, {"stream": "yes"}, {"logprobs": 1},
                              {"logprobs": True, "top_logprobs": 21}, {"user": 5}, {"timeout": 0},
-                             {"stream": True, "stream_options": {"include_usage": True, "chunk": 1}}],
-    "/v1/completions": [{"prompt": ["a", "b"]}, {"prompt": []}, {"prompt": [True]}, {"logprobs": 6}, {"seed": 2**63}],
+                             {"stream": True, "stream_options": {"include_usage": True, "chunk": 1}},
+                             {"stream_options": {"include_usage": True}}, {"logprobs": False, "top_logprobs": 2},
+                             {"top_logprobs": 0}, {"max_tokens": 2.5}, {"seed": -9223372036854775809}],
+    "/v1/completions": [{"prompt": ["a", "b"]}, {"prompt": []}, {"prompt": [True]}, {"logprobs": 6}, {"seed": 2**63},
+                        {"prompt": ""}, {"prompt": [""]}, {"stream": False, "stream_options": {}}],
     "/v1/embeddings": [{"input": []}, {"input": [1, "a"]}, {"input": [["a"]]}, {"encoding_format": "int8"},
                        {"dimensions": 0}, {"truncate": "yes"}, {"model": None}],
 }
