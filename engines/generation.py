@@ -150,7 +150,10 @@ class GenerationScheduler:
         """Queue a sequence; its tokens arrive as :class:`TokenEvent` on ``sequence.events``.
 
         ``reproducible``: its tokens are those it gets alone, whatever else runs (at the cost of its own calls).
+        An empty prompt is a ``ValueError``: with no position to sample from, it would wait forever.
         """
+        if not prompt:
+            raise ValueError("a sequence needs at least one prompt token")
         if self._closing or self._loop is None:
             raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
         if len(self._waiting) >= self.limits.max_waiting:

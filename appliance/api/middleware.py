@@ -76,6 +76,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         reason = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
         response = error_response(exc.status, f"{reason}: {request.method} {request.path}", openai=openai)
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception:  # noqa: BLE001 - a bug must still produce a JSON 500 and a log line, never a dropped socket
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request_id)
         response = error_response(500, f"internal error; see the server log for request {request_id}",

@@ -108,6 +108,9 @@ class GenerateOperation:
                 raise BadRequest(f"prompt token id {bad} is outside the vocabulary (0 to {text.vocab_size - 1})",
                                  param="prompt")
         limit, max_tokens = served.context_limit, request.max_tokens
+        if not ids:  # nothing to condition on: the scheduler would have no position to sample from
+            raise BadRequest("the prompt is empty once tokenized; send at least one token of text",
+                             param="messages" if request.messages is not None else "prompt")
         if len(ids) >= limit:
             raise BadRequest(f"the prompt has {len(ids)} tokens; model {served.name} holds at most {limit} tokens "
                              "per sequence (prompt and output); shorten the prompt", param="messages")

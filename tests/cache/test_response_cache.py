@@ -131,6 +131,7 @@ def test_purge_by_tenant_and_metrics_carry_scope_hashes_only(scoped):
                           headers=bearer(tokens["admin"]), timeout=10)
     assert purge.status_code == 200 and purge.json()["purged"] >= 1
     assert infer(running.url, tokens["a1"], values).headers["x-cache"] == "miss"
+    assert infer(running.url, tokens["a1"], values).headers["x-cache"] == "hit"  # stored again after the purge
     assert infer(running.url, tokens["b1"], values).headers["x-cache"] == "hit"  # another tenant's entries stay
     bad = requests.post(f"{running.url}/admin/cache/purge", json={}, headers=bearer(tokens["admin"]), timeout=10)
     assert bad.status_code == 400 and "say what to purge" in bad.json()["error"]

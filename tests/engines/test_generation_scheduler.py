@@ -147,6 +147,13 @@ def test_a_decoder_smaller_than_the_limits_is_refused():
         scheduler(FakeDecoder(2, 64), slots=4)
 
 
+async def test_an_empty_prompt_is_refused_rather_than_left_waiting(running):
+    generator = running(FakeDecoder(rows=2, max_capacity=64))
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        generator.submit([], params(1))
+    assert generator.stats()["waiting"] == 0
+
+
 async def test_sequences_take_free_rows_and_wait_for_one_when_all_are_busy(running):
     decoder = FakeDecoder(rows=2, max_capacity=64)
     decoder.pause()
