@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +18,7 @@ import uvloop
 
 import tiny_models
 from conftest import make_config
+from waiting import wait_until
 
 from appliance.listener import ListenError
 from appliance.server import run_server
@@ -86,16 +86,14 @@ def test_serve_with_an_empty_models_folder_serves_it_without_building_the_defaul
     process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--models", str(empty), "--port",
                                 str(port)], env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
+        def live() -> bool:
+            assert process.poll() is None, f"the server exited: {process.stderr.read()}"
             try:
-                if requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1).status_code == 200:
-                    break
+                return requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1).status_code == 200
             except requests.ConnectionError:
-                time.sleep(0.05)
-        else:
-            exited = process.poll() is not None
-            raise AssertionError(f"the server did not come up: {process.stderr.read() if exited else 'timeout'}")
+                return False
+
+        wait_until(live, 60, "the server to come up")
     finally:
         process.terminate()
         process.wait(30)
