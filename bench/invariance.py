@@ -311,12 +311,23 @@ def http_part(repo: Path, root: Path) -> list[dict]:
             alone = chat(TARGET, reproducible)
             with ThreadPoolExecutor(5) as pool:
                 others = [pool.submit(chat, m) for m in NEIGHBOURS]
-                time.sleep(0.2)
+                wait_running(url, "smollm2-135m-fast", len(NEIGHBOURS))  # the target joins running neighbours
                 beside = pool.submit(chat, TARGET, reproducible).result()
                 [o.result() for o in others]
             rows.append({"model": "smollm2-135m-fast", "mode": "reproducible" if reproducible else "normal",
                          "equal": alone == beside, "alone": alone[:40], "beside": beside[:40]})
     return rows
+
+
+def wait_running(url: str, model: str, count: int, timeout_s: float = 60.0) -> None:
+    """Until the server reports ``count`` sequences of ``model`` running (its generation gauge)."""
+    prefix = f'appliance_running_sequences{{model="{model}"'
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+        if any(line.startswith(prefix) and float(line.split()[-1]) >= count for line in lines):
+            return
+    raise RuntimeError(f"{count} sequences of {model} never ran at once within {timeout_s} s")
 
 
 def main() -> int:
