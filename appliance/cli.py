@@ -15,8 +15,9 @@ from pathlib import Path
 
 from appliance import __version__
 from appliance.config import Config, ConfigError
+from appliance.errors import ApplianceError
 from appliance.keys import CACHE_SCOPES, LANES, ApiKey, KeyStore, KeyStoreError
-from appliance.model_spec import read_model_spec
+from appliance.model_spec import ModelSpec, read_model_spec
 from appliance.notify import notifier
 from appliance.reload import ConfigSource
 from appliance.repository import scan_repository
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--quantize", action="store_true", help="also write an int8 variant (encoders)")
     build.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's offline optimization")
     build.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engine build")
+    build.add_argument("--min-cosine-fp16", type=_cosine, metavar="COSINE",
+                       help="refuse a TensorRT 11 FP16 copy of an encoder whose least cosine against the float model "
+                            "is below this (default 0.999)")
     build.add_argument("--models", help="model repository folder (paths.model_repository)")
     _add_keys_parser(commands)
     commands.add_parser("config", help="print the effective configuration")
@@ -62,6 +66,16 @@ def _count(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0 (0 = unlimited)")
+    return value
+
+
+def _cosine(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cosine threshold: give a number in (0, 1], such as 0.999")
     return value
 
 
@@ -108,6 +122,7 @@ def _progress(line: str) -> None:
 
 
 def _cmd_build(config: Config, args: argparse.Namespace) -> int:
+    from appliance.build.encoder_entry import EncoderOptions
     from appliance.build.pipeline import build_defaults, build_from_path
 
     repo, cache = config.paths.models(), config.paths.cache()
@@ -123,14 +138,15 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
         print("appliance build: give one of --defaults, --refresh or --source PATH --name NAME", file=sys.stderr)
         return 2
     try:
+        fp16 = {} if args.min_cosine_fp16 is None else {"min_cosine_fp16": args.min_cosine_fp16}
         if args.defaults:
-            results = build_defaults(repo, cache, _progress)
+            results = build_defaults(repo, cache, _progress, encoder=EncoderOptions(**fp16))
         else:
             if not args.name:
                 print("appliance build: --source needs --name", file=sys.stderr)
                 return 2
             results = build_from_path(args.source, repo, args.name, _progress, quantize=args.quantize,
-                                      optimize=not args.no_optimize, tensorrt=not args.no_tensorrt)
+                                      optimize=not args.no_optimize, tensorrt=not args.no_tensorrt, **fp16)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"appliance build: {exc}", file=sys.stderr)
         return 1
@@ -224,7 +240,21 @@ def _cmd_models(config: Config, args: argparse.Namespace) -> int:
             status = state.get("state", "-") if serving or not state.get("version") else "not serving"
             reason = f" ({state['reason']})" if serving and state.get("reason") else ""
             print(f"  {name} v{version}: {status}{reason}  {detail}")
+            if serving and state.get("runtime"):
+                print(f"    runtime: {state['runtime']}")
+            elif version == versions[-1] and "INVALID" not in detail:
+                print(f"    runtime here: {_runtime_here(spec, config)}")
     return 0
+
+
+def _runtime_here(spec: ModelSpec, config: Config) -> str:
+    """What this machine would run ``spec`` on, and why (no engine is loaded)."""
+    from appliance.engine_factory import choose_runtime_quietly
+
+    try:
+        return choose_runtime_quietly(spec, config).summary
+    except ApplianceError as exc:
+        return f"cannot load here: {exc.message}"
 
 
 def _cmd_keys(config: Config, args: argparse.Namespace) -> int:

@@ -163,6 +163,7 @@ def check_models(config: Config) -> list[Check]:
     from appliance.build.refresh import stale_versions
     from appliance.engines.tensorrt_plans import current_plan_key
 
+    checks.extend(_runtime_checks(root, found, config))
     key = current_plan_key()
     if key is None:
         checks.append(Check("engines", OK, "no TensorRT here: models run through ONNX Runtime"))
@@ -172,6 +173,26 @@ def check_models(config: Config) -> list[Check]:
                             f"missing plans for {key}: {', '.join(f'{p.parent.name} v{p.name}' for p in stale)}"
                             if stale else f"plans current for {key}",
                             "run `appliance build --refresh` (systemctl start appliance-build)" if stale else ""))
+    return checks
+
+
+def _runtime_checks(root: Path, found: dict[str, list[int]], config: Config) -> list[Check]:
+    """Per model, the runtime its newest version would run on here and why (a version that cannot load fails)."""
+    from appliance.engine_factory import choose_runtime_quietly
+    from appliance.errors import ApplianceError
+    from appliance.model_spec import read_model_spec
+
+    checks = []
+    for name, versions in found.items():
+        try:
+            spec = read_model_spec(name, versions[-1], root / name / str(versions[-1]))
+            checks.append(Check(f"runtime {name}", OK, choose_runtime_quietly(spec, config).summary))
+        except ConfigError:
+            continue  # reported by the repository check
+        except ApplianceError as exc:
+            checks.append(Check(f"runtime {name}", FAIL, exc.message,
+                                "run `appliance build --refresh` (systemctl start appliance-build), or set "
+                                "[engine] kind = 'auto' in its model.toml"))
     return checks
 
 

@@ -17,7 +17,7 @@ Task = Literal["tensor", "embed", "generate"]
 Tier = Literal["", "small", "mid"]
 TASKS: tuple[str, ...] = get_args(Task)
 TIERS: tuple[str, ...] = get_args(Tier)
-EngineKind = Literal["onnxruntime"]
+EngineKind = Literal["onnxruntime", "tensorrt", "auto"]
 ENGINE_KINDS: tuple[str, ...] = get_args(EngineKind)
 Datatype = Literal[tuple(V2_TO_NUMPY)]  # the KServe v2 datatype names the engines know
 
@@ -26,13 +26,23 @@ Datatype = Literal[tuple(V2_TO_NUMPY)]  # the KServe v2 datatype names the engin
 class EngineSection:
     """``[engine]``: which runtime loads which file, and its session options (empty: the server default)."""
 
-    kind: EngineKind = "onnxruntime"
+    kind: EngineKind = "onnxruntime"  # "auto": a TensorRT plan for this GPU, else ONNX Runtime (GPU, else CPU)
     file: str = "model.onnx"
     providers: list[Provider] = field(default_factory=list)
     intra_op_threads: Annotated[int, Meta(ge=-1, le=1024)] = -1
     inter_op_threads: Annotated[int, Meta(ge=-1, le=1024)] = -1
     graph_optimization_level: Literal["", OptimizationLevel] = ""
     instances: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Shape buckets: a batch is padded up to the next batch bucket (empty: 1, 2, 4, ... up to max_batch_size) and,
+    # for embedding models on bound buffers, its sequences up to the next sequence bucket (empty: 16, 32, ... up to
+    # max_seq_length on a GPU; none on the CPU).
+    batch_buckets: list[Annotated[int, Meta(ge=1)]] = field(default_factory=list)
+    sequence_buckets: list[Annotated[int, Meta(ge=1)]] = field(default_factory=list)
+    # Buffers bound once per bucket (ONNX Runtime IOBinding): "auto" binds on a GPU (where it is faster and CUDA
+    # graphs need it) and not on the CPU (where it measures no faster: see the README).
+    io_binding: bool | Literal["auto"] = "auto"
+    cuda_graphs: bool = True  # a CUDA graph per bucket shape, where the model runs on the CUDA execution provider
+    device_id: Annotated[int, Meta(ge=0, le=64)] = 0
 
 
 @dataclass
@@ -189,6 +199,14 @@ def _check_consistency(spec: ModelSpec, origin: str) -> None:
         raise ConfigError(
             f"{origin}: task = 'embed' needs [tokenizer] max_seq_length > 0 and [batching] max_batch_size > 0"
         )
+    engine = spec.engine
+    if engine.batch_buckets and max(engine.batch_buckets) > max(batching.max_batch_size, 1):
+        raise ConfigError(f"engine.batch_buckets = {engine.batch_buckets} in {origin} exceed batching.max_batch_size "
+                          f"= {batching.max_batch_size}; drop the larger sizes or raise max_batch_size")
+    if engine.sequence_buckets and (spec.task != "embed"
+                                    or max(engine.sequence_buckets) > spec.tokenizer.max_seq_length):
+        raise ConfigError(f"engine.sequence_buckets = {engine.sequence_buckets} in {origin}: only for task = 'embed', "
+                          f"at most [tokenizer] max_seq_length = {spec.tokenizer.max_seq_length}")
     big_warmups = [size for size in spec.warmup.batch_sizes if size > max(batching.max_batch_size, 1)]
     if big_warmups:
         raise ConfigError(f"warmup.batch_sizes = {spec.warmup.batch_sizes} in {origin} exceed max_batch_size")

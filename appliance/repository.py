@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class ModelState:
     version: int | None
     state: str  # READY, UNAVAILABLE, LOADING
     reason: str = ""
+    runtime: str = ""  # the serving version's runtime choice (kind, device, why)
 
 
 class ModelManager:
@@ -119,7 +121,8 @@ class ModelManager:
             if name in self._states and self._states[name].state == "LOADING":
                 result.append(self._states[name])
             elif name in self._serving:
-                result.append(ModelState(name, self._serving[name].version, "READY"))
+                serving = self._serving[name]
+                result.append(ModelState(name, serving.version, "READY", runtime=serving.runtime.summary))
             elif name in self._states:
                 result.append(self._states[name])
             else:
@@ -175,8 +178,11 @@ class ModelManager:
         try:
             load_s = await loop.run_in_executor(None, candidate.load_blocking)
             warmup_s = await loop.run_in_executor(None, candidate.warmup_blocking)
+            opened = time.perf_counter()
+            await candidate.open()
+            warmup_s += time.perf_counter() - opened
         except Exception:
-            await loop.run_in_executor(None, candidate.close)
+            await candidate.stop(self._drain_timeout_s)
             raise
         candidate.metrics.load_duration.set(load_s)
         candidate.metrics.warmup_duration.set(warmup_s)

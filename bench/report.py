@@ -12,10 +12,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """A plain-text table, widths fitted to the content."""
+    """A plain-text table, widths fitted to the content, under its title and the machine it was measured on (CPU
+    model and vector extensions, GPUs)."""
     cells = [columns] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(str(r[i])) for r in cells) for i in range(len(columns))]
-    print(f"\n{title}")
+    print(f"\n{title}\nmeasured on: {cpu_line()}")
     for index, row in enumerate(cells):
         print("  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
         if index == 0:
@@ -32,10 +33,48 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     """Write ``payload`` with the machine's description; returns the file."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    payload = {"machine": {"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version()},
+    payload = {"machine": {"cpus": _cpus(), "platform": platform.platform(), "python": platform.python_version(),
+                           "cpu": cpu_description(), "gpu": gpu_description()},
                **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and the vector extensions it has (from /proc/cpuinfo), so that figures from machines with
+    different kernels (AVX2 against AVX-512 VNNI) are never read as one."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
+
+
+def gpu_description() -> list[str]:
+    """The GPUs NVML names (empty without a driver)."""
+    try:
+        from appliance.doctor import gpu_readings
+
+        return [reading.name for reading in gpu_readings()]
+    except Exception:  # a benchmark's description must never stop it
+        return []
+
+
+def cpu_line() -> str:
+    """One line for a table title: CPU model and vector extensions (and GPUs)."""
+    cpu, gpus = cpu_description(), gpu_description()
+    return f"{cpu['model']} [{' '.join(cpu['vector_extensions'])}]" + (f"; GPU {', '.join(gpus)}" if gpus else "")
 
 
 def _cpus() -> int:

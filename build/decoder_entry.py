@@ -157,6 +157,7 @@ description = "decoder, {variant} variant ({'float32 activations' if variant == 
 deterministic = {str(INVARIANT.get(variant, False)).lower()}  # proved batch-invariant (see the README's Reproducibility)
 
 [engine]
+kind = "auto"  # decoders run on ONNX Runtime's CPU execution provider for now
 file = "model.onnx"
 
 [batching]

@@ -18,6 +18,8 @@ from appliance.build.entries import (
     publish,
     stage,
 )
+from appliance.build.fp16 import DEFAULT_MIN_COSINE
+from appliance.engines.runtime_choice import PORTABLE_GRAPH
 from appliance.build.optimize import optimize, quantize_int8
 from appliance.build.parity import encoder_parity
 from appliance.build.provenance import build_key, sha256_file
@@ -36,6 +38,7 @@ class EncoderOptions:
     quantize: bool = False  # also write <name>-int8
     min_cosine_int8: float = 0.97
     tensorrt: bool = True
+    min_cosine_fp16: float = DEFAULT_MIN_COSINE  # TensorRT 11's FP16 copy of the model against the float model
     max_batch_size: int = 32
     max_batch_tokens: int = 2048  # padded tokens; measured here, batches of 16-32 short inputs run fastest
     max_queue_delay_microseconds: int = 1000
@@ -100,10 +103,15 @@ def _build_float(folder: Path, repo: Path, name: str, options: EncoderOptions, p
                     raise QualityBelowThreshold(
                         f"{name}: optimized graph min cosine {report.figures['min_cosine']:.6f} is below "
                         f"{options.min_cosine_optimized}; not written")
-            raw.unlink()
+            if options.tensorrt:  # TensorRT parses standard ONNX only, not ONNX Runtime's fused operators
+                raw.rename(scratch / PORTABLE_GRAPH)
+            else:
+                raw.unlink()
         else:
             raw.rename(final)
-        _tensorrt(options, final, scratch, stages, name, progress, read.max_seq_length)
+        portable = scratch / PORTABLE_GRAPH
+        _tensorrt(options, portable if portable.exists() else final, scratch, stages, name, progress,
+                  read.max_seq_length)
         return publish(scratch, name, key=key, source=source, options=float_options, parity=parity,
                        stages=stages, model_toml=_model_toml(read, options, source["path"]))
 
@@ -142,7 +150,9 @@ def _tensorrt(options: EncoderOptions, model: Path, scratch: Path, stages: list[
         return
     with stage(stages, f"{name}: tensorrt", progress) as report:
         buckets = encoder_buckets(options.max_batch_size, max_length)
-        report.figures = tensorrt_stage.build_plan(model, scratch / "plans", buckets, progress)
+        report.figures = tensorrt_stage.build_plan(model, scratch / "plans", buckets, progress,
+                                                   min_cosine_fp16=options.min_cosine_fp16,
+                                                   tokenizer=scratch / "tokenizer.json")
 
 
 def encoder_buckets(max_batch_size: int, max_length: int) -> list[tensorrt_stage.Bucket]:
@@ -161,6 +171,8 @@ description = "sentence embeddings ({read.pooling} pooling{', normalized' if rea
 deterministic = false
 
 [engine]
+# auto: this machine's TensorRT plan (plans/), else ONNX Runtime on the GPU (CUDA graphs per bucket), else the CPU
+kind = "auto"
 file = "model.onnx"
 instances = {options.instances}
 intra_op_threads = {options.threads_per_instance}

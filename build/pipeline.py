@@ -38,7 +38,8 @@ SOURCE_KINDS = "a sentence-transformers folder (with modules.json) or a Llama-fa
 
 
 def build_from_path(source: Path, repo: Path, name: str, progress: Progress, *, quantize: bool = False,
-                    optimize: bool = True, tensorrt: bool = True) -> list[EntryResult]:
+                    optimize: bool = True, tensorrt: bool = True,
+                    min_cosine_fp16: float = EncoderOptions.min_cosine_fp16) -> list[EntryResult]:
     """Build a user's model: a sentence-transformers folder or a Llama-family GGUF file.
 
     A source that is neither (a missing path, a folder without ``modules.json``, a file that does not start with
@@ -48,7 +49,8 @@ def build_from_path(source: Path, repo: Path, name: str, progress: Progress, *, 
         if not (source / "modules.json").is_file():
             raise ValueError(f"{source} is a folder without modules.json, so not a sentence-transformers model; "
                              f"give {SOURCE_KINDS}")
-        options = EncoderOptions(quantize=quantize, optimize=optimize, tensorrt=tensorrt)
+        options = EncoderOptions(quantize=quantize, optimize=optimize, tensorrt=tensorrt,
+                                 min_cosine_fp16=min_cosine_fp16)
         return build_encoder_entry(source, repo, name, options, progress)
     if not source.exists():
         raise ValueError(f"{source} does not exist; give {SOURCE_KINDS}")

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 from appliance.build import tensorrt_stage
+from appliance.engines.runtime_choice import PORTABLE_GRAPH
 from appliance.engines.tensorrt_plans import current_plan_key
 from appliance.build.entries import Progress
 from appliance.build.provenance import PROVENANCE_FILE
@@ -65,5 +66,17 @@ def refresh(repo: Path, cache: Path, progress: Progress) -> int:
         spec = tomllib.loads((folder / "model.toml").read_text())
         buckets = encoder_buckets(int(spec["batching"]["max_batch_size"]), int(spec["tokenizer"]["max_seq_length"]))
         progress(f"{folder.parent.name} v{folder.name}: building the engine plan for {key}")
-        tensorrt_stage.build_plan(folder / spec["engine"]["file"], folder / "plans", buckets, progress)
+        portable = folder / PORTABLE_GRAPH  # the graph without ONNX Runtime's fused operators, where it was kept
+        model = portable if portable.is_file() else folder / spec["engine"]["file"]
+        tensorrt_stage.build_plan(model, folder / "plans", buckets, progress,
+                                  min_cosine_fp16=_fp16_threshold(folder))
     return 0
+
+
+def _fp16_threshold(folder: Path) -> float:
+    """The FP16 parity threshold the version was built with (its provenance options), else the default."""
+    from appliance.build.fp16 import DEFAULT_MIN_COSINE
+
+    file = folder / PROVENANCE_FILE
+    options = json.loads(file.read_text()).get("options", {}) if file.is_file() else {}
+    return float(options.get("min_cosine_fp16", DEFAULT_MIN_COSINE))

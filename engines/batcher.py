@@ -148,6 +148,10 @@ class DynamicBatcher:
             DeadlineExceeded(f"request timed out after {waited * 1000:.1f} ms in the queue of model {self._name}")
         )
 
+    async def prepared(self) -> None:
+        """Wait until every engine thread has prepared its engine (captured its CUDA graphs)."""
+        await self._threads.prepared()
+
     async def close(self, timeout_s: float | None = None) -> None:
         """Stop taking requests, let queued and running ones finish (up to ``timeout_s``), stop the threads."""
         with self._lock:

@@ -173,6 +173,9 @@ class GenerationScheduler:
         sequence.cancelled = True
         self._wake.put(None)
 
+    async def prepared(self) -> None:
+        """Nothing to prepare: the decoder's thread is ready once started."""
+
     async def close(self, timeout_s: float | None = None) -> None:
         """Finish the running and waiting sequences (up to ``timeout_s``), then stop the thread."""
         self._closing = True

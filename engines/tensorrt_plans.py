@@ -56,3 +56,23 @@ def current_plan_key() -> str | None:
     if trt is None or device is None:
         return None
     return plan_key(device.name, device.capability, trt.__version__)
+
+
+def cuda_device_count() -> int:
+    """CUDA devices this process sees: through cuda-python where it is installed, else NVML; 0 without either."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        cudart = None
+    if cudart is not None:
+        error, count = cudart.cudaGetDeviceCount()
+        return int(count) if int(error) == 0 else 0
+    from appliance.gpu_telemetry import open_nvml
+
+    reader = open_nvml()
+    if reader is None:
+        return 0
+    try:
+        return len(reader.read())
+    finally:
+        reader.close()

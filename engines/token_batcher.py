@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from appliance.engines.base import Engine
+from appliance.engines.buckets import Buckets
 from appliance.engines.worker_threads import EngineThreads
 from appliance.errors import DeadlineExceeded, EngineFailed, ModelNotReady, PayloadTooLarge, QueueFull
 
@@ -86,11 +87,15 @@ class TokenBudgetBatcher:
         max_wait_s: float,
         max_queue_items: int,
         pad_id: int = 0,
+        sequence_buckets: Buckets = Buckets(()),
         on_batch: BatchObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
     ) -> None:
+        """``sequence_buckets``: a batch's rows are padded up to the next bucket length (fixed shapes for bound
+        buffers and CUDA graphs); none: to the batch's longest row."""
         self._threads = EngineThreads(engines, name)
+        self._sequence_buckets = sequence_buckets
         self._output = output
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
@@ -176,6 +181,10 @@ class TokenBudgetBatcher:
         request.future.set_exception(DeadlineExceeded(
             f"request timed out after {waited * 1000:.1f} ms with {request.remaining} of {len(request.rows)} "
             f"inputs not yet embedded by model {self._name}"))
+
+    async def prepared(self) -> None:
+        """Wait until every engine thread has prepared its engine (captured its CUDA graphs)."""
+        await self._threads.prepared()
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Stop taking requests, finish the queued ones (up to ``timeout_s``), stop the threads."""
@@ -290,6 +299,7 @@ class TokenBudgetBatcher:
         return results, time.perf_counter() - started, width * len(batch)
 
     def _run(self, engine: Engine, batch: list[_Item], width: int) -> np.ndarray:
+        width = self._sequence_buckets.fit(width) or width
         input_ids = np.full((len(batch), width), self._pad_id, np.int64)
         mask = np.zeros((len(batch), width), np.int64)
         for row, item in enumerate(batch):

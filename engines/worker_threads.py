@@ -28,21 +28,52 @@ class EngineThreads:
         self._waiting = 0
         self._exited = 0
         self._stopped: asyncio.Event | None = None
+        self._prepared: asyncio.Future[None] | None = None
+        self._prepared_count = 0
 
     def start(self, serve: Callable[[Engine], None]) -> None:
-        """Run ``serve(engine)`` in a thread per engine; call on the event loop that will submit work."""
+        """Run ``serve(engine)`` in a thread per engine; call on the event loop that will submit work.
+
+        Each thread first calls its engine's ``prepare_thread()`` where it has one (engines whose CUDA graphs
+        belong to the thread that captured them); :meth:`prepared` waits for that.
+        """
         self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self._prepared = self.loop.create_future()
         for index, engine in enumerate(self.engines):
             threading.Thread(target=self._run, args=(serve, engine), name=f"{self.name}-{index}",
                              daemon=True).start()
 
     def _run(self, serve: Callable[[Engine], None], engine: Engine) -> None:
+        assert self.loop is not None
+        prepare = getattr(engine, "prepare_thread", None)
+        try:
+            if prepare is not None:
+                prepare()
+        except Exception as exc:  # the version fails to load with this error; the thread ends
+            self.loop.call_soon_threadsafe(self._one_prepared, exc)
+            self.loop.call_soon_threadsafe(self._one_exited)
+            return
+        self.loop.call_soon_threadsafe(self._one_prepared, None)
         try:
             serve(engine)
         finally:
             assert self.loop is not None
             self.loop.call_soon_threadsafe(self._one_exited)
+
+    def _one_prepared(self, error: BaseException | None) -> None:
+        self._prepared_count += 1
+        if self._prepared is None or self._prepared.done():
+            return
+        if error is not None:
+            self._prepared.set_exception(error)
+        elif self._prepared_count == len(self.engines):
+            self._prepared.set_result(None)
+
+    async def prepared(self) -> None:
+        """Wait until every thread has prepared its engine; raises what a ``prepare_thread()`` raised."""
+        if self._prepared is not None:
+            await asyncio.shield(self._prepared)
 
     def _one_exited(self) -> None:
         self._exited += 1

@@ -70,7 +70,7 @@ async def model_metadata(request: web.Request) -> web.Response:
         {
             "name": model.name,
             "versions": [str(model.version)],
-            "platform": "onnxruntime_onnx",
+            "platform": model.runtime.platform,
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": _shape(model, t)} for t in model.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": _shape(model, t)} for t in model.outputs],
         }
@@ -87,6 +87,10 @@ async def model_config(request: web.Request) -> web.Response:
     """GET /v2/models/{model}[/versions/{version}]/config: the configuration in Triton's shape."""
     model = _model(request)
     batching = model.spec.batching
+    runtime = model.runtime
+    instances: dict = {"count": model.spec.engine.instances, "kind": runtime.instance_kind}
+    if runtime.on_gpu:
+        instances["gpus"] = list(runtime.gpus)
 
     def tensors(items: list[ServedTensor]) -> list[dict]:
         return [{"name": t.name, "data_type": f"TYPE_{t.datatype.replace('BYTES', 'STRING')}", "dims": list(t.dims)}
@@ -94,13 +98,17 @@ async def model_config(request: web.Request) -> web.Response:
 
     config: dict = {
         "name": model.name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
+        "platform": runtime.platform,
+        "backend": runtime.backend,
         "max_batch_size": batching.max_batch_size,
         "input": tensors(model.inputs),
         "output": tensors(model.outputs),
-        "instance_group": [{"count": model.spec.engine.instances, "kind": "KIND_CPU"}],
+        "instance_group": [instances],
+        "parameters": {"runtime": {"string_value": runtime.summary},
+                       "engine": {"string_value": model.description}},
     }
+    if runtime.on_gpu:
+        config["optimization"] = {"cuda": {"graphs": model.spec.engine.cuda_graphs}}
     if batching.max_batch_size > 0:
         config["dynamic_batching"] = {
             "preferred_batch_size": batching.preferred_batch_size,
@@ -195,6 +203,8 @@ async def repository_index(request: web.Request) -> web.Response:
         entry = {"name": state.name, "state": state.state, "reason": state.reason}
         if state.version is not None:
             entry["version"] = str(state.version)
+        if state.runtime:
+            entry["runtime"] = state.runtime
         entries.append(entry)
     return _json(entries)
 

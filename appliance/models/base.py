@@ -21,6 +21,7 @@ import numpy as np
 from appliance.config import Config
 from appliance.engine_registry import Runtimes
 from appliance.engines.base import Engine
+from appliance.engines.runtime_choice import CPU_CHOICE, RuntimeChoice
 from appliance.model_spec import ModelSpec
 from appliance.models.served_tensors import ServedTensor, check_inputs
 from appliance.telemetry import VersionMetrics
@@ -31,6 +32,10 @@ class Scheduler(Protocol):
 
     def start(self) -> None:
         """Start the worker threads; on the event loop that will submit."""
+        ...
+
+    async def prepared(self) -> None:
+        """Wait until the worker threads have prepared their engines (CUDA graphs captured on them)."""
         ...
 
     async def close(self, timeout_s: float | None = None) -> None:
@@ -101,6 +106,11 @@ class ModelVersion(abc.ABC):
     def description(self) -> str:
         """The runtime behind this version, for logs."""
 
+    @property
+    def runtime(self) -> RuntimeChoice:
+        """Which runtime serves this version, on which device, and why (v2 metadata, ``appliance models``)."""
+        return CPU_CHOICE
+
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
     def load_blocking(self) -> float:
@@ -123,10 +133,18 @@ class ModelVersion(abc.ABC):
         self._warmup()
         return time.perf_counter() - started
 
-    def start(self) -> None:
-        """Start serving: create the scheduler on the running loop."""
+    async def open(self) -> None:
+        """Create and start the scheduler on the running loop and wait until its threads have prepared their
+        engines (the CUDA graphs of a GPU engine are captured on the thread that replays them); not ready yet."""
         self._scheduler = self._create_scheduler()
         self._scheduler.start()
+        await self._scheduler.prepared()
+
+    def start(self) -> None:
+        """Start serving (opening the scheduler first, if :meth:`open` was not awaited)."""
+        if self._scheduler is None:
+            self._scheduler = self._create_scheduler()
+            self._scheduler.start()
         self.ready = True
 
     async def stop(self, timeout_s: float | None = None) -> None:

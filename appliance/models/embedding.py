@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from appliance.config import ConfigError
+from appliance.engine_factory import sequence_buckets
+from appliance.engines.buckets import Buckets
 from appliance.engines.token_batcher import TokenBudgetBatcher
 from appliance.engines.tokenizer import TextEncoder
 from appliance.models.engine_model import EngineModel
@@ -31,6 +33,12 @@ class EmbeddingModel(EngineModel):
                 f"output; found inputs {names} and outputs {[t.name for t in self.outputs]}"
             )
 
+    def _sequence_buckets(self) -> Buckets:
+        """Sequence buckets where the engine runs on bound buffers (``[engine] sequence_buckets``, or on a GPU
+        powers of two up to ``max_seq_length``), else none."""
+        bound = any(getattr(engine, "bound", None) is not None for engine in self.engines)
+        return sequence_buckets(self.spec, self.runtime.on_gpu) if bound else Buckets(())
+
     def _create_scheduler(self) -> TokenBudgetBatcher:
         batching = self.spec.batching
         self.embedder = TokenBudgetBatcher(
@@ -43,6 +51,7 @@ class EmbeddingModel(EngineModel):
             max_queue_items=batching.max_queue_size or max(self._config.batching.max_queue_size,
                                                            2 * MAX_EMBED_INPUTS),
             pad_id=self.text.pad_id,
+            sequence_buckets=self._sequence_buckets(),
             on_batch=lambda items, padded, compute_s: self.metrics.observe_batch(items, compute_s),
             name=f"{self.name}/{self.version}",
         )

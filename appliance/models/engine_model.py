@@ -8,6 +8,7 @@ import numpy as np
 
 from appliance.config import Config
 from appliance.engine_registry import Runtimes
+from appliance.engines.runtime_choice import CPU_CHOICE, RuntimeChoice
 from appliance.model_spec import ModelSpec
 from appliance.models.base import ModelVersion
 from appliance.models.served_tensors import ServedTensor, served_tensors
@@ -25,6 +26,12 @@ class EngineModel(ModelVersion):
     def description(self) -> str:
         """The first engine's runtime, providers and threads."""
         return self.engines[0].description if self.engines else "no engine"
+
+    @property
+    def runtime(self) -> RuntimeChoice:
+        """The choice the engine factory made (engines from injected factories report ONNX Runtime on the CPU)."""
+        choice = getattr(self.engines[0], "choice", None) if self.engines else None
+        return choice if isinstance(choice, RuntimeChoice) else CPU_CHOICE
 
     def _load(self) -> None:
         for _ in range(self.spec.engine.instances):

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.engines.runtime_choice import DECODER_CHOICE, RuntimeChoice
 from appliance.config import Config
 from appliance.engine_registry import Runtimes
 from appliance.engines.base import Decoder
@@ -34,6 +35,11 @@ class GenerativeModel(ModelVersion):
     def context_limit(self) -> int:
         """Tokens a sequence may hold: prompt plus output."""
         return self.generation_limits.capacity if self.generation_limits else 0
+
+    @property
+    def runtime(self) -> RuntimeChoice:
+        """ONNX Runtime on the CPU: the decoder's runtime."""
+        return DECODER_CHOICE
 
     @property
     def description(self) -> str:

@@ -53,12 +53,13 @@ def test_a_registry_makes_what_the_spec_kind_names():
 
     engines = default_engines()
     engines.register("variant", variant)
-    assert engines.kinds == ["onnxruntime", "variant"]
+    assert engines.kinds == ["auto", "onnxruntime", "tensorrt", "variant"]
     assert engines(spec_of_kind("variant"), None) == "a variant engine" and made == ["variant"]
 
 
-def test_onnxruntime_is_registered_for_engines_and_decoders(tmp_path):
-    assert default_engines().kinds == ["onnxruntime"] and default_decoders().kinds == ["onnxruntime"]
+def test_the_default_kinds_are_registered_for_engines_and_decoders(tmp_path):
+    assert default_engines().kinds == ["auto", "onnxruntime", "tensorrt"]
+    assert default_decoders().kinds == ["auto", "onnxruntime"]
     folder = tiny_models.write_version(tmp_path, "add_one", 1, 'task = "tensor"\n[engine]\nintra_op_threads = 2\n',
                                        tiny_models.add_constant)
     engine = create_engine(read_model_spec("add_one", 1, folder), make_config(tmp_path, tmp_path / "state"))

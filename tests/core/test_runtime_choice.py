@@ -1,0 +1,153 @@
+"""Engine choice on machines injected by their probe: plan-key matching, stale plans, execution providers, and
+what a served version reports of its choice (v2 metadata and config, the repository index, `appliance models`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+import tiny_models
+from appliance.config import ConfigError
+from appliance.engine_factory import default_engines
+from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine
+from appliance.engines.runtime_choice import Machine, choose_runtime
+from appliance.errors import ModelLoadFailed
+from appliance.model_spec import read_model_spec
+from appliance.repository import ModelManager
+from conftest import RunningServer, make_config
+
+H200_KEY = "nvidia-h200-sm90-trt11.4.0"
+CPU_ONLY = Machine(plan_key=None, providers=("CPUExecutionProvider",))
+CUDA_ONLY = Machine(plan_key=None, providers=("CUDAExecutionProvider", "CPUExecutionProvider"), gpus=(0,))
+H200 = Machine(plan_key=H200_KEY, providers=("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                             "CPUExecutionProvider"), gpus=(0, 1), native_tensorrt=True)
+PREFERENCE = ("tensorrt", "cuda", "cpu")
+
+
+def version_with_plans(tmp_path: Path, *keys: str) -> Path:
+    folder = tmp_path / "m" / "1"
+    (folder / "plans").mkdir(parents=True)
+    for key in keys:
+        (folder / "plans" / f"{key}.plan").write_bytes(b"plan")
+    return folder
+
+
+def test_auto_takes_the_plan_whose_key_matches_this_gpu(tmp_path):
+    folder = version_with_plans(tmp_path, H200_KEY, "nvidia-a100-sm80-trt10.9.0")
+    choice = choose_runtime("auto", folder, PREFERENCE, H200)
+    assert (choice.kind, choice.platform, choice.instance_kind, choice.gpus) == ("tensorrt", "tensorrt_plan",
+                                                                                   "KIND_GPU", (0,))
+    assert choice.plan == folder / "plans" / f"{H200_KEY}.plan"
+    assert "stale plans not loaded: nvidia-a100-sm80-trt10.9.0" in choice.reason
+
+
+def test_a_stale_plan_is_never_loaded(tmp_path):
+    folder = version_with_plans(tmp_path, "nvidia-h200-sm90-trt10.9.0")  # same GPU, older TensorRT
+    choice = choose_runtime("auto", folder, PREFERENCE, H200)
+    assert choice.kind == "onnxruntime" and choice.plan is None
+    assert choice.providers[0] == "TensorrtExecutionProvider" and choice.on_gpu
+    assert choice.reason.startswith(f"auto: no plan for this machine ({H200_KEY})")
+    with pytest.raises(ModelLoadFailed, match=r"no TensorRT plan for this machine .*appliance build --refresh"):
+        choose_runtime("tensorrt", folder, PREFERENCE, H200)
+
+
+def test_tensorrt_without_tensorrt_here_says_what_to_do(tmp_path):
+    folder = version_with_plans(tmp_path, H200_KEY)
+    with pytest.raises(ModelLoadFailed, match="needs TensorRT, cuda-python and a CUDA GPU.*kind = 'auto'"):
+        choose_runtime("tensorrt", folder, PREFERENCE, CPU_ONLY)
+
+
+def test_auto_falls_back_to_the_cuda_provider_then_the_cpu(tmp_path):
+    folder = version_with_plans(tmp_path)
+    cuda = choose_runtime("auto", folder, PREFERENCE, CUDA_ONLY)
+    assert cuda.providers == ("CUDAExecutionProvider", "CPUExecutionProvider") and cuda.instance_kind == "KIND_GPU"
+    cpu = choose_runtime("auto", folder, PREFERENCE, CPU_ONLY)
+    assert cpu.providers == ("CPUExecutionProvider",) and cpu.instance_kind == "KIND_CPU" and cpu.gpus == ()
+    assert cpu.reason == "auto: no GPU execution provider here (onnxruntime offers CPUExecutionProvider)"
+    # onnxruntime-gpu installed, but no device answers: the CPU, and the reason says so.
+    no_device = Machine(plan_key=None, providers=CUDA_ONLY.providers)
+    assert choose_runtime("onnxruntime", folder, PREFERENCE, no_device).providers == ("CPUExecutionProvider",)
+    assert choose_runtime("onnxruntime", folder, ("cpu",), CUDA_ONLY).providers == ("CPUExecutionProvider",)
+
+
+def test_model_toml_takes_the_new_kinds_and_checks_the_buckets(tmp_path):
+    folder = tiny_models.write_version(tmp_path, "m", 1, 'task = "tensor"\n[engine]\nkind = "auto"\n'
+                                       'batch_buckets = [1, 4]\nio_binding = true\n[batching]\nmax_batch_size = 4\n',
+                                       tiny_models.add_constant)
+    spec = read_model_spec("m", 1, folder)
+    assert (spec.engine.kind, spec.engine.batch_buckets, spec.engine.io_binding) == ("auto", [1, 4], True)
+    (folder / "model.toml").write_text('task = "tensor"\n[engine]\nbatch_buckets = [16]\n[batching]\n'
+                                       'max_batch_size = 8\n')
+    with pytest.raises(ConfigError, match=r"engine.batch_buckets = \[16\] .* exceed batching.max_batch_size = 8"):
+        read_model_spec("m", 1, folder)
+    (folder / "model.toml").write_text('[engine]\nio_binding = "sometimes"\n')
+    with pytest.raises(ConfigError, match="io_binding"):
+        read_model_spec("m", 1, folder)
+
+
+def test_the_factory_builds_what_the_choice_says_with_an_injected_probe(tmp_path):
+    folder = tiny_models.write_version(tmp_path, "m", 1, 'task = "tensor"\n[engine]\nkind = "auto"\n'
+                                       'io_binding = true\n[batching]\nmax_batch_size = 8\n', tiny_models.add_constant)
+    spec = read_model_spec("m", 1, folder)
+    config = make_config(tmp_path, tmp_path / "state")
+    engine = default_engines(lambda: CPU_ONLY)(spec, config)
+    assert isinstance(engine, OnnxRuntimeEngine) and engine.choice.kind == "onnxruntime"
+    engine.load()
+    assert engine.bound is not None and engine.providers == ["CPUExecutionProvider"]
+    np.testing.assert_array_equal(engine.run({"INPUT0": np.zeros((3, 4), np.float32)})["OUTPUT0"], np.ones((3, 4)))
+    (folder / "model.toml").write_text('task = "tensor"\n[engine]\nkind = "tensorrt"\n')
+    with pytest.raises(ModelLoadFailed, match="needs TensorRT"):
+        default_engines(lambda: CPU_ONLY)(read_model_spec("m", 1, folder), config)
+
+
+async def test_a_tensorrt_version_without_its_plan_fails_to_load_and_the_old_one_keeps_serving(tmp_path):
+    repo = tmp_path / "repo"
+    tiny_models.write_version(repo, "m", 1, 'task = "tensor"\n[batching]\nmax_batch_size = 4\n',
+                              tiny_models.add_constant)
+    manager = ModelManager(make_config(repo, tmp_path / "state"), default_engines(lambda: H200))
+    await manager.load("m")
+    folder = tiny_models.write_version(repo, "m", 2, 'task = "tensor"\n[engine]\nkind = "tensorrt"\n',
+                                       tiny_models.add_constant)
+    (folder / "plans").mkdir()
+    (folder / "plans" / "nvidia-a100-sm80-trt10.9.0.plan").write_bytes(b"stale")
+    with pytest.raises(ModelLoadFailed, match="no TensorRT plan for this machine.*stale plans not loaded"):
+        await manager.load("m")
+    assert manager.resolve("m").version == 1
+    await manager.close()
+
+
+@pytest.fixture(scope="module")
+def bucketed_server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("bucketed")
+    tiny_models.write_version(root / "repo", "bucketed", 1,
+                              'task = "tensor"\n[engine]\nkind = "auto"\nio_binding = true\nbatch_buckets = [1, 2, 4, '
+                              '8]\n[batching]\nmax_batch_size = 8\n', tiny_models.add_constant)
+    server = RunningServer(make_config(root / "repo", root / "state")).start()
+    yield server
+    server.stop()
+
+
+def test_padded_batches_through_http_equal_the_unpadded_answer(bucketed_server):
+    rng = np.random.default_rng(3)
+    for rows in (1, 3, 5, 8):
+        data = rng.standard_normal((rows, 4)).astype(np.float32)
+        body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [rows, 4], "data": data.ravel().tolist()}]}
+        answer = requests.post(f"{bucketed_server.url}/v2/models/bucketed/infer", json=body, timeout=10)
+        assert answer.status_code == 200, answer.text
+        output = answer.json()["outputs"][0]
+        assert output["shape"] == [rows, 4]
+        np.testing.assert_array_equal(np.array(output["data"], np.float32).reshape(rows, 4), data + np.float32(1))
+
+
+def test_metadata_config_and_index_report_the_runtime_choice(bucketed_server):
+    metadata = requests.get(f"{bucketed_server.url}/v2/models/bucketed", timeout=10).json()
+    assert metadata["platform"] == "onnxruntime_onnx"
+    config = requests.get(f"{bucketed_server.url}/v2/models/bucketed/config", timeout=10).json()
+    assert (config["backend"], config["instance_group"]) == ("onnxruntime", [{"count": 1, "kind": "KIND_CPU"}])
+    assert config["parameters"]["runtime"]["string_value"].startswith("onnxruntime (CPUExecutionProvider) on cpu: "
+                                                                       "auto: no GPU execution provider here")
+    index = requests.post(f"{bucketed_server.url}/v2/repository/index", json={}, timeout=10).json()
+    assert index[0]["runtime"] == config["parameters"]["runtime"]["string_value"]
