@@ -47,14 +47,17 @@ class BoundRunner:
     def __init__(self, session: Any, *, output_names: Sequence[str], buckets: Buckets, device: str = "cpu",
                  device_id: int = 0, cuda_graphs: bool = False, max_graphs: int = 64,
                  warm_shapes: Sequence[Mapping[str, tuple[int, ...]]] = (),
-                 input_dtypes: Mapping[str, np.dtype] | None = None) -> None:
+                 input_dtypes: Mapping[str, np.dtype] | None = None, share_host_memory: bool | None = None) -> None:
         """``device`` is where the bound buffers live (``"cpu"`` or ``"cuda"``); ``warm_shapes`` are the input
-        shapes :meth:`prepare_thread` captures (bucket shapes); ``input_dtypes`` their dtypes."""
+        shapes :meth:`prepare_thread` captures (bucket shapes); ``input_dtypes`` their dtypes.
+        ``share_host_memory`` (default: on the CPU) binds host arrays themselves; otherwise buffers are allocated
+        on ``device`` and each run copies into and out of them, as on a GPU (tests run that way on the CPU)."""
         self._session = session
         self._output_names = list(output_names)
         self._buckets = buckets
         self._device = device
         self._device_id = device_id
+        self._share = device == "cpu" if share_host_memory is None else share_host_memory
         self._graphs_on = cuda_graphs
         self._warm_shapes = [dict(shape) for shape in warm_shapes]
         self._input_dtypes = dict(input_dtypes or {})
@@ -120,7 +123,8 @@ class BoundRunner:
             self._session.run_with_iobinding(slot.binding, slot.run_options)
         if slot.host_outputs:
             return {name: slot.host_outputs[name][:rows].copy() for name in self._output_names}
-        return {name: slot.outputs[name].numpy()[:rows] for name in self._output_names}
+        # A copy: a host OrtValue's numpy() is a view of the buffer the next run overwrites.
+        return {name: slot.outputs[name].numpy()[:rows].copy() for name in self._output_names}
 
     def _eager(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
@@ -142,7 +146,7 @@ class BoundRunner:
             probe.add_run_config_entry("gpu_graph_id", str(EAGER))
         samples = self._session.run(self._output_names, dict(padded), probe)
         binding = self._session.io_binding()
-        on_cpu = self._device == "cpu"
+        on_cpu = self._share
         staging = {name: np.zeros(value.shape, value.dtype) for name, value in padded.items()}
         device_inputs = {}
         for name, host in staging.items():

@@ -89,8 +89,10 @@ def cpu_session(model: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def test_padded_batches_equal_unpadded_ones_and_share_one_buffer_set_per_bucket(add_one_model):
-    runner = BoundRunner(cpu_session(add_one_model), output_names=["OUTPUT0"], buckets=Buckets.of([1, 2, 4, 8]))
+@pytest.mark.parametrize("shared", [True, False], ids=["host-buffers", "device-style-copies"])
+def test_padded_batches_equal_unpadded_ones_and_share_one_buffer_set_per_bucket(add_one_model, shared):
+    runner = BoundRunner(cpu_session(add_one_model), output_names=["OUTPUT0"], buckets=Buckets.of([1, 2, 4, 8]),
+                         share_host_memory=shared)
     rng = np.random.default_rng(0)
     for rows in (1, 2, 3, 4, 5, 7, 8, 3, 1):
         batch = rng.standard_normal((rows, 4)).astype(np.float32)
@@ -102,8 +104,10 @@ def test_padded_batches_equal_unpadded_ones_and_share_one_buffer_set_per_bucket(
     assert out.shape == (9, 4) and runner.eager_runs == 1 and runner.slots == 4
 
 
-def test_an_answer_is_a_copy_not_a_view_of_the_reused_buffers(add_one_model):
-    runner = BoundRunner(cpu_session(add_one_model), output_names=["OUTPUT0"], buckets=Buckets.of([4]))
+@pytest.mark.parametrize("shared", [True, False], ids=["host-buffers", "device-style-copies"])
+def test_an_answer_is_a_copy_not_a_view_of_the_reused_buffers(add_one_model, shared):
+    runner = BoundRunner(cpu_session(add_one_model), output_names=["OUTPUT0"], buckets=Buckets.of([4]),
+                         share_host_memory=shared)
     first = runner.run({"INPUT0": np.full((3, 4), 5, np.float32)})["OUTPUT0"]
     runner.run({"INPUT0": np.full((3, 4), -5, np.float32)})
     assert (first == 6).all()
