@@ -63,7 +63,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
         log.warning("the model repository %s has no models", models.root)
     gpus = await loop.run_in_executor(None, app[GPU_PROBE])
     app[LIFECYCLE].started = True
-    tasks = [loop.create_task(_flush_access_log(app[ACCESS_LOG])), loop.create_task(app[AUTH].watch())]
+    tasks = [loop.create_task(_flush_periodically(app[ACCESS_LOG], app[METRICS])),
+             loop.create_task(app[AUTH].watch())]
     if gpus is not None:
         tasks.append(loop.create_task(sample_forever(gpus, GpuGauges(app[METRICS].registry))))
     yield
@@ -82,10 +83,13 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     app[ACCESS_LOG].flush()
 
 
-async def _flush_access_log(access_log: AccessLog) -> None:
+async def _flush_periodically(access_log: AccessLog, metrics: Metrics) -> None:
+    """The buffered access log lines, and the batched metric increments (other worker processes' scrapes read
+    this one's values from the shared files)."""
     while True:
         await asyncio.sleep(ACCESS_LOG_FLUSH_S)
         access_log.flush()
+        metrics.pending.flush()
 
 
 def create_app(
@@ -113,7 +117,7 @@ def create_app(
                           app[METRICS])
     if config.ledger.enabled:
         app[LEDGER] = CostLedger(config.paths.ledger_dir(), app[METRICS].registry,
-                                 max_workflows=config.ledger.max_workflows)
+                                 max_workflows=config.ledger.max_workflows, pending=app[METRICS].pending)
     app[AUTH] = Authenticator(KeyStore(config.paths.keys()), loopback_only=is_loopback(config.server.host))
     app[LIMITER] = RateLimiter(share=1.0 / (workers.count if workers is not None else 1))
     accounting = Accounting(app.get(LEDGER), app[LIMITER], config.ledger.device_rate_per_hour)

@@ -39,6 +39,7 @@ import msgpack
 from prometheus_client import CollectorRegistry, Counter
 
 from appliance.cache.private_lmdb import open_private
+from appliance.telemetry import PendingIncrements
 
 __all__ = ["FORMAT_VERSION", "GROUP_FIELDS", "OTHER_WORKFLOW", "PLACES", "TOTAL_FIELDS", "CostLedger", "UsageRecord"]
 
@@ -116,6 +117,8 @@ class CostLedger:
             the file); later new tags are recorded as ``"other"``.
         flush_interval_s: how often the in-memory aggregate is written.
         clock: unix time in seconds, whose UTC date is a record's day; injected by tests.
+        pending: the batch the counters' increments go through (the server's, flushed with its other metrics);
+            by default one of the ledger's own, registered in ``registry``.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class CostLedger:
         max_workflows: int = 64,
         flush_interval_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        pending: PendingIncrements | None = None,
     ) -> None:
         if isinstance(max_workflows, bool) or not isinstance(max_workflows, int) or max_workflows < 0:
             raise ValueError(f"max_workflows must be a non-negative integer, got {max_workflows!r}")
@@ -146,6 +150,8 @@ class CostLedger:
         self._flush_lock = asyncio.Lock()
         self._children: dict[tuple[str, str, str], _Children] = {}
         labels = ("tenant", "model", "place")
+        # Counter increments are batched; the batch is registered before the counters, so a collection applies it.
+        self._pending_counts = pending or PendingIncrements(registry)
         self._cost = Counter("appliance_cost", "Cost of answered requests", labels, registry=registry)
         self._avoided = Counter("appliance_cost_avoided", "Cost avoided by answering from the response cache",
                                 ("tenant", "model"), registry=registry)
@@ -201,11 +207,12 @@ class CostLedger:
                 self._tokens.labels(*labels, "input"), self._tokens.labels(*labels, "output"),
                 self._requests.labels(*labels),
             )
-        children.requests.inc()
-        children.cost.inc(cost)
-        children.avoided.inc(avoided)
-        children.input_tokens.inc(record.input_tokens)
-        children.output_tokens.inc(record.output_tokens)
+        add = self._pending_counts.add
+        add(children.requests)
+        add(children.cost, cost)
+        add(children.avoided, avoided)
+        add(children.input_tokens, record.input_tokens)
+        add(children.output_tokens, record.output_tokens)
 
     def _workflow(self, tag: str) -> str:
         if tag in self._known or tag in _UNCOUNTED_TAGS or tag in self._candidates:

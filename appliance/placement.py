@@ -63,7 +63,7 @@ class Placement:
 
     def named(self, model: str) -> Route:
         """The route of a request that named its model."""
-        self._named.inc()
+        self._metrics.pending.add(self._named)
         return Route("local", model, "named in the request", "named")
 
     def _decided(self, route: Route, router: str = "") -> Route:

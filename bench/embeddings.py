@@ -31,6 +31,7 @@ from appliance_server import running_appliance  # noqa: E402
 from wrk import post_load, require_wrk  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
+WRK_TIMEOUT_S = 30.0  # long inputs at c=64 queue for seconds: counted, not dropped at wrk's default 2 s
 TEXTS = {
     "short": "The quick brown fox jumps over the lazy dog.",
     "long": " ".join(["An inference appliance batches requests by tokens, keeps padding small and answers in order."]
@@ -125,7 +126,7 @@ def main() -> int:
                 served = []
                 for connections in (1, 8, 64):
                     served.append((connections, post_load(f"{url}/v1/embeddings", body, "application/json",
-                                                          connections, args.seconds)))
+                                                          connections, args.seconds, timeout_s=WRK_TIMEOUT_S)))
                 after = remeasure(model, best, ids[kind], args.seconds)
                 best["paired_sentences_per_s"] = (before + after) / 2
                 best["paired_runs"] = [round(before, 1), round(after, 1)]
@@ -146,7 +147,7 @@ def main() -> int:
         print(f"ceiling {kind}: {best['paired_sentences_per_s']:.0f} sentences/s, the mean of "
               f"{best['paired_runs']} measured just before and after the served runs ({best['layout']} sessions x "
               f"threads, batch {best['batch']}, {best['tokens']} tokens; chosen at {best['sentences_per_s']:.0f})")
-    print("targets at c=64: served >= 0.90 of ceiling, p99 < 3x p50")
+    print("targets at c=64: served >= 0.95 of ceiling (short and long), p99 < 3x p50")
     path = report.write_json("embeddings", {"rows": rows, "ceilings": ceilings})
     print(f"\nwrote {path}")
     return 0

@@ -66,12 +66,12 @@ class EmbedOperation:
         sequences = _fit(await _sequences(served, request), served.text.max_length, request.truncate,
                          keep_last=request.texts is not None)
         metrics = served.metrics
-        metrics.in_flight.inc()
+        metrics.started()
         try:
             outcome = await served.embedder.submit(sequences, self._deadline(request.deadline, served),
                                                    reproducible=served.reproducible(request.caller.reproducible))
         finally:
-            metrics.in_flight.dec()
+            metrics.finished()
         metrics.queue_duration.observe(outcome.queue_s)
         vectors = outcome.embeddings
         if request.dimensions is not None and request.dimensions < vectors.shape[1]:

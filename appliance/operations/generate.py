@@ -69,7 +69,7 @@ class GenerateOperation:
         sequence = served.generator.submit(ids, request.params, self._deadline(request.deadline, served),
                                            reproducible=served.reproducible(request.caller.reproducible))
         served.metrics.prompt_tokens.inc(len(ids))
-        served.metrics.in_flight.inc()
+        served.metrics.started()
         live = _Live(served, sequence, request, started, self._clock)
 
         def close(stream: GenerationStream) -> None:
@@ -192,7 +192,7 @@ class _Live:
         served.generator.cancel(self.sequence)
         completion = self.tokens.completion_tokens
         metrics = served.metrics
-        metrics.in_flight.dec()
+        metrics.finished()
         metrics.generated_tokens.inc(completion)
         now = self._clock()
         metrics.generation_duration.observe(now - self.started)

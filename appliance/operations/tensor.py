@@ -60,7 +60,7 @@ class TensorOperation:
         """Queue on the model's batcher (engine calls run in its worker threads)."""
         deadline = self._deadline(request.deadline, served)
         metrics = served.metrics
-        metrics.in_flight.inc()
+        metrics.started()
         try:
             if isinstance(served, EmbeddingModel):
                 outputs, tally = await _embed_tensors(served, request, deadline)
@@ -74,7 +74,7 @@ class TensorOperation:
                 tally = Tally(compute_s=outcome.compute_s * share, service_s=outcome.compute_s,
                               queue_s=outcome.queue_s, batch_size=outcome.batch_size)
         finally:
-            metrics.in_flight.dec()
+            metrics.finished()
         metrics.queue_duration.observe(tally.queue_s)
         if request.outputs is not None:
             outputs = {name: outputs[name] for name in request.outputs}

@@ -31,6 +31,8 @@ class _Gauge:
     def inc(self, amount: float = 1) -> None: ...
     def dec(self, amount: float = 1) -> None: ...
     def observe(self, value: float) -> None: ...
+    def started(self) -> None: ...
+    def finished(self) -> None: ...
 
 
 @dataclass
@@ -56,7 +58,9 @@ class FakeTensorModel(TensorModel):
         batching = SimpleNamespace(max_batch_size=4, default_timeout_ms=0)
         self.spec = SimpleNamespace(name=name, version=1, aliases=[], deterministic=True, task="tensor", tier="",
                                     cost=cost, batching=batching, engine=SimpleNamespace(instances=1))
-        self.metrics = SimpleNamespace(in_flight=_Gauge(), queue_duration=_Gauge())
+        gauge = _Gauge()
+        self.metrics = SimpleNamespace(in_flight=gauge, queue_duration=gauge, started=gauge.started,
+                                       finished=gauge.finished)
         self.batcher = FakeBatcher()  # type: ignore[assignment]
         self.outputs = [SimpleNamespace(name="y")]  # type: ignore[list-item]
         self.output_datatypes = {"y": "FP32"}

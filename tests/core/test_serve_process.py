@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -163,10 +164,17 @@ def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
         load = requests.post(f"{url}/v2/repository/models/add_one/load", timeout=60)
         assert load.status_code == 200, load.text
         assert versions_seen(40) == {("2", 2.0)}  # every worker swapped, not only the one that took the load
-        metrics = requests.get(f"{url}/metrics", timeout=10).text
-        total = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                    if line.startswith("appliance_requests_total{") and 'status="200"' in line)
-        assert total == 80  # summed over both workers
+
+        def answered() -> float:
+            metrics = requests.get(f"{url}/metrics", timeout=10).text
+            return sum(float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("appliance_requests_total{") and 'status="200"' in line)
+
+        # Summed over both workers; each applies its batched increments to the shared files within 0.2 s.
+        wait_until(lambda: answered() == 80, timeout_s=5, what=lambda: f"80 answered requests in /metrics, "
+                                                                      f"not {answered()}")
+        time.sleep(0.5)
+        assert answered() == 80  # and no more
         # Both workers share one response cache file: once the first answer is written, both serve it.
         once = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [5, 5, 5, 5]}]}
 
