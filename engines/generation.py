@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from appliance.engines.base import Decoder
+from appliance.engines.logits_processing import min_p_mask, penalize
 from appliance.errors import ModelNotReady, QueueFull
 
 log = logging.getLogger("appliance.engines.generation")
@@ -49,6 +50,18 @@ class SamplingParams:
     max_tokens: int = 0  # 0: up to the end of the context
     ignore_eos: bool = False
     logprobs: int = -1  # -1: none; 0: the chosen token's; n: also the n most likely
+    # appliance.engines.logits_processing says what each does
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty or bias changes the logits."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 @dataclass
@@ -80,9 +93,13 @@ class Sequence:
     cancelled: bool = False
     admitted_at: float = 0.0
     reproducible: bool = False  # run as if alone (see the module docstring)
+    output_counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
+    prompt_ids: np.ndarray | None = None  # the prompt's distinct ids, for the repetition penalty
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
+        if self.params.repetition_penalty != 1.0:
+            self.prompt_ids = np.unique(np.asarray(self.prompt, np.int64))
 
 
 @dataclass
@@ -302,11 +319,16 @@ class GenerationScheduler:
     def _sample(self, slot: int, sequence: Sequence, logits: np.ndarray) -> None:
         params = sequence.params
         scores = logits  # a row of this step's own output array: safe to edit in place
+        if params.temperature > 0 or params.logprobs >= 0 or params.penalized:
+            scores = scores.astype(np.float64)  # softmax and log-probabilities in double precision
+        if params.penalized:
+            penalize(scores, output_counts=sequence.output_counts, prompt_ids=sequence.prompt_ids,
+                     repetition_penalty=params.repetition_penalty, frequency_penalty=params.frequency_penalty,
+                     presence_penalty=params.presence_penalty, logit_bias=params.logit_bias)
         if params.ignore_eos:
             scores[list(self._eos)] = -np.inf
-        if params.temperature > 0 or params.logprobs >= 0:
-            scores = scores.astype(np.float64)  # softmax and log-probabilities in double precision
         token = self._choose(scores, params, sequence.rng)
+        sequence.output_counts[token] = sequence.output_counts.get(token, 0) + 1
         event = TokenEvent(token)
         if params.logprobs >= 0:
             logp = scores - np.logaddexp.reduce(scores[np.isfinite(scores)])
@@ -336,6 +358,7 @@ class GenerationScheduler:
         if params.top_k > 0 and params.top_k < scaled.size:
             cutoff = np.partition(scaled, -params.top_k)[-params.top_k]
             scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+        scaled = min_p_mask(scaled, params.min_p)
         probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
         if params.top_p < 1.0:

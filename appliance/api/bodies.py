@@ -96,6 +96,23 @@ class GenerationRequest:
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = field(default=None, metadata=_says(
         "seed must be an integer from -9223372036854775808 to 9223372036854775807, not {value!r}"))
     ignore_eos: bool = field(default=False, metadata=_says("ignore_eos must be true or false"))
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = field(default=0.0, metadata=_says(
+        "frequency_penalty must be a number from -2.0 to 2.0, not {value!r}",
+        "subtracted from a token's logit once per time it was generated so far"))
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = field(default=0.0, metadata=_says(
+        "presence_penalty must be a number from -2.0 to 2.0, not {value!r}",
+        "subtracted from the logit of every token generated so far"))
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = field(default=1.0, metadata=_says(
+        "repetition_penalty must be a number above 0 and at most 10, not {value!r}",
+        "extension: logits of tokens seen in the prompt or output divided by it (if positive) or multiplied by it"))
+    logit_bias: Annotated[dict[Annotated[str, Meta(pattern="^[0-9]{1,9}$")],
+                               Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=1024)] | None = field(
+        default=None, metadata=_says(
+            "logit_bias must map token ids (as strings of digits) to numbers from -100 to 100, at most 1024 of them",
+            "added to those tokens' logits"))
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = field(default=0.0, metadata=_says(
+        "min_p must be a number from 0.0 to 1.0, not {value!r}",
+        "extension: tokens less likely than min_p times the most likely one are not sampled"))
     stop: (Annotated[str, Meta(min_length=1)] | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=4)]
            | None) = field(default=None, metadata=_says(
                "stop must be a non-empty string or an array of at most 4 such strings"))
@@ -188,7 +205,10 @@ class GenerateBody:
         p = self.params
         return {"chat": chat, "messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
                 "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed,
-                "stop": self.stop, "logprobs": p.logprobs, "ignore_eos": p.ignore_eos}
+                "stop": self.stop, "logprobs": p.logprobs, "ignore_eos": p.ignore_eos,
+                "frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty,
+                "repetition_penalty": p.repetition_penalty, "min_p": p.min_p,
+                "logit_bias": sorted(p.logit_bias.items())}
 
 
 _ABSENT = object()
@@ -230,6 +250,11 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
     seed = _read(body, specs, "seed")
     params.seed = seed & (1 << 64) - 1 if seed is not None and seed < 0 else seed
     params.ignore_eos = _read(body, specs, "ignore_eos")
+    params.frequency_penalty = _read(body, specs, "frequency_penalty")
+    params.presence_penalty = _read(body, specs, "presence_penalty")
+    params.repetition_penalty = _read(body, specs, "repetition_penalty")
+    params.min_p = _read(body, specs, "min_p")
+    params.logit_bias = {int(token): float(bias) for token, bias in (_read(body, specs, "logit_bias") or {}).items()}
     stop = _read(body, specs, "stop")
     parsed.stop = [stop] if isinstance(stop, str) else stop or []
     parsed.stream = _read(body, specs, "stream")

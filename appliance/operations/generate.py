@@ -107,6 +107,10 @@ class GenerateOperation:
             if bad is not None:
                 raise BadRequest(f"prompt token id {bad} is outside the vocabulary (0 to {text.vocab_size - 1})",
                                  param="prompt")
+        outside = next((t for t in request.params.logit_bias if t >= text.vocab_size), None)
+        if outside is not None:
+            raise BadRequest(f"logit_bias names token id {outside}, outside the vocabulary (0 to "
+                             f"{text.vocab_size - 1})", param="logit_bias")
         limit, max_tokens = served.context_limit, request.max_tokens
         if not ids:  # nothing to condition on: the scheduler would have no position to sample from
             raise BadRequest("the prompt is empty once tokenized; send at least one token of text",

@@ -13,10 +13,12 @@ from appliance.errors import BadRequest
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "hi"}
 EMBEDDING = {"model": "e", "input": "x"}
-CHAT_FIELDS = ['ignore_eos', 'logprobs', 'max_completion_tokens', 'max_tokens', 'messages', 'model', 'n', 'seed',
-               'stop', 'stream', 'stream_options', 'temperature', 'timeout', 'top_k', 'top_logprobs', 'top_p', 'user']
-COMPLETION_FIELDS = ['ignore_eos', 'logprobs', 'max_tokens', 'model', 'n', 'prompt', 'seed', 'stop', 'stream',
-                     'stream_options', 'temperature', 'timeout', 'top_k', 'top_p', 'user']
+CHAT_FIELDS = ['frequency_penalty', 'ignore_eos', 'logit_bias', 'logprobs', 'max_completion_tokens', 'max_tokens',
+               'messages', 'min_p', 'model', 'n', 'presence_penalty', 'repetition_penalty', 'seed', 'stop', 'stream',
+               'stream_options', 'temperature', 'timeout', 'top_k', 'top_logprobs', 'top_p', 'user']
+COMPLETION_FIELDS = ['frequency_penalty', 'ignore_eos', 'logit_bias', 'logprobs', 'max_tokens', 'min_p', 'model', 'n',
+                     'presence_penalty', 'prompt', 'repetition_penalty', 'seed', 'stop', 'stream', 'stream_options',
+                     'temperature', 'timeout', 'top_k', 'top_p', 'user']
 EMBEDDING_FIELDS = ['dimensions', 'encoding_format', 'input', 'model', 'timeout', 'truncate', 'user']
 
 
@@ -238,7 +240,12 @@ def test_canonical_view_holds_what_changes_the_text():
     body = chat({**CHAT, "temperature": 0, "seed": 3, "stop": ["x"], "user": "not in it", "stream": True})
     assert body.canonical(True) == {"chat": True, "messages": [{"role": "user", "content": "hi"}], "prompt": None,
                                     "max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 3,
-                                    "stop": ["x"], "logprobs": -1, "ignore_eos": False}
+                                    "stop": ["x"], "logprobs": -1, "ignore_eos": False, "frequency_penalty": 0.0,
+                                    "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
+                                    "logit_bias": []}
+    biased = chat({**CHAT, "logit_bias": {"7": 2, "3": -1.5}, "frequency_penalty": 0.5})
+    assert biased.canonical(True)["logit_bias"] == [(3, -1.5), (7, 2.0)]  # one order, whatever the client's
+    assert biased.canonical(True)["frequency_penalty"] == 0.5
 
 
 def test_numbers_without_a_fraction_are_integers_as_the_document_counts_them():

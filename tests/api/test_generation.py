@@ -148,6 +148,13 @@ BAD = [
     ({"max_tokens": 10_000_000}, "ask for at most", "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4", "stop"),
     ({"model": "minilm-nope"}, "unknown model", None),
+    ({"frequency_penalty": 2.5}, "frequency_penalty must be a number from -2.0 to 2.0", "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty must be a number from -2.0 to 2.0", "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a number above 0", "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p must be a number from 0.0 to 1.0", "min_p"),
+    ({"logit_bias": {"the": 1}}, "logit_bias must map token ids", "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias must map token ids", "logit_bias"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias names token id 999999, outside the vocabulary", "logit_bias"),
 ]
 
 
@@ -158,6 +165,21 @@ def test_bad_parameters_get_400_naming_the_field(gen_server, change, message, pa
     assert response.status_code == (404 if param is None else 400), response.text
     error = response.json()["error"]
     assert message in error["message"] and error["param"] == param
+
+
+def test_the_penalties_clients_always_send_are_taken_and_change_the_answer(client, reference, smollm2_repo):
+    item = next(i for i in reference if "messages" in i)
+    plain, _, _ = ask(client, item)
+    zero, _, _ = ask(client, item, frequency_penalty=0.0, presence_penalty=0.0)  # what SDKs send by default
+    assert zero == plain
+    penalized, _, _ = ask(client, item, frequency_penalty=1.5, presence_penalty=1.0)
+    assert penalized != plain
+    tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
+    token = tokenizer.token_to_id("Ġappliance") or tokenizer.encode(" appliance").ids[0]
+    biased = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], temperature=0,
+                                            max_tokens=4, logit_bias={str(token): 100},
+                                            extra_body={"ignore_eos": True})
+    assert biased.choices[0].message.content == tokenizer.decode([token] * 4)
 
 
 def test_incremental_detokenizer_never_splits_characters(smollm2_repo):

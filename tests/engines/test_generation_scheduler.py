@@ -341,3 +341,59 @@ async def test_reproducible_rows_decode_after_the_shared_call_and_keep_their_cac
     decodes = [c for c in decoder.calls if len(c.input_ids[0]) == 1]
     assert any(c.start_row == 0 and len(c.input_ids) == 3 for c in decodes)  # rows 0 and 2 share a call
     assert any(c.start_row == 1 and len(c.input_ids) == 1 for c in decodes)  # row 1 runs alone, after it
+
+
+def penalized_reference(decoder: FakeDecoder, prompt: list[int], count: int, frequency: float,
+                        presence: float, repetition: float) -> list[int]:
+    """Greedy decoding with the penalties applied by their definitions, without the scheduler."""
+    tokens, out, counts = list(prompt), [], {}
+    for _ in range(count):
+        logits = decoder.logits_after(tokens).astype(np.float64)
+        for token in set(prompt) | set(counts):
+            if repetition != 1.0:
+                logits[token] = logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
+        for token, seen in counts.items():
+            logits[token] -= frequency * seen + presence
+        logits[EOS] = -np.inf
+        chosen = int(np.argmax(logits))
+        counts[chosen] = counts.get(chosen, 0) + 1
+        out.append(chosen)
+        tokens.append(chosen)
+    return out
+
+
+async def test_the_scheduler_applies_the_penalties_as_defined():
+    decoder = FakeDecoder(rows=2, max_capacity=64)
+    generator = GenerationScheduler(decoder, GenerationLimits(slots=2, capacity=64, prefill_chunk=64), [EOS],
+                                    name="fake")
+    generator.start()
+    try:
+        prompt = [3, 7, 11]
+        plain = tokens_of(await collect(generator.submit(prompt, SamplingParams(temperature=0, ignore_eos=True,
+                                                                                  max_tokens=12))))
+        for frequency, presence, repetition in ((1.5, 0.0, 1.0), (0.0, 2.0, 1.0), (0.0, 0.0, 3.0)):
+            options = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, frequency_penalty=frequency,
+                                     presence_penalty=presence, repetition_penalty=repetition)
+            got = tokens_of(await collect(generator.submit(prompt, options)))
+            assert got == penalized_reference(decoder, prompt, 12, frequency, presence, repetition)
+            assert got != plain  # the fake's greedy output repeats tokens: every penalty changes it
+        biased = SamplingParams(temperature=0, ignore_eos=True, max_tokens=5, logit_bias={42: 100.0})
+        assert tokens_of(await collect(generator.submit(prompt, biased))) == [42] * 5
+        sampled = SamplingParams(temperature=1.0, seed=3, ignore_eos=True, max_tokens=30, min_p=0.5)
+        for token, logits in zip(tokens_of(await collect(generator.submit(prompt, sampled))), _row_logits(
+                decoder, prompt, sampled)):
+            probs = np.exp(logits - logits.max())
+            assert probs[token] >= 0.5 * probs.max()  # nothing below min_p times the most likely was chosen
+    finally:
+        await generator.close(5)
+
+
+def _row_logits(decoder: FakeDecoder, prompt: list[int], params: SamplingParams):
+    """The logits each step of ``params``' request saw (replayed from the fake's cache of that row)."""
+    row = next(r for r in decoder.cache if r[: len(prompt)] == prompt and r[len(prompt)] != -1)
+    length = len(prompt)
+    while length < len(row) and row[length] != -1 and length < len(prompt) + params.max_tokens:
+        logits = decoder.logits_after(row[:length])
+        logits[EOS] = -np.inf
+        yield logits / params.temperature
+        length += 1
