@@ -164,6 +164,7 @@ class EmbedRequest:
     caller: Caller = field(default_factory=Caller)
     trace: Trace = field(default_factory=Trace)
     wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
+    response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)
 
 
 @dataclass(slots=True)
@@ -199,3 +200,4 @@ class GenerateRequest:
     caller: Caller = field(default_factory=Caller)
     trace: Trace = field(default_factory=Trace)
     wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
+    response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)

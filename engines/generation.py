@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from appliance.engines.base import Decoder
+from appliance.engines.constraints import Constraint
 from appliance.engines.logits_processing import min_p_mask, penalize
 from appliance.errors import ModelNotReady, QueueFull
 
@@ -95,6 +96,7 @@ class Sequence:
     reproducible: bool = False  # run as if alone (see the module docstring)
     output_counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
     prompt_ids: np.ndarray | None = None  # the prompt's distinct ids, for the repetition penalty
+    constraint: Constraint | None = None  # structured output: the grammar the tokens follow
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.params.seed)
@@ -163,10 +165,11 @@ class GenerationScheduler:
         return max(1.0, len(self._waiting) * self._step_s * 16 / self.limits.slots)
 
     def submit(self, prompt: list[int], params: SamplingParams, deadline: float | None = None, *,
-               reproducible: bool = False) -> Sequence:
+               reproducible: bool = False, constraint: Constraint | None = None) -> Sequence:
         """Queue a sequence; its tokens arrive as :class:`TokenEvent` on ``sequence.events``.
 
         ``reproducible``: its tokens are those it gets alone, whatever else runs (at the cost of its own calls).
+        ``constraint``: the grammar its tokens must follow (structured output); it ends when the grammar does.
         An empty prompt is a ``ValueError``: with no position to sample from, it would wait forever.
         """
         if not prompt:
@@ -177,7 +180,8 @@ class GenerationScheduler:
             wait = self.estimated_wait_s()
             raise QueueFull(f"model {self._name} has {len(self._waiting)} sequences waiting (the limit); retry "
                             f"after about {wait:.0f} s", retry_after_s=wait)
-        sequence = Sequence(list(prompt), params, asyncio.Queue(), deadline, self._clock(), reproducible=reproducible)
+        sequence = Sequence(list(prompt), params, asyncio.Queue(), deadline, self._clock(), reproducible=reproducible,
+                            constraint=constraint)
         with self._lock:
             self._waiting.append(sequence)
             idle = self._idle
@@ -327,8 +331,16 @@ class GenerationScheduler:
                      presence_penalty=params.presence_penalty, logit_bias=params.logit_bias)
         if params.ignore_eos:
             scores[list(self._eos)] = -np.inf
+        constraint = sequence.constraint
+        if constraint is not None:
+            constraint.apply(scores)  # on this thread, after the shared call: rows without one are unaffected
+            if not np.isfinite(scores).any():  # only the end token was allowed, and ignore_eos banned it
+                self._finish(slot, TokenEvent(None, finish_reason="stop"))
+                return
         token = self._choose(scores, params, sequence.rng)
         sequence.output_counts[token] = sequence.output_counts.get(token, 0) + 1
+        if constraint is not None and token not in self._eos:
+            constraint.advance(token)
         event = TokenEvent(token)
         if params.logprobs >= 0:
             logp = scores - np.logaddexp.reduce(scores[np.isfinite(scores)])
@@ -338,8 +350,8 @@ class GenerationScheduler:
                 top = top[np.argsort(-logp[top])]
                 event.top_logprobs = [(int(t), float(logp[t])) for t in top]
         sequence.generated += 1
-        if token in self._eos:
-            event.finish_reason = "stop"
+        if token in self._eos or (constraint is not None and constraint.finished):
+            event.finish_reason = "stop"  # the end token, or the grammar's answer is complete
         elif params.max_tokens and sequence.generated >= params.max_tokens:
             event.finish_reason = "length"
         elif sequence.length + 1 >= self.limits.capacity:  # the next token would not fit in the row

@@ -58,6 +58,33 @@ class StreamOptions:
         "description": "true: a last chunk carries the usage (any value is read as true or false)"})
 
 
+@dataclass
+class JsonSchemaFormat:
+    """``response_format.json_schema``: the JSON schema the answer follows."""
+
+    name: Annotated[str, Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
+    schema: dict[str, Any] | None = None  # absent: any JSON object
+    strict: bool | None = None  # OpenAI's strict reading: objects take no properties beyond those named
+    description: str | None = None
+
+
+@dataclass
+class ResponseFormat:
+    """``response_format``: free text, any JSON object, or JSON following a schema (constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+_RESPONSE_FORMAT = ('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                    '"json_schema": {"name": NAME, "schema": {...}, "strict": true}} (name: 1 to 64 letters, digits, '
+                    '_ or -)')
+
+
+def _response_format_error(value: Any, error: validation.Invalid) -> str:
+    return _RESPONSE_FORMAT
+
+
 def _messages_error(value: Any, error: validation.Invalid) -> str:
     if len(error.loc) == 1:
         return "'messages' must be a non-empty array of {role, content}"
@@ -134,6 +161,9 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = field(default=False, metadata=_says("logprobs must be true or false"))
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = field(default=None, metadata=_says(
         "top_logprobs must be an integer from 0 to 20, not {value!r}", _TOP_LOGPROBS))
+    response_format: ResponseFormat | None = field(default=None, metadata=_says(
+        _response_format_error, "json_object and json_schema constrain decoding: the answer always parses (and follows "
+                          "the schema)"))
 
 
 @dataclass
@@ -199,6 +229,7 @@ class GenerateBody:
     stream: bool = False
     include_usage: bool = False
     deadline: float | None = None
+    response_format: tuple[str, Any, bool] | None = None  # (json_object | json_schema, schema, strict)
 
     def canonical(self, chat: bool) -> dict[str, Any]:
         """Every field that changes the generated text: the response cache's view of the request."""
@@ -208,7 +239,7 @@ class GenerateBody:
                 "stop": self.stop, "logprobs": p.logprobs, "ignore_eos": p.ignore_eos,
                 "frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty,
                 "repetition_penalty": p.repetition_penalty, "min_p": p.min_p,
-                "logit_bias": sorted(p.logit_bias.items())}
+                "logit_bias": sorted(p.logit_bias.items()), "response_format": self.response_format}
 
 
 _ABSENT = object()
@@ -269,12 +300,25 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
         if top is not None and not wanted:
             raise BadRequest(_TOP_LOGPROBS, param="top_logprobs")
         params.logprobs = (top or 0) if wanted else -1
+        parsed.response_format = _response_format(_read(body, specs, "response_format"))
     else:
         count = _read(body, specs, "logprobs")
         params.logprobs = -1 if count is None else count
     _read(body, specs, "user")
     parsed.deadline = _deadline(_read(body, specs, "timeout"))
     return parsed
+
+
+def _response_format(given: ResponseFormat | None) -> tuple[str, Any, bool] | None:
+    """``(kind, schema, strict)`` of a constrained format; ``None`` for free text."""
+    if given is None or given.type == "text":
+        return None
+    if given.type == "json_object":
+        return "json_object", None, False
+    if given.json_schema is None:
+        raise BadRequest('response_format type "json_schema" needs json_schema: {"name": NAME, "schema": {...}}',
+                         param="response_format")
+    return "json_schema", given.json_schema.schema, bool(given.json_schema.strict)
 
 
 def parse_embedding_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:

@@ -11,6 +11,7 @@ from appliance.engines.runtime_choice import DECODER_CHOICE, RuntimeChoice
 from appliance.config import Config
 from appliance.engine_registry import Runtimes
 from appliance.engines.base import Decoder
+from appliance.engines.constraints import GrammarCompiler
 from appliance.engines.generation import GenerationLimits, GenerationScheduler, check_decoder_fits
 from appliance.engines.tokenizer import TextEncoder
 from appliance.model_spec import ModelSpec
@@ -30,6 +31,7 @@ class GenerativeModel(ModelVersion):
         self.text: TextEncoder | None = None
         self.chat_template: Any = None
         self.generator: GenerationScheduler | None = None  # once started
+        self.grammar: GrammarCompiler | None = None  # structured output, once loaded
 
     @property
     def context_limit(self) -> int:
@@ -60,6 +62,9 @@ class GenerativeModel(ModelVersion):
 
         self.chat_template = compile_chat_template((spec.path / spec.generation.chat_template).read_text())
         self.text = TextEncoder.from_file(spec.path / spec.tokenizer.file, spec.tokenizer.max_seq_length)
+        self.grammar = GrammarCompiler((spec.path / spec.tokenizer.file).read_text(),
+                                       [int(t) for t in self.generation.get("eos_token_ids", [])],
+                                       int(self.generation.get("vocab_size", self.text.vocab_size)))
         self.generation_limits = GenerationLimits(
             slots=spec.generation.max_running,
             capacity=min(spec.generation.kv_capacity, int(self.generation["max_seq_len"])),

@@ -4,6 +4,7 @@ entries) as a :class:`GenerationStream`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -66,8 +67,15 @@ class GenerateOperation:
         assert isinstance(served, GenerativeModel) and served.generator is not None  # checked, started
         ids = self._prompt_ids(served, request)
         request.params.max_tokens = request.max_tokens or served.context_limit - len(ids)
+        constraint = None
+        if request.response_format is not None and served.grammar is not None:
+            kind, schema, strict = request.response_format
+            # Compiling can take up to a second for a large schema (and the first, 0.3 s for the tokenizer).
+            constraint = await asyncio.get_running_loop().run_in_executor(None, served.grammar.compile, kind, schema,
+                                                                          strict)
         sequence = served.generator.submit(ids, request.params, self._deadline(request.deadline, served),
-                                           reproducible=served.reproducible(request.caller.reproducible))
+                                           reproducible=served.reproducible(request.caller.reproducible),
+                                           constraint=constraint)
         served.metrics.prompt_tokens.inc(len(ids))
         served.metrics.started()
         live = _Live(served, sequence, request, started, self._clock)
