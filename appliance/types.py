@@ -15,6 +15,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from appliance.engines.generation import SamplingParams
+    from appliance.tools import ToolSet
 
 MAX_EMBED_INPUTS = 2048  # texts (or token id arrays) per embeddings request; an embedding model's queue holds two
 
@@ -165,6 +166,7 @@ class EmbedRequest:
     trace: Trace = field(default_factory=Trace)
     wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
     response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)
+    tools: ToolSet | None = None  # functions the model may (or must) call
 
 
 @dataclass(slots=True)
@@ -201,3 +203,4 @@ class GenerateRequest:
     trace: Trace = field(default_factory=Trace)
     wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
     response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)
+    tools: ToolSet | None = None  # functions the model may (or must) call

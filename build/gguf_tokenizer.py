@@ -141,6 +141,14 @@ def compile_chat_template(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def template_takes_tools(template: str) -> bool:
+    """Whether a chat template reads a ``tools`` variable (then tool definitions are rendered by it)."""
+    from jinja2 import meta
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    return "tools" in meta.find_undeclared_variables(env.parse(template))
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
     """Render ``messages`` with a chat template string (``extra``: e.g. ``bos_token``, ``tools``)."""
     return compile_chat_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,

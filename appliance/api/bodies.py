@@ -16,8 +16,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from msgspec import Meta
 
 from appliance import validation
+from appliance.engines.constraints import strict_schema
 from appliance.engines.generation import SamplingParams
 from appliance.errors import BadRequest
+from appliance.tools import Tool, ToolSet
 from appliance.types import MAX_EMBED_INPUTS, EmbedRequest
 
 MAX_INPUTS = MAX_EMBED_INPUTS
@@ -42,12 +44,67 @@ class TextPart:
 
 
 @dataclass
-class ChatMessage:
-    """One turn of a conversation; ``developer`` is read as ``system``, and content parts are joined."""
+class CalledFunction:
+    """The function an earlier assistant turn called, and its arguments (JSON text)."""
 
     extra_keys: ClassVar[str] = validation.IGNORE
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    name: str
+    arguments: str
+
+
+@dataclass
+class EarlierToolCall:
+    """A tool call of an earlier assistant turn, in the history."""
+
+    extra_keys: ClassVar[str] = validation.IGNORE
+    id: str
+    function: CalledFunction
+    type: Literal["function"] = "function"
+
+
+@dataclass
+class ChatMessage:
+    """One turn of a conversation; ``developer`` is read as ``system``, and content parts are joined. An assistant
+    turn may carry the ``tool_calls`` it made (then its content may be null), a ``tool`` turn the result of one."""
+
+    extra_keys: ClassVar[str] = validation.IGNORE
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[EarlierToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+@dataclass
+class FunctionDefinition:
+    """A function the model may call: its name, what it does, and its parameters' JSON schema."""
+
+    name: Annotated[str, Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # absent: no parameters
+    strict: bool | None = None
+
+
+@dataclass
+class ToolDefinition:
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+@dataclass
+class NamedFunction:
+    """The function ``tool_choice`` names."""
+
+    name: str
+
+
+@dataclass
+class NamedToolChoice:
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: that function must be called."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 @dataclass
@@ -161,6 +218,14 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = field(default=False, metadata=_says("logprobs must be true or false"))
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = field(default=None, metadata=_says(
         "top_logprobs must be an integer from 0 to 20, not {value!r}", _TOP_LOGPROBS))
+    tools: Annotated[list[ToolDefinition], Meta(max_length=128)] | None = field(default=None, metadata=_says(
+        'tools must be an array of at most 128 {"type": "function", "function": {"name": NAME, "description": ..., '
+        '"parameters": {JSON schema}}} (name: 1 to 64 letters, digits, _ or -)', "functions the model may call"))
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = field(default=None, metadata=_says(
+        'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": NAME}}',
+        "required or a named function constrains the answer to a call"))
+    parallel_tool_calls: bool | None = field(default=None, metadata=_says(
+        "parallel_tool_calls must be true or false", "whether one answer may call several functions"))
     response_format: ResponseFormat | None = field(default=None, metadata=_says(
         _response_format_error, "json_object and json_schema constrain decoding: the answer always parses (and follows "
                           "the schema)"))
@@ -230,6 +295,7 @@ class GenerateBody:
     include_usage: bool = False
     deadline: float | None = None
     response_format: tuple[str, Any, bool] | None = None  # (json_object | json_schema, schema, strict)
+    tools: ToolSet | None = None
 
     def canonical(self, chat: bool) -> dict[str, Any]:
         """Every field that changes the generated text: the response cache's view of the request."""
@@ -239,7 +305,8 @@ class GenerateBody:
                 "stop": self.stop, "logprobs": p.logprobs, "ignore_eos": p.ignore_eos,
                 "frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty,
                 "repetition_penalty": p.repetition_penalty, "min_p": p.min_p,
-                "logit_bias": sorted(p.logit_bias.items()), "response_format": self.response_format}
+                "logit_bias": sorted(p.logit_bias.items()), "response_format": self.response_format,
+                "tools": self.tools.canonical() if self.tools is not None else None}
 
 
 _ABSENT = object()
@@ -301,12 +368,37 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
             raise BadRequest(_TOP_LOGPROBS, param="top_logprobs")
         params.logprobs = (top or 0) if wanted else -1
         parsed.response_format = _response_format(_read(body, specs, "response_format"))
+        parsed.tools = _tools(_read(body, specs, "tools"), _read(body, specs, "tool_choice"),
+                              _read(body, specs, "parallel_tool_calls"))
     else:
         count = _read(body, specs, "logprobs")
         params.logprobs = -1 if count is None else count
     _read(body, specs, "user")
     parsed.deadline = _deadline(_read(body, specs, "timeout"))
     return parsed
+
+
+def _tools(tools: list[ToolDefinition] | None, choice: str | NamedToolChoice | None,
+           parallel: bool | None) -> ToolSet | None:
+    """The request's tools and how they may be used; ``None`` without tools."""
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise BadRequest("tool_choice asks for a call, but the request has no tools", param="tool_choice")
+        return None
+    defined = tuple(Tool(t.function.name, t.function.description or "",
+                         strict_schema(t.function.parameters or {"type": "object", "properties": {}})
+                         if t.function.strict else t.function.parameters or {"type": "object", "properties": {}})
+                    for t in tools)
+    names = [t.name for t in defined]
+    if len(set(names)) != len(names):
+        raise BadRequest(f"tools name a function twice: {sorted(n for n in set(names) if names.count(n) > 1)}",
+                         param="tools")
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise BadRequest(f"tool_choice names {choice.function.name!r}, which is not among the tools {names}",
+                             param="tool_choice")
+        return ToolSet(defined, "function", choice.function.name, parallel is not False)
+    return ToolSet(defined, choice or "auto", "", parallel is not False)
 
 
 def _response_format(given: ResponseFormat | None) -> tuple[str, Any, bool] | None:
@@ -374,9 +466,24 @@ def _bad(spec: validation.FieldSpec, name: str, value: Any, error: validation.In
     return BadRequest(text.format(value=value) if isinstance(text, str) else text(value, error), param=name)
 
 
-def _turn(message: ChatMessage) -> dict[str, str]:
-    content = message.content if isinstance(message.content, str) else "".join(part.text for part in message.content)
-    return {"role": "system" if message.role == "developer" else message.role, "content": content}
+def _turn(message: ChatMessage) -> dict[str, Any]:
+    content = message.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    if content is None and not (message.role == "assistant" and message.tool_calls):
+        raise BadRequest(f"a {message.role} message needs content (only an assistant turn with tool_calls may "
+                         "have none)", param="messages")
+    if message.role == "tool" and not message.tool_call_id:
+        raise BadRequest("a tool message needs the tool_call_id of the call it answers", param="messages")
+    turn: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                            "content": content or ""}
+    if message.tool_calls:
+        turn["tool_calls"] = [{"id": call.id, "type": "function",
+                               "function": {"name": call.function.name, "arguments": call.function.arguments}}
+                              for call in message.tool_calls]
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
 
 
 def _deadline(timeout: float | None) -> float | None:

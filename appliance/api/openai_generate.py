@@ -15,7 +15,8 @@ from appliance.api.errors import stream_error
 from appliance.api.openai_api import read_json
 from appliance.api.state import CALLER, DATAPLANE, TRACE
 from appliance.errors import ApplianceError
-from appliance.generation_stream import GenerationStream, TokenCount
+from appliance.generation_stream import Chunk, GenerationStream, TokenCount
+from appliance.tools import ToolSet, may_become_a_call, parse_tool_calls
 from appliance.types import GenerateRequest, Trace
 
 
@@ -38,15 +39,16 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
                                prompt=body.prompt, max_tokens=body.max_tokens, stop=body.stop, stream=body.stream,
                                deadline=body.deadline, cache_control=request.headers.get("Cache-Control"),
                                canonical=body.canonical(chat), caller=request[CALLER], trace=request[TRACE],
-                               wire=raw, response_format=body.response_format)
+                               wire=raw, response_format=body.response_format, tools=body.tools)
     stream = await request.app[DATAPLANE].generate(generate)
     async with stream:
         frame = _Frame(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), stream.model,
                        chat, body.include_usage)
         headers = _headers(request[TRACE], stream.model)
+        tools = body.tools if chat and body.tools is not None and body.tools.offered else None
         if body.stream:
-            return await _stream(request, stream, frame, headers, body.params.logprobs >= 0)
-        return await _whole(stream, frame, headers, body.params.logprobs >= 0)
+            return await _stream(request, stream, frame, headers, body.params.logprobs >= 0, tools)
+        return await _whole(stream, frame, headers, body.params.logprobs >= 0, tools)
 
 
 def _headers(trace: Trace, model: str) -> dict[str, str]:
@@ -88,16 +90,19 @@ class _Frame:
 
 
 async def _whole(stream: GenerationStream, frame: _Frame, headers: dict[str, str],
-                 wants_logprobs: bool) -> web.Response:
+                 wants_logprobs: bool, tools: ToolSet | None = None) -> web.Response:
     texts: list[str] = []
     entries: list[dict] = []
     async for chunk in stream:
         texts.append(chunk.text)
         entries.extend(chunk.logprobs)
     text = "".join(texts)
+    calls = parse_tool_calls(text, tools) if tools is not None and stream.finish_reason == "stop" else None
     choice: dict[str, Any] = {"index": 0, "logprobs": _logprobs_object(entries, frame.chat) if wants_logprobs
-                              else None, "finish_reason": stream.finish_reason}
-    if frame.chat:
+                              else None, "finish_reason": "tool_calls" if calls else stream.finish_reason}
+    if calls:
+        choice["message"] = {"role": "assistant", "content": None, "tool_calls": [c.as_openai() for c in calls]}
+    elif frame.chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
@@ -107,7 +112,7 @@ async def _whole(stream: GenerationStream, frame: _Frame, headers: dict[str, str
 
 
 async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame, headers: dict[str, str],
-                  wants_logprobs: bool) -> web.StreamResponse:
+                  wants_logprobs: bool, tools: ToolSet | None = None) -> web.StreamResponse:
     # The first chunk comes before the headers, so that a prompt that cannot run still gets a proper status.
     chunk = await anext(stream)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -117,14 +122,31 @@ async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame,
         if frame.chat:
             await response.write(frame.event([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}]))
+        held: list[Chunk] | None = [] if tools is not None else None  # text that may still become a tool call
         while True:
-            if chunk.text or (wants_logprobs and chunk.logprobs):
-                await response.write(frame.event([frame.choice(chunk.text, None,
-                                                               chunk.logprobs if wants_logprobs else None)]))
+            if held is not None:
+                held.append(chunk)
+                if not may_become_a_call("".join(c.text for c in held)):
+                    for piece in held:  # plain text after all: send what was held, then stream as usual
+                        await _send_text(response, frame, piece, wants_logprobs)
+                    held = None
+            else:
+                await _send_text(response, frame, chunk, wants_logprobs)
             if chunk.finish_reason is not None:
                 break
             chunk = await anext(stream)
-        await response.write(frame.event([frame.choice(None, chunk.finish_reason)]))
+        finish = chunk.finish_reason
+        if held is not None:
+            calls = parse_tool_calls("".join(c.text for c in held), tools) if finish == "stop" else None
+            if calls:
+                await response.write(frame.event([{"index": 0, "delta": {"tool_calls": [
+                    c.as_openai(index) for index, c in enumerate(calls)]}, "logprobs": None,
+                    "finish_reason": None}]))
+                finish = "tool_calls"
+            else:
+                for piece in held:
+                    await _send_text(response, frame, piece, wants_logprobs)
+        await response.write(frame.event([frame.choice(None, finish)]))
         if frame.include_usage:
             await response.write(frame.event([], _usage(stream.tokens)))
     except ConnectionResetError:
@@ -134,6 +156,11 @@ async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame,
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+async def _send_text(response: web.StreamResponse, frame: _Frame, chunk: Chunk, wants_logprobs: bool) -> None:
+    if chunk.text or (wants_logprobs and chunk.logprobs):
+        await response.write(frame.event([frame.choice(chunk.text, None, chunk.logprobs if wants_logprobs else None)]))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

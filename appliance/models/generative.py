@@ -32,6 +32,7 @@ class GenerativeModel(ModelVersion):
         self.chat_template: Any = None
         self.generator: GenerationScheduler | None = None  # once started
         self.grammar: GrammarCompiler | None = None  # structured output, once loaded
+        self.template_takes_tools = False  # whether the chat template renders tool definitions itself
 
     @property
     def context_limit(self) -> int:
@@ -58,9 +59,11 @@ class GenerativeModel(ModelVersion):
     def _load(self) -> None:
         spec = self.spec
         self.generation = json.loads((spec.path / spec.generation.config).read_text())
-        from appliance.build.gguf_tokenizer import compile_chat_template
+        from appliance.build.gguf_tokenizer import compile_chat_template, template_takes_tools
 
-        self.chat_template = compile_chat_template((spec.path / spec.generation.chat_template).read_text())
+        template = (spec.path / spec.generation.chat_template).read_text()
+        self.chat_template = compile_chat_template(template)
+        self.template_takes_tools = template_takes_tools(template)
         self.text = TextEncoder.from_file(spec.path / spec.tokenizer.file, spec.tokenizer.max_seq_length)
         self.grammar = GrammarCompiler((spec.path / spec.tokenizer.file).read_text(),
                                        [int(t) for t in self.generation.get("eos_token_ids", [])],

@@ -11,6 +11,7 @@ from typing import Any
 
 from appliance.cache.payloads import StoredGeneration
 from appliance.cloud import Cloud, CloudCost
+from appliance.tools import call_schema, template_messages
 from appliance.engines.generation import Sequence, TokenEvent
 from appliance.engines.tokenizer import TextEncoder
 from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
@@ -68,8 +69,11 @@ class GenerateOperation:
         ids = self._prompt_ids(served, request)
         request.params.max_tokens = request.max_tokens or served.context_limit - len(ids)
         constraint = None
-        if request.response_format is not None and served.grammar is not None:
-            kind, schema, strict = request.response_format
+        form = request.response_format
+        if request.tools is not None and request.tools.constrained:
+            form = ("json_schema", call_schema(request.tools), True)  # the answer is a call, arguments and all
+        if form is not None and served.grammar is not None:
+            kind, schema, strict = form
             # Compiling can take up to a second for a large schema (and the first, 0.3 s for the tokenizer).
             constraint = await asyncio.get_running_loop().run_in_executor(None, served.grammar.compile, kind, schema,
                                                                           strict)
@@ -103,7 +107,11 @@ class GenerateOperation:
         assert text is not None  # loaded
         if request.messages is not None:
             try:
-                rendered = served.chat_template.render(messages=request.messages, add_generation_prompt=True)
+                tools = request.tools
+                messages = template_messages(request.messages, tools, served.template_takes_tools)
+                extra = {"tools": [t.as_openai() for t in tools.offered]} if (
+                    served.template_takes_tools and tools is not None and tools.offered) else {}
+                rendered = served.chat_template.render(messages=messages, add_generation_prompt=True, **extra)
             except Exception as exc:  # the template's own checks (e.g. role order) speak to the caller
                 raise BadRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
             ids = text.encode([rendered], add_special_tokens=False)[0]
