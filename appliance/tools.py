@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ToolMode = Literal["auto", "none", "required", "function"]
+MAX_CALLS_PER_FUNCTION = 2  # parallel calls in a constrained answer, per function offered
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,12 @@ class ToolCall:
 
 def call_schema(tools: ToolSet) -> dict[str, Any]:
     """The JSON schema of an answer that is a call of an offered function (an array of calls when parallel calls
-    are allowed and more than one function is offered)."""
+    are allowed and more than one function is offered: at most two per function, so that a sampled answer ends)."""
     one = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
             "required": ["name", "arguments"], "additionalProperties": False} for t in tools.offered]
     call = one[0] if len(one) == 1 else {"anyOf": one}
     if tools.parallel and len(one) > 1:
-        return {"type": "array", "items": call, "minItems": 1}
+        return {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_CALLS_PER_FUNCTION * len(one)}
     return call
 
 

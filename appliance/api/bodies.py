@@ -138,9 +138,6 @@ _RESPONSE_FORMAT = ('response_format must be {"type": "text"}, {"type": "json_ob
                     '_ or -)')
 
 
-def _response_format_error(value: Any, error: validation.Invalid) -> str:
-    return _RESPONSE_FORMAT
-
 
 def _messages_error(value: Any, error: validation.Invalid) -> str:
     if len(error.loc) == 1:
@@ -150,7 +147,7 @@ def _messages_error(value: Any, error: validation.Invalid) -> str:
         if isinstance(value[index].get("content"), list):
             return f"messages[{index}].content parts must all be text parts"
         return f"messages[{index}].content must be a string"
-    return f"messages[{index}] needs a role of system, developer, user or assistant"
+    return f"messages[{index}] needs a role of system, developer, user, assistant or tool"
 
 
 def _top_p_error(value: Any, error: validation.Invalid) -> str:
@@ -227,7 +224,7 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: bool | None = field(default=None, metadata=_says(
         "parallel_tool_calls must be true or false", "whether one answer may call several functions"))
     response_format: ResponseFormat | None = field(default=None, metadata=_says(
-        _response_format_error, "json_object and json_schema constrain decoding: the answer always parses (and follows "
+        _RESPONSE_FORMAT, "json_object and json_schema constrain decoding: the answer always parses (and follows "
                           "the schema)"))
 
 
@@ -333,7 +330,7 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
     _refuse_unknown(body, specs, "unknown or unsupported field")
     parsed = GenerateBody(model=_read(body, specs, "model"))
     if chat:
-        parsed.messages = [_turn(message) for message in _read(body, specs, "messages")]
+        parsed.messages = [_turn(index, message) for index, message in enumerate(_read(body, specs, "messages"))]
     else:
         prompt = _read(body, specs, "prompt")
         parsed.prompt = prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str) else prompt
@@ -463,18 +460,21 @@ def _read(body: dict[str, Any], specs: Specs, name: str) -> Any:
 
 def _bad(spec: validation.FieldSpec, name: str, value: Any, error: validation.Invalid) -> BadRequest:
     text: ErrorText = spec.field.metadata["error"]
-    return BadRequest(text.format(value=value) if isinstance(text, str) else text(value, error), param=name)
+    # Only the {value!r} placeholder is filled: messages quote JSON, braces and all.
+    return BadRequest(text.replace("{value!r}", repr(value)) if isinstance(text, str) else text(value, error),
+                      param=name)
 
 
-def _turn(message: ChatMessage) -> dict[str, Any]:
+def _turn(index: int, message: ChatMessage) -> dict[str, Any]:
     content = message.content
     if isinstance(content, list):
         content = "".join(part.text for part in content)
     if content is None and not (message.role == "assistant" and message.tool_calls):
-        raise BadRequest(f"a {message.role} message needs content (only an assistant turn with tool_calls may "
+        raise BadRequest(f"messages[{index}].content must be a string (only an assistant turn with tool_calls may "
                          "have none)", param="messages")
     if message.role == "tool" and not message.tool_call_id:
-        raise BadRequest("a tool message needs the tool_call_id of the call it answers", param="messages")
+        raise BadRequest(f"messages[{index}] is a tool message and needs the tool_call_id of the call it answers",
+                         param="messages")
     turn: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                             "content": content or ""}
     if message.tool_calls:

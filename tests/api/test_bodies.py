@@ -14,8 +14,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"model": "m", "prompt": "hi"}
 EMBEDDING = {"model": "e", "input": "x"}
 CHAT_FIELDS = ['frequency_penalty', 'ignore_eos', 'logit_bias', 'logprobs', 'max_completion_tokens', 'max_tokens',
-               'messages', 'min_p', 'model', 'n', 'presence_penalty', 'repetition_penalty', 'seed', 'stop', 'stream',
-               'stream_options', 'temperature', 'timeout', 'top_k', 'top_logprobs', 'top_p', 'user']
+               'messages', 'min_p', 'model', 'n', 'parallel_tool_calls', 'presence_penalty', 'repetition_penalty',
+               'response_format', 'seed', 'stop', 'stream', 'stream_options', 'temperature', 'timeout', 'tool_choice',
+               'tools', 'top_k', 'top_logprobs', 'top_p', 'user']
 COMPLETION_FIELDS = ['frequency_penalty', 'ignore_eos', 'logit_bias', 'logprobs', 'max_tokens', 'min_p', 'model', 'n',
                      'presence_penalty', 'prompt', 'repetition_penalty', 'seed', 'stop', 'stream', 'stream_options',
                      'temperature', 'timeout', 'top_k', 'top_p', 'user']
@@ -113,8 +114,9 @@ def test_embedding_inputs():
 
 MODEL = "'model' is required: a model name, alias or tier (GET /v1/models)"
 MESSAGES = "'messages' must be a non-empty array of {role, content}"
-ROLE = "messages[{}] needs a role of system, developer, user or assistant"
+ROLE = "messages[{}] needs a role of system, developer, user, assistant or tool"
 PROMPT = "'prompt' must be a non-empty string (or one such string in an array) or an array of token ids"
+CONTENT = "messages[0].content must be a string (only an assistant turn with tool_calls may have none)"
 STOP = "stop must be a non-empty string or an array of at most 4 such strings"
 STREAM_OPTIONS = "stream_options needs stream: true and takes only include_usage"
 SEED = "seed must be an integer from -9223372036854775808 to 9223372036854775807, not {}"
@@ -122,7 +124,8 @@ TIMEOUT = "timeout is in seconds and must be a positive number, not {}"
 
 
 @pytest.mark.parametrize("body,message,param", [
-    ({**CHAT, "tools": []}, f"unknown or unsupported field 'tools'; this endpoint takes {CHAT_FIELDS}", "tools"),
+    ({**CHAT, "functions": []}, f"unknown or unsupported field 'functions'; this endpoint takes {CHAT_FIELDS}",
+     "functions"),
     ({**CHAT, "prompt": "x", "best_of": 2}, "unknown or unsupported field 'best_of'; this endpoint takes "
                                              f"{CHAT_FIELDS}", "best_of"),
     ({"messages": CHAT["messages"]}, MODEL, "model"),
@@ -133,14 +136,17 @@ TIMEOUT = "timeout is in seconds and must be a positive number, not {}"
     ({**CHAT, "messages": {"role": "user"}}, MESSAGES, "messages"),
     ({**CHAT, "messages": ["hi"]}, ROLE.format(0), "messages"),
     ({**CHAT, "messages": [{"content": "hi"}]}, ROLE.format(0), "messages"),
-    ({**CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, ROLE.format(1),
+    ({**CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}, ROLE.format(1),
      "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
+     "messages[1] is a tool message and needs the tool_call_id of the call it answers", "messages"),
     ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content parts must all be text parts", "messages"),
     ({**CHAT, "messages": [{"role": "user", "content": ["text"]}]},
      "messages[0].content parts must all be text parts", "messages"),
-    ({**CHAT, "messages": [{"role": "user"}]}, "messages[0].content must be a string", "messages"),
-    ({**CHAT, "messages": [{"role": "user", "content": None}]}, "messages[0].content must be a string", "messages"),
+    ({**CHAT, "messages": [{"role": "user"}]}, CONTENT, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": None}]}, CONTENT, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content must be a string", "messages"),
     ({**CHAT, "n": 2}, "n must be 1 (one choice per request), not 2", "n"),
     ({**CHAT, "n": None}, "n must be 1 (one choice per request), not None", "n"),
     ({**CHAT, "max_tokens": 0}, "max_tokens must be an integer >= 1, not 0", "max_tokens"),
@@ -242,7 +248,16 @@ def test_canonical_view_holds_what_changes_the_text():
                                     "max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 3,
                                     "stop": ["x"], "logprobs": -1, "ignore_eos": False, "frequency_penalty": 0.0,
                                     "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
-                                    "logit_bias": []}
+                                    "logit_bias": [], "response_format": None, "tools": None}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    formatted = chat({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema,
+                                                                                       "strict": True}}})
+    assert formatted.canonical(True)["response_format"] == ("json_schema", schema, True)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    with_tools = chat({**CHAT, "tools": tools, "tool_choice": "required"}).canonical(True)["tools"]
+    assert with_tools == {"tools": [{"type": "function", "function": {"name": "f", "description": "",
+                                                                       "parameters": schema}}],
+                          "mode": "required", "function": "", "parallel": True}
     biased = chat({**CHAT, "logit_bias": {"7": 2, "3": -1.5}, "frequency_penalty": 0.5})
     assert biased.canonical(True)["logit_bias"] == [(3, -1.5), (7, 2.0)]  # one order, whatever the client's
     assert biased.canonical(True)["frequency_penalty"] == 0.5
