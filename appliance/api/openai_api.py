@@ -14,6 +14,7 @@ from appliance.api.errors import read_body
 from appliance.api.state import CALLER, CONFIG, DATAPLANE, MODELS, TRACE
 from appliance.errors import BadRequest, ModelNotFound
 from appliance.model_version import ModelVersion
+from appliance.models import EmbeddingModel, GenerativeModel
 
 def _json(payload: object) -> web.Response:
     return web.Response(body=orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
@@ -54,8 +55,17 @@ async def create_embeddings(request: web.Request) -> web.Response:
 
 
 def _model_object(model: ModelVersion) -> dict[str, Any]:
-    return {"id": model.name, "object": "model", "created": int(model.loaded_at), "owned_by": "appliance",
-            "task": model.spec.task, "tier": model.spec.tier or None, "aliases": model.spec.aliases}
+    entry: dict[str, Any] = {"id": model.name, "object": "model", "created": int(model.loaded_at),
+                             "owned_by": "appliance", "task": model.spec.task, "tier": model.spec.tier or None,
+                             "aliases": model.spec.aliases}
+    if isinstance(model, GenerativeModel):
+        # The tokens one sequence may hold (prompt and output): the KV cache's row, not the model's training context.
+        entry["context_length"] = entry["max_model_len"] = model.context_limit
+        entry["capabilities"] = {"tools": True, "structured_output": ["json_object", "json_schema"]}
+    elif isinstance(model, EmbeddingModel):
+        entry["context_length"] = model.spec.tokenizer.max_seq_length
+        entry["dimensions"] = model.spec.embedding.dimensions
+    return entry
 
 
 def _visible(request: web.Request) -> list[ModelVersion]:

@@ -168,3 +168,17 @@ def test_litellm_calls_a_tool(tool_server):
     calls = reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason == "tool_calls" and calls
     jsonschema.validate(json.loads(calls[0].function.arguments), PARAMETERS[calls[0].function.name])
+
+
+def test_models_say_their_context_length_and_what_they_support(client, smollm2_repo):
+    import tomllib
+
+    listed = {m.id: m for m in client.models.list().data}
+    toml = tomllib.loads((smollm2_repo / "smollm2-135m" / "1" / "model.toml").read_text())
+    kv_capacity = toml.get("generation", {}).get("kv_capacity", 2048)
+    for name in ("smollm2-135m", "smollm2-135m-fast"):
+        entry = listed[name].model_dump()
+        assert entry["context_length"] == entry["max_model_len"] == kv_capacity  # a row of the KV cache
+        assert entry["capabilities"] == {"tools": True, "structured_output": ["json_object", "json_schema"]}
+    one = client.models.retrieve("smollm2-135m").model_dump()
+    assert one["context_length"] == kv_capacity
