@@ -270,7 +270,15 @@ def _needs_true(field_name: str, flag: str) -> dict[str, Any]:
 
 # Rules between fields, which the parsers check after the fields themselves: the document states them too (each
 # class's schema gets them as ``allOf``).
+_TOOL_TURN = {"if": {"required": ["role"], "properties": {"role": {"const": "tool"}}},
+              "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}}
+_CONTENT_NEEDED = {"if": {"not": {"required": ["role", "tool_calls"],
+                                  "properties": {"role": {"const": "assistant"},
+                                                 "tool_calls": {"type": "array", "minItems": 1}}}},
+                   "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}}
+
 FIELD_RULES: dict[type, list[dict[str, Any]]] = {
+    ChatMessage: [_TOOL_TURN, _CONTENT_NEEDED],
     ChatCompletionRequest: [_needs_true("stream_options", "stream"), _needs_true("top_logprobs", "logprobs")],
     CompletionRequest: [_needs_true("stream_options", "stream")],
 }
@@ -334,7 +342,8 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
     else:
         prompt = _read(body, specs, "prompt")
         parsed.prompt = prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str) else prompt
-    if body.get("n", 1) != 1:  # compared as a number, as it always was: true asks for one choice too
+    n = body.get("n", 1)
+    if n != 1 or isinstance(n, bool):  # 1.0 is 1 (JSON has one kind of number); true is not a number
         _read(body, specs, "n")
     newer = chat and body.get("max_completion_tokens") is not None  # then max_tokens is not read
     parsed.max_tokens = _read(body, specs, "max_completion_tokens" if newer else "max_tokens")

@@ -86,7 +86,7 @@ def test_null_means_the_default():
 
 
 def test_long_standing_leniencies_are_kept():
-    assert completion({**COMPLETION, "n": 1.0}) == completion({**COMPLETION, "n": True}) == completion(COMPLETION)
+    assert completion({**COMPLETION, "n": 1.0}) == completion(COMPLETION)
     # With max_completion_tokens set, max_tokens is not read at all.
     assert chat({**CHAT, "max_completion_tokens": 3, "max_tokens": "ignored"}).max_tokens == 3
     assert completion({**COMPLETION, "stream": True, "stream_options": {"include_usage": 1}}).include_usage is True
@@ -149,6 +149,7 @@ TIMEOUT = "timeout is in seconds and must be a positive number, not {}"
     ({**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content must be a string", "messages"),
     ({**CHAT, "n": 2}, "n must be 1 (one choice per request), not 2", "n"),
     ({**CHAT, "n": None}, "n must be 1 (one choice per request), not None", "n"),
+    ({**CHAT, "n": True}, "n must be 1 (one choice per request), not True", "n"),  # as the document says
     ({**CHAT, "max_tokens": 0}, "max_tokens must be an integer >= 1, not 0", "max_tokens"),
     ({**CHAT, "max_tokens": 1.5}, "max_tokens must be an integer >= 1, not 1.5", "max_tokens"),
     ({**CHAT, "max_tokens": True}, "max_tokens must be an integer >= 1, not True", "max_tokens"),
