@@ -167,6 +167,7 @@ class EmbedRequest:
     wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
     response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)
     tools: ToolSet | None = None  # functions the model may (or must) call
+    echo: bool = False  # completions: the answer's text begins with the prompt
 
 
 @dataclass(slots=True)
@@ -204,3 +205,4 @@ class GenerateRequest:
     wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
     response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)
     tools: ToolSet | None = None  # functions the model may (or must) call
+    echo: bool = False  # completions: the answer's text begins with the prompt

@@ -366,7 +366,9 @@ class GenerationScheduler:
     def _choose(scores: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
         if params.temperature <= 0:
             return int(np.argmax(scores))
-        scaled = scores / params.temperature
+        # Shifted before scaling: a tiny temperature then sends the others to -inf, never inf - inf (NaN).
+        with np.errstate(over="ignore"):
+            scaled = (scores - scores.max()) / params.temperature
         if params.top_k > 0 and params.top_k < scaled.size:
             cutoff = np.partition(scaled, -params.top_k)[-params.top_k]
             scaled = np.where(scaled >= cutoff, scaled, -np.inf)

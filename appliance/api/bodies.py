@@ -183,8 +183,8 @@ class GenerationRequest:
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = field(default=0.0, metadata=_says(
         "presence_penalty must be a number from -2.0 to 2.0, not {value!r}",
         "subtracted from the logit of every token generated so far"))
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = field(default=1.0, metadata=_says(
-        "repetition_penalty must be a number above 0 and at most 10, not {value!r}",
+    repetition_penalty: Annotated[float, Meta(ge=0.01, le=10.0)] | None = field(default=1.0, metadata=_says(
+        "repetition_penalty must be a number from 0.01 to 10, not {value!r}",
         "extension: logits of tokens seen in the prompt or output divided by it (if positive) or multiplied by it"))
     logit_bias: Annotated[dict[Annotated[str, Meta(pattern="^[0-9]{1,9}$")],
                                Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=1024)] | None = field(
@@ -239,6 +239,8 @@ class CompletionRequest(GenerationRequest):
                  "an empty prompt has no token to continue from"))
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = field(default=None, metadata=_says(
         "logprobs must be an integer from 0 to 5, not {value!r}", "this many likely tokens besides the one chosen"))
+    echo: bool = field(default=False, metadata=_says("echo must be true or false",
+                                                     "the answer's text begins with the prompt"))
 
 
 @dataclass
@@ -301,6 +303,7 @@ class GenerateBody:
     deadline: float | None = None
     response_format: tuple[str, Any, bool] | None = None  # (json_object | json_schema, schema, strict)
     tools: ToolSet | None = None
+    echo: bool = False
 
     def canonical(self, chat: bool) -> dict[str, Any]:
         """Every field that changes the generated text: the response cache's view of the request."""
@@ -311,7 +314,7 @@ class GenerateBody:
                 "frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty,
                 "repetition_penalty": p.repetition_penalty, "min_p": p.min_p,
                 "logit_bias": sorted(p.logit_bias.items()), "response_format": self.response_format,
-                "tools": self.tools.canonical() if self.tools is not None else None}
+                "tools": self.tools.canonical() if self.tools is not None else None, "echo": self.echo}
 
 
 _ABSENT = object()
@@ -379,6 +382,10 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
     else:
         count = _read(body, specs, "logprobs")
         params.logprobs = -1 if count is None else count
+        parsed.echo = _read(body, specs, "echo")
+        if parsed.echo and count is not None:
+            raise BadRequest("echo with logprobs is not supported: the prompt's tokens get no logprobs here; drop "
+                             "one of them", param="echo")
     _read(body, specs, "user")
     parsed.deadline = _deadline(_read(body, specs, "timeout"))
     return parsed

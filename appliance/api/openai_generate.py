@@ -39,7 +39,8 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
                                prompt=body.prompt, max_tokens=body.max_tokens, stop=body.stop, stream=body.stream,
                                deadline=body.deadline, cache_control=request.headers.get("Cache-Control"),
                                canonical=body.canonical(chat), caller=request[CALLER], trace=request[TRACE],
-                               wire=raw, response_format=body.response_format, tools=body.tools)
+                               wire=raw, response_format=body.response_format, tools=body.tools,
+                               echo=body.echo)
     stream = await request.app[DATAPLANE].generate(generate)
     async with stream:
         frame = _Frame(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), stream.model,

@@ -154,9 +154,16 @@ class _Live:
         self._assembler = TextAssembler(served.text.stream(), request.stop)
         self._clock = clock
         self._last_token_at = 0.0
+        self._echo = ""
+        if request.echo:  # the prompt as given (token ids decoded), before the first generated text
+            prompt = request.prompt
+            self._echo = prompt if isinstance(prompt, str) else served.text.decode(list(prompt or []))
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         assembler = self._assembler
+        if self._echo:
+            self.pieces.append((self._echo, []))
+            yield Chunk(text=self._echo)
         while True:
             event: TokenEvent = await self.sequence.events.get()
             if event.token is not None:

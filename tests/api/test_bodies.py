@@ -17,7 +17,8 @@ CHAT_FIELDS = ['frequency_penalty', 'ignore_eos', 'logit_bias', 'logprobs', 'max
                'messages', 'min_p', 'model', 'n', 'parallel_tool_calls', 'presence_penalty', 'repetition_penalty',
                'response_format', 'seed', 'stop', 'stream', 'stream_options', 'temperature', 'timeout', 'tool_choice',
                'tools', 'top_k', 'top_logprobs', 'top_p', 'user']
-COMPLETION_FIELDS = ['frequency_penalty', 'ignore_eos', 'logit_bias', 'logprobs', 'max_tokens', 'min_p', 'model', 'n',
+COMPLETION_FIELDS = ['echo', 'frequency_penalty', 'ignore_eos', 'logit_bias', 'logprobs', 'max_tokens', 'min_p',
+                     'model', 'n',
                      'presence_penalty', 'prompt', 'repetition_penalty', 'seed', 'stop', 'stream', 'stream_options',
                      'temperature', 'timeout', 'top_k', 'top_p', 'user']
 EMBEDDING_FIELDS = ['dimensions', 'encoding_format', 'input', 'model', 'timeout', 'truncate', 'user']
@@ -249,7 +250,7 @@ def test_canonical_view_holds_what_changes_the_text():
                                     "max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 3,
                                     "stop": ["x"], "logprobs": -1, "ignore_eos": False, "frequency_penalty": 0.0,
                                     "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
-                                    "logit_bias": [], "response_format": None, "tools": None}
+                                    "logit_bias": [], "response_format": None, "tools": None, "echo": False}
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     formatted = chat({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema,
                                                                                        "strict": True}}})

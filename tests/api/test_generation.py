@@ -150,7 +150,8 @@ BAD = [
     ({"model": "minilm-nope"}, "unknown model", None),
     ({"frequency_penalty": 2.5}, "frequency_penalty must be a number from -2.0 to 2.0", "frequency_penalty"),
     ({"presence_penalty": -3}, "presence_penalty must be a number from -2.0 to 2.0", "presence_penalty"),
-    ({"repetition_penalty": 0}, "repetition_penalty must be a number above 0", "repetition_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a number from 0.01 to 10", "repetition_penalty"),
+    ({"repetition_penalty": 5e-324}, "repetition_penalty must be a number from 0.01 to 10", "repetition_penalty"),
     ({"min_p": 1.5}, "min_p must be a number from 0.0 to 1.0", "min_p"),
     ({"logit_bias": {"the": 1}}, "logit_bias must map token ids", "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias must map token ids", "logit_bias"),
@@ -180,6 +181,26 @@ def test_the_penalties_clients_always_send_are_taken_and_change_the_answer(clien
                                             max_tokens=4, logit_bias={str(token): 100},
                                             extra_body={"ignore_eos": True})
     assert biased.choices[0].message.content == tokenizer.decode([token] * 4)
+
+
+def test_echo_puts_the_prompt_before_the_completion(client, gen_server, reference, smollm2_repo):
+    item = next(i for i in reference if "raw_prompt" in i)
+    plain = client.completions.create(model="smollm2-135m", prompt=item["raw_prompt"], **GREEDY)
+    echoed = client.completions.create(model="smollm2-135m", prompt=item["raw_prompt"], echo=True, **GREEDY)
+    assert echoed.choices[0].text == item["raw_prompt"] + plain.choices[0].text
+    assert echoed.usage.completion_tokens == plain.usage.completion_tokens
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2-135m", prompt=item["raw_prompt"], echo=True, stream=True, **GREEDY) if c.choices)
+    assert streamed == echoed.choices[0].text
+    tokenizer = Tokenizer.from_file(str(smollm2_repo / "smollm2-135m" / "1" / "tokenizer.json"))
+    token_ids = tokenizer.encode("The capital of France is").ids
+    by_ids = client.completions.create(model="smollm2-135m", prompt=token_ids, echo=True, max_tokens=3,
+                                       temperature=0)
+    alone = client.completions.create(model="smollm2-135m", prompt=token_ids, max_tokens=3, temperature=0)
+    assert by_ids.choices[0].text == "The capital of France is" + alone.choices[0].text  # the ids, decoded
+    refused = requests.post(f"{gen_server.url}/v1/completions", json={"model": "smollm2-135m", "prompt": "x",
+                                                                      "echo": True, "logprobs": 1}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo"
 
 
 def test_incremental_detokenizer_never_splits_characters(smollm2_repo):

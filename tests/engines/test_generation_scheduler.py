@@ -397,3 +397,18 @@ def _row_logits(decoder: FakeDecoder, prompt: list[int], params: SamplingParams)
         logits[EOS] = -np.inf
         yield logits / params.temperature
         length += 1
+
+
+async def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
+    decoder = FakeDecoder(rows=1, max_capacity=64)
+    generator = GenerationScheduler(decoder, GenerationLimits(slots=1, capacity=64, prefill_chunk=64), [EOS],
+                                    name="fake")
+    generator.start()
+    try:
+        prompt = [3, 7, 11]
+        tiny = SamplingParams(temperature=5e-324, seed=1, ignore_eos=True, max_tokens=6)
+        events = await collect(generator.submit(prompt, tiny))
+        assert all(e.error is None for e in events) and events[-1].finish_reason == "length"
+        assert tokens_of(events) == greedy_reference(decoder, prompt, 6)  # all mass on the top token
+    finally:
+        await generator.close(5)
