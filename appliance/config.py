@@ -43,6 +43,9 @@ class ServerConfig:
     access_log: bool = True
     workers: Annotated[int, Meta(ge=1, le=64)] = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "admin": GET /metrics needs an admin key (its series name tenants and models); "public": anyone who can reach
+    # the port may scrape it
+    metrics_access: Literal["public", "admin"] = "public"
 
 
 @dataclass

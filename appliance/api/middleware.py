@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from appliance.api.errors import error_response
-from appliance.api.state import ACCESS_LOG, AUTH, CALLER, LIFECYCLE, LIMITER, METRICS, TRACE
+from appliance.api.state import ACCESS_LOG, AUTH, CALLER, CONFIG, LIFECYCLE, LIMITER, METRICS, TRACE
 from appliance.auth import LOCAL, require_admin
 from appliance.errors import (ApplianceError, BadRequest, Forbidden, PayloadTooLarge, RateLimited, ServerDraining,
                               Unauthorized)
@@ -59,6 +59,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")
         if request.path not in PUBLIC:
             request[CALLER] = caller = _caller(request, _principal(request), arrived)
+        elif request.path == "/metrics" and app[CONFIG].server.metrics_access == "admin":
+            principal = app[AUTH].authenticate(request.headers.get("Authorization"))
+            require_admin(principal, "GET /metrics (server.metrics_access = 'admin')")
         response = await handler(request)
     except asyncio.CancelledError:  # the client left and aiohttp cancelled the handler: the work stops here
         _record(request, request_id, CLIENT_CLOSED, started, trace, caller)
