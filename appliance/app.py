@@ -112,7 +112,7 @@ def create_app(
     app[ACCESS_LOG] = AccessLog(access_log_stream, enabled=config.server.access_log)
     app[MODELS] = ModelManager(config, engine_factory, app[METRICS], decoder_factory=decoder_factory)
     app[CACHE] = ResponseCacheService(config.cache, config.paths.response_cache_dir(), app[METRICS])
-    app[UPSTREAMS] = {name: Upstream(upstream) for name, upstream in config.upstreams.items()}
+    app[UPSTREAMS] = {name: Upstream(upstream, metrics=app[METRICS]) for name, upstream in config.upstreams.items()}
     placement = Placement(Router(config.routing, app[MODELS]), Admission(config.admission), app[UPSTREAMS],
                           app[METRICS])
     if config.ledger.enabled:

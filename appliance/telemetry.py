@@ -14,6 +14,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class PendingIncrements:
@@ -135,6 +136,13 @@ class Metrics:
                                           registry=reg)
         self.auth_rejected = Counter("appliance_auth_rejected", "Requests refused by authentication, "
                                      "authorization or limits", ("reason",), registry=reg)
+        self.upstream_requests = Counter("appliance_upstream_requests", "Calls to cloud upstreams by outcome (ok, "
+                                         "client_error, rate_limited, failed, refused, cancelled, broke_off)",
+                                         ("upstream", "outcome"), registry=reg)
+        self.upstream_retries = Counter("appliance_upstream_retries", "Retries of upstream calls by what failed "
+                                        "(connect, timeout, status)", ("upstream", "reason"), registry=reg)
+        self.upstream_breaker = Gauge("appliance_upstream_breaker_state", "Circuit breaker per upstream: 0 closed, "
+                                      "1 half-open, 2 open", ("upstream",), registry=reg, multiprocess_mode="max")
 
     def _generation_collectors(self, labels: tuple[str, ...]) -> None:
         reg = self.registry
@@ -154,6 +162,18 @@ class Metrics:
                                        registry=reg, multiprocess_mode="livesum")
         self.kv_cache_usage = Gauge("appliance_kv_cache_usage_ratio", "Share of KV-cache positions in use", labels,
                                     registry=reg, multiprocess_mode="livemax")
+
+    def upstream_call(self, upstream: str, outcome: str) -> None:
+        """Count one upstream call's outcome."""
+        self.pending.add(self.upstream_requests.labels(upstream, outcome))
+
+    def upstream_retry(self, upstream: str, reason: str) -> None:
+        """Count one retry of an upstream call."""
+        self.pending.add(self.upstream_retries.labels(upstream, reason))
+
+    def upstream_breaker_state(self, upstream: str, state: str) -> None:
+        """Record an upstream's circuit-breaker state."""
+        self.upstream_breaker.labels(upstream).set(BREAKER_STATES[state])
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition: this process's registry, or the sum over all worker processes."""

@@ -35,6 +35,7 @@ import aiohttp
 import orjson
 
 from appliance.breaker import CircuitBreaker, RetryBudget
+from appliance.telemetry import Metrics
 from appliance.upstream_config import UpstreamConfig
 from appliance.errors import ModelNotFound, UpstreamRejected, UpstreamUnavailable
 
@@ -148,6 +149,8 @@ class UpstreamStream:
         if self._closed:
             return
         self._closed = True
+        if ok is False and self._upstream._metrics is not None:
+            self._upstream._metrics.upstream_call(self._upstream.name, "broke_off")
         if ok and self._response.content.at_eof():
             self._response.release()
         else:
@@ -158,9 +161,12 @@ class UpstreamStream:
 class Upstream:
     """One configured upstream: pooled client session, concurrency cap, circuit breaker, retries."""
 
-    def __init__(self, config: UpstreamConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: UpstreamConfig, clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
+        """``metrics`` (the server's) counts calls by outcome and retries, and follows the breaker's state."""
         self.name = config.name
         self.config = config
+        self._metrics = metrics
         self.breaker = CircuitBreaker(config.failure_threshold, config.error_rate_threshold, config.error_window,
                                       config.cooldown_s, clock)
         self._budget = RetryBudget(config.retry_budget, clock)
@@ -271,17 +277,26 @@ class Upstream:
                               headers=_relayed(response.headers), input_tokens=input_tokens,
                               output_tokens=output_tokens, cost=self.cost(input_tokens, output_tokens))
 
+    def _observe(self, outcome: str | None = None) -> None:
+        if self._metrics is not None:
+            if outcome is not None:
+                self._metrics.upstream_call(self.name, outcome)
+            self._metrics.upstream_breaker_state(self.name, self.breaker.state)
+
     def _admit(self) -> None:
         if self._in_flight >= self.config.max_concurrency:
+            self._observe("refused")
             raise UpstreamUnavailable(f"upstream {self.name!r} is at its concurrency cap "
                                       f"({self.config.max_concurrency} calls in flight)", retry_after_s=1.0)
         if not self.breaker.allow():
+            self._observe("refused")
             wait = self.breaker.retry_after_s()
             raise UpstreamUnavailable(f"upstream {self.name!r} is failing and its circuit breaker is "
                                       f"{self.breaker.state.replace('_', '-')} (last problem: {self._last_problem}); "
                                       f"retry in {wait:.1f} s", retry_after_s=wait)
         self._in_flight += 1
         self._budget.record_call()
+        self._observe()  # allow() may have half-opened the breaker
 
     def _release(self, ok: bool | None, problem: str = "") -> None:
         """End an admitted call: free its slot and give the breaker its verdict (``None``: no verdict)."""
@@ -289,10 +304,12 @@ class Upstream:
         before = self.breaker.state
         if ok is None:
             self.breaker.abandon()
+            self._observe()
             return
         if not ok:
             self._last_problem = problem
         self.breaker.record(ok)
+        self._observe()
         after = self.breaker.state
         if after == "open" and before != "open":
             log.warning("upstream %s: circuit breaker opened (%s); failing fast for %.1f s",
@@ -308,16 +325,20 @@ class Upstream:
         verdict: bool | None = None  # None (cancelled): no verdict for the breaker
         problem = ""
         handed_off = False
+        outcome = "cancelled"
         try:
             response, body = await self._attempts(url, data, headers, stream)
             verdict = response.status != 429  # a saturated upstream counts as failing; other 4xx are the caller's
             problem = "" if verdict else "answered 429 Too Many Requests"
+            outcome = "ok" if response.status < 400 else "rate_limited" if response.status == 429 else "client_error"
             handed_off = body is None
             return response, body
         except _AttemptsFailed as exc:
-            verdict, problem = False, exc.problem
+            verdict, problem, outcome = False, exc.problem, "failed"
             raise UpstreamUnavailable(f"upstream {self.name!r}: {problem}", retry_after_s=1.0) from None
         finally:
+            if self._metrics is not None:
+                self._metrics.upstream_call(self.name, outcome)
             if not handed_off:
                 self._release(verdict, problem)
 
@@ -353,6 +374,9 @@ class Upstream:
             if not retryable or attempt > self.config.retries or self.breaker.state == "open" \
                     or not self._budget.spend():
                 raise _AttemptsFailed(f"{problem} (after {attempt} attempt{'s' if attempt > 1 else ''})")
+            if self._metrics is not None:
+                self._metrics.upstream_retry(self.name, "status" if problem.startswith("answered") else
+                                             "timeout" if "timed out" in problem or "timeout" in problem else "connect")
             delay = min(MAX_BACKOFF_S, self.config.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             log.info("upstream %s: %s; retry %d of %d in %.3f s", self.name, problem, attempt, self.config.retries,
                      delay)

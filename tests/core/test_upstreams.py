@@ -122,10 +122,12 @@ async def server():
 async def make_upstream():
     made: list[Upstream] = []
 
-    def make(base_url: str, *, environ: dict | None = None, clock=time.monotonic, **settings) -> Upstream:
+    def make(base_url: str, *, environ: dict | None = None, clock=time.monotonic, metrics=None,
+             **settings) -> Upstream:
         table = {"kind": "openai", "base_url": base_url, "models": {"smollm2-135m": "gpt-4o-mini", "*": "*"},
                  "backoff_s": 0.001, **settings}
-        upstream = Upstream(parse_upstreams({"cloud": table}, "test.toml", environ or {})["cloud"], clock=clock)
+        upstream = Upstream(parse_upstreams({"cloud": table}, "test.toml", environ or {})["cloud"], clock=clock,
+                            metrics=metrics)
         made.append(upstream)
         return upstream
 
@@ -500,3 +502,37 @@ async def test_credential_not_in_logs_or_errors(server, make_upstream, caplog):
     assert any("retry 1 of 1" in record.getMessage() for record in caplog.records)
     assert all(SECRET not in text for text in [*messages, caplog.text])
     assert server.calls[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+
+
+async def test_calls_retries_and_the_breaker_are_in_the_metrics(server, make_upstream):
+    from appliance.telemetry import Metrics
+
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    server.fail_first = 2
+    upstream = make_upstream(server.url + "/prefix", retries=2, metrics=metrics)
+    assert (await upstream.openai("/v1/chat/completions", chat(), "smollm2-135m")).status == 200
+    assert value("appliance_upstream_requests_total", {"upstream": "cloud", "outcome": "ok"}) == 1
+    assert value("appliance_upstream_retries_total", {"upstream": "cloud", "reason": "status"}) == 2
+    assert value("appliance_upstream_breaker_state", {"upstream": "cloud"}) == 0
+    broken = make_upstream(f"http://127.0.0.1:{closed_port()}", retries=1, failure_threshold=2, cooldown_s=30,
+                           metrics=Metrics())
+    for _ in range(3):
+        with pytest.raises(UpstreamUnavailable):
+            await broken.openai("/v1/chat/completions", chat(), "smollm2-135m")
+    seen = broken._metrics.registry.get_sample_value
+    assert seen("appliance_upstream_requests_total", {"upstream": "cloud", "outcome": "failed"}) == 2
+    assert seen("appliance_upstream_requests_total", {"upstream": "cloud", "outcome": "refused"}) == 1
+    assert seen("appliance_upstream_retries_total", {"upstream": "cloud", "reason": "connect"}) == 2
+    assert seen("appliance_upstream_breaker_state", {"upstream": "cloud"}) == 2  # open
+
+
+async def test_a_429_is_counted_as_rate_limited(server, make_upstream):
+    from appliance.telemetry import Metrics
+
+    metrics = Metrics()
+    server.status = 429
+    upstream = make_upstream(server.url + "/prefix", metrics=metrics)
+    assert (await upstream.openai("/v1/chat/completions", chat(), "smollm2-135m")).status == 429
+    assert metrics.registry.get_sample_value("appliance_upstream_requests_total",
+                                             {"upstream": "cloud", "outcome": "rate_limited"}) == 1
