@@ -158,6 +158,12 @@ class CostLedger:
         self._tokens = Counter("appliance_usage_tokens", "Tokens of answered requests", (*labels, "direction"),
                                registry=registry)
         self._requests = Counter("appliance_usage_requests", "Answered requests", labels, registry=registry)
+        # By workflow tag, bounded like the ledger's rows: tags past max_workflows count as "other"; "" is untagged.
+        self._workflow_cost = Counter("appliance_workflow_cost", "Cost of answered requests by workflow tag",
+                                      ("workflow",), registry=registry)
+        self._workflow_tokens = Counter("appliance_workflow_tokens", "Tokens of answered requests by workflow tag",
+                                        ("workflow", "direction"), registry=registry)
+        self._workflow_children: dict[str, tuple[Counter, Counter, Counter]] = {}
 
     @property
     def path(self) -> Path:
@@ -187,7 +193,8 @@ class CostLedger:
         if not start <= now < end:
             day, start, end = _day_of(now)
             self._day = (start, end, day)
-        row = (day, record.tenant, record.key_id, record.model, record.place, self._workflow(record.workflow))
+        workflow = self._workflow(record.workflow)
+        row = (day, record.tenant, record.key_id, record.model, record.place, workflow)
         compute_s, cost, avoided = float(record.compute_s), float(record.cost), float(record.cost_avoided)
         totals = self._pending.get(row)
         if totals is None:
@@ -213,6 +220,14 @@ class CostLedger:
         add(children.avoided, avoided)
         add(children.input_tokens, record.input_tokens)
         add(children.output_tokens, record.output_tokens)
+        by_workflow = self._workflow_children.get(workflow)
+        if by_workflow is None:
+            by_workflow = self._workflow_children[workflow] = (
+                self._workflow_cost.labels(workflow), self._workflow_tokens.labels(workflow, "input"),
+                self._workflow_tokens.labels(workflow, "output"))
+        add(by_workflow[0], cost)
+        add(by_workflow[1], record.input_tokens)
+        add(by_workflow[2], record.output_tokens)
 
     def _workflow(self, tag: str) -> str:
         if tag in self._known or tag in _UNCOUNTED_TAGS or tag in self._candidates:

@@ -273,6 +273,24 @@ async def test_prometheus_counters_count_at_record_time(tmp_path: Path) -> None:
     assert value("appliance_cost_total", {"tenant": "globex", "model": "minilm", "place": "cloud"}) is None
 
 
+async def test_cost_and_tokens_by_workflow_are_bounded_like_the_ledger(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    ledger = CostLedger(tmp_path / "ledger", registry, max_workflows=1, clock=ManualClock(DAY0 + 3600))
+    ledger.record(UsageRecord("acme", "k1", "m", "local", workflow="triage", input_tokens=4, output_tokens=2,
+                              cost=0.5))
+    ledger.record(UsageRecord("acme", "k1", "m", "cloud", workflow="triage", input_tokens=1, cost=0.25))
+    ledger.record(UsageRecord("acme", "k1", "m", "local", workflow="summaries", input_tokens=7, cost=1.0))
+    ledger.record(UsageRecord("acme", "k1", "m", "local", input_tokens=3))
+    value = registry.get_sample_value
+    assert value("appliance_workflow_cost_total", {"workflow": "triage"}) == 0.75
+    assert value("appliance_workflow_tokens_total", {"workflow": "triage", "direction": "input"}) == 5
+    assert value("appliance_workflow_tokens_total", {"workflow": "triage", "direction": "output"}) == 2
+    # max_workflows = 1: a second tag counts as "other", never a series of its own
+    assert value("appliance_workflow_cost_total", {"workflow": "summaries"}) is None
+    assert value("appliance_workflow_cost_total", {"workflow": "other"}) == 1.0
+    assert value("appliance_workflow_tokens_total", {"workflow": "", "direction": "input"}) == 3
+
+
 async def test_record_does_no_io_until_flush(tmp_path: Path) -> None:
     path = tmp_path / "ledger"
     ledger = make_ledger(path)
