@@ -19,7 +19,8 @@ from appliance.engines.buckets import Buckets, batch_buckets, powers_of_two
 from appliance.engines.generation import GenerationLimits
 from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
-from appliance.engines.runtime_choice import DECODER_CHOICE, PORTABLE_GRAPH, Machine, RuntimeChoice, choose_runtime, probe_machine
+from appliance.engines.runtime_choice import (DECODER_CHOICE, PORTABLE_GRAPH, PROVIDER_NAMES, Machine, RuntimeChoice,
+                                             choose_runtime, probe_machine)
 from appliance.model_spec import ModelSpec
 
 log = logging.getLogger("appliance.engines")
@@ -85,8 +86,7 @@ def ort_options(spec: ModelSpec, config: Config, choice: RuntimeChoice | None = 
     )
     if choice is None:
         return options
-    ids = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
-    options.providers = [ids[p] for p in choice.providers]
+    options.providers = [PROVIDER_NAMES[p] for p in choice.providers]
     batches = batch_buckets(engine.batch_buckets, spec.batching.max_batch_size)
     sequences = sequence_buckets(spec, choice.on_gpu)
     options.batch_buckets = batches

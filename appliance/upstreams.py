@@ -149,8 +149,8 @@ class UpstreamStream:
         if self._closed:
             return
         self._closed = True
-        if ok is False and self._upstream._metrics is not None:
-            self._upstream._metrics.upstream_call(self._upstream.name, "broke_off")
+        if ok is False:
+            self._upstream._observe("broke_off")
         if ok and self._response.content.at_eof():
             self._response.release()
         else:
@@ -337,8 +337,7 @@ class Upstream:
             verdict, problem, outcome = False, exc.problem, "failed"
             raise UpstreamUnavailable(f"upstream {self.name!r}: {problem}", retry_after_s=1.0) from None
         finally:
-            if self._metrics is not None:
-                self._metrics.upstream_call(self.name, outcome)
+            self._observe(outcome)
             if not handed_off:
                 self._release(verdict, problem)
 
@@ -358,6 +357,7 @@ class Upstream:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 problem = _describe(exc, limit)
                 retryable = isinstance(exc, (aiohttp.ClientConnectionError, TimeoutError))
+                reason = "timeout" if isinstance(exc, TimeoutError) else "connect"
             else:
                 if stream and response.status == 200:
                     return response, None
@@ -371,12 +371,12 @@ class Upstream:
                     return response, body
                 problem = f"answered {response.status} {response.reason or ''}".rstrip()
                 retryable = response.status in RETRY_STATUSES
+                reason = "status"
             if not retryable or attempt > self.config.retries or self.breaker.state == "open" \
                     or not self._budget.spend():
                 raise _AttemptsFailed(f"{problem} (after {attempt} attempt{'s' if attempt > 1 else ''})")
             if self._metrics is not None:
-                self._metrics.upstream_retry(self.name, "status" if problem.startswith("answered") else
-                                             "timeout" if "timed out" in problem or "timeout" in problem else "connect")
+                self._metrics.upstream_retry(self.name, reason)
             delay = min(MAX_BACKOFF_S, self.config.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
             log.info("upstream %s: %s; retry %d of %d in %.3f s", self.name, problem, attempt, self.config.retries,
                      delay)

@@ -64,11 +64,6 @@ class Constraint:
         """Whether the answer is complete: the grammar takes nothing more but the end token."""
         return bool(self._matcher.is_stopped())
 
-    @property
-    def accepting(self) -> bool:
-        """Whether the answer so far is complete (it may also go on)."""
-        return bool(self._matcher.is_accepting())
-
 
 class GrammarCompiler:
     """Compiles response formats for one model's tokenizer (``tokenizer.json`` text) and end tokens."""

@@ -127,24 +127,26 @@ class BoundRunner:
         return {name: slot.outputs[name].numpy()[:rows].copy() for name in self._output_names}
 
     def _eager(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.eager_runs += 1
+        values = self._session.run(self._output_names, dict(inputs), self._eager_options())
+        return dict(zip(self._output_names, values))
+
+    def _eager_options(self) -> Any:
+        """Run options that turn capture off (graph id -1) where graphs are on; else none (they cost ~60 us)."""
+        if not self._graphs_on:
+            return None
         import onnxruntime as ort
 
-        self.eager_runs += 1
         options = ort.RunOptions()
-        if self._graphs_on:
-            options.add_run_config_entry("gpu_graph_id", str(EAGER))
-        values = self._session.run(self._output_names, dict(inputs), options)
-        return dict(zip(self._output_names, values))
+        options.add_run_config_entry("gpu_graph_id", str(EAGER))
+        return options
 
     def _bind(self, key: tuple, padded: Mapping[str, np.ndarray]) -> _Slot:
         """Buffers for a new bucket shape: the output shapes come from one ordinary run at that shape."""
         import onnxruntime as ort
 
         graph = self.graphs.graph_id(key) if self._graphs_on else EAGER
-        probe = ort.RunOptions()
-        if self._graphs_on:
-            probe.add_run_config_entry("gpu_graph_id", str(EAGER))
-        samples = self._session.run(self._output_names, dict(padded), probe)
+        samples = self._session.run(self._output_names, dict(padded), self._eager_options())
         binding = self._session.io_binding()
         on_cpu = self._share
         staging = {name: np.zeros(value.shape, value.dtype) for name, value in padded.items()}

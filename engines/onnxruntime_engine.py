@@ -13,16 +13,11 @@ import numpy as np
 
 from appliance.engines.buckets import Buckets
 from appliance.engines.io_binding import BoundRunner
-from appliance.engines.runtime_choice import RuntimeChoice
+from appliance.engines.runtime_choice import PROVIDER_IDS, RuntimeChoice, choose_providers
 from appliance.engines.tensors import TensorSpec
 
 log = logging.getLogger("appliance.engines.onnxruntime")
 
-PROVIDER_IDS = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
 
 ORT_TO_V2 = {
     "tensor(bool)": "BOOL",
@@ -57,14 +52,6 @@ class OrtOptions:
     cuda_graphs: bool = False  # a CUDA graph per bucket shape, where the CUDA execution provider runs the model
     warm_shapes: list[dict[str, tuple[int, ...]]] = field(default_factory=list)  # shapes captured at thread start
     max_graphs: int = 64
-
-
-def choose_providers(preference: Sequence[str], available: Sequence[str]) -> list[str]:
-    """The ONNX Runtime provider ids to use: ``preference`` filtered by ``available``, CPU always last."""
-    chosen = [PROVIDER_IDS[name] for name in preference if PROVIDER_IDS[name] in available]
-    if PROVIDER_IDS["cpu"] not in chosen:
-        chosen.append(PROVIDER_IDS["cpu"])
-    return chosen
 
 
 def _shape(dims: Sequence[object]) -> tuple[int, ...]:

@@ -29,6 +29,15 @@ TensorRT (the plan build and the TensorRT execution provider), whose ONNX parser
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 PROVIDER_IDS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
                 "cpu": "CPUExecutionProvider"}
+PROVIDER_NAMES = {provider: name for name, provider in PROVIDER_IDS.items()}  # ONNX Runtime's id -> ours
+
+
+def choose_providers(preference: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The ONNX Runtime provider ids to use: ``preference`` filtered by ``available``, CPU always last."""
+    chosen = [PROVIDER_IDS[name] for name in preference if PROVIDER_IDS[name] in available]
+    if PROVIDER_IDS["cpu"] not in chosen:
+        chosen.append(PROVIDER_IDS["cpu"])
+    return chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +144,7 @@ def choose_runtime(kind: str, model_dir: Path, preference: Sequence[str], machin
     if kind == "auto" and matching is not None and machine.native_tensorrt:
         return RuntimeChoice("tensorrt", f"auto: plan {machine.plan_key} matches this GPU and TensorRT{stale}",
                              providers=(), plan=matching, gpus=machine.gpus[:1])
-    chosen = [PROVIDER_IDS[name] for name in preference if PROVIDER_IDS[name] in machine.providers]
-    if PROVIDER_IDS["cpu"] not in chosen:
-        chosen.append(PROVIDER_IDS["cpu"])
+    chosen = choose_providers(preference, machine.providers)
     if chosen[0] in GPU_PROVIDERS and not machine.gpus:
         chosen = [p for p in chosen if p not in GPU_PROVIDERS]  # the GPU build of ONNX Runtime, but no GPU answers
         reason = "onnxruntime-gpu is installed but no CUDA device answers"

@@ -362,30 +362,25 @@ def penalized_reference(decoder: FakeDecoder, prompt: list[int], count: int, fre
     return out
 
 
-async def test_the_scheduler_applies_the_penalties_as_defined():
+async def test_the_scheduler_applies_the_penalties_as_defined(running):
     decoder = FakeDecoder(rows=2, max_capacity=64)
-    generator = GenerationScheduler(decoder, GenerationLimits(slots=2, capacity=64, prefill_chunk=64), [EOS],
-                                    name="fake")
-    generator.start()
-    try:
-        prompt = [3, 7, 11]
-        plain = tokens_of(await collect(generator.submit(prompt, SamplingParams(temperature=0, ignore_eos=True,
-                                                                                  max_tokens=12))))
-        for frequency, presence, repetition in ((1.5, 0.0, 1.0), (0.0, 2.0, 1.0), (0.0, 0.0, 3.0)):
-            options = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, frequency_penalty=frequency,
-                                     presence_penalty=presence, repetition_penalty=repetition)
-            got = tokens_of(await collect(generator.submit(prompt, options)))
-            assert got == penalized_reference(decoder, prompt, 12, frequency, presence, repetition)
-            assert got != plain  # the fake's greedy output repeats tokens: every penalty changes it
-        biased = SamplingParams(temperature=0, ignore_eos=True, max_tokens=5, logit_bias={42: 100.0})
-        assert tokens_of(await collect(generator.submit(prompt, biased))) == [42] * 5
-        sampled = SamplingParams(temperature=1.0, seed=3, ignore_eos=True, max_tokens=30, min_p=0.5)
-        for token, logits in zip(tokens_of(await collect(generator.submit(prompt, sampled))), _row_logits(
-                decoder, prompt, sampled)):
-            probs = np.exp(logits - logits.max())
-            assert probs[token] >= 0.5 * probs.max()  # nothing below min_p times the most likely was chosen
-    finally:
-        await generator.close(5)
+    generator = running(decoder)
+    prompt = [3, 7, 11]
+    plain = tokens_of(await collect(generator.submit(prompt, SamplingParams(temperature=0, ignore_eos=True,
+                                                                              max_tokens=12))))
+    for frequency, presence, repetition in ((1.5, 0.0, 1.0), (0.0, 2.0, 1.0), (0.0, 0.0, 3.0)):
+        options = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, frequency_penalty=frequency,
+                                 presence_penalty=presence, repetition_penalty=repetition)
+        got = tokens_of(await collect(generator.submit(prompt, options)))
+        assert got == penalized_reference(decoder, prompt, 12, frequency, presence, repetition)
+        assert got != plain  # the fake's greedy output repeats tokens: every penalty changes it
+    biased = SamplingParams(temperature=0, ignore_eos=True, max_tokens=5, logit_bias={42: 100.0})
+    assert tokens_of(await collect(generator.submit(prompt, biased))) == [42] * 5
+    sampled = SamplingParams(temperature=1.0, seed=3, ignore_eos=True, max_tokens=30, min_p=0.5)
+    for token, logits in zip(tokens_of(await collect(generator.submit(prompt, sampled))), _row_logits(
+            decoder, prompt, sampled)):
+        probs = np.exp(logits - logits.max())
+        assert probs[token] >= 0.5 * probs.max()  # nothing below min_p times the most likely was chosen
 
 
 def _row_logits(decoder: FakeDecoder, prompt: list[int], params: SamplingParams):
@@ -399,16 +394,11 @@ def _row_logits(decoder: FakeDecoder, prompt: list[int], params: SamplingParams)
         length += 1
 
 
-async def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing():
+async def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing(running):
     decoder = FakeDecoder(rows=1, max_capacity=64)
-    generator = GenerationScheduler(decoder, GenerationLimits(slots=1, capacity=64, prefill_chunk=64), [EOS],
-                                    name="fake")
-    generator.start()
-    try:
-        prompt = [3, 7, 11]
-        tiny = SamplingParams(temperature=5e-324, seed=1, ignore_eos=True, max_tokens=6)
-        events = await collect(generator.submit(prompt, tiny))
-        assert all(e.error is None for e in events) and events[-1].finish_reason == "length"
-        assert tokens_of(events) == greedy_reference(decoder, prompt, 6)  # all mass on the top token
-    finally:
-        await generator.close(5)
+    generator = running(decoder)
+    prompt = [3, 7, 11]
+    tiny = SamplingParams(temperature=5e-324, seed=1, ignore_eos=True, max_tokens=6)
+    events = await collect(generator.submit(prompt, tiny))
+    assert all(e.error is None for e in events) and events[-1].finish_reason == "length"
+    assert tokens_of(events) == greedy_reference(decoder, prompt, 6)  # all mass on the top token
