@@ -46,16 +46,9 @@ def messages() -> list[dict]:
     return [{"role": "system", "content": SYSTEM.format(n=next(_COUNTER))}, {"role": "user", "content": QUESTION}]
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, model: str) -> dict:
-    body = {"model": model, "messages": messages(), "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if model == PEER_MODEL:
-        body["logit_bias"] = {"2": -100, "0": -100}  # llama.cpp: never end early (the end-of-text ids)
-    else:
-        body["ignore_eos"] = True
-    started = time.perf_counter()
-    first = None
-    usage = {}
+async def stream_chat(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[float | None, float, dict]:
+    """POST a streamed chat body; seconds to the first content, seconds in all, and the usage chunk's counts."""
+    started, first, usage = time.perf_counter(), None, {}
     async with session.post(f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for raw in response.content:
@@ -63,11 +56,20 @@ async def one_stream(session: aiohttp.ClientSession, url: str, model: str) -> di
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
+            usage = chunk.get("usage") or usage
             if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 first = time.perf_counter() - started
-    total = time.perf_counter() - started
+    return first, time.perf_counter() - started, usage
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, model: str) -> dict:
+    body = {"model": model, "messages": messages(), "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if model == PEER_MODEL:
+        body["logit_bias"] = {"2": -100, "0": -100}  # llama.cpp: never end early (the end-of-text ids)
+    else:
+        body["ignore_eos"] = True
+    first, total, usage = await stream_chat(session, url, body)
     tokens = usage.get("completion_tokens", NEW_TOKENS)
     return {"ttft_s": first, "total_s": total, "tokens": tokens, "prompt_tokens": usage.get("prompt_tokens"),
             "decode_tok_s": (tokens - 1) / (total - first)}

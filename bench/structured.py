@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from statistics import median
 
@@ -25,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
 from appliance_server import running_appliance  # noqa: E402
+from generation import stream_chat  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
@@ -49,18 +48,7 @@ async def one(session: aiohttp.ClientSession, url: str, model: str, constrained:
         body["max_tokens"] = 400
     else:
         body.update(max_tokens=tokens, ignore_eos=True)
-    started, first, usage = time.perf_counter(), None, {}
-    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                first = time.perf_counter() - started
-    total = time.perf_counter() - started
+    first, total, usage = await stream_chat(session, url, body)
     count = usage.get("completion_tokens", 0)
     return {"tokens": count, "decode_tok_s": (count - 1) / (total - first) if first and count > 1 else 0.0}
 
