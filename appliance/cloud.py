@@ -84,23 +84,23 @@ class Cloud:
             _check(upstream, route, result)
             tokens.prompt_tokens, tokens.completion_tokens = result.input_tokens, result.output_tokens
             cost.value = result.cost
-            chunk = _whole_answer(upstream, route, result.body, request.chat)
-            return _one(chunk)
+            return _replay(_whole_answer(upstream, route, result.body, request.chat, request.choice_count))
         body["stream_options"] = {"include_usage": True}
         try:
             _, events = await upstream.openai_stream(path, body, route.model)
         except ApplianceError as exc:
             raise _failed(upstream, route, exc) from None
-        return _streamed(upstream, route, events, request.chat, tokens, cost)
+        return _streamed(upstream, route, events, request.chat, tokens, cost, request.choice_count)
 
 
-async def _one(chunk: Chunk) -> AsyncIterator[Chunk]:
-    yield chunk
+async def _replay(chunks: list[Chunk]) -> AsyncIterator[Chunk]:
+    for chunk in chunks:
+        yield chunk
 
 
 async def _streamed(upstream: Upstream, route: Route, events: Any, chat: bool, tokens: TokenCount,
-                    cost: CloudCost) -> AsyncIterator[Chunk]:
-    finish: str | None = None
+                    cost: CloudCost, choices: int) -> AsyncIterator[Chunk]:
+    finish: dict[int, str] = {}
     try:
         async for event in events:
             data = b"\n".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:")).strip()
@@ -118,7 +118,10 @@ async def _streamed(upstream: Upstream, route: Route, events: Any, chat: bool, t
             cost.value = events.cost
             for choice in doc.get("choices") or []:
                 chunk = _choice_chunk(choice, chat, delta=True)
-                finish = chunk.finish_reason or finish
+                if not 0 <= chunk.index < choices:
+                    raise _failed(upstream, route, f"sent choice {chunk.index} of {choices} asked for")
+                if chunk.finish_reason is not None:
+                    finish[chunk.index] = chunk.finish_reason
                 chunk.finish_reason = None  # the end is announced once the usage chunk has come
                 if chunk.text or chunk.logprobs:
                     yield chunk
@@ -126,20 +129,24 @@ async def _streamed(upstream: Upstream, route: Route, events: Any, chat: bool, t
         raise _failed(upstream, route, exc) from None
     finally:
         await events.aclose()
-    if finish is None:
-        raise _failed(upstream, route, "ended the stream without a finish reason")
-    yield Chunk(finish_reason=finish)
+    if len(finish) < choices:
+        raise _failed(upstream, route, "ended the stream without a finish reason for every choice")
+    for index in range(choices):
+        yield Chunk(finish_reason=finish[index], index=index)
 
 
-def _whole_answer(upstream: Upstream, route: Route, body: bytes, chat: bool) -> Chunk:
+def _whole_answer(upstream: Upstream, route: Route, body: bytes, chat: bool, choices: int) -> list[Chunk]:
+    """The answer's choices, each as one chunk that ends it; exactly the ``choices`` asked for, by index."""
     try:
         doc = orjson.loads(body)
-        choice = doc["choices"][0]
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        chunks = [_choice_chunk(choice, chat, delta=False) for choice in doc["choices"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise _failed(upstream, route, "answered with a body that is not a completion") from None
-    chunk = _choice_chunk(choice, chat, delta=False)
-    chunk.finish_reason = chunk.finish_reason or "stop"
-    return chunk
+    if sorted(chunk.index for chunk in chunks) != list(range(choices)):
+        raise _failed(upstream, route, f"answered {len(chunks)} choices where {choices} were asked for")
+    for chunk in chunks:
+        chunk.finish_reason = chunk.finish_reason or "stop"
+    return sorted(chunks, key=lambda chunk: chunk.index)
 
 
 def _choice_chunk(choice: dict, chat: bool, *, delta: bool) -> Chunk:
@@ -151,7 +158,9 @@ def _choice_chunk(choice: dict, chat: bool, *, delta: bool) -> Chunk:
     else:
         text = choice.get("text") or ""
         logprobs = _legacy_logprobs(choice.get("logprobs"))
-    return Chunk(text=text, logprobs=list(logprobs), finish_reason=choice.get("finish_reason"))
+    index = choice.get("index", 0)
+    return Chunk(text=text, logprobs=list(logprobs), finish_reason=choice.get("finish_reason"),
+                 index=index if isinstance(index, int) and not isinstance(index, bool) else -1)
 
 
 def _legacy_logprobs(logprobs: Any) -> list[dict]:

@@ -22,18 +22,21 @@ class TokenCount:
 
 @dataclass(slots=True)
 class Chunk:
-    """A piece of the answer: text that is final, the token ids it came from, their logprob entries (OpenAI's
-    ``{token, logprob, bytes, top_logprobs}``) and, on the last chunk, why it ended and the totals."""
+    """A piece of one choice of the answer: text that is final, the token ids it came from, their logprob entries
+    (OpenAI's ``{token, logprob, bytes, top_logprobs}``) and, on the choice's last chunk, why it ended; the stream's
+    last chunk also carries the totals."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None  # stop, length
     usage: TokenCount | None = None
+    index: int = 0  # the choice (several with ``n`` > 1 or a list of prompts)
 
 
 class GenerationStream:
-    """An async iterator of :class:`Chunk` that ends after the chunk carrying ``finish_reason``.
+    """An async iterator of :class:`Chunk` for ``choices`` choices (indices ``0 .. choices - 1``, interleaved) that
+    ends after every choice's chunk carrying its ``finish_reason``.
 
     Whoever reads it must close it (:meth:`aclose`, or ``async with``) whether it read to the end or not: closing
     stops the generation if it still runs and settles the request (its place at the model's gate, the accounting,
@@ -41,10 +44,12 @@ class GenerationStream:
     """
 
     def __init__(self, model: str, chunks: AsyncIterator[Chunk], tokens: TokenCount,
-                 on_close: Callable[[GenerationStream], None]) -> None:
+                 on_close: Callable[[GenerationStream], None], choices: int = 1) -> None:
         self.model = model  # the model that answers, or ``<upstream>:<model>``
         self.tokens = tokens  # kept up to date by the source as chunks arrive
-        self.finish_reason: str | None = None
+        self.choices = choices
+        self.finish_reasons: dict[int, str] = {}  # by choice, as each ends
+        self.finish_reason: str | None = None  # the first choice's, once every choice has ended
         self.started = False  # at least one chunk was delivered
         self._chunks = chunks
         self._on_close: Callable[[GenerationStream], None] | None = on_close
@@ -65,8 +70,10 @@ class GenerationStream:
             raise
         self.started = True
         if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
-            chunk.usage = self.tokens
+            self.finish_reasons[chunk.index] = chunk.finish_reason
+            if len(self.finish_reasons) >= self.choices:
+                self.finish_reason = self.finish_reasons.get(0, chunk.finish_reason)
+                chunk.usage = self.tokens
         return chunk
 
     async def aclose(self) -> None:

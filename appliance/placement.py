@@ -80,8 +80,8 @@ class Placement:
             text = "\n".join(m["content"] for m in request.messages)
             turns = sum(1 for m in request.messages if m["role"] == "user")
         else:
-            prompt = request.prompt
-            text, turns = (prompt if isinstance(prompt, str) else " ".join(map(str, prompt or []))), 1
+            text = "\n".join(p if isinstance(p, str) else " ".join(map(str, p or [])) for p in request.prompt_list)
+            turns = 1
 
         def cloud() -> str | None:
             upstream = self.router.config.cloud_upstream

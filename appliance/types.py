@@ -165,9 +165,6 @@ class EmbedRequest:
     caller: Caller = field(default_factory=Caller)
     trace: Trace = field(default_factory=Trace)
     wire: dict[str, Any] | None = None  # the JSON body as it came, for a cloud upstream
-    response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)
-    tools: ToolSet | None = None  # functions the model may (or must) call
-    echo: bool = False  # completions: the answer's text begins with the prompt
 
 
 @dataclass(slots=True)
@@ -206,3 +203,15 @@ class GenerateRequest:
     response_format: tuple[str, Any, bool] | None = None  # constrained decoding: (kind, schema, strict)
     tools: ToolSet | None = None  # functions the model may (or must) call
     echo: bool = False  # completions: the answer's text begins with the prompt
+    n: int = 1  # choices per prompt
+    prompts: list[str | list[int]] | None = None  # completions given a list of several prompts (else ``prompt``)
+
+    @property
+    def prompt_list(self) -> list[str | list[int] | None]:
+        """The completions prompts, one or several (``[None]`` for a chat request)."""
+        return list(self.prompts) if self.prompts is not None else [self.prompt]
+
+    @property
+    def choice_count(self) -> int:
+        """Choices in the answer: ``n`` for each prompt (choice ``i`` answers prompt ``i // n``)."""
+        return self.n * len(self.prompt_list)

@@ -83,6 +83,11 @@ class Decoder(Protocol):
         """Give back memory grown for long sequences; only called while no row holds a sequence."""
         ...
 
+    def copy_row(self, source: int, targets: list[int], positions: int) -> None:
+        """Copy positions ``[0, positions)`` of row ``source`` into each of the rows ``targets`` (a prompt
+        prefilled once for several samples)."""
+        ...
+
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """One step over rows ``start_row .. start_row + len(input_ids)``.
 

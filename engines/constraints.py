@@ -59,6 +59,10 @@ class Constraint:
         if not self._matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: {self._matcher.get_error()}")
 
+    def copy(self) -> Constraint:
+        """A constraint in the same state that moves on by itself (one per sample of a group)."""
+        return Constraint(self._matcher.deep_copy(), self._vocab_size)
+
     @property
     def finished(self) -> bool:
         """Whether the answer is complete: the grammar takes nothing more but the end token."""

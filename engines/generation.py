@@ -9,6 +9,10 @@ for long, then runs one decode call for every decoding row together. Tokens are 
 temperature, top-p, top-k) with each request's own seeded generator, and handed to the event loop as they come.
 A cancelled or expired sequence frees its slot at the next step boundary.
 
+Several samples of one prompt (OpenAI's ``n``) are a *group*: admitted together into as many free slots, the prompt
+prefilled once in the first one, its KV row copied to the others on the decoder (:meth:`Decoder.copy_row`), and
+each sample drawn from the same last-position logits with its own generator.
+
 A *reproducible* sequence gets the tokens it would get alone, whatever runs beside it: its prompt is prefilled in
 fixed chunks of ``prefill_chunk`` (a chunk the step's remaining budget cannot hold waits for the next step rather
 than being cut), and each of its decode steps is a call of its own (one row, the kernels a lone sequence runs on),
@@ -74,6 +78,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop" (end token), "length" (max_tokens or context), "error"
     error: BaseException | None = None
+    index: int = 0  # the sequence's index in its request (a group's samples share one event queue)
 
 
 @dataclass(eq=False)
@@ -97,9 +102,14 @@ class Sequence:
     output_counts: dict[int, int] = field(default_factory=dict)  # generated token -> times, for the penalties
     prompt_ids: np.ndarray | None = None  # the prompt's distinct ids, for the repetition penalty
     constraint: Constraint | None = None  # structured output: the grammar the tokens follow
+    index: int = 0  # its place among the request's sequences (the choice index)
+    followers: list[Sequence] = field(default_factory=list)  # the other samples of a group, on the first one
+    leader: Sequence | None = None  # on a follower: the sequence whose prefill it copies
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.params.seed)
+        # A group's first sample draws what a lone request with the same seed draws; the others, their own streams.
+        seed = self.params.seed
+        self.rng = np.random.default_rng(seed if seed is None or self.index == 0 else [seed, self.index])
         if self.params.repetition_penalty != 1.0:
             self.prompt_ids = np.unique(np.asarray(self.prompt, np.int64))
 
@@ -172,22 +182,43 @@ class GenerationScheduler:
         ``constraint``: the grammar its tokens must follow (structured output); it ends when the grammar does.
         An empty prompt is a ``ValueError``: with no position to sample from, it would wait forever.
         """
+        return self.submit_group(prompt, params, 1, deadline, reproducible=reproducible,
+                                 constraints=[constraint])[0]
+
+    def submit_group(self, prompt: list[int], params: SamplingParams, count: int, deadline: float | None = None, *,
+                     reproducible: bool = False, constraints: list[Constraint | None] | None = None,
+                     events: asyncio.Queue | None = None, first_index: int = 0) -> list[Sequence]:
+        """Queue ``count`` samples of one prompt, prefilled once (see the module docstring).
+
+        Their events go to one queue (``events``, a new one by default), each marked with its sequence's
+        ``index``: ``first_index`` onwards. ``constraints``: one per sample (or none). More samples than the
+        scheduler has slots is a ``ValueError``: the group could never be admitted.
+        """
         if not prompt:
             raise ValueError("a sequence needs at least one prompt token")
+        if not 1 <= count <= self.limits.slots:
+            raise ValueError(f"a group of {count} samples does not fit {self.limits.slots} slots")
         if self._closing or self._loop is None:
             raise ModelNotReady(f"model {self._name} is unloading; retry to reach the version now serving")
         if len(self._waiting) >= self.limits.max_waiting:
             wait = self.estimated_wait_s()
             raise QueueFull(f"model {self._name} has {len(self._waiting)} sequences waiting (the limit); retry "
                             f"after about {wait:.0f} s", retry_after_s=wait)
-        sequence = Sequence(list(prompt), params, asyncio.Queue(), deadline, self._clock(), reproducible=reproducible,
-                            constraint=constraint)
+        queue_ = events if events is not None else asyncio.Queue()
+        wanted = constraints or [None] * count
+        now = self._clock()
+        group = [Sequence(list(prompt), params, queue_, deadline, now, reproducible=reproducible,
+                          constraint=wanted[i], index=first_index + i) for i in range(count)]
+        leader = group[0]
+        leader.followers = group[1:]
+        for follower in leader.followers:
+            follower.leader = leader
         with self._lock:
-            self._waiting.append(sequence)
+            self._waiting.append(leader)
             idle = self._idle
         if idle:
             self._wake.put(None)
-        return sequence
+        return group
 
     def cancel(self, sequence: Sequence) -> None:
         """Stop generating ``sequence``; its slot is freed at the next step boundary."""
@@ -205,6 +236,7 @@ class GenerationScheduler:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout_s)
 
     def _emit(self, sequence: Sequence, event: TokenEvent) -> None:
+        event.index = sequence.index
         self._outbox.append((sequence, event))
 
     def _deliver(self) -> None:
@@ -246,7 +278,8 @@ class GenerationScheduler:
                 self._finish(slot, TokenEvent(None, finish_reason="cancelled" if sequence.cancelled else "timeout"))
         self._admit(now)
         budget = self.limits.prefill_chunk
-        prefilling = [slot for slot, s in enumerate(self._slots) if s is not None and s.prefilled < len(s.prompt)]
+        prefilling = [slot for slot, s in enumerate(self._slots)
+                      if s is not None and s.leader is None and s.prefilled < len(s.prompt)]
         # Reproducible rows first: the first prefill of a step always has the whole budget, so they never starve.
         for slot in sorted(prefilling, key=lambda slot: not self._reproducible(slot)):
             if budget <= 0:
@@ -274,20 +307,26 @@ class GenerationScheduler:
         return sequence is not None and sequence.reproducible
 
     def _admit(self, now: float) -> None:
+        """Waiting sequences (a group as a whole, when its slots are free) into free slots, in arrival order."""
         with self._lock:
-            for slot in range(len(self._slots)):
-                if self._slots[slot] is not None:
+            free = [slot for slot, sequence in enumerate(self._slots) if sequence is None]
+            while self._waiting and free:
+                sequence = self._waiting[0]
+                group = [sequence, *sequence.followers]
+                if sequence.cancelled:
+                    self._waiting.popleft()
                     continue
-                while self._waiting:
-                    sequence = self._waiting.popleft()
-                    if sequence.cancelled:
-                        continue
-                    if sequence.deadline is not None and now > sequence.deadline:
-                        self._emit(sequence, TokenEvent(None, finish_reason="timeout"))
-                        continue
-                    sequence.slot, sequence.admitted_at = slot, now
-                    self._slots[slot] = sequence
-                    break
+                if sequence.deadline is not None and now > sequence.deadline:
+                    self._waiting.popleft()
+                    for member in group:
+                        self._emit(member, TokenEvent(None, finish_reason="timeout"))
+                    continue
+                if len(group) > len(free):
+                    break  # first come, first served: a group waits for its slots rather than being overtaken
+                self._waiting.popleft()
+                for member in group:
+                    member.slot, member.admitted_at = free.pop(0), now
+                    self._slots[member.slot] = member
 
     def _prefill(self, slot: int, sequence: Sequence, budget: int) -> int:
         chunk = sequence.prompt[sequence.prefilled: sequence.prefilled + budget]
@@ -296,6 +335,12 @@ class GenerationScheduler:
         logits = self._decoder.run(slot, np.array([chunk], np.int64), np.array([end - 1], np.int32))
         sequence.prefilled = sequence.length = end
         if end == len(sequence.prompt):
+            followers = [f for f in sequence.followers if self._slots[f.slot] is f]
+            if followers:
+                self._decoder.copy_row(slot, [f.slot for f in followers], end)
+            for follower in followers:
+                follower.prefilled = follower.length = end
+                self._sample(follower.slot, follower, logits[0].copy())  # sampling may edit its row in place
             self._sample(slot, sequence, logits[0])
         return len(chunk)
 
@@ -389,6 +434,12 @@ class GenerationScheduler:
         self._slots[slot] = None
         if sequence is not None:
             self._emit(sequence, event)
+            if sequence.prefilled < len(sequence.prompt):  # its group's other samples would wait for it forever
+                for follower in sequence.followers:
+                    if self._slots[follower.slot] is follower:
+                        self._slots[follower.slot] = None
+                        self._emit(follower, TokenEvent(None, event.logprob, event.top_logprobs,
+                                                        event.finish_reason, event.error))
 
 
 def _put_all(batch: list[tuple[Sequence, TokenEvent]]) -> None:

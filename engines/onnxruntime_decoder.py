@@ -136,6 +136,12 @@ class OnnxRuntimeDecoder:
         if self._capacity > self.INITIAL_CAPACITY:
             self._allocate(min(self.INITIAL_CAPACITY, self._max_capacity))
 
+    def copy_row(self, source: int, targets: list[int], positions: int) -> None:
+        """Row ``source``'s first ``positions`` tokens into rows ``targets``, in place (the bound OrtValues see
+        the same memory)."""
+        for buffer in self._buffers:
+            buffer[targets, :, :positions] = buffer[source, :, :positions]
+
     def _kv(self, start: int, stop: int) -> list[Any]:
         key = (start, stop)
         if key not in self._values:

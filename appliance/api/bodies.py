@@ -23,6 +23,8 @@ from appliance.tools import Tool, ToolSet
 from appliance.types import MAX_EMBED_INPUTS, EmbedRequest
 
 MAX_INPUTS = MAX_EMBED_INPUTS
+MAX_CHOICES = 128  # choices one generate request may ask for (OpenAI's limit on n)
+MAX_PROMPTS = 32  # prompts in one completions request
 EXACT_FLOAT_INTEGERS = 2**53  # below this, a float holds every integer exactly
 ErrorText = str | Callable[[Any, validation.Invalid], str]  # a str is formatted with the value sent as {value!r}
 
@@ -166,7 +168,9 @@ class GenerationRequest:
 
     model: Annotated[str, Meta(min_length=1)] = field(metadata=_says(
         "'model' is required: a model name, alias or tier (GET /v1/models)", "a model name, alias or tier"))
-    n: Literal[1] = field(default=1, metadata=_says("n must be 1 (one choice per request), not {value!r}"))
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] = field(default=1, metadata=_says(
+        f"n must be an integer from 1 to {MAX_CHOICES}, not {{value!r}}",
+        "choices to generate for each prompt; they share one prefill of the prompt"))
     max_tokens: Annotated[int, Meta(ge=1)] | None = field(default=None, metadata=_says(
         "max_tokens must be an integer >= 1, not {value!r}", "at most this many tokens are generated"))
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = field(default=1.0, metadata=_says(
@@ -233,10 +237,13 @@ class CompletionRequest(GenerationRequest):
     """The body of ``POST /v1/completions``."""
 
     prompt: (Annotated[str, Meta(min_length=1)]
-             | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=1)]
-             | Annotated[list[int], Meta(min_length=1)]) = field(kw_only=True, metadata=_says(
-                 "'prompt' must be a non-empty string (or one such string in an array) or an array of token ids",
-                 "an empty prompt has no token to continue from"))
+             | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[int], Meta(min_length=1)]
+             | Annotated[list[Annotated[list[int], Meta(min_length=1)]], Meta(min_length=1, max_length=MAX_PROMPTS)]
+             ) = field(kw_only=True, metadata=_says(
+                 f"'prompt' must be a non-empty string, an array of token ids, or an array of 1 to {MAX_PROMPTS} "
+                 "prompts (all strings or all token arrays)",
+                 "several prompts are answered in one response, choice i answering prompt i // n"))
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = field(default=None, metadata=_says(
         "logprobs must be an integer from 0 to 5, not {value!r}", "this many likely tokens besides the one chosen"))
     echo: bool = field(default=False, metadata=_says("echo must be true or false",
@@ -295,6 +302,8 @@ class GenerateBody:
     model: str
     messages: list[dict] | None = None
     prompt: str | list[int] | None = None
+    prompts: list[str | list[int]] | None = None  # several prompts, in order
+    n: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -308,7 +317,8 @@ class GenerateBody:
     def canonical(self, chat: bool) -> dict[str, Any]:
         """Every field that changes the generated text: the response cache's view of the request."""
         p = self.params
-        return {"chat": chat, "messages": self.messages, "prompt": self.prompt, "max_tokens": self.max_tokens,
+        return {"chat": chat, "messages": self.messages, "prompt": self.prompts or self.prompt,
+                "max_tokens": self.max_tokens,
                 "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed,
                 "stop": self.stop, "logprobs": p.logprobs, "ignore_eos": p.ignore_eos,
                 "frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty,
@@ -344,10 +354,15 @@ def parse_generate(body: dict[str, Any], chat: bool) -> GenerateBody:
         parsed.messages = [_turn(index, message) for index, message in enumerate(_read(body, specs, "messages"))]
     else:
         prompt = _read(body, specs, "prompt")
-        parsed.prompt = prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], str) else prompt
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):  # 1.0 is 1 (JSON has one kind of number); true is not a number
-        _read(body, specs, "n")
+        several = isinstance(prompt, list) and not isinstance(prompt[0], int)
+        if several and len(prompt) > 1:
+            parsed.prompts = prompt
+        else:
+            parsed.prompt = prompt[0] if several else prompt
+    parsed.n = _read(body, specs, "n")
+    if parsed.prompts is not None and parsed.n * len(parsed.prompts) > MAX_CHOICES:
+        raise BadRequest(f"{len(parsed.prompts)} prompts x n={parsed.n} is {parsed.n * len(parsed.prompts)} "
+                         f"choices; one request may ask for at most {MAX_CHOICES}", param="n")
     newer = chat and body.get("max_completion_tokens") is not None  # then max_tokens is not read
     parsed.max_tokens = _read(body, specs, "max_completion_tokens" if newer else "max_tokens")
     params = parsed.params

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:
                                deadline=body.deadline, cache_control=request.headers.get("Cache-Control"),
                                canonical=body.canonical(chat), caller=request[CALLER], trace=request[TRACE],
                                wire=raw, response_format=body.response_format, tools=body.tools,
-                               echo=body.echo)
+                               echo=body.echo, n=body.n, prompts=body.prompts)
     stream = await request.app[DATAPLANE].generate(generate)
     async with stream:
         frame = _Frame(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), stream.model,
@@ -79,8 +80,9 @@ class _Frame:
             payload["usage"] = usage
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
-    def choice(self, delta: str | None, finish: str | None, logprobs: list[dict] | None = None) -> dict:
-        item: dict[str, Any] = {"index": 0, "finish_reason": finish}
+    def choice(self, delta: str | None, finish: str | None, logprobs: list[dict] | None = None,
+               index: int = 0) -> dict:
+        item: dict[str, Any] = {"index": index, "finish_reason": finish}
         if self.chat:
             item["delta"] = {} if delta is None else {"content": delta}
             item["logprobs"] = {"content": logprobs} if logprobs is not None else None
@@ -92,24 +94,30 @@ class _Frame:
 
 async def _whole(stream: GenerationStream, frame: _Frame, headers: dict[str, str],
                  wants_logprobs: bool, tools: ToolSet | None = None) -> web.Response:
-    texts: list[str] = []
-    entries: list[dict] = []
+    texts: dict[int, list[str]] = defaultdict(list)
+    entries: dict[int, list[dict]] = defaultdict(list)
     async for chunk in stream:
-        texts.append(chunk.text)
-        entries.extend(chunk.logprobs)
-    text = "".join(texts)
-    calls = parse_tool_calls(text, tools) if tools is not None and stream.finish_reason == "stop" else None
-    choice: dict[str, Any] = {"index": 0, "logprobs": _logprobs_object(entries, frame.chat) if wants_logprobs
-                              else None, "finish_reason": "tool_calls" if calls else stream.finish_reason}
+        texts[chunk.index].append(chunk.text)
+        entries[chunk.index].extend(chunk.logprobs)
+    choices = [_whole_choice(index, "".join(texts[index]), entries[index], stream.finish_reasons.get(index), frame,
+                             wants_logprobs, tools) for index in range(stream.choices)]
+    payload = {"id": frame.ident, "object": "chat.completion" if frame.chat else "text_completion",
+               "created": frame.created, "model": frame.model, "choices": choices, "usage": _usage(stream.tokens)}
+    return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+
+
+def _whole_choice(index: int, text: str, entries: list[dict], finish: str | None, frame: _Frame,
+                  wants_logprobs: bool, tools: ToolSet | None) -> dict[str, Any]:
+    calls = parse_tool_calls(text, tools) if tools is not None and finish == "stop" else None
+    choice: dict[str, Any] = {"index": index, "logprobs": _logprobs_object(entries, frame.chat) if wants_logprobs
+                              else None, "finish_reason": "tool_calls" if calls else finish}
     if calls:
         choice["message"] = {"role": "assistant", "content": None, "tool_calls": [c.as_openai() for c in calls]}
     elif frame.chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
-    payload = {"id": frame.ident, "object": "chat.completion" if frame.chat else "text_completion",
-               "created": frame.created, "model": frame.model, "choices": [choice], "usage": _usage(stream.tokens)}
-    return web.Response(body=orjson.dumps(payload), content_type="application/json", headers=headers)
+    return choice
 
 
 async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame, headers: dict[str, str],
@@ -121,33 +129,29 @@ async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame,
     await response.prepare(request)
     try:
         if frame.chat:
-            await response.write(frame.event([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]))
-        held: list[Chunk] | None = [] if tools is not None else None  # text that may still become a tool call
+            await response.write(frame.event([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}
+                                              for index in range(stream.choices)]))
+        # Per choice, text that may still become a tool call (None: plain text, streamed as it comes).
+        held: dict[int, list[Chunk] | None] = {index: [] if tools is not None else None
+                                               for index in range(stream.choices)}
         while True:
-            if held is not None:
-                held.append(chunk)
-                if not may_become_a_call("".join(c.text for c in held)):
-                    for piece in held:  # plain text after all: send what was held, then stream as usual
+            index = chunk.index
+            pending = held.get(index)
+            if pending is not None:
+                pending.append(chunk)
+                if not may_become_a_call("".join(c.text for c in pending)):
+                    for piece in pending:  # plain text after all: send what was held, then stream as usual
                         await _send_text(response, frame, piece, wants_logprobs)
-                    held = None
+                    held[index] = None
             else:
                 await _send_text(response, frame, chunk, wants_logprobs)
             if chunk.finish_reason is not None:
+                await _finish_choice(response, frame, index, chunk.finish_reason, held.get(index), tools,
+                                     wants_logprobs)
+            if stream.finish_reason is not None:
                 break
             chunk = await anext(stream)
-        finish = chunk.finish_reason
-        if held is not None:
-            calls = parse_tool_calls("".join(c.text for c in held), tools) if finish == "stop" else None
-            if calls:
-                await response.write(frame.event([{"index": 0, "delta": {"tool_calls": [
-                    c.as_openai(index) for index, c in enumerate(calls)]}, "logprobs": None,
-                    "finish_reason": None}]))
-                finish = "tool_calls"
-            else:
-                for piece in held:
-                    await _send_text(response, frame, piece, wants_logprobs)
-        await response.write(frame.event([frame.choice(None, finish)]))
         if frame.include_usage:
             await response.write(frame.event([], _usage(stream.tokens)))
     except ConnectionResetError:
@@ -159,9 +163,26 @@ async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame,
     return response
 
 
+async def _finish_choice(response: web.StreamResponse, frame: _Frame, index: int, finish: str,
+                         held: list[Chunk] | None, tools: ToolSet | None, wants_logprobs: bool) -> None:
+    """The end of one choice: held text as its tool calls (or as text after all), then its finish reason."""
+    if held is not None:
+        calls = parse_tool_calls("".join(c.text for c in held), tools) if finish == "stop" and tools else None
+        if calls:
+            await response.write(frame.event([{"index": index, "delta": {"tool_calls": [
+                c.as_openai(position) for position, c in enumerate(calls)]}, "logprobs": None,
+                "finish_reason": None}]))
+            finish = "tool_calls"
+        else:
+            for piece in held:
+                await _send_text(response, frame, piece, wants_logprobs)
+    await response.write(frame.event([frame.choice(None, finish, index=index)]))
+
+
 async def _send_text(response: web.StreamResponse, frame: _Frame, chunk: Chunk, wants_logprobs: bool) -> None:
     if chunk.text or (wants_logprobs and chunk.logprobs):
-        await response.write(frame.event([frame.choice(chunk.text, None, chunk.logprobs if wants_logprobs else None)]))
+        await response.write(frame.event([frame.choice(chunk.text, None, chunk.logprobs if wants_logprobs else None,
+                                                       chunk.index)]))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -5,6 +5,7 @@ entries) as a :class:`GenerationStream`."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from appliance.cache.payloads import StoredGeneration
 from appliance.cloud import Cloud, CloudCost
 from appliance.tools import call_schema, template_messages
+from appliance.engines.constraints import Constraint
 from appliance.engines.generation import Sequence, TokenEvent
 from appliance.engines.tokenizer import TextEncoder
 from appliance.errors import BadRequest, DeadlineExceeded, EngineFailed
@@ -46,9 +48,10 @@ class GenerateOperation:
 
     def cache_key(self, served: ModelVersion, request: GenerateRequest) -> tuple[Callable[[], Any], bool] | None:
         """Every field that changes the text; greedy and seeded requests are deterministic where the model is proved
-        batch-invariant or the request runs in the reproducible mode (else their tokens depend on the neighbours)."""
+        batch-invariant or the request runs in the reproducible mode (else their tokens depend on the neighbours).
+        Answers of several choices are not cached."""
         canonical = request.canonical
-        if canonical is None:
+        if canonical is None or request.choice_count > 1:
             return None
         params = request.params
         repeatable = params.temperature == 0 or params.seed is not None
@@ -63,33 +66,56 @@ class GenerateOperation:
         return stream, Tally(stored.prompt_tokens, stored.completion_tokens)
 
     async def run(self, served: ModelVersion, request: GenerateRequest, done: LocalDone) -> GenerationStream:
-        """Render, tokenize and check the prompt, then queue it; the stream settles the request when it closes."""
+        """Render, tokenize and check each prompt, then queue its ``n`` samples (one prefill); the stream settles
+        the request when it closes."""
         started = self._clock()
         assert isinstance(served, GenerativeModel) and served.generator is not None  # checked, started
-        ids = self._prompt_ids(served, request)
-        request.params.max_tokens = request.max_tokens or served.context_limit - len(ids)
-        constraint = None
-        form = request.response_format
-        if request.tools is not None and request.tools.constrained:
-            form = ("json_schema", call_schema(request.tools), True)  # the answer is a call, arguments and all
-        if form is not None and served.grammar is not None:
-            kind, schema, strict = form
-            # Compiling can take up to a second for a large schema (and the first, 0.3 s for the tokenizer).
-            constraint = await asyncio.get_running_loop().run_in_executor(None, served.grammar.compile, kind, schema,
-                                                                          strict)
-        sequence = served.generator.submit(ids, request.params, self._deadline(request.deadline, served),
-                                           reproducible=served.reproducible(request.caller.reproducible),
-                                           constraint=constraint)
-        served.metrics.prompt_tokens.inc(len(ids))
+        generator = served.generator
+        if request.n > generator.limits.slots:
+            raise BadRequest(f"n is {request.n}, more than the {generator.limits.slots} sequences model "
+                             f"{served.name} runs at once; ask for at most {generator.limits.slots}", param="n")
+        prompts = [self._prompt_ids(served, request, prompt) for prompt in request.prompt_list]
+        constraints = await self._constraints(served, request)
+        deadline = self._deadline(request.deadline, served)
+        reproducible = served.reproducible(request.caller.reproducible)
+        events: asyncio.Queue = asyncio.Queue()
+        sequences: list[Sequence] = []
+        try:
+            for number, ids in enumerate(prompts):
+                params = dataclasses.replace(request.params,
+                                             max_tokens=request.max_tokens or served.context_limit - len(ids))
+                first = number * request.n
+                wanted = constraints[first: first + request.n] if constraints else None
+                sequences += generator.submit_group(ids, params, request.n, deadline, reproducible=reproducible,
+                                                    constraints=wanted, events=events, first_index=first)
+        except BaseException:
+            for sequence in sequences:  # a later prompt was turned away: the earlier ones must not run for nobody
+                generator.cancel(sequence)
+            raise
+        served.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         served.metrics.started()
-        live = _Live(served, sequence, request, started, self._clock)
+        live = _Live(served, sequences, prompts, request, started, self._clock)
 
         def close(stream: GenerationStream) -> None:
             tally = live.close()
             payload = live.stored(stream).encode if stream.finish_reason is not None else None
             done(tally, payload)
 
-        return GenerationStream(served.name, live.chunks(), live.tokens, on_close=close)
+        return GenerationStream(served.name, live.chunks(), live.tokens, on_close=close, choices=len(sequences))
+
+    @staticmethod
+    async def _constraints(served: GenerativeModel, request: GenerateRequest) -> list[Constraint] | None:
+        """One grammar state per choice, when the answer is constrained (compiled once, off the event loop)."""
+        form = request.response_format
+        if request.tools is not None and request.tools.constrained:
+            form = ("json_schema", call_schema(request.tools), True)  # the answer is a call, arguments and all
+        if form is None or served.grammar is None:
+            return None
+        kind, schema, strict = form
+        # Compiling can take up to a second for a large schema (and the first, 0.3 s for the tokenizer).
+        constraint = await asyncio.get_running_loop().run_in_executor(None, served.grammar.compile, kind, schema,
+                                                                      strict)
+        return [constraint, *(constraint.copy() for _ in range(request.choice_count - 1))]
 
     async def cloud(self, cloud: Cloud, route: Route, request: GenerateRequest, done: CloudDone) -> GenerationStream:
         """The body, as it came, to an ``openai`` upstream; streamed when the client streams."""
@@ -99,10 +125,11 @@ class GenerateOperation:
         def close(stream: GenerationStream) -> None:
             done(Tally(tokens.prompt_tokens, tokens.completion_tokens, cost=cost.value))
 
-        return GenerationStream(cloud.model_label(route), chunks, tokens, on_close=close)
+        return GenerationStream(cloud.model_label(route), chunks, tokens, on_close=close, choices=request.choice_count)
 
     @staticmethod
-    def _prompt_ids(served: GenerativeModel, request: GenerateRequest) -> list[int]:
+    def _prompt_ids(served: GenerativeModel, request: GenerateRequest, prompt: str | list[int] | None) -> list[int]:
+        """The token ids of the chat messages (``prompt`` is then ``None``) or of one completions prompt."""
         text = served.text
         assert text is not None  # loaded
         if request.messages is not None:
@@ -115,10 +142,10 @@ class GenerateOperation:
             except Exception as exc:  # the template's own checks (e.g. role order) speak to the caller
                 raise BadRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
             ids = text.encode([rendered], add_special_tokens=False)[0]
-        elif isinstance(request.prompt, str):
-            ids = text.encode([request.prompt], add_special_tokens=False)[0]
+        elif isinstance(prompt, str):
+            ids = text.encode([prompt], add_special_tokens=False)[0]
         else:
-            ids = list(request.prompt or [])
+            ids = list(prompt or [])
             bad = next((t for t in ids if not 0 <= t < text.vocab_size), None)
             if bad is not None:
                 raise BadRequest(f"prompt token id {bad} is outside the vocabulary (0 to {text.vocab_size - 1})",
@@ -141,38 +168,55 @@ class GenerateOperation:
         return ids
 
 
-class _Live:
-    """A sequence on the scheduler, read as chunks: detokenized, stop strings applied, latencies observed."""
+class _Choice:
+    """One choice of a request as it is read: its text assembler and what it sent."""
 
-    def __init__(self, served: GenerativeModel, sequence: Sequence, request: GenerateRequest, started: float,
-                 clock: Callable[[], float]) -> None:
-        assert served.text is not None  # loaded
-        self.served, self.sequence, self.started = served, sequence, started
-        self.tokens = TokenCount(prompt_tokens=len(sequence.prompt))
+    def __init__(self, assembler: TextAssembler, echo: str) -> None:
+        self.assembler = assembler
+        self.echo = echo  # the prompt as given, sent before the generated text (completions' ``echo``)
         self.pieces: list[tuple[str, list[dict]]] = []  # what was sent, for the response cache
+        self.last_token_at = 0.0
+        self.done = False
+
+
+class _Live:
+    """The sequences of a request on the scheduler, read as chunks of their choices: detokenized, stop strings
+    applied, latencies observed."""
+
+    def __init__(self, served: GenerativeModel, sequences: list[Sequence], prompts: list[list[int]],
+                 request: GenerateRequest, started: float, clock: Callable[[], float]) -> None:
+        assert served.text is not None  # loaded
+        self.served, self.sequences, self.started = served, sequences, started
+        self.tokens = TokenCount(prompt_tokens=sum(map(len, prompts)))
         self._text: TextEncoder = served.text
-        self._assembler = TextAssembler(served.text.stream(), request.stop)
         self._clock = clock
-        self._last_token_at = 0.0
-        self._echo = ""
-        if request.echo:  # the prompt as given (token ids decoded), before the first generated text
-            prompt = request.prompt
-            self._echo = prompt if isinstance(prompt, str) else served.text.decode(list(prompt or []))
+        self._first_token = False
+        echoes = [""] * len(prompts)
+        if request.echo:  # each prompt as given (token ids decoded), before its choices' generated text
+            echoes = [p if isinstance(p, str) else served.text.decode(list(p or [])) for p in request.prompt_list]
+        self._choices = [_Choice(TextAssembler(served.text.stream(), request.stop), echoes[i // request.n])
+                         for i in range(len(sequences))]
 
     async def chunks(self) -> AsyncIterator[Chunk]:
-        assembler = self._assembler
-        if self._echo:
-            self.pieces.append((self._echo, []))
-            yield Chunk(text=self._echo)
-        while True:
-            event: TokenEvent = await self.sequence.events.get()
+        events = self.sequences[0].events  # the request's sequences share one queue
+        for index, choice in enumerate(self._choices):
+            if choice.echo:
+                choice.pieces.append((choice.echo, []))
+                yield Chunk(text=choice.echo, index=index)
+        running = len(self._choices)
+        while running:
+            event: TokenEvent = await events.get()
+            choice = self._choices[event.index]
+            if choice.done:  # what its sequence sent before a stop string's cancel reached it
+                continue
             if event.token is not None:
-                self._observe_token()
+                self._observe_token(choice)
             if event.finish_reason == "timeout":
                 raise DeadlineExceeded("the request's timeout passed before generation finished")
             if event.finish_reason == "error":
                 raise EngineFailed(f"generation failed: {event.error}")
-            chunk = Chunk()
+            assembler = choice.assembler
+            chunk = Chunk(index=event.index)
             if event.token is not None:
                 self.tokens.completion_tokens += 1
                 chunk.token_ids.append(event.token)
@@ -185,22 +229,27 @@ class _Live:
                 chunk.finish_reason = "length" if event.finish_reason == "length" else "stop"
                 chunk.text += assembler.finish()
             if chunk.text or chunk.logprobs:
-                self.pieces.append((chunk.text, chunk.logprobs))
+                choice.pieces.append((chunk.text, chunk.logprobs))
             if chunk.text or chunk.logprobs or chunk.finish_reason is not None:
                 yield chunk
             if chunk.finish_reason is not None:
-                return
+                running -= 1
+                choice.done = True
+                if assembler.stopped:  # a stop string ended it before the scheduler did
+                    self.served.generator.cancel(self.sequences[event.index])  # type: ignore[union-attr]
 
-    def _observe_token(self) -> None:
+    def _observe_token(self, choice: _Choice) -> None:
         now = self._clock()
         metrics = self.served.metrics
-        if not self._last_token_at:
+        if not self._first_token:
+            self._first_token = True
             metrics.time_to_first_token.observe(now - self.started)
-            if self.sequence.admitted_at:
-                metrics.generation_queue.observe(self.sequence.admitted_at - self.sequence.enqueued)
-        else:
-            metrics.inter_token.observe(now - self._last_token_at)
-        self._last_token_at = now
+            first = self.sequences[0]
+            if first.admitted_at:
+                metrics.generation_queue.observe(first.admitted_at - first.enqueued)
+        elif choice.last_token_at:
+            metrics.inter_token.observe(now - choice.last_token_at)
+        choice.last_token_at = now
 
     def _logprob_entry(self, event: TokenEvent) -> dict:
         assert event.token is not None
@@ -213,23 +262,25 @@ class _Live:
         return entry
 
     def close(self) -> Tally:
-        """Stop the sequence if it still runs; the totals, and the time it held a KV-cache row."""
+        """Stop the sequences that still run; the totals, and the time they held KV-cache rows."""
         served = self.served
         assert served.generator is not None
-        served.generator.cancel(self.sequence)
+        for sequence in self.sequences:
+            served.generator.cancel(sequence)
         completion = self.tokens.completion_tokens
         metrics = served.metrics
         metrics.finished()
         metrics.generated_tokens.inc(completion)
         now = self._clock()
         metrics.generation_duration.observe(now - self.started)
-        held_s = now - (self.sequence.admitted_at or now)
-        return Tally(self.tokens.prompt_tokens, completion, compute_s=held_s,
-                     service_s=held_s if completion else None)
+        held = [now - (s.admitted_at or now) for s in self.sequences]
+        # Compute: the KV-cache rows' time, all of them; service: how long the request held its place.
+        return Tally(self.tokens.prompt_tokens, completion, compute_s=sum(held),
+                     service_s=max(held) if completion else None)
 
     def stored(self, stream: GenerationStream) -> StoredGeneration:
-        """The finished generation, as the response cache keeps it."""
-        return StoredGeneration(self.pieces, stream.finish_reason or "stop", self.tokens.prompt_tokens,
+        """The finished generation (of one choice: answers of several are not cached), as the cache keeps it."""
+        return StoredGeneration(self._choices[0].pieces, stream.finish_reason or "stop", self.tokens.prompt_tokens,
                                 self.tokens.completion_tokens)
 
 

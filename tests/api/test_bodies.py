@@ -70,6 +70,10 @@ def test_every_chat_field_is_read():
 def test_completion_prompts_and_logprobs():
     assert completion({**COMPLETION, "prompt": ["one"]}).prompt == "one"
     assert completion({**COMPLETION, "prompt": [1, 2]}).prompt == [1, 2]
+    several = completion({**COMPLETION, "prompt": ["one", "two"], "n": 3})
+    assert (several.prompt, several.prompts, several.n) == (None, ["one", "two"], 3)
+    assert completion({**COMPLETION, "prompt": [[1, 2], [3]]}).prompts == [[1, 2], [3]]
+    assert completion({**COMPLETION, "prompt": [[1, 2]]}).prompt == [1, 2]
     for empty in ("", [""]):  # nothing to continue from: refused here, before it reaches the scheduler
         with pytest.raises(BadRequest, match="non-empty string") as caught:
             completion({**COMPLETION, "prompt": empty})
@@ -116,7 +120,8 @@ def test_embedding_inputs():
 MODEL = "'model' is required: a model name, alias or tier (GET /v1/models)"
 MESSAGES = "'messages' must be a non-empty array of {role, content}"
 ROLE = "messages[{}] needs a role of system, developer, user, assistant or tool"
-PROMPT = "'prompt' must be a non-empty string (or one such string in an array) or an array of token ids"
+PROMPT = ("'prompt' must be a non-empty string, an array of token ids, or an array of 1 to 32 prompts (all strings or "
+          "all token arrays)")
 CONTENT = "messages[0].content must be a string (only an assistant turn with tool_calls may have none)"
 STOP = "stop must be a non-empty string or an array of at most 4 such strings"
 STREAM_OPTIONS = "stream_options needs stream: true and takes only include_usage"
@@ -148,9 +153,10 @@ TIMEOUT = "timeout is in seconds and must be a positive number, not {}"
     ({**CHAT, "messages": [{"role": "user"}]}, CONTENT, "messages"),
     ({**CHAT, "messages": [{"role": "user", "content": None}]}, CONTENT, "messages"),
     ({**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages[0].content must be a string", "messages"),
-    ({**CHAT, "n": 2}, "n must be 1 (one choice per request), not 2", "n"),
-    ({**CHAT, "n": None}, "n must be 1 (one choice per request), not None", "n"),
-    ({**CHAT, "n": True}, "n must be 1 (one choice per request), not True", "n"),  # as the document says
+    ({**CHAT, "n": 0}, "n must be an integer from 1 to 128, not 0", "n"),
+    ({**CHAT, "n": 129}, "n must be an integer from 1 to 128, not 129", "n"),
+    ({**CHAT, "n": None}, "n must be an integer from 1 to 128, not None", "n"),
+    ({**CHAT, "n": True}, "n must be an integer from 1 to 128, not True", "n"),  # as the document says
     ({**CHAT, "max_tokens": 0}, "max_tokens must be an integer >= 1, not 0", "max_tokens"),
     ({**CHAT, "max_tokens": 1.5}, "max_tokens must be an integer >= 1, not 1.5", "max_tokens"),
     ({**CHAT, "max_tokens": True}, "max_tokens must be an integer >= 1, not True", "max_tokens"),
@@ -201,7 +207,11 @@ def test_chat_rejections(body, message, param):
     ({"model": "m"}, PROMPT, "prompt"),
     ({**COMPLETION, "prompt": None}, PROMPT, "prompt"),
     ({**COMPLETION, "prompt": []}, PROMPT, "prompt"),
-    ({**COMPLETION, "prompt": ["a", "b"]}, PROMPT, "prompt"),
+    ({**COMPLETION, "prompt": ["a", [1]]}, PROMPT, "prompt"),
+    ({**COMPLETION, "prompt": ["a"] * 33}, PROMPT, "prompt"),
+    ({**COMPLETION, "prompt": [[1], []]}, PROMPT, "prompt"),
+    ({**COMPLETION, "prompt": ["a"] * 32, "n": 5}, "32 prompts x n=5 is 160 choices; one request may ask for at most "
+     "128", "n"),
     ({**COMPLETION, "prompt": [1, "a"]}, PROMPT, "prompt"),
     ({**COMPLETION, "prompt": [True]}, PROMPT, "prompt"),
     ({**COMPLETION, "logprobs": 6}, "logprobs must be an integer from 0 to 5, not 6", "logprobs"),

@@ -36,8 +36,10 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 # Model control on a served model would reload or unload what the other cases need: those two operations are
 # fuzzed on every other name (404).
 MODEL_CONTROL = ("/v2/repository/models/{model}/load", "/v2/repository/models/{model}/unload")
-# Rules the document cannot state (they join two query parameters): the 400s that enforce them are expected.
-CROSS_PARAMETER_RULES = ("is after until",)
+# Rules the document cannot state (they join two query parameters or body fields): the 400s that enforce them are
+# expected.
+CROSS_PARAMETER_RULES = ("is after until", "which is not among the tools", "choices; one request may ask for at most",
+                         "has neither 'data' nor parameters.binary_data_size")
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ def test_cancelled_stream_frees_its_slot(gen_server, reference):
 
 
 BAD = [
-    ({"n": 2}, "n must be 1", "n"),
+    ({"n": 0}, "n must be an integer from 1 to 128", "n"),
     ({"colour": 1}, "unknown or unsupported field 'colour'", "colour"),
     ({"temperature": 3}, "temperature must be", "temperature"),
     ({"top_logprobs": 2}, "needs logprobs", "top_logprobs"),
@@ -278,3 +278,69 @@ def test_streamed_text_of_a_long_generation_equals_decoding_it_whole(smollm2_rep
         assembler = TextAssembler(TextEncoder(tokenizer, 8192).stream())
         pieces = [assembler.add(token) for token in ids] + [assembler.finish()]
         assert "".join(pieces) == tokenizer.decode(ids).rstrip("\ufffd")
+
+
+# -- several choices: n > 1 (one prefill) and a list of prompts -----------------------------------------------
+
+
+def test_n_greedy_choices_each_match_the_reference_from_one_prefill(client, reference):
+    item = next(i for i in reference if "messages" in i)
+    reply = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], n=3, **GREEDY)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    # Greedy on rows copied from the one prefilled row: any slip in the copy would change the text.
+    assert [c.message.content for c in reply.choices] == [item["greedy_text"]] * 3
+    assert [c.finish_reason for c in reply.choices] == ["length"] * 3
+    assert reply.usage.prompt_tokens == len(item["prompt_ids"])  # the prompt is read once
+    assert reply.usage.completion_tokens == 3 * 48
+
+
+def test_n_sampled_choices_differ_and_the_first_is_the_lone_request(client, reference):
+    item = next(i for i in reference if "messages" in i)
+    sampled = {"temperature": 1.0, "seed": 11, "max_tokens": 16, "extra_body": {"ignore_eos": True}}
+
+    def texts(n: int) -> list[str]:
+        reply = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], n=n, **sampled)
+        return [c.message.content for c in reply.choices]
+
+    four = texts(4)
+    assert four == texts(4)  # seeded: the same request draws the same choices
+    assert len(set(four)) == 4
+    assert four[0] == texts(1)[0]
+
+
+def test_n_choices_stream_interleaved_each_with_its_end_and_one_usage(client, reference):
+    item = next(i for i in reference if "messages" in i)
+    whole = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], n=2, seed=5,
+                                           temperature=0.8, max_tokens=20, extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], n=2, seed=5,
+                                            temperature=0.8, max_tokens=20, extra_body={"ignore_eos": True},
+                                            stream=True, stream_options={"include_usage": True})
+    texts, finishes, usages = {0: "", 1: ""}, {}, []
+    for chunk in stream:
+        if chunk.usage:
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finishes == {0: "length", 1: "length"}
+    assert len(usages) == 1 and usages[0].completion_tokens == 40
+
+
+def test_a_list_of_prompts_answers_each_with_n_choices_in_order(client, gen_server, reference):
+    item = next(i for i in reference if "raw_prompt" in i)
+    second = "The capital of France is"
+    alone = client.completions.create(model="smollm2-135m", prompt=second, **GREEDY).choices[0].text
+    reply = client.completions.create(model="smollm2-135m", prompt=[item["raw_prompt"], second], n=2, **GREEDY)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]  # choice i answers prompt i // n
+    assert [c.text for c in reply.choices] == [item["greedy_text"]] * 2 + [alone] * 2
+    assert reply.usage.completion_tokens == 4 * 48
+    echoed = client.completions.create(model="smollm2-135m", prompt=[second, item["raw_prompt"]], echo=True,
+                                       max_tokens=2, temperature=0)
+    assert [c.text[:len(p)] for c, p in zip(echoed.choices, [second, item["raw_prompt"]])] == [
+        second, item["raw_prompt"]]
+    too_many = requests.post(f"{gen_server.url}/v1/chat/completions", timeout=30, json={
+        "model": "smollm2-135m", "messages": item.get("messages") or [{"role": "user", "content": "hi"}], "n": 17})
+    assert too_many.status_code == 400, too_many.text
+    assert too_many.json()["error"]["param"] == "n" and "at most 16" in too_many.json()["error"]["message"]

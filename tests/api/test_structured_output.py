@@ -58,6 +58,16 @@ def test_a_hundred_sampled_answers_on_the_small_tier_all_follow_the_schema(clien
     assert len({content for _, content in answers}) > 10  # sampled, not one answer repeated
 
 
+def test_each_of_n_sampled_choices_follows_the_schema_with_its_own_grammar_state(client):
+    reply = client.chat.completions.create(model="smollm2-135m-fast", messages=ASK, temperature=1.0, seed=3, n=4,
+                                           max_tokens=120, response_format=city_format())
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), CITY)
+    assert len({c.message.content for c in reply.choices}) > 1
+
+
 def test_json_object_parses_and_a_cut_answer_says_length(client):
     reply = client.chat.completions.create(
         model="smollm2-135m", messages=[{"role": "user", "content": "Reply with a JSON object whose key answer "

@@ -91,6 +91,28 @@ def test_streamed_tool_calls_arrive_as_deltas(client):
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
 
 
+def test_n_streamed_required_calls_each_arrive_as_their_choices_deltas(client):
+    stream = client.chat.completions.create(model="smollm2-135m-fast", messages=ASK, tools=TOOLS,
+                                            tool_choice="required", temperature=1.0, seed=2, n=3, max_tokens=80,
+                                            stream=True)
+    calls: dict[int, dict[int, dict]] = {0: {}, 1: {}, 2: {}}
+    finishes: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            assert not choice.delta.content
+            for part in choice.delta.tool_calls or []:
+                entry = calls[choice.index].setdefault(part.index, {"name": "", "arguments": ""})
+                entry["name"] += part.function.name or ""
+                entry["arguments"] += part.function.arguments or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert finishes == {0: "tool_calls", 1: "tool_calls", 2: "tool_calls"}
+    for index, made in calls.items():
+        assert made, index
+        for entry in made.values():
+            jsonschema.validate(json.loads(entry["arguments"]), PARAMETERS[entry["name"]])
+
+
 def test_the_history_takes_calls_and_their_results(client):
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {

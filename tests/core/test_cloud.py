@@ -263,6 +263,25 @@ def test_a_complex_prompt_streams_through_the_cloud_when_allowed(local, upstream
     assert "cloud is not allowed" in private.headers["x-appliance-route"]
 
 
+def test_n_choices_come_back_from_the_cloud_whole_and_streamed(local):
+    running, tokens = local
+    whole = chat(running.url, tokens["cloudy"], COMPLEX, n=2, max_tokens=6, ignore_eos=True)
+    assert whole.status_code == 200 and whole.headers["x-appliance-model"] == "chat:smollm2-135m", whole.text
+    choices = whole.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and all(c["message"]["content"] for c in choices)
+    assert whole.json()["usage"]["completion_tokens"] == 12
+    streamed = chat(running.url, tokens["cloudy"], COMPLEX, n=2, max_tokens=6, ignore_eos=True, stream=True)
+    texts, finishes = {0: "", 1: ""}, {}
+    for line in streamed.iter_lines():
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                texts[choice["index"]] += choice["delta"].get("content") or ""
+                if choice["finish_reason"]:
+                    finishes[choice["index"]] = choice["finish_reason"]
+    assert texts == {c["index"]: c["message"]["content"] for c in choices}  # greedy: the same text both ways
+    assert finishes == {0: "length", 1: "length"}
+
+
 def test_the_ledger_totals_equal_the_sum_of_per_request_usage(local):
     running, tokens = local
     usages = [chat(running.url, tokens["meter"], prompt, max_tokens=3).json()["usage"]

@@ -84,6 +84,9 @@ class CountingDecoder:
     def shrink(self) -> None:
         pass
 
+    def copy_row(self, source: int, targets: list[int], positions: int) -> None:
+        pass
+
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         self.calls.append((start_row, input_ids.tolist()))
         logits = np.zeros((len(input_ids), len(VOCAB)), np.float32)

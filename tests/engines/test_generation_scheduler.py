@@ -43,6 +43,7 @@ class FakeDecoder:
         self.description = "fake decoder"
         self.cache = [[-1] * max_capacity for _ in range(rows)]
         self.calls: list[Call] = []
+        self.copies: list[tuple[int, list[int], int]] = []
         self._table = np.random.default_rng(0).standard_normal((101, VOCAB)) * 2
         self._hold_at: int | None = None
         self._resume = threading.Event()
@@ -58,6 +59,12 @@ class FakeDecoder:
 
     def shrink(self) -> None:
         self.capacity = self.initial_capacity
+
+    def copy_row(self, source: int, targets: list[int], positions: int) -> None:
+        assert positions <= self.capacity
+        self.copies.append((source, list(targets), positions))
+        for target in targets:
+            self.cache[target][:positions] = self.cache[source][:positions]
 
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         if self._hold_at is not None and len(self.calls) >= self._hold_at:
@@ -402,3 +409,100 @@ async def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_faili
     events = await collect(generator.submit(prompt, tiny))
     assert all(e.error is None for e in events) and events[-1].finish_reason == "length"
     assert tokens_of(events) == greedy_reference(decoder, prompt, 6)  # all mass on the top token
+
+
+# -- groups: several samples of one prompt (OpenAI's n) --------------------------------------------------------
+
+
+async def collect_group(group: list[Sequence]) -> dict[int, list[TokenEvent]]:
+    """The events of a group's shared queue, by sequence index, until every sample has finished."""
+    events: dict[int, list[TokenEvent]] = {s.index: [] for s in group}
+    queue = group[0].events
+    while any(not e or e[-1].finish_reason is None for e in events.values()):
+        event = await asyncio.wait_for(queue.get(), 10)
+        events[event.index].append(event)
+    return events
+
+
+async def test_a_group_is_prefilled_once_and_its_row_copied_to_every_sample(running):
+    decoder = FakeDecoder(rows=4, max_capacity=64)
+    generator = running(decoder, prefill_chunk=4)
+    prompt = [3, 4, 5, 6, 7, 8]
+    group = generator.submit_group(prompt, params(5), 3, first_index=10)
+    events = await collect_group(group)
+    assert sorted(events) == [10, 11, 12]
+    for index, sample in events.items():  # greedy on the copied rows: each is what the prompt alone gives
+        assert tokens_of(sample) == greedy_reference(decoder, prompt, 5), index
+        assert sample[-1].finish_reason == "length"
+    prefills = [c for c in decoder.calls if len(c.input_ids[0]) > 1 or c.input_ids[0][0] in prompt]
+    assert [c.start_row for c in prefills] == [0, 0]  # two chunks of 4 and 2 tokens, in the first row only
+    assert decoder.copies == [(0, [1, 2], 6)]
+
+
+async def test_each_sample_of_a_seeded_group_draws_its_own_tokens_the_first_as_a_lone_request(running):
+    sampled = {"temperature": 1.0, "seed": 7}
+    prompt = [5, 6, 7]
+    alone = tokens_of(await collect(running(FakeDecoder(rows=4, max_capacity=64)).submit(prompt, params(12, **sampled))))
+    runs = []
+    for _ in range(2):
+        generator = running(FakeDecoder(rows=4, max_capacity=64))
+        events = await collect_group(generator.submit_group(prompt, params(12, **sampled), 4))
+        runs.append({index: tokens_of(sample) for index, sample in events.items()})
+    assert runs[0] == runs[1]  # seeded: the same group again draws the same samples
+    assert runs[0][0] == alone
+    assert len({tuple(tokens) for tokens in runs[0].values()}) == 4  # and each sample its own
+
+
+async def test_a_group_waits_until_all_its_slots_are_free_and_is_not_overtaken(running):
+    decoder = FakeDecoder(rows=3, max_capacity=64)
+    decoder.pause()
+    generator = running(decoder)
+    busy = generator.submit([1], params(4))
+    await decoder.wait_paused()
+    group = generator.submit_group([2, 3], params(2), 3)
+    later = generator.submit([9], params(1))  # one row is free now, but the group came first
+    decoder.resume()
+    events = await collect_group(group)
+    assert tokens_of(await collect(busy)) == greedy_reference(decoder, [1], 4)
+    assert all(tokens_of(sample) == greedy_reference(decoder, [2, 3], 2) for sample in events.values())
+    await collect(later)
+    group_prefill = decoder.calls.index(Call(0, [[2, 3]], [1]))  # row 0 again: admitted once "busy" gave it back
+    assert group_prefill == 4  # after busy's prefill and its three decode steps
+    assert decoder.calls.index(next(c for c in decoder.calls if c.input_ids == [[9]])) > group_prefill
+
+
+async def test_a_group_larger_than_the_slots_is_refused(running):
+    generator = running(FakeDecoder(rows=2, max_capacity=64))
+    with pytest.raises(ValueError, match="3 samples does not fit 2 slots"):
+        generator.submit_group([1], params(1), 3)
+
+
+async def test_when_a_groups_prefill_ends_early_its_other_samples_end_with_it(running):
+    decoder = FakeDecoder(rows=3, max_capacity=64)
+    decoder.pause(after_calls=1)  # inside the second prefill chunk
+    generator = running(decoder, prefill_chunk=2)
+    group = generator.submit_group([1, 2, 3, 4, 5], params(3), 3)
+    await decoder.wait_paused()
+    generator.cancel(group[0])
+    decoder.resume()
+    events = await collect_group(group)
+    assert {index: [e.finish_reason for e in sample] for index, sample in events.items()} == {
+        0: ["cancelled"], 1: ["cancelled"], 2: ["cancelled"]}
+    assert decoder.copies == []
+    assert generator.stats()["running"] == 0
+
+
+async def test_a_waiting_group_past_its_deadline_times_out_as_a_whole(running):
+    clock = ManualClock(100.0)
+    decoder = FakeDecoder(rows=2, max_capacity=64)
+    decoder.pause()
+    generator = running(decoder, clock=clock)
+    hold = generator.submit([1], params(1))
+    await decoder.wait_paused()
+    group = generator.submit_group([2], params(1), 2, deadline=clock.now + 1)
+    clock.advance(5)
+    decoder.resume()
+    await collect(hold)
+    events = await collect_group(group)
+    assert events == {0: [TokenEvent(None, finish_reason="timeout")], 1: [TokenEvent(None, finish_reason="timeout",
+                                                                                     index=1)]}
