@@ -15,7 +15,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from appliance.config import AdmissionConfig
@@ -30,6 +30,21 @@ class _Waiter:
     priority: int
     sequence: int
     future: asyncio.Future = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GateState:
+    """One gate at one moment: what ``/metrics`` (``appliance_lane_*``) and the status page show of it."""
+
+    model: str
+    version: int
+    waiting: dict[str, int]  # per lane: requests queued at the gate
+    estimated_wait_s: dict[str, float]  # per lane: what a request arriving now would wait
+    active: int  # requests past the gate (running, or queued inside the model's scheduler)
+    limit: int  # the most let past the gate at once
+    capacity: int  # the model's parallel capacity (rows of a batch times instances, or KV-cache rows)
+    max_waiting: int  # the queue's bound, shared by both lanes
+    service_s: float  # the recent service time the estimate uses
 
 
 class LaneGate:
@@ -51,6 +66,14 @@ class LaneGate:
     def waiting(self) -> int:
         """Requests queued at the gate."""
         return len(self._waiters)
+
+    def state(self, version: int) -> GateState:
+        """A snapshot of the gate (O(waiting)); ``version`` is the version it stands in front of."""
+        waiting = dict.fromkeys(LANES, 0)
+        for waiter in self._waiters:
+            waiting[LANES[waiter.priority]] += 1
+        return GateState(self.name, version, waiting, {lane: self.estimate_wait(lane) for lane in LANES},
+                         self.active, self.limit, self.capacity, self.max_waiting, self.service_s)
 
     def estimate_wait(self, lane: str) -> float:
         """Seconds a new request of ``lane`` would wait before the model starts on it."""
@@ -133,3 +156,9 @@ class Admission:
             gate = self._gates[key] = LaneGate(name, capacity, limit, self.config.max_waiting, initial_service_s,
                                                self._clock)
         return gate
+
+    def states(self, keep: Container[tuple[str, int]] | None = None) -> list[GateState]:
+        """Snapshots of the gates, by model and version: all of them, or those of the ``(name, version)`` pairs in
+        ``keep`` plus any other gate still holding requests (a retired version finishing its queue)."""
+        return [gate.state(version) for (name, version), gate in sorted(self._gates.items())
+                if keep is None or (name, version) in keep or gate.active or gate.waiting]

@@ -12,13 +12,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.api import openai_api, openai_generate, v2
-from appliance.api.middleware import request_middleware
+from appliance.api.middleware import TRACING, request_middleware, traceparent_header
 from appliance.api.openapi import openapi_document
-from appliance.api import admin, usage
+from appliance.api import admin, status, usage
 from appliance.accounting import Accounting
 from appliance.admission import Admission
 from appliance.api.state import (ACCESS_LOG, AUTH, CACHE, CONFIG, DATAPLANE, GPU_PROBE, LEDGER, LIFECYCLE, LIMITER,
-                                 METRICS, MODELS, UPSTREAMS, WORKERS, Lifecycle)
+                                 METRICS, MODELS, QUALITY, UPSTREAMS, WORKERS, Lifecycle)
 from appliance.auth import Authenticator, RateLimiter, is_loopback
 from appliance.cache.service import ResponseCacheService
 from appliance.cloud import Cloud
@@ -31,10 +31,12 @@ from appliance.keys import KeyStore
 from appliance.ledger import CostLedger
 from appliance.placement import Placement
 from appliance.routing import Router
+from appliance.routing_quality import RoutingQuality
 from appliance.upstreams import Upstream
 from appliance.model_version import EngineFactory
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
+from appliance.tracing import ExporterFactory, Tracing
 from appliance.workers import WorkerGroup
 
 log = logging.getLogger("appliance.app")
@@ -67,6 +69,8 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
              loop.create_task(app[AUTH].watch())]
     if gpus is not None:
         tasks.append(loop.create_task(sample_forever(gpus, GpuGauges(app[METRICS].registry))))
+    if app[QUALITY].enabled:
+        tasks.append(loop.create_task(app[QUALITY].run()))
     yield
     for task in tasks:
         task.cancel()
@@ -89,7 +93,13 @@ async def _flush_periodically(access_log: AccessLog, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(ACCESS_LOG_FLUSH_S)
         access_log.flush()
-        metrics.pending.flush()
+        metrics.flush()
+
+
+def _generation_tiers(router: Router) -> tuple[str | None, str | None]:
+    """The serving small and mid generation models, by name."""
+    small, mid = router.tier("generate", "small"), router.tier("generate", "mid")
+    return (small.name if small else None), (mid.name if mid else None)
 
 
 def create_app(
@@ -101,10 +111,14 @@ def create_app(
     access_log_stream: TextIO | None = None,
     workers: WorkerGroup | None = None,
     gpu_probe: Callable[[], NvmlReader | None] = open_nvml,
+    span_exporter: ExporterFactory | None = None,
+    status_interval_s: float = 5.0,
 ) -> web.Application:
     """Build the application; models load when it starts (``cleanup_ctx``) and unload when it stops.
 
     ``gpu_probe`` opens the GPU telemetry reader at start (``None``: no GPU, no ``appliance_gpu_*`` series).
+    ``span_exporter`` makes the span exporter when ``[tracing]`` is enabled (default: OTLP/HTTP to its endpoint).
+    ``status_interval_s``: how often the status page's history takes a reading of the metrics.
     """
     app = web.Application(middlewares=[request_middleware], client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
@@ -115,14 +129,18 @@ def create_app(
     app[UPSTREAMS] = {name: Upstream(upstream, metrics=app[METRICS]) for name, upstream in config.upstreams.items()}
     placement = Placement(Router(config.routing, app[MODELS]), Admission(config.admission), app[UPSTREAMS],
                           app[METRICS])
+    app[METRICS].watch_lanes(lambda: placement.lanes(app[MODELS].serving()))
     if config.ledger.enabled:
         app[LEDGER] = CostLedger(config.paths.ledger_dir(), app[METRICS].registry,
                                  max_workflows=config.ledger.max_workflows, pending=app[METRICS].pending)
     app[AUTH] = Authenticator(KeyStore(config.paths.keys()), loopback_only=is_loopback(config.server.host))
     app[LIMITER] = RateLimiter(share=1.0 / (workers.count if workers is not None else 1))
     accounting = Accounting(app.get(LEDGER), app[LIMITER], config.ledger.device_rate_per_hour)
-    app[DATAPLANE] = DataPlane(app[MODELS], app[CACHE], placement, Cloud(app[UPSTREAMS]), accounting)
-    app[LIFECYCLE] = Lifecycle()
+    app[DATAPLANE] = dataplane = DataPlane(app[MODELS], app[CACHE], placement, Cloud(app[UPSTREAMS]), accounting)
+    app[LIFECYCLE] = lifecycle = Lifecycle()
+    app[QUALITY] = dataplane.quality = RoutingQuality(
+        config.routing, dataplane.generate, dataplane.embed, lambda: _generation_tiers(placement.router),
+        lambda: lifecycle.model_requests, app[METRICS].registry)
     app[GPU_PROBE] = gpu_probe
     if workers is not None:
         app[WORKERS] = workers
@@ -131,7 +149,12 @@ def create_app(
     openai_generate.add_routes(app)
     admin.add_routes(app)
     usage.add_routes(app)
+    status.add_routes(app, interval_s=status_interval_s)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_document)
+    if config.tracing.enabled:  # the provider is made in the serving process, first in and last out
+        app[TRACING] = tracing = Tracing(config.tracing, span_exporter)
+        app.cleanup_ctx.append(tracing.lifespan)
+        app.on_response_prepare.append(traceparent_header)
     app.cleanup_ctx.append(_lifespan)
     return app

@@ -30,7 +30,7 @@ def principal_for(key: ApiKey) -> Principal:
     return Principal(tenant=key.tenant, key_id=key.id, key_name=key.name, models=key.models, cloud=key.cloud,
                      cache_scope=key.scope(), admin=key.admin, workflow=key.workflow,
                      requests_per_minute=key.requests_per_minute, tokens_per_minute=key.tokens_per_minute,
-                     lane=key.lane, token_input=key.token_input)
+                     lane=key.lane, token_input=key.token_input, retention=key.retention)
 
 
 # The local operator on a loopback-only server without keys: may do everything except send data off the box.

@@ -97,6 +97,9 @@ def _add_keys_parser(commands: argparse._SubParsersAction) -> None:
                         help="default admission lane of its requests (x-appliance-lane overrides)")
     create.add_argument("--token-input", action="store_true",
                         help="may send token ids (not only texts) as /v1/embeddings input")
+    create.add_argument("--no-retention", action="store_true",
+                        help="local-only-no-retention: its data never leaves the device and nothing of its requests "
+                             "or answers is kept (no response cache, no routing-quality replay)")
     listing = actions.add_parser("list", help="list the keys (never their secrets)")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     revoke = actions.add_parser("revoke", help="revoke a key; a running server stops accepting it")
@@ -265,7 +268,8 @@ def _cmd_keys(config: Config, args: argparse.Namespace) -> int:
             key, token = store.create(name=args.name, tenant=args.tenant, models=models, cloud=args.cloud,
                                       cache_scope=args.cache_scope, requests_per_minute=args.rpm,
                                       tokens_per_minute=args.tpm, admin=args.admin, workflow=args.workflow,
-                                      lane=args.lane, token_input=args.token_input)
+                                      lane=args.lane, token_input=args.token_input,
+                                      retention=not args.no_retention)
             print(token)
             print(f"appliance keys: created key {key.id} ({key.name}, tenant {key.tenant}) in {store.path}; the "
                   "token above is shown once and cannot be recovered; a running server picks it up within a few "
@@ -297,7 +301,7 @@ def _print_keys(store: KeyStore) -> None:
     for key in keys:
         created = datetime.fromtimestamp(key.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         rows.append((key.id, key.name, key.tenant, ",".join(key.models) or "*", "yes" if key.cloud else "no",
-                     key.cache_scope, str(key.requests_per_minute or "-"), str(key.tokens_per_minute or "-"),
+                     key.cache_scope if key.retention else "none (no retention)", str(key.requests_per_minute or "-"), str(key.tokens_per_minute or "-"),
                      "yes" if key.admin else "no", created, "active" if key.active else "revoked"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from msgspec import Meta
 
@@ -25,6 +26,7 @@ from appliance.validation import ConfigError
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 ENV_PREFIX = "APPLIANCE_"
+DEFAULT_TRACES_ENDPOINT = "http://localhost:4318/v1/traces"
 
 
 def _default_state_dir() -> str:
@@ -136,6 +138,12 @@ class RoutingConfig:
     weight_code: Annotated[float, Meta(ge=0, le=1)] = 0.25
     weight_math: Annotated[float, Meta(ge=0, le=1)] = 0.25
     weight_reasoning: Annotated[float, Meta(ge=0, le=1)] = 0.3
+    # Routing quality (appliance/routing_quality.py): the share of small-tier routes replayed on both tiers.
+    quality_sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.0
+    quality_max_tokens: Annotated[int, Meta(ge=1, le=4096)] = 64
+    quality_max_pending: Annotated[int, Meta(ge=1, le=10000)] = 32
+    quality_idle_ms: Annotated[int, Meta(ge=0, le=600000)] = 250
+    quality_embedding_model: Annotated[str, Meta(min_length=1)] = "auto"
 
 
 @dataclass
@@ -159,6 +167,16 @@ class LedgerConfig:
 
 
 @dataclass
+class TracingConfig:
+    """OpenTelemetry traces: a span per request and per step of the request path, sent over OTLP/HTTP."""
+
+    enabled: bool = False
+    endpoint: str = DEFAULT_TRACES_ENDPOINT  # the collector's OTLP/HTTP traces URL, path included
+    service_name: Annotated[str, Meta(min_length=1, max_length=256)] = "appliance"
+    sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0  # of new traces; a client's sampled flag is followed
+
+
+@dataclass
 class Config:
     """The effective configuration of one server process."""
 
@@ -170,6 +188,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     upstreams: dict[str, Any] = field(default_factory=dict, compare=False)  # name -> UpstreamConfig
     source: str = field(default="defaults", compare=False)
 
@@ -260,11 +279,31 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"routing.cloud_upstream = {routing.cloud_upstream!r} is a "
                           f"{config.upstreams[routing.cloud_upstream].kind!r} upstream; routing sends chat and "
                           "completions, so it must be an 'openai' one")
+    check_tracing(config.tracing)
     if config.server.workers > 1 and config.server.port == 0:
         raise ConfigError(
             f"server.workers = {config.server.workers} needs a fixed server.port (0 picks a different port per "
             "worker); set server.port or use one worker"
         )
+
+
+def check_tracing(tracing: TracingConfig) -> None:
+    """``[tracing] endpoint`` is an http(s) URL with the traces path; the packages are installed (when enabled)."""
+    url = urlsplit(tracing.endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"tracing.endpoint = {tracing.endpoint!r} is not an http or https URL; set it to the "
+                          f"collector's OTLP/HTTP traces URL, e.g. {DEFAULT_TRACES_ENDPOINT!r}")
+    if url.path in ("", "/"):
+        raise ConfigError(f"tracing.endpoint = {tracing.endpoint!r} has no path; OTLP/HTTP takes traces at "
+                          f"/v1/traces: set it to {tracing.endpoint.rstrip('/') + '/v1/traces'!r}")
+    if tracing.enabled:
+        import importlib.util
+
+        missing = [name for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+                   if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(f"tracing.enabled = true needs {', '.join(missing)}: install opentelemetry-sdk and "
+                              "opentelemetry-exporter-otlp-proto-http, or set tracing.enabled = false")
 
 
 def apply_table(target: Any, name: str, table: Any, origin: str) -> None:

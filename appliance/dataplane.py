@@ -2,10 +2,11 @@
 
 Every operation (:class:`TensorRequest`, :class:`EmbedRequest`, :class:`GenerateRequest`) goes the same way:
 
-1. **route**: the model the request names, or the one a router alias picks (or the cloud);
+1. **route**: the model the request names, or the one a router alias picks (or the cloud); a router's pick may
+   be kept for a routing-quality replay (``appliance.routing_quality``);
 2. **resolve**: the serving version, if the caller's key may use it (a model that is not ready fails over to the
    cloud where the caller's policy allows);
-3. **cache lookup** under the caller's scope, for deterministic requests;
+3. **cache lookup** under the caller's scope (never for a caller without retention), for deterministic requests;
 4. **admit** at the model's gate in the caller's lane (saturated: overflow to the cloud where allowed);
 5. **execute** on the local model's scheduler (an engine failure fails over to the cloud where allowed) or on
    the cloud upstream;
@@ -13,13 +14,16 @@ Every operation (:class:`TensorRequest`, :class:`EmbedRequest`, :class:`Generate
    (for a generation: when its stream closes).
 
 Handlers parse the wire format before and frame the answer after; they never see models, upstreams or the ledger.
+Each step is a span in the request's trace (``trace.spans``; a shared no-op while tracing is off): ``route``
+(with resolve), ``cache``, ``admit``, ``execute`` (until the work is done: a generation's stream closes) and
+``account``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from appliance.accounting import Accounting
 from appliance.cache.service import BYPASS, CacheDecision, ResponseCacheService
@@ -36,8 +40,13 @@ from appliance.repository import ModelManager
 from appliance.types import (Caller, EmbedRequest, EmbedResponse, GenerateRequest, Result, Route, TensorRequest,
                              Tally, Trace, Usage)
 
+if TYPE_CHECKING:
+    from appliance.routing_quality import RoutingQuality
+
 Answer = TypeVar("Answer")
 NAMED = "named in the request"
+LOCAL = {"appliance.place": "local"}
+CLOUD = {"appliance.place": "cloud"}
 
 
 class DataPlane:
@@ -52,6 +61,7 @@ class DataPlane:
         self.cloud = cloud or Cloud({})
         self.accounting = accounting or Accounting()
         self._clock = clock
+        self.quality: RoutingQuality | None = None  # samples the router's small-tier routes for replays
         self._tensor = TensorOperation(self._deadline)
         self._embed = EmbedOperation(self._deadline)
         self._generate = GenerateOperation(self._deadline, clock)
@@ -79,20 +89,31 @@ class DataPlane:
     async def _serve(self, operation: Operation[Any, Answer], request: Any, model: str,
                      version: int | None) -> Answer:
         caller, trace = request.caller, request.trace
-        route, via_router = self._route(operation, request, model)
-        served: ModelVersion | None = None
-        if route.place == "local":
-            served, route = self._resolve_or_failover(operation, request, route, version, via_router)
+        spans = trace.spans
+        with spans.step("route"):
+            route, via_router = self._route(operation, request, model)
+            served: ModelVersion | None = None
+            if route.place == "local":
+                served, route = self._resolve_or_failover(operation, request, route, version, via_router)
+            if via_router and served is not None and self.quality is not None:  # allowed and checked for the key
+                self.quality.offer(request, route)
         if served is not None:
-            decision = await self._lookup(operation, served, request)
+            with spans.step("cache"):
+                decision = await self._lookup(operation, served, request)
             if decision.payload is not None:
                 return self._from_cache(operation, served, request, decision)
-            admitted = await self.placement.admit(served, caller, operation.task) if self.placement else None
+            with spans.step("admit"):
+                admitted = await self.placement.admit(served, caller, operation.task) if self.placement else None
             if isinstance(admitted, Route):
                 route = self._routed(trace, admitted)
             else:
                 if decision.status != BYPASS or admitted is not None:  # it awaited: a swap may have happened
-                    served = self._resolve(operation, request, route.model, version, via_router)
+                    try:
+                        served = self._resolve(operation, request, route.model, version, via_router)
+                    except BaseException:
+                        if admitted is not None:
+                            admitted.release(None)
+                        raise
                 try:
                     return await self._run_local(operation, served, request, decision, admitted)
                 except EngineFailed as exc:
@@ -113,7 +134,7 @@ class DataPlane:
 
     @staticmethod
     def _routed(trace: Trace, route: Route) -> Route:
-        trace.route = route.reason
+        trace.route, trace.route_kind = route.reason, route.kind
         return route
 
     def _resolve_or_failover(self, operation: Operation[Any, Any], request: Any, route: Route, version: int | None,
@@ -164,7 +185,7 @@ class DataPlane:
         """Step 3: the response cache, under the caller's scope."""
         principal = request.caller.principal
         key = operation.cache_key(served, request)
-        if self.cache is None or principal is None or key is None:
+        if self.cache is None or principal is None or key is None or not request.caller.retention:
             return CacheDecision(BYPASS)
         canonical, deterministic = key
         decision = await self.cache.lookup(principal.cache_scope, served.name, served.version, served.build_hash,
@@ -176,30 +197,41 @@ class DataPlane:
                     decision: CacheDecision) -> Answer:
         assert decision.payload is not None
         answer, tally = operation.cached(served, request, decision.payload)
-        request.trace.place = "cache"
-        request.trace.usage = Usage()
-        avoided = self.accounting.local_cost(served.spec, tally)
-        self.accounting.settle(request.caller, served.name, "cache", tally, 0.0, cost_avoided=avoided)
+        trace = request.trace
+        trace.place = "cache"
+        trace.usage = Usage()
+        with trace.spans.step("account"):
+            avoided = self.accounting.local_cost(served.spec, tally)
+            self.accounting.settle(request.caller, served.name, "cache", tally, 0.0, cost_avoided=avoided)
+            trace.spans.settled(tally.input_tokens, tally.output_tokens, 0.0, avoided)
         return answer
 
     async def _run_local(self, operation: Operation[Any, Answer], served: ModelVersion, request: Any,
                          decision: CacheDecision, ticket: Ticket | None) -> Answer:
         """Step 5 (local) and, through ``done``, step 6."""
         settled = False
+        spans = request.trace.spans
+        execute = spans.step("execute", LOCAL)
 
         def done(tally: Tally, payload: Callable[[], bytes] | None) -> None:
             nonlocal settled
             settled = True
-            if ticket is not None:
-                ticket.release(tally.service_s)
-            request.trace.usage = Usage(tally.queue_s, tally.compute_s, tally.batch_size)
-            cost = self.accounting.local_cost(served.spec, tally)
-            self.accounting.settle(request.caller, served.name, "local", tally, cost)
-            if payload is not None and decision.store and self.cache is not None:
-                self.cache.remember(decision, served.name, served.version, served.build_hash, payload())
+            execute.end()
+            with spans.step("account"):
+                if ticket is not None:
+                    ticket.release(tally.service_s)
+                request.trace.usage = Usage(tally.queue_s, tally.compute_s, tally.batch_size)
+                cost = self.accounting.local_cost(served.spec, tally)
+                self.accounting.settle(request.caller, served.name, "local", tally, cost)
+                spans.settled(tally.input_tokens, tally.output_tokens, cost)
+                if payload is not None and decision.store and self.cache is not None:
+                    self.cache.remember(decision, served.name, served.version, served.build_hash, payload())
 
         try:
             return await operation.run(served, request, done)
+        except BaseException as exc:
+            execute.end(exc)  # already ended (and so kept as it was) when the work was done before the error
+            raise
         finally:
             if not settled and ticket is not None:
                 ticket.release(None)
@@ -209,11 +241,20 @@ class DataPlane:
         trace = request.trace
         model = self.cloud.model_label(route)
         trace.model, trace.version, trace.place, trace.cache = model, "", "cloud", ""
+        spans = trace.spans
+        execute = spans.step("execute", CLOUD)
 
         def done(tally: Tally) -> None:
-            self.accounting.settle(request.caller, model, "cloud", tally, tally.cost)
+            execute.end()
+            with spans.step("account"):
+                self.accounting.settle(request.caller, model, "cloud", tally, tally.cost)
+                spans.settled(tally.input_tokens, tally.output_tokens, tally.cost)
 
-        return await operation.cloud(self.cloud, route, request, done)
+        try:
+            return await operation.cloud(self.cloud, route, request, done)
+        except BaseException as exc:
+            execute.end(exc)
+            raise
 
     def _deadline(self, deadline: float | None, served: ModelVersion) -> float | None:
         if deadline is None and served.default_timeout_s is not None:

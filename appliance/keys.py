@@ -70,6 +70,9 @@ class ApiKey:
     # It may send token ids as embeddings input: off by default, since clients that send another tokenizer's ids
     # (LangChain's tiktoken length check) would get the wrong tokens embedded, silently.
     token_input: bool = False
+    # Its requests and answers may be kept after the answer (the response cache, routing-quality replays); False is
+    # the "local-only-no-retention" policy: its data also never leaves the device.
+    retention: bool = True
     created: UnixTime = 0.0
     revoked: UnixTime = 0.0  # the time of revocation; 0: active
 
@@ -80,6 +83,8 @@ class ApiKey:
 
     def scope(self) -> str | None:
         """The response-cache scope of this key's requests, or ``None`` when they must not be cached."""
+        if not self.retention:
+            return None
         if self.cache_scope == "tenant":
             return f"tenant:{self.tenant}"
         if self.cache_scope == "key":
@@ -139,15 +144,18 @@ class KeyStore:
     def create(self, *, name: str, tenant: str, models: Iterable[str] = (), cloud: bool = False,
                cache_scope: str = "tenant", requests_per_minute: int = 0, tokens_per_minute: int = 0,
                admin: bool = False, workflow: str = "", lane: str = "interactive",
-               token_input: bool = False) -> tuple[ApiKey, str]:
+               token_input: bool = False, retention: bool = True) -> tuple[ApiKey, str]:
         """Add a key; return its record and its token, which is not stored and cannot be shown again."""
         if isinstance(models, str):
             raise KeyStoreError(f"cannot create key {name!r}: models must be a list of names, not {models!r}")
+        if cloud and not retention:
+            raise KeyStoreError(f"cannot create key {name!r}: a key without retention keeps its data on the device; "
+                                "drop --cloud or --no-retention")
         try:
             key = _checked(dict(id="0" * 12, name=name, tenant=tenant, models=tuple(models), cloud=cloud,
                                 cache_scope=cache_scope, requests_per_minute=requests_per_minute,
                                 tokens_per_minute=tokens_per_minute, admin=admin, workflow=workflow, lane=lane,
-                                token_input=token_input))
+                                token_input=token_input, retention=retention))
         except KeyStoreError as exc:
             raise KeyStoreError(f"cannot create key {name!r}: {exc}") from None
         with self._locked():

@@ -4,15 +4,19 @@ it to a cloud upstream (overflow, failover or complexity), always within the cal
 A request leaves the device only when all of these hold: the key allows it (``cloud = true``), the request did not
 ask to stay (``x-appliance-data: local-only``), an upstream of the right kind maps the model, and that upstream's
 circuit breaker and concurrency cap let it through.
+
+Every decision is counted where it is made, in ``appliance_route_decisions_total{router, place, kind}``: each
+request once as ``named`` or ``complexity`` (the first step), and once more as ``overflow`` or ``failover`` when it
+falls back to the cloud, so that the fallback rate is the sum of the second pair over the sum of the first.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from appliance.admission import Admission, LaneGate
+from appliance.admission import Admission, GateState, LaneGate
 from appliance.errors import ApplianceError, QueueFull, Saturated
 from appliance.model_version import ModelVersion
 from appliance.models import GenerativeModel
@@ -47,7 +51,7 @@ class Placement:
         self.admission = admission
         self.upstreams = upstreams
         self._metrics = metrics
-        self._named = metrics.route_decisions.labels("-", "local", "named")
+        self._decisions: dict[tuple[str, str, str], object] = {}  # counter children by (router, place, kind)
 
     def cloud_for(self, model: str, task: str, caller: Caller) -> str | None:
         """The upstream that may take this request now, or ``None`` if it must stay on the device."""
@@ -63,11 +67,15 @@ class Placement:
 
     def named(self, model: str) -> Route:
         """The route of a request that named its model."""
-        self._metrics.pending.add(self._named)
-        return Route("local", model, "named in the request", "named")
+        return self._decided(Route("local", model, "named in the request", "named"))
 
     def _decided(self, route: Route, router: str = "") -> Route:
-        self._metrics.route_decisions.labels(router or "-", route.place, route.kind).inc()
+        """Count the decision (router: the alias that routed it, ``-`` for the others) and return it."""
+        key = (router or "-", route.place, route.kind)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self._metrics.route_decisions.labels(*key)
+        self._metrics.pending.add(child)
         return route
 
     def route_embedding(self, alias: str) -> Route:
@@ -114,13 +122,25 @@ class Placement:
         return Ticket(gate)
 
     def _overflow(self, served: ModelVersion, caller: Caller, exc: ApplianceError, task: str) -> Route | None:
-        self._metrics.admission_rejected.labels(served.name, caller.lane).inc()
+        self._metrics.pending.add(self._metrics.admission_rejected.labels(served.name, caller.lane))
         if not self.admission.config.overflow_to_cloud or getattr(exc, "waited", False):
             return None
         upstream = self.cloud_for(served.name, task, caller)
         if upstream is None:
             return None
         return self._decided(Route("cloud", served.name, f"overflow: {exc.message}", "overflow", upstream=upstream))
+
+    def lanes(self, serving: Iterable[ModelVersion]) -> list[GateState]:
+        """The gates of the versions ``serving`` (made now for a version no request has reached yet, so that its
+        capacity shows from the start) and of retired versions still holding requests; none when admission is
+        off. On the event loop."""
+        if not self.admission.config.enabled:
+            return []
+        keep = set()
+        for served in serving:
+            self.admission.gate(served.name, served.version, *_capacity(served))
+            keep.add((served.name, served.version))
+        return self.admission.states(keep)
 
     def failover(self, name: str, task: str, caller: Caller, exc: ApplianceError) -> Route | None:
         """A cloud route for a local model that is not ready or failing, where the policy allows one."""

@@ -97,19 +97,20 @@ class Router:
         value, notes = score(extract(text, turns, max_tokens or 0, count), self.config)
         why = f"score {value:.2f} ({', '.join(notes) or 'a short plain prompt'})"
         if value <= self.config.small_max_score and small is not None:
-            return Route("local", small.name, f"{why} <= {self.config.small_max_score}: small tier", "complexity")
+            return Route("local", small.name, f"{why} <= {self.config.small_max_score}: small tier", "complexity",
+                         score=value)
         if value > self.config.mid_max_score and self.config.cloud_upstream:
             upstream = cloud_allowed()
             if upstream is not None:
                 return Route("cloud", name, f"{why} > {self.config.mid_max_score}: cloud upstream {upstream}",
-                             "complexity", upstream=upstream)
+                             "complexity", upstream=upstream, score=value)
             target = mid or small
             assert target is not None
             return Route("local", target.name, f"{why} > {self.config.mid_max_score}, but the cloud is not allowed "
-                         f"or not healthy: {target.spec.tier} tier", "complexity")
+                         f"or not healthy: {target.spec.tier} tier", "complexity", score=value)
         target = mid or small
         assert target is not None
-        return Route("local", target.name, f"{why}: {target.spec.tier} tier", "complexity")
+        return Route("local", target.name, f"{why}: {target.spec.tier} tier", "complexity", score=value)
 
     def route_embedding(self, name: str) -> Route:
         """``auto`` for embeddings: the small-tier embedding model, else the only one."""

@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from appliance.keys import LANES
+
+if TYPE_CHECKING:
+    from appliance.admission import GateState
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -60,6 +67,90 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
+# name -> (help, per-lane, the value of a gate's state, multiprocess mode: how worker processes' values combine)
+LANE_GAUGES: dict[str, tuple[str, bool, Callable[[GateState, str], float], str]] = {
+    "appliance_lane_queue_depth": ("Requests waiting at a model version's admission gate, by lane", True,
+                                   lambda gate, lane: gate.waiting[lane], "livesum"),
+    "appliance_lane_estimated_wait_seconds": ("The wait a request of this lane arriving now would be estimated "
+                                              "at", True, lambda gate, lane: gate.estimated_wait_s[lane], "livemax"),
+    "appliance_lane_queue_capacity": ("The most requests that may wait at the gate, both lanes together", False,
+                                      lambda gate, lane: gate.max_waiting, "livesum"),
+    "appliance_lane_active": ("Requests past the gate (running or in the model's own queue)", False,
+                              lambda gate, lane: gate.active, "livesum"),
+    "appliance_lane_active_limit": ("The most requests let past the gate at once", False,
+                                    lambda gate, lane: gate.limit, "livesum"),
+}
+
+
+def _lane_labels(per_lane: bool) -> tuple[str, ...]:
+    return ("model", "version", "lane") if per_lane else ("model", "version")
+
+
+class LaneGauges:
+    """The admission gates' queues as ``appliance_lane_*`` gauges, per model and version (and lane where the
+    value is a lane's), read from the live gates so that the request path pays nothing for them.
+
+    In one process this is a collector: the gates are read when the registry is collected (a scrape, or
+    ``get_sample_value``). With several worker processes (``PROMETHEUS_MULTIPROC_DIR``), ``/metrics`` exposes only
+    what the workers' shared files hold, so a collector would never be seen; there :meth:`mirror`, called on the
+    metrics flush timer (every 0.2 s), writes the same readings into file-backed gauges. Each worker has gates of
+    its own (its own queues, in front of its own copy of each model), so depth, capacity, active and limit are
+    summed over the live workers and the estimated wait is the longest any worker would give; a retired version
+    reads 0 there until its worker exits, and a scrape sees the other workers' gates as of their last flush (at most
+    0.2 s old) and its own worker's as they are.
+    """
+
+    def __init__(self, registry: CollectorRegistry, read: Callable[[], Iterable[GateState]]) -> None:
+        self._read = read
+        self._files: dict[str, Gauge] | None = None
+        self._written: set[tuple[str, tuple[str, ...]]] = set()
+        if multiprocess_dir() is None:
+            registry.register(self)
+        else:
+            # Not in any registry: the multiprocess collector reads their files.
+            self._files = {name: Gauge(name, description, _lane_labels(per_lane), registry=None,
+                                       multiprocess_mode=mode)
+                           for name, (description, per_lane, _, mode) in LANE_GAUGES.items()}
+
+    def _values(self) -> Iterator[tuple[str, tuple[str, ...], float]]:
+        for gate in self._read():
+            labels = (gate.model, str(gate.version))
+            for name, (_, per_lane, value, _) in LANE_GAUGES.items():
+                if per_lane:
+                    for lane in LANES:
+                        yield name, (*labels, lane), float(value(gate, lane))
+                else:
+                    yield name, labels, float(value(gate, ""))
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        return {name: GaugeMetricFamily(name, description, labels=_lane_labels(per_lane))
+                for name, (description, per_lane, _, _) in LANE_GAUGES.items()}
+
+    def describe(self) -> list[Metric]:
+        """The families, without samples (the registry learns the names without reading the gates)."""
+        return list(self._families().values())
+
+    def collect(self) -> list[Metric]:
+        """The gates now (one process)."""
+        families = self._families()
+        for name, labels, value in self._values():
+            families[name].add_metric(labels, value)
+        return list(families.values())
+
+    def mirror(self) -> None:
+        """Write the gates now into the worker's shared metric files (several workers; no-op in one process)."""
+        if self._files is None:
+            return
+        seen = set()
+        for name, labels, value in self._values():
+            self._files[name].labels(*labels).set(value)
+            seen.add((name, labels))
+        for name, labels in self._written - seen:  # a version retired, or admission turned off
+            self._files[name].labels(*labels).set(0.0)
+        self._written = seen
+
+
 class Metrics:
     """The server's collectors, registered in their own registry (one per app, so tests stay independent).
 
@@ -73,6 +164,7 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.pending = PendingIncrements(self.registry)  # first, so that it is collected before the others
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self.lanes: LaneGauges | None = None  # see watch_lanes
         labels = ("model", "version")
         self.requests = Counter(
             "appliance_requests", "Inference requests by final HTTP status", (*labels, "status"), registry=self.registry
@@ -163,6 +255,20 @@ class Metrics:
         self.kv_cache_usage = Gauge("appliance_kv_cache_usage_ratio", "Share of KV-cache positions in use", labels,
                                     registry=reg, multiprocess_mode="livemax")
 
+    def watch_lanes(self, read: Callable[[], Iterable[GateState]]) -> None:
+        """Expose the admission gates that ``read`` returns (on the event loop) as ``appliance_lane_*`` gauges
+        (in place of any watched before)."""
+        if self.lanes is not None and multiprocess_dir() is None:
+            self.registry.unregister(self.lanes)
+        self.lanes = LaneGauges(self.registry, read)
+
+    def flush(self) -> None:
+        """Apply pending increments and, with several workers, write the lane gauges to the shared files (called
+        on the server's flush timer)."""
+        self.pending.flush()
+        if self.lanes is not None:
+            self.lanes.mirror()
+
     def upstream_call(self, upstream: str, outcome: str) -> None:
         """Count one upstream call's outcome."""
         self.pending.add(self.upstream_requests.labels(upstream, outcome))
@@ -177,7 +283,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition: this process's registry, or the sum over all worker processes."""
-        self.pending.flush()
+        self.flush()
         if multiprocess_dir() is None:
             return generate_latest(self.registry)
         combined = CollectorRegistry()

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from appliance.tracing import NO_SPANS, Spans
+
 if TYPE_CHECKING:
     from appliance.engines.generation import SamplingParams
     from appliance.tools import ToolSet
@@ -58,6 +60,7 @@ class Principal:
     tokens_per_minute: int = 0
     lane: str = "interactive"  # default admission lane
     token_input: bool = True  # may send token ids as embeddings input (a key must opt in; the operator may)
+    retention: bool = True  # False: the key's requests and answers are never kept (local-only-no-retention)
 
     def may_use(self, *names: str) -> bool:
         """Whether any of ``names`` (a model's name or aliases) is in the key's list; an empty list allows all."""
@@ -79,6 +82,7 @@ class Caller:
     local_only: bool = True
     arrived: float = 0.0  # time.monotonic() when the request reached the server: lane waits count from here
     reproducible: bool = False
+    retention: bool = True  # False: nothing of the request or its answer is kept once answered (no cache, no replay)
 
 
 @dataclass(slots=True)
@@ -86,15 +90,18 @@ class Trace:
     """What the data plane tells the access log, the metrics and the response headers about a request.
 
     Written by the data plane alone, as each step learns its part; read by the middleware once the request is
-    answered.
+    answered. ``spans`` is the request's trace spans (set by the middleware when tracing is on; else the shared
+    no-op), into which the data plane opens a span per step.
     """
 
     model: str = ""  # the model that answered, or ``<upstream>:<model>`` for the cloud
     version: str = ""
     place: str = "local"  # local, cloud or cache
     route: str = ""  # why it went where it went, for x-appliance-route and the access log
+    route_kind: str = ""  # named, complexity, overflow or failover (Route.kind)
     cache: str = ""  # hit, miss or bypass when the request went through the response cache
     usage: Usage | None = None
+    spans: Spans = NO_SPANS
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,7 @@ class Route:
     reason: str
     kind: str  # named, complexity, overflow, failover
     upstream: str = ""
+    score: float | None = None  # the complexity score of a routed request
 
 
 @dataclass(frozen=True, slots=True)

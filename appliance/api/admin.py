@@ -1,4 +1,5 @@
-"""Admin endpoints (an admin key is required; the middleware checks it): the response cache's state and purge."""
+"""Admin endpoints (an admin key is required; the middleware checks it): the response cache's state and purge,
+and the routing-quality replays' agreement per score band."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import orjson
 from aiohttp import web
 
 from appliance.api.openai_api import read_json
-from appliance.api.state import CACHE
+from appliance.api.state import CACHE, QUALITY
 from appliance.errors import BadRequest
 from appliance.keys import NAME
 
@@ -48,7 +49,13 @@ async def cache_purge(request: web.Request) -> web.Response:
     return _json({"purged": purged})
 
 
+async def routing_quality(request: web.Request) -> web.Response:
+    """GET /admin/routing/quality: how often the small and mid tiers agree, per complexity-score band."""
+    return _json(request.app[QUALITY].report())
+
+
 def add_routes(app: web.Application) -> None:
     """Register the admin routes."""
     app.router.add_get("/admin/cache", cache_stats)
+    app.router.add_get("/admin/routing/quality", routing_quality)
     app.router.add_post("/admin/cache/purge", cache_purge)

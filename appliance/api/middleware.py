@@ -1,5 +1,6 @@
 """The one middleware: request ids, drain, authentication and the caller's policy, errors as JSON (through
-``appliance.api.errors``), request metrics and the access log. Accounting is the data plane's."""
+``appliance.api.errors``), request metrics, the access log and, when tracing is on, the request's span (the data
+plane opens its steps' spans under it). Accounting is the data plane's."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from appliance.auth import LOCAL, require_admin
 from appliance.errors import (ApplianceError, BadRequest, Forbidden, PayloadTooLarge, RateLimited, ServerDraining,
                               Unauthorized)
 from appliance.keys import LANES, NAME
+from appliance.tracing import Tracing
 from appliance.types import Caller, Principal, Trace
 from appliance.workers import FANOUT_HEADER
 
@@ -32,13 +34,18 @@ _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
 # Paths that keep answering while the server drains, so that orchestrators can watch it go.
 ALWAYS_ANSWERED = ("/v2/health/live", "/v2/health/ready", "/metrics")
-# Paths anyone who can reach the port may call: probes, metrics (no payloads, no keys) and the API description.
-PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"})
+# Paths anyone who can reach the port may call: probes, metrics (no payloads, no keys), the API description and
+# the status page's HTML shell (code only: its data comes from /v1/status, which needs a key like the rest).
+PUBLIC = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json", "/", "/ui"})
 ADMIN_PREFIXES = ("/v2/repository/", "/admin/", "/v1/usage")
+# Requests that run models: while any is in flight, routing-quality replays wait (and give way).
+MODEL_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v2/models/")
+DATA_POLICIES = ("local-only", "local-only-no-retention", "any")
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
 REQUEST_ID = re.compile(r"[!-~]{1,128}")  # a client's x-request-id is kept when it is this; else the server makes one
 ANONYMOUS = Caller()  # public paths, and requests refused before their key was known
 REJECTION_REASONS = {Unauthorized: "unauthenticated", Forbidden: "forbidden", RateLimited: "rate_limited"}
+TRACING = web.AppKey("tracing", Tracing)  # present only when [tracing] enabled; probes and scrapes are not traced
 
 
 @web.middleware
@@ -51,14 +58,21 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     lifecycle = app[LIFECYCLE]
     trace = Trace()
     request[TRACE] = trace
+    tracing = app.get(TRACING)
+    if tracing is not None and request.path not in ALWAYS_ANSWERED:
+        trace.spans = tracing.begin(request.method, _route_of(request), request.path, request_id, request.headers)
+    spans = trace.spans
     request[CALLER] = caller = ANONYMOUS
     openai = request.path.startswith("/v1/")
+    uses_models = request.method == "POST" and request.path.startswith(MODEL_PREFIXES)
     lifecycle.in_flight += 1
+    lifecycle.model_requests += uses_models
     try:
         if lifecycle.draining and request.path not in ALWAYS_ANSWERED:
             raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")
         if request.path not in PUBLIC:
-            request[CALLER] = caller = _caller(request, _principal(request), arrived)
+            with spans.step("authenticate"):
+                request[CALLER] = caller = _caller(request, _principal(request), arrived)
         elif request.path == "/metrics" and app[CONFIG].server.metrics_access == "admin":
             principal = app[AUTH].authenticate(request.headers.get("Authorization"))
             require_admin(principal, "GET /metrics (server.metrics_access = 'admin')")
@@ -67,26 +81,31 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         _record(request, request_id, CLIENT_CLOSED, started, trace, caller)
         raise
     except ApplianceError as exc:
+        spans.failed(exc)
         reason = REJECTION_REASONS.get(type(exc))
         if reason is not None:
             app[METRICS].auth_rejected.labels(reason).inc()
         response = error_response(exc.status, exc.message, exc.retry_after_s, openai=openai, param=exc.param)
     except web.HTTPRequestEntityTooLarge as exc:
+        spans.failed(exc)
         response = error_response(413, PayloadTooLarge(f"request body too large: {exc.text}").message,
                                   openai=openai)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        spans.failed(exc)
         reason = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
         response = error_response(exc.status, f"{reason}: {request.method} {request.path}", openai=openai)
         if "Allow" in exc.headers:  # a 405 says which methods the path takes
             response.headers["Allow"] = exc.headers["Allow"]
-    except Exception:  # noqa: BLE001 - a bug must still produce a JSON 500 and a log line, never a dropped socket
+    except Exception as exc:  # noqa: BLE001 - a bug must still produce a JSON 500 and a log line, not a dropped socket
+        spans.failed(exc)
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request_id)
         response = error_response(500, f"internal error; see the server log for request {request_id}",
                                   openai=openai)
     finally:
         lifecycle.in_flight -= 1
+        lifecycle.model_requests -= uses_models
     if not response.prepared:
         response.headers["x-request-id"] = request_id
         if trace.cache:
@@ -111,9 +130,25 @@ def _request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
 
 
+async def traceparent_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` while tracing is on: the request span's ``traceparent``, set as the headers go (a
+    streamed answer's too, which is prepared inside its handler)."""
+    trace = request.get(TRACE)
+    if trace is not None:
+        value = trace.spans.traceparent
+        if value:
+            response.headers["traceparent"] = value
+
+
+def _route_of(request: web.Request) -> str:
+    """The matched route's template (``/v2/models/{model}/infer``): a span name of bounded variety."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else ""
+
+
 def _record(request: web.Request, request_id: str, status: int, started: float, trace: Trace,
             caller: Caller) -> None:
-    """The request's metrics and access log line."""
+    """The request's metrics, access log line and span."""
     app = request.app
     total = time.perf_counter() - started
     if trace.model or request.path.endswith("/infer"):
@@ -135,6 +170,7 @@ def _record(request: web.Request, request_id: str, status: int, started: float, 
         place=trace.place if trace.model else "",
         route=trace.route,
     )
+    trace.spans.end(status, trace, caller)
 
 
 def _principal(request: web.Request) -> Principal:
@@ -158,16 +194,18 @@ def _from_unix_socket(request: web.Request) -> bool:
 def _caller(request: web.Request, principal: Principal, arrived: float) -> Caller:
     """The caller's lane, workflow tag, data policy and reproducible mode: headers, else the key's defaults.
 
-    ``x-appliance-data: local-only`` can only tighten what the key allows; nothing a client sends widens it.
+    ``x-appliance-data: local-only`` (or ``local-only-no-retention``: and keep nothing of it) can only tighten
+    what the key allows; nothing a client sends widens it.
     """
     headers = request.headers
     lane = headers.get("x-appliance-lane")
     if lane is not None and lane not in LANES:
         raise BadRequest(f"x-appliance-lane must be one of {', '.join(LANES)}, not {lane!r}")
     data = headers.get("x-appliance-data")
-    if data is not None and data not in ("local-only", "any"):
-        raise BadRequest(f"x-appliance-data must be 'local-only' (or 'any', which keeps the key's policy), "
-                         f"not {data!r}")
+    if data is not None and data not in DATA_POLICIES:
+        raise BadRequest(f"x-appliance-data must be 'local-only', 'local-only-no-retention' (nothing of the request "
+                         f"or its answer is kept: no response cache, no routing-quality replay) or 'any' (the key's "
+                         f"policy), not {data!r}")
     workflow = headers.get("x-appliance-workflow")
     if workflow is not None and not NAME.fullmatch(workflow):
         raise BadRequest("x-appliance-workflow must be 1 to 64 letters, digits, '.', '_' or '-'")
@@ -175,5 +213,7 @@ def _caller(request: web.Request, principal: Principal, arrived: float) -> Calle
     if reproducible not in ("true", "false"):
         raise BadRequest(f"x-appliance-reproducible must be 'true' or 'false', not {reproducible!r}")
     return Caller(principal=principal, lane=lane or principal.lane, workflow=workflow or principal.workflow,
-                  local_only=data == "local-only" or not principal.cloud, arrived=arrived,
-                  reproducible=reproducible == "true")
+                  local_only=data in ("local-only", "local-only-no-retention") or not principal.cloud
+                  or not principal.retention,
+                  arrived=arrived, reproducible=reproducible == "true",
+                  retention=principal.retention and data != "local-only-no-retention")

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from appliance import __version__, validation
 from appliance.api.bodies import FIELD_RULES, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from appliance.api.status import DEFAULT_WINDOW_S, PAGE_PATHS, WINDOW_RANGE_S
 from appliance.keys import NAME
 from appliance.ledger import GROUP_FIELDS, PLACES
 
@@ -49,6 +50,16 @@ _PURGE = {
     + [{"required": ["all"], "properties": {"all": {"const": True}}}],
     "not": {"required": ["tenant", "key"], "properties": {"tenant": _NAME, "key": _NAME}},
 }
+_WINDOW = {"type": "integer", "minimum": WINDOW_RANGE_S[0], "maximum": WINDOW_RANGE_S[1],
+           "description": f"seconds the recent figures cover (default {DEFAULT_WINDOW_S}; at most since the start)"}
+_STATUS = {"type": "object", "required": ["object", "server", "caller", "recent", "models", "upstreams", "gpus",
+                                          "history"],
+           "properties": {"object": {"const": "status"}, "server": {"type": "object"}, "caller": {"type": "object"},
+                          "window_s": {"type": ["number", "null"]}, "recent": {"type": "object"},
+                          "models": {"type": "array", "items": {"type": "object"}},
+                          "upstreams": {"type": "array", "items": {"type": "object"}},
+                          "gpus": {"type": "array", "items": {"type": "object"}}, "history": {"type": "object"},
+                          "cost": {"type": ["object", "null"], "description": "admin keys only; null: ledger off"}}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
 
 
@@ -161,6 +172,9 @@ def build_openapi() -> dict[str, Any]:
              "400": _ERROR, "404": _ERROR, "413": _ERROR, "503": _ERROR, "504": _ERROR})},
         "/admin/cache": {"get": _op("Response cache entries, bytes and cap (admin key)",
                                     {"200": _json_ok(), "401": _ERROR, "403": _ERROR})},
+        "/admin/routing/quality": {"get": _op(
+            "Routing quality: agreement of the small and mid tiers on replayed small-tier routes, per score band "
+            "(admin key)", {"200": _json_ok(), "401": _ERROR, "403": _ERROR})},
         "/admin/cache/purge": {"post": _op(
             "Delete cached answers of a tenant, a key's private scope and/or a model (admin key)",
             {"200": _json_ok(), "400": _ERROR, "401": _ERROR, "403": _ERROR},
@@ -172,6 +186,14 @@ def build_openapi() -> dict[str, Any]:
                     for name, schema in _USAGE_PARAMS.items()])},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text/plain exposition"}})},
         "/openapi.json": {"get": _op("This document", {"200": _json_ok()})},
+        **{path: {"get": _op("The status page: one HTML file that draws GET /v1/status (public: it holds no data)",
+                             {"200": {"description": "HTML", "content": {"text/html": {"schema": {
+                                 "type": "string"}}}}})} for path in PAGE_PATHS},
+        "/v1/status": {"get": _op(
+            "The box now and over the last minutes: models, lanes, latency, cache, routing, upstreams, GPUs and, "
+            "for an admin key, today's cost",
+            {"200": _json_ok("#/components/schemas/Status"), "400": _ERROR},
+            params=[{"name": "window_s", "in": "query", "required": False, "schema": _WINDOW}])},
     }
     schemas: dict[str, Any] = {}
     for path, definition in REQUEST_BODIES.items():
@@ -181,7 +203,7 @@ def build_openapi() -> dict[str, Any]:
         schemas[definition.__name__] = {**schemas[definition.__name__], "allOf": rules}
     for path, methods in paths.items():
         for operation in methods.values():
-            if path not in ("/metrics", "/openapi.json") and not path.startswith("/v2/health"):
+            if path not in ("/metrics", "/openapi.json", *PAGE_PATHS) and not path.startswith("/v2/health"):
                 operation["security"] = [{"bearer": []}]
                 operation["responses"].setdefault("401", _ERROR)
                 operation["responses"].setdefault("403", _ERROR)
@@ -254,6 +276,7 @@ def build_openapi() -> dict[str, Any]:
                                                                    "total_tokens": {"type": "integer"}}},
                     },
                 },
+                "Status": _STATUS,
                 "RepositoryIndex": {"type": "array", "items": {"type": "object", "properties": {
                     "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"},
                     "reason": {"type": "string"}}}},

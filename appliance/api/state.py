@@ -12,6 +12,7 @@ from appliance.config import Config
 from appliance.ledger import CostLedger
 from appliance.dataplane import DataPlane
 from appliance.repository import ModelManager
+from appliance.routing_quality import RoutingQuality
 from appliance.telemetry import AccessLog, Metrics
 from appliance.types import Caller, Trace
 from appliance.workers import WorkerGroup
@@ -24,6 +25,7 @@ class Lifecycle:
     started: bool = False
     draining: bool = False
     in_flight: int = 0
+    model_requests: int = 0  # of those in flight, the ones that run models (inference, embeddings, generation)
     port: int = 0
 
 
@@ -39,10 +41,11 @@ LEDGER = web.AppKey("ledger", CostLedger)  # absent when [ledger] enabled = fals
 UPSTREAMS = web.AppKey("upstreams", dict)  # name -> Upstream
 LIMITER = web.AppKey("limiter", RateLimiter)
 GPU_PROBE = web.AppKey("gpu_probe", object)  # opens the GPU telemetry reader at start (None: no GPU)
+QUALITY = web.AppKey("quality", RoutingQuality)  # the routing-quality replays (sampling may be off)
 WORKERS = web.AppKey("workers", WorkerGroup)  # present only when several worker processes share the port
 TRACE = web.RequestKey("trace", Trace)  # per-request Trace: made by the middleware, filled in by the data plane
 CALLER = web.RequestKey("caller", Caller)  # who sent the request and under which policy, set by the middleware
 __all__ = [
     "ACCESS_LOG", "AUTH", "CACHE", "CALLER", "CONFIG", "GPU_PROBE", "LEDGER", "UPSTREAMS", "LIMITER", "DATAPLANE", "LIFECYCLE",
-    "METRICS", "MODELS", "TRACE", "WORKERS", "Lifecycle", "Trace",
+    "METRICS", "MODELS", "QUALITY", "TRACE", "WORKERS", "Lifecycle", "Trace",
 ]

@@ -97,6 +97,8 @@ def test_create_rejects_bad_values(store):
         store.create(name="ok", tenant="acme", cache_scope="global")
     with pytest.raises(KeyStoreError, match="tokens_per_minute = -1"):
         store.create(name="ok", tenant="acme", tokens_per_minute=-1)
+    with pytest.raises(KeyStoreError, match="a key without retention keeps its data on the device; drop --cloud"):
+        store.create(name="ok", tenant="acme", cloud=True, retention=False)
     assert not store.path.exists()
 
 
@@ -106,6 +108,7 @@ def test_scope_and_may_use():
     assert ApiKey(id="0123456789ab", name="web", tenant="acme", models=(), cache_scope="key").scope() == \
         "key:0123456789ab"
     assert ApiKey(id="0123456789ab", name="web", tenant="acme", models=(), cache_scope="none").scope() is None
+    assert ApiKey(id="0123456789ab", name="web", tenant="acme", models=(), retention=False).scope() is None
     assert key.may_use("anything") and key.may_use()
     limited = ApiKey(id="0123456789ab", name="web", tenant="acme", models=("minilm", "chat"))
     assert limited.may_use("minilm") and limited.may_use("smollm2", "chat")
@@ -215,6 +218,12 @@ def test_cli_create_list_revoke(config_file, tmp_path, capsys):
     assert "already revoked" in capsys.readouterr().err
     assert main(["--config", config_file, "keys", "create", "--name", "bad name", "--tenant", "acme"]) == 1
     assert "not allowed" in capsys.readouterr().err
+    assert main(["--config", config_file, "keys", "create", "--name", "quiet", "--tenant", "acme",
+                 "--no-retention"]) == 0
+    quiet = KeyStore(tmp_path / "state" / "keys.json").load().verify(capsys.readouterr().out.strip())
+    assert quiet is not None and not quiet.retention and quiet.scope() is None
+    assert main(["--config", config_file, "keys", "list"]) == 0
+    assert "none (no retention)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as usage:
         main(["--config", config_file, "keys", "create", "--name", "x", "--tenant", "acme", "--rpm", "-5"])
     assert usage.value.code == 2
