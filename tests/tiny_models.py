@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -91,3 +92,24 @@ def standard_repository(root: Path) -> Path:
     write_version(root, "two_io", 1, BATCHED.format(max_batch=8, delay_us=0), two_in_two_out)
     write_version(root, "fixed", 1, 'task = "tensor"\n', fixed_matmul)
     return root
+
+
+WORDS = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(30)]  # the word-level vocabulary of write_word_generator
+
+
+def write_word_generator(root: Path, name: str, model_toml: str) -> Path:
+    """A generative entry with no weights: a word-level tokenizer over :data:`WORDS`, a chat template that joins the
+    messages' contents; ``model_toml`` sets its tier and scheduler sizes. Its decoder is a test's own fake."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = root / name / "1"
+    folder.mkdir(parents=True)
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+    (folder / "generation.json").write_text(json.dumps({"max_seq_len": 64, "eos_token_ids": [0],
+                                                        "vocab_size": len(WORDS)}))
+    (folder / "model.toml").write_text(model_toml)
+    return folder

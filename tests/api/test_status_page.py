@@ -46,7 +46,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 BODY = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-WORDS = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(30)]
+WORDS = tiny_models.WORDS
 STEP_S = 0.004
 
 
@@ -131,20 +131,9 @@ def _repository(root: Path, standard_repo: Path) -> Path:
     os.symlink(standard_repo / "add_one", root / "add_one")
     tiny_models.write_version(root, "slow", 1, tiny_models.BATCHED.format(max_batch=1, delay_us=0),
                               tiny_models.add_constant)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    folder = root / "tiny-chat" / "1"
-    folder.mkdir(parents=True)
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    (folder / "generation.json").write_text(json.dumps({"max_seq_len": 64, "eos_token_ids": [0],
-                                                        "vocab_size": len(WORDS)}))
-    (folder / "model.toml").write_text('task = "generate"\ntier = "small"\n[batching]\nmax_batch_size = 0\n'
-                                       "[tokenizer]\nmax_seq_length = 64\n[generation]\nmax_running = 4\n"
-                                       "kv_capacity = 64\nprefill_chunk = 64\n[warmup]\nruns = 0\n")
+    tiny_models.write_word_generator(root, "tiny-chat", 'task = "generate"\ntier = "small"\n[batching]\n'
+                                     "max_batch_size = 0\n[tokenizer]\nmax_seq_length = 64\n[generation]\n"
+                                     "max_running = 4\nkv_capacity = 64\nprefill_chunk = 64\n[warmup]\nruns = 0\n")
     return root
 
 

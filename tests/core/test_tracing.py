@@ -210,7 +210,7 @@ def test_sampling_follows_the_ratio_for_new_traces_and_the_client_for_its_own(st
 
 # -- a streamed generation, on a tiny generative model whose decoder is slow on purpose ----------------------------
 
-WORDS = ["<eos>", "[UNK]"] + [f"w{i}" for i in range(30)]
+WORDS = tiny_models.WORDS
 
 
 class SlowDecoder:
@@ -245,21 +245,10 @@ class SlowDecoder:
 @pytest.fixture(scope="module")
 def generative_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny-gen``: a word-level tokenizer, a chat template that joins the messages, no weights."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     root = tmp_path_factory.mktemp("gen-repo")
-    folder = root / "tiny-gen" / "1"
-    folder.mkdir(parents=True)
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
-    (folder / "generation.json").write_text(json.dumps({"max_seq_len": 64, "eos_token_ids": [0],
-                                                        "vocab_size": len(WORDS)}))
-    (folder / "model.toml").write_text('task = "generate"\n[batching]\nmax_batch_size = 0\n[tokenizer]\n'
-                                       'max_seq_length = 64\n[generation]\nmax_running = 2\nkv_capacity = 64\n'
-                                       'prefill_chunk = 64\n[warmup]\nruns = 0\n')
+    tiny_models.write_word_generator(root, "tiny-gen", 'task = "generate"\n[batching]\nmax_batch_size = 0\n'
+                                     "[tokenizer]\nmax_seq_length = 64\n[generation]\nmax_running = 2\n"
+                                     "kv_capacity = 64\nprefill_chunk = 64\n[warmup]\nruns = 0\n")
     return root
 
 
