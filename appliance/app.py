@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.api import openai_api, openai_generate, v2
-from appliance.api.middleware import TRACING, request_middleware, traceparent_header
+from appliance.api.middleware import TRACING, request_middleware
 from appliance.api.openapi import openapi_document
 from appliance.api import admin, status, usage
 from appliance.accounting import Accounting
@@ -117,7 +117,8 @@ def create_app(
     """Build the application; models load when it starts (``cleanup_ctx``) and unload when it stops.
 
     ``gpu_probe`` opens the GPU telemetry reader at start (``None``: no GPU, no ``appliance_gpu_*`` series).
-    ``span_exporter`` makes the span exporter when ``[tracing]`` is enabled (default: OTLP/HTTP to its endpoint).
+    ``span_exporter`` makes a span exporter in the serving process when ``[tracing]`` is enabled (default: an export
+    process per serving process sends OTLP/HTTP to its endpoint).
     ``status_interval_s``: how often the status page's history takes a reading of the metrics.
     """
     app = web.Application(middlewares=[request_middleware], client_max_size=config.server.max_body_bytes)
@@ -153,8 +154,7 @@ def create_app(
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/openapi.json", openapi_document)
     if config.tracing.enabled:  # the provider is made in the serving process, first in and last out
-        app[TRACING] = tracing = Tracing(config.tracing, span_exporter)
+        app[TRACING] = tracing = Tracing(config.tracing, span_exporter, app[METRICS].traces_dropped.inc)
         app.cleanup_ctx.append(tracing.lifespan)
-        app.on_response_prepare.append(traceparent_header)
     app.cleanup_ctx.append(_lifespan)
     return app

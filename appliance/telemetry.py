@@ -226,6 +226,9 @@ class Metrics:
         self.admission_rejected = Counter("appliance_admission_rejected", "Requests not admitted to a local model "
                                           "(over the lane's wait or the queue full)", ("model", "lane"),
                                           registry=reg)
+        self.traces_dropped = Counter("appliance_traces_dropped", "Sampled requests whose spans were not exported: "
+                                      "the span export process fell behind or stopped ([tracing] on)",
+                                      registry=reg)
         self.auth_rejected = Counter("appliance_auth_rejected", "Requests refused by authentication, "
                                      "authorization or limits", ("reason",), registry=reg)
         self.upstream_requests = Counter("appliance_upstream_requests", "Calls to cloud upstreams by outcome (ok, "

@@ -4,11 +4,14 @@ Off by default (``[tracing] enabled``). While it is off nothing imports opentele
 :data:`NO_SPANS`, whose :meth:`Spans.step` hands out one shared object that does nothing: the data plane writes
 ``with trace.spans.step("cache"):`` either way and pays a method call when tracing is off.
 
-When it is on, :class:`Tracing` owns one SDK ``BatchSpanProcessor`` (and its exporter) per server process, made
-when the process starts serving (its ``cleanup_ctx``, so that each worker of ``server.workers`` makes its own after
-it was started) and shut down, spans flushed, when the process stops. A client's W3C ``traceparent`` (and
-``tracestate``) continues the client's trace. A span is a start time and a few attributes until it ends; then it
-becomes the SDK's ``ReadableSpan`` for the processor (see :class:`RequestSpans` for why not the SDK's live spans).
+When it is on, a serving process records each sampled request as one plain record (:data:`SpanRecord`: ids,
+times, attributes and its steps') and hands the records, a few times a second, to a span sink
+(:mod:`appliance.trace_export`): by default a child export process per serving process, which makes the SDK's
+spans, encodes them (OTLP protobuf) and sends them. Encoding costs ~25 us a span, several times what the
+appliance spends on a small request, so it never runs in the process whose event loop serves: the serving
+process spends a few microseconds a request on tracing, and an export process that falls behind (it runs on idle
+CPU only) makes the serving process drop records, counted in ``appliance_traces_dropped_total``,
+rather than slow down. A client's W3C ``traceparent`` (and ``tracestate``) continues the client's trace.
 
 What a span may carry: names, versions, places, route reasons and kinds, cache results, counts, costs, statuses,
 lanes, tenants and request ids. Never a prompt, input tensor, answer or error message (messages may quote input):
@@ -18,22 +21,47 @@ an error is told by its class name alone.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
+
+from msgpack import packb
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from appliance.config import TracingConfig
+    from appliance.trace_export import SpanSink
     from appliance.types import Caller, Trace
 
 ExporterFactory = Callable[["TracingConfig"], "SpanExporter"]
-"""Makes the span exporter of a process; the default sends OTLP/HTTP to ``[tracing] endpoint``."""
+"""Makes a span exporter; given one, spans are exported in the serving process (the seam tests use); without, an
+export process per serving process sends OTLP/HTTP to ``[tracing] endpoint``."""
 
-TRACER_NAME = "appliance"
+StepRecord = tuple[str, int, int, "Mapping[str, Any] | None", "str | None"]
+"""A finished step: its name, start and end (ns since the epoch), attributes, and the error's class name if it
+failed."""
+
+SpanRecord = tuple[bytes, int, "int | None", str, int, int, "str | None", list[StepRecord], tuple[Any, ...]]
+"""A finished request: trace id (16 bytes), span id, the client's span id (``None``: a new trace), the client's
+``tracestate``, start, end (ns), the error status's description (``None``: status unset), its steps, and what the
+span's name and attributes are made of (:data:`REQUEST_FIELDS`, in that order). Plain values only, few and
+unnamed, so that recording costs the serving process little; each is packed with msgpack as it ends."""
+
+REQUEST_FIELDS = ("http.request.method", "http.route", "url.path", "appliance.request_id",
+                  "http.response.status_code", "appliance.lane", "appliance.model", "appliance.version",
+                  "appliance.place", "appliance.route.reason", "appliance.route.kind", "appliance.cache",
+                  "appliance.queue_s", "appliance.compute_s", "appliance.batch_size", "appliance.tenant",
+                  "error.type", "appliance.tokens.prompt", "appliance.tokens.completion", "appliance.cost",
+                  "appliance.cost_avoided")
+"""The attributes of a request's span, in the order of a record's last field; an empty string, a ``None`` or a
+zero ``cost_avoided`` is left out (a model's version, place and the tokens and cost are kept as they are)."""
+
+SEND_INTERVAL_S = 0.5  # how often a serving process hands its ended requests' records to the sink
 log = logging.getLogger("appliance.tracing")
 
 
@@ -80,43 +108,19 @@ NO_STEP = Step()
 NO_SPANS = Spans()
 
 
-class _Otel:
-    """What the hot path uses of opentelemetry, imported and made once per process when tracing starts."""
-
-    def __init__(self, config: TracingConfig, resource: Any, processor: Any) -> None:
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-        from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        self.resource, self.processor = resource, processor
-        self.scope = InstrumentationScope(TRACER_NAME)
-        ids = RandomIdGenerator()
-        self.new_trace_id, self.new_span_id = ids.generate_trace_id, ids.generate_span_id
-        ratio = TraceIdRatioBased(config.sample_ratio)  # its rule, on the trace id's low 64 bits
-        self.sample_limit, self.sample_bound = ratio.TRACE_ID_LIMIT, ratio.bound
-        self.server, self.internal = SpanKind.SERVER, SpanKind.INTERNAL
-        self.error, self.status, self.unset = StatusCode.ERROR, Status, Status(StatusCode.UNSET)
-        self.readable, self.span_context, self.sampled = ReadableSpan, SpanContext, TraceFlags(TraceFlags.SAMPLED)
-        self.current_span = get_current_span
-        self.propagator = TraceContextTextMapPropagator()
-
-
 class _Step(Step):
-    """A step's start, end and attributes, handed to the span processor as a finished span when it ends."""
+    """A step's start and attributes until it ends; then a :data:`StepRecord` in its request's steps."""
 
-    __slots__ = ("_spans", "_name", "_attributes", "_start", "_open")
+    __slots__ = ("_steps", "_name", "_attributes", "_start")
 
-    def __init__(self, spans: RequestSpans, name: str, attributes: Mapping[str, str] | None) -> None:
-        self._spans, self._name, self._attributes = spans, name, attributes
-        self._start, self._open = time.time_ns(), True
+    def __init__(self, steps: list[StepRecord], name: str, attributes: Mapping[str, str] | None) -> None:
+        self._steps, self._name, self._attributes, self._start = steps, name, attributes, time.time_ns()
 
     def end(self, error: BaseException | None = None) -> None:
-        if self._open:
-            self._open = False
-            self._spans.emit(self._name, self._start, time.time_ns(), self._attributes, error)
+        if self._start:
+            self._steps.append((self._name, self._start, time.time_ns(), self._attributes,
+                                None if error is None else type(error).__name__))
+            self._start = 0
 
 
 class _Unsampled(Spans):
@@ -133,150 +137,143 @@ class _Unsampled(Spans):
 
 
 class RequestSpans(Spans):
-    """The spans of one sampled request: its SERVER span, and the steps' spans as its children.
+    """The spans of one sampled request: its SERVER span's ids, start and what its attributes are made of, and its
+    ended steps, which become one :data:`SpanRecord`, packed, when the request ends (bytes: the garbage collector
+    does not walk them, as it would a few thousand records' tuples between two sends)."""
 
-    Each is made as the SDK's ``ReadableSpan`` when it ends and handed to the batch processor, as the SDK's own
-    spans are. The SDK's live-span machinery (context lookups, the sampler, locks, attribute checks) costs ~10 us
-    a span on a small CPU, more than the appliance spends on a small request's step, and none of it is needed:
-    the request's span decides the trace and the sampling, and every attribute is a plain string or number.
-    """
+    __slots__ = ("_ended", "_trace_id", "_span_id", "_parent_id", "_state", "_start", "_request", "_error",
+                 "_settled", "_steps")
 
-    __slots__ = ("_otel", "_name", "_context", "_parent", "_start", "_attributes", "_error")
-
-    def __init__(self, otel: _Otel, name: str, context: Any, parent: Any, attributes: dict[str, Any]) -> None:
-        self._otel, self._name, self._context, self._parent = otel, name, context, parent
-        self._start, self._attributes, self._error = time.time_ns(), attributes, ""
+    def __init__(self, ended: Callable[[bytes], None], trace_id: int, span_id: int, parent_id: int | None,
+                 state: str, request: tuple[str, str, str, str]) -> None:
+        self._ended, self._trace_id, self._span_id, self._parent_id = ended, trace_id, span_id, parent_id
+        self._state, self._request, self._start = state, request, time.time_ns()
+        self._error, self._settled, self._steps = "", (None, None, None, None), []
 
     def step(self, name: str, attributes: Mapping[str, str] | None = None) -> Step:
-        return _Step(self, name, attributes)
-
-    def emit(self, name: str, start: int, end: int, attributes: Mapping[str, Any] | None,
-             error: BaseException | None) -> None:
-        """A finished step, as a child span of the request's, to the span processor."""
-        otel, parent = self._otel, self._context
-        status = otel.unset
-        if error is not None:
-            error_type = type(error).__name__
-            attributes = {**(attributes or {}), "error.type": error_type}
-            status = otel.status(otel.error, error_type)
-        context = otel.span_context(parent.trace_id, otel.new_span_id(), False, parent.trace_flags,
-                                    parent.trace_state)
-        otel.processor.on_end(otel.readable(name, context, parent, otel.resource, dict(attributes or {}),
-                                            kind=otel.internal, status=status, start_time=start, end_time=end,
-                                            instrumentation_scope=otel.scope))
+        return _Step(self._steps, name, attributes)
 
     def settled(self, input_tokens: int, output_tokens: int, cost: float, cost_avoided: float = 0.0) -> None:
-        attributes = self._attributes
-        attributes["appliance.tokens.prompt"] = input_tokens
-        attributes["appliance.tokens.completion"] = output_tokens
-        attributes["appliance.cost"] = cost
-        if cost_avoided:
-            attributes["appliance.cost_avoided"] = cost_avoided
+        self._settled = (input_tokens, output_tokens, cost, cost_avoided)
 
     def failed(self, error: BaseException) -> None:
         self._error = type(error).__name__
 
     def end(self, status: int, trace: Trace, caller: Caller) -> None:
-        otel, attributes = self._otel, self._attributes
-        attributes["http.response.status_code"] = status
-        attributes["appliance.lane"] = caller.lane
-        if trace.model:
-            attributes.update({"appliance.model": trace.model, "appliance.version": trace.version,
-                               "appliance.place": trace.place})
-        if trace.route:
-            attributes["appliance.route.reason"] = trace.route
-        if trace.route_kind:
-            attributes["appliance.route.kind"] = trace.route_kind
-        if trace.cache:
-            attributes["appliance.cache"] = trace.cache
-        if trace.usage is not None:
-            attributes.update({"appliance.queue_s": trace.usage.queue_s, "appliance.compute_s": trace.usage.compute_s,
-                               "appliance.batch_size": trace.usage.batch_size})
-        if caller.principal is not None:
-            attributes["appliance.tenant"] = caller.principal.tenant
-        if self._error:
-            attributes["error.type"] = self._error
+        usage, principal, model = trace.usage, caller.principal, trace.model
         # A 4xx is the client's error: OpenTelemetry leaves a SERVER span's status unset for it.
-        result = otel.status(otel.error, self._error or str(status)) if status >= 500 else otel.unset
-        otel.processor.on_end(otel.readable(self._name, self._context, self._parent, otel.resource, attributes,
-                                            kind=otel.server, status=result, start_time=self._start,
-                                            end_time=time.time_ns(), instrumentation_scope=otel.scope))
+        error = (self._error or str(status)) if status >= 500 else None
+        self._ended(packb((self._trace_id.to_bytes(16, "big"), self._span_id, self._parent_id, self._state, self._start,
+                     time.time_ns(), error, self._steps,
+                     (*self._request, status, caller.lane, model, trace.version if model else None,
+                      trace.place if model else None, trace.route, trace.route_kind, trace.cache,
+                      *((usage.queue_s, usage.compute_s, usage.batch_size) if usage is not None else (None,) * 3),
+                      principal.tenant if principal is not None else None, self._error, *self._settled))))
 
     @property
     def traceparent(self) -> str:
-        context = self._context
-        return f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+        return f"00-{self._trace_id:032x}-{self._span_id:016x}-01"
 
 
-def otlp_exporter(config: TracingConfig) -> SpanExporter:
-    """Spans to ``config.endpoint`` over OTLP/HTTP (protobuf); headers and TLS files from the ``OTEL_EXPORTER_OTLP_*``
-    environment, as every OpenTelemetry exporter reads them."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(endpoint=config.endpoint)
+def new_id(bits: int) -> int:
+    """A random non-zero trace (128 bits) or span (64 bits) id, as the SDK's ``RandomIdGenerator`` makes them."""
+    return random.getrandbits(bits) or 1
 
 
 class Tracing:
-    """A server process's tracer: its span processor is made by :meth:`lifespan` (an aiohttp ``cleanup_ctx``) in
-    the process that serves, and shut down, spans flushed, when it stops. ``exporter`` is the seam tests inject an
-    in-memory exporter through."""
+    """A server process's tracer: :meth:`begin` gives each request its spans, and the records of ended requests go
+    to a span sink made by :meth:`lifespan` (an aiohttp ``cleanup_ctx``) in the process that serves, and stopped,
+    records flushed, when it stops. ``exporter`` is the seam tests inject an in-memory exporter through; ``sink``
+    replaces the sink altogether (tools that measure the serving side alone); ``dropped(n)`` counts the ``n``
+    requests whose records the export process could not take."""
 
-    def __init__(self, config: TracingConfig, exporter: ExporterFactory | None = None) -> None:
+    def __init__(self, config: TracingConfig, exporter: ExporterFactory | None = None,
+                 dropped: Callable[[int], None] | None = None, sink: SpanSink | None = None) -> None:
         self.config = config
-        self._exporter = exporter or otlp_exporter
-        self._otel: _Otel | None = None
+        self._exporter, self._given_sink = exporter, sink
+        self._dropped = dropped or (lambda requests: None)
+        self._ended: collections.deque[bytes] = collections.deque()  # packed SpanRecords
+        self._sink: SpanSink | None = None
+        self._extract: Callable[[Mapping[str, str]], Any] | None = None
+        # OpenTelemetry's TraceIdRatioBased rule: sampled when the trace id's low 64 bits fall below the bound.
+        self._sample_bound = round(config.sample_ratio * (1 << 64))
 
-    def start(self) -> None:
-        """Make the resource and the batch processor (its export thread) of this process."""
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    def _make_sink(self) -> SpanSink:
+        if self._given_sink is not None:
+            return self._given_sink
+        from appliance import trace_export
 
+        resource = trace_export.resource_of(self.config, os.getpid())
+        if self._exporter is not None:
+            return trace_export.InProcessSink(self._exporter(self.config), resource)
+        return trace_export.ProcessSink(self.config, os.getpid(), self._dropped)
+
+    async def start(self) -> None:
+        """Make this process's sink (for the default, start its export process) and the traceparent parser."""
+        from opentelemetry.trace import get_current_span
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        propagator = TraceContextTextMapPropagator()
+        self._extract = lambda headers: get_current_span(propagator.extract(headers)).get_span_context()
+        self._sink = sink = self._make_sink()
+        await sink.start()
         config = self.config
-        # process.pid tells the workers of one server (server.workers) apart; each makes its processor itself.
-        resource = Resource.create({"service.name": config.service_name, "process.pid": os.getpid()})
-        self._otel = _Otel(config, resource, BatchSpanProcessor(self._exporter(config)))
         log.info("tracing: spans of %s to %s, %g of new traces sampled", config.service_name, config.endpoint,
                  config.sample_ratio)
 
-    def shutdown(self) -> None:
-        """Export what is pending and stop the export thread (blocking: call it off the event loop)."""
-        otel, self._otel = self._otel, None
-        if otel is not None:
-            otel.processor.shutdown()
+    def send(self) -> None:
+        """Hand the records of every request ended so far to the sink (on the event loop; never blocks)."""
+        ended, sink = self._ended, self._sink
+        if ended and sink is not None:
+            sink.send([ended.popleft() for _ in range(len(ended))])
+
+    async def stop(self) -> None:
+        """Send what is pending and stop the sink (its export process exports what it holds and exits)."""
+        self.send()
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            await sink.stop()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Export every ended span now (blocking); whether it finished in time."""
-        return self._otel.processor.force_flush(int(timeout_s * 1000)) if self._otel is not None else True
+        """Export every ended request's spans now (blocking; from any thread) and say whether that finished in
+        time: what the in-process exporter (``exporter``) is for. An export process is only sent what is pending
+        (call it on the event loop then)."""
+        self.send()
+        return self._sink.flush(timeout_s) if self._sink is not None else True
 
     async def lifespan(self, app: object) -> AsyncIterator[None]:
-        """The processor's life in this process: made at start, flushed and shut down at the end."""
-        self.start()
+        """The sink's life in this process: made at start, records handed over every ``SEND_INTERVAL_S``, flushed
+        and stopped at the end."""
+        await self.start()
+        sender = asyncio.create_task(self._send_periodically(), name="tracing-send")
         yield
-        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+        sender.cancel()
+        await self.stop()
+
+    async def _send_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SEND_INTERVAL_S)
+            self.send()
 
     def begin(self, method: str, route: str, path: str, request_id: str, headers: Mapping[str, str]) -> Spans:
         """The spans of a request that has just arrived, continuing the client's trace if it sent one.
 
         Sampling is parent-based: a client's trace is recorded when its ``traceparent`` says sampled, a new one
         when its id falls within ``sample_ratio`` (OpenTelemetry's ``TraceIdRatioBased`` rule)."""
-        otel = self._otel
-        if otel is None:  # not started (or stopped): nothing to record into
+        if self._sink is None or self._extract is None:  # not started (or stopped): nothing to record into
             return NO_SPANS
         parent = None
         if "traceparent" in headers:
-            parent = otel.current_span(otel.propagator.extract(headers)).get_span_context()
+            parent = self._extract(headers)
             parent = parent if parent.is_valid else None
         if parent is None:
-            trace_id, state = otel.new_trace_id(), None
-            sampled = trace_id & otel.sample_limit < otel.sample_bound
+            trace_id, parent_id, state = new_id(128), None, ""
+            sampled = trace_id & 0xFFFFFFFFFFFFFFFF < self._sample_bound
         else:
-            trace_id, state, sampled = parent.trace_id, parent.trace_state, parent.trace_flags.sampled
-        span_id = otel.new_span_id()
+            trace_id, parent_id, sampled = parent.trace_id, parent.span_id, parent.trace_flags.sampled
+            state = parent.trace_state.to_header() if parent.trace_state else ""
+        span_id = new_id(64)
         if not sampled:
             return _Unsampled(trace_id, span_id)
-        attributes: dict[str, Any] = {"http.request.method": method, "url.path": path,
-                                      "appliance.request_id": request_id}
-        if route:
-            attributes["http.route"] = route
-        context = otel.span_context(trace_id, span_id, False, otel.sampled, state)
-        return RequestSpans(otel, f"{method} {route}" if route else method, context, parent, attributes)
+        return RequestSpans(self._ended.append, trace_id, span_id, parent_id, state,
+                            (method, route, path, request_id))

@@ -6,7 +6,7 @@ concurrent streams. The models are built with the pipeline from the pinned wheel
 ~/.cache/appliance-bench). A llama.cpp server peer (`pip install 'llama-cpp-python[server]'`, a long source build)
 is measured in the same run when it is importable. Prints a table, writes bench/results/generation-*.json.
 ``--tracing on`` serves with ``[tracing]`` enabled (rows "appliance+traced"; spans over OTLP/HTTP to a discarding
-collector in this process, bench/otlp_sink.py); ``both`` measures with and without and prints the ratios.
+collector, bench/otlp_sink.py); ``both`` measures with and without and prints the ratios.
 
     python bench/generation.py [--tracing off|on|both] [--sample-ratio 1.0]
 """

@@ -9,12 +9,14 @@ Measures, in one run and on the same machine:
 Load comes from wrk (one thread). Prints a table and writes bench/results/overhead-*.json.
 
 ``--tracing on`` measures the appliance with ``[tracing]`` enabled (rows "+traced", or "+traced@RATIO" for each
-``--sample-ratio`` but 1), its spans sent over OTLP/HTTP to a discarding collector in this process
+``--sample-ratio`` but 1), its spans sent over OTLP/HTTP to a discarding collector
 (bench/otlp_sink.py); ``both`` measures each configuration with and without and reports the ratios (target: tracing
-on costs under 5% of req/s at c=64).
+on costs under 5% of req/s at c=64), with the traces the appliance dropped (its export process fell behind:
+``appliance_traces_dropped_total``) against those it served. ``--rounds N`` alternates the configurations N times
+and compares medians (this machine is shared and noisy); ``--formats`` limits the wire formats.
 
     python bench/overhead.py [--seconds 5] [--no-triton] [--workers 1 2] [--tracing off|on|both]
-                             [--sample-ratio 1 0.01]
+                             [--sample-ratio 1 0.01] [--rounds 1] [--formats json binary msgpack]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
@@ -47,6 +50,9 @@ intra_op_threads = 1
 [batching]
 max_batch_size = 64
 """
+
+
+FORMATS = ["json", "binary", "msgpack"]
 
 
 def bodies() -> dict[str, tuple[bytes, str, int | None]]:
@@ -111,6 +117,9 @@ def main() -> int:
                         help="the appliance with [tracing] off, on (spans to a discarding collector) or both")
     parser.add_argument("--sample-ratio", type=float, nargs="+", default=[1.0],
                         help="tracing.sample_ratio values to measure with tracing on")
+    parser.add_argument("--rounds", type=int, default=1, help="times to measure each appliance configuration, "
+                        "alternating them; the summary compares medians")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=FORMATS, help="wire formats to measure")
     args = parser.parse_args()
     require_wrk()
     with tempfile.TemporaryDirectory() as folder:
@@ -121,23 +130,34 @@ def main() -> int:
         print(f"  in-process session.run  p50 {floor['p50_s'] * 1e6:.1f} us", flush=True)
         ratios = args.sample_ratio if args.tracing != "off" else []
         modes = ([None] if args.tracing != "on" else []) + ratios  # None: tracing off; else the sample ratio
+        runs: list[dict] = []
         with otlp_sink() as (endpoint, sink):
-            for workers in args.workers:
-                for ratio in modes:
-                    label = ("appliance" if workers == 1 else f"appliance-w{workers}") + (
-                        "" if ratio is None else "+traced" if ratio == 1 else f"+traced@{ratio:g}")
-                    settings = {} if ratio is None else {"tracing_enabled": "true", "tracing_endpoint": endpoint,
-                                                         "tracing_sample_ratio": str(ratio)}
-                    with running_appliance(root / "repo", root / "state", root / f"{label}.log",
-                                           server_workers=str(workers), **settings) as url:
-                        rows += [{**row, "tracing": "off" if ratio is None else "on", "sample_ratio": ratio}
-                                 for row in measure(label, url, ["json", "binary", "msgpack"], args.seconds)]
+            for round_index in range(args.rounds):
+                for workers in args.workers:
+                    for ratio in modes:
+                        label = ("appliance" if workers == 1 else f"appliance-w{workers}") + (
+                            "" if ratio is None else "+traced" if ratio == 1 else f"+traced@{ratio:g}")
+                        settings = {} if ratio is None else {"tracing_enabled": "true", "tracing_endpoint": endpoint,
+                                                             "tracing_sample_ratio": str(ratio)}
+                        with running_appliance(root / "repo", root / "state", root / f"{label}.log",
+                                               server_workers=str(workers), **settings) as url:
+                            measured = measure(label, url, args.formats, args.seconds)
+                            if ratio is not None:
+                                runs.append({"server": label, "round": round_index,
+                                             "requests": sum(r["requests"] for r in measured),
+                                             "traces_dropped": traces_dropped(url)})
+                        rows += [{**row, "tracing": "off" if ratio is None else "on", "sample_ratio": ratio,
+                                  "round": round_index} for row in measured]
             if ratios:
                 print(f"  the collector took {sink.exports} exports, {sink.received_bytes / 1e6:.1f} MB", flush=True)
+                for run in runs:
+                    print(f"  {run['server']} round {run['round']}: {run['traces_dropped']:.0f} of about "
+                          f"{run['requests']} traced requests dropped", flush=True)
         if not args.no_triton:
             with triton.run_triton(args.cache_dir, free_port()) as triton_url:
                 rows += measure("triton", triton_url, ["json", "binary"], args.seconds)
-    summary = summarize(rows)
+    summary = summarize(medians(rows))
+    summary["tracing_runs"] = runs
     report.print_table(
         "Serving overhead: tiny model FP32 [-1,4], wrk -t1, loopback",
         ["server", "format", "conc", "req/s", "p50 ms", "p99 ms", "errors"],
@@ -149,6 +169,21 @@ def main() -> int:
     path = report.write_json("overhead", {"rows": rows, "summary": summary})
     print(f"\nwrote {path}")
     return 0
+
+
+def traces_dropped(url: str) -> float:
+    """``appliance_traces_dropped_total`` of a running appliance (0 when it has none)."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("appliance_traces_dropped_total"))
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per server, format and concurrency: the round with the median req/s (rows as they are for one
+    round)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["server"], row["format"], row["concurrency"]), []).append(row)
+    return [sorted(group, key=lambda r: r["rps"])[len(group) // 2] for group in groups.values()]
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -114,6 +114,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             response.headers["x-appliance-model"] = trace.model
         if trace.route:
             response.headers["x-appliance-route"] = trace.route
+        traceparent = spans.traceparent
+        if traceparent:
+            response.headers["traceparent"] = traceparent
     status = response.status
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -128,16 +131,6 @@ def _request_id(request: web.Request) -> str:
     if given is not None and REQUEST_ID.fullmatch(given):
         return given
     return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
-
-
-async def traceparent_header(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` while tracing is on: the request span's ``traceparent``, set as the headers go (a
-    streamed answer's too, which is prepared inside its handler)."""
-    trace = request.get(TRACE)
-    if trace is not None:
-        value = trace.spans.traceparent
-        if value:
-            response.headers["traceparent"] = value
 
 
 def _route_of(request: web.Request) -> str:

@@ -59,6 +59,9 @@ def _headers(trace: Trace, model: str) -> dict[str, str]:
         headers["x-cache"] = trace.cache
     if trace.route:
         headers["x-appliance-route"] = trace.route
+    traceparent = trace.spans.traceparent  # a stream's headers go before the middleware sees its response
+    if traceparent:
+        headers["traceparent"] = traceparent
     return headers
 
 

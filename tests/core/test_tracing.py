@@ -1,13 +1,16 @@
 """OpenTelemetry traces over real HTTP on loopback: the span tree of a request (a SERVER span, a child per step),
 its attributes, cache hits, refused requests, a client's traceparent, sampling, a streamed generation whose execute
 step lasts as long as the stream, what never goes into a span (the prompt, error messages), tracing off (no header,
-no import), the settings' checks, and the OTLP exporter flushed at stop, once per worker process."""
+no import), the settings' checks, the OTLP exporter flushed at stop, once per worker process, and the export
+process: what it is sent is exported or counted as dropped, and it is started again when it dies."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -24,9 +27,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 import tiny_models
-from appliance.api.middleware import TRACING
-from appliance.config import ConfigError, load_config
+from appliance.api.middleware import ANONYMOUS, TRACING
+from appliance.config import ConfigError, TracingConfig, load_config
 from appliance.keys import KeyStore
+from appliance.trace_export import ProcessSink
+from appliance.tracing import RequestSpans
+from appliance.types import Trace
 from conftest import RunningServer, free_port, make_config
 from waiting import wait_until
 
@@ -438,3 +444,115 @@ def test_each_worker_process_makes_its_own_provider(tmp_path, sink):
         process.send_signal(signal.SIGTERM)
         process.wait(60)
     assert len(seen) == 2 and process.pid not in seen  # the supervisor makes no provider; each worker its own
+
+
+# -- the export process: what it was sent is exported, or counted as dropped -----------------------------------------
+
+def packed_requests(count: int) -> tuple[list[bytes], set[bytes]]:
+    """``count`` ended requests' records as a serving process packs them (two steps each), and their trace ids."""
+    ended: list[bytes] = []
+    trace_ids = set()
+    for index in range(count):
+        trace_id = random.getrandbits(128) | 1
+        spans = RequestSpans(ended.append, trace_id, random.getrandbits(64) | 1, None, "",
+                             ("POST", "/v2/models/{model}/infer", "/v2/models/m/infer", f"r{index}"))
+        with spans.step("route"):
+            pass
+        with spans.step("execute", {"appliance.place": "local"}):
+            pass
+        spans.end(200, Trace(model="m", version="1", place="local"), ANONYMOUS)
+        trace_ids.add(trace_id.to_bytes(16, "big"))
+    return ended, trace_ids
+
+
+def server_spans(sink: OtlpSink) -> list[object]:
+    return [span for _, span in sink.spans() if span.kind == span.SPAN_KIND_SERVER]
+
+
+def test_the_export_process_exports_what_it_was_sent_and_outlives_a_sigterm(sink):
+    records, trace_ids = packed_requests(300)
+    dropped: list[int] = []
+
+    async def scenario() -> int:
+        export = ProcessSink(TracingConfig(enabled=True, endpoint=sink.endpoint), 4242, dropped.append)
+        await export.start()
+        export.send(records[:150])
+        await export.ready()
+        os.kill(export.pid, signal.SIGTERM)  # a service stop signals every process of the unit
+        await asyncio.sleep(0.3)
+        export.send(records[150:])
+        pid = export.pid
+        await export.stop()  # the socket closes: the export process sends what it holds and exits
+        return pid
+
+    pid = asyncio.run(scenario())
+    spans = sink.spans()
+    assert {span.trace_id for span in server_spans(sink)} == trace_ids and not dropped
+    assert len(spans) == 3 * 300 and {resource["process.pid"].int_value for resource, _ in spans} == {4242}
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # it exited and was reaped
+
+
+def test_an_export_process_that_falls_behind_makes_the_server_drop_and_count_traces_not_wait(sink):
+    dropped: list[int] = []
+
+    async def scenario() -> int:
+        export = ProcessSink(TracingConfig(enabled=True, endpoint=sink.endpoint), 1, dropped.append,
+                             max_unsent_bytes=64 << 10)
+        await export.start()
+        os.kill(export.pid, signal.SIGSTOP)  # as if starved of CPU
+        sent = 0
+        try:
+            while not dropped:
+                assert sent < 100_000, "the writes never backed up"
+                records, _ = packed_requests(200)
+                started = time.perf_counter()
+                export.send(records)
+                assert time.perf_counter() - started < 0.1  # never waits for the export process
+                sent += len(records)
+                await asyncio.sleep(0.01)  # the event loop writes what the socket takes
+            for _ in range(3):  # and goes on dropping while it stays behind
+                export.send(packed_requests(200)[0])
+                sent += 200
+        finally:
+            os.kill(export.pid, signal.SIGCONT)
+        await export.stop()
+        return sent
+
+    sent = asyncio.run(scenario())
+    exported = len(server_spans(sink))
+    assert sum(dropped) >= 600 and exported > 0
+    assert exported + sum(dropped) == sent  # each request's spans either exported or counted: none lost silently
+
+
+def test_an_export_process_that_dies_is_counted_and_started_again(sink):
+    dropped: list[int] = []
+
+    async def scenario() -> None:
+        export = ProcessSink(TracingConfig(enabled=True, endpoint=sink.endpoint), 1, dropped.append,
+                             restart_after_s=0.0)
+        await export.start()
+        first = export.pid
+        os.kill(first, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        export.send(packed_requests(5)[0])  # refused, counted, and a new export process started
+        await wait_for_async(lambda: export.pid != first and export._restart is None)
+        records, trace_ids = packed_requests(5)
+        export.send(records)
+        await export.stop()
+        assert {span.trace_id for span in server_spans(sink)} == trace_ids
+
+    asyncio.run(scenario())
+    assert dropped == [5]
+
+
+async def wait_for_async(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_a_server_counts_the_traces_it_dropped_in_its_metrics(standard_repo, server_factory, sink):
+    running = server_factory(standard_repo, tracing={"enabled": True, "endpoint": sink.endpoint})
+    assert "appliance_traces_dropped_total 0.0" in requests.get(running.url + "/metrics", timeout=10).text
