@@ -21,8 +21,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds(root_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by ``root_pid`` and its descendants, split into the span export
+    processes (``export``) and the rest (``serving``: the supervisor and its workers), read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    used = {"serving": 0.0, "export": 0.0}
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except OSError:
+            continue
+        kind = "export" if b"appliance.trace_export" in command else "serving"
+        used[kind] += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return used
+
+
 @contextlib.contextmanager
 def running_appliance(repo: Path, state: Path, log: Path, **settings: str) -> Iterator[str]:
+    """:func:`running_appliance_process`, yielding the URL alone."""
+    with running_appliance_process(repo, state, log, **settings) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_appliance_process(repo: Path, state: Path, log: Path,
+                              **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """Serve ``repo`` on a free port until the block ends; ``settings`` are APPLIANCE_* overrides (e.g.
     ``SERVER_WORKERS="2"``). Yields the base URL once ``/v2/health/ready`` answers 200.
 
@@ -48,7 +88,7 @@ def running_appliance(repo: Path, state: Path, log: Path, **settings: str) -> It
             time.sleep(0.1)
         else:
             raise SystemExit(f"the appliance did not become ready; see {log}")
-        yield url
+        yield url, process
     finally:
         process.terminate()
         process.wait(60)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import report  # noqa: E402
 import tiny_models  # noqa: E402
 from peers import triton  # noqa: E402
-from appliance_server import free_port, running_appliance  # noqa: E402
+from appliance_server import cpu_seconds, free_port, running_appliance_process  # noqa: E402
 from otlp_sink import otlp_sink  # noqa: E402
 from wrk import post_load, require_wrk  # noqa: E402
 
@@ -92,17 +92,26 @@ def in_process(model: Path, seconds: float) -> dict:
             "errors": 0}
 
 
-def measure(server: str, url: str, formats: list[str], seconds: float) -> list[dict]:
+def measure(server: str, url: str, formats: list[str], seconds: float, pid: int | None = None) -> list[dict]:
+    """Each format at c=1 and c=64; with the server's ``pid``, also the CPU its processes used per request
+    (``serving_cpu_us``, ``export_cpu_us``), which moves less than req/s on a shared machine."""
     rows = []
     for name in formats:
         body, content_type, header_length = bodies()[name]
         infer = f"{url}/v2/models/add_one/infer"
         post_load(infer, body, content_type, 8, 1, header_length)  # warm up connections and caches
         for connections in (1, 64):
+            before = cpu_seconds(pid) if pid is not None else None
             result = post_load(infer, body, content_type, connections, seconds, header_length)
-            rows.append({"server": server, "format": name, "concurrency": connections, **vars(result)})
+            row = {"server": server, "format": name, "concurrency": connections, **vars(result)}
+            cpu = ""
+            if before is not None and result.requests:
+                after = cpu_seconds(pid)
+                row.update({f"{kind}_cpu_us": (after[kind] - before[kind]) / result.requests * 1e6 for kind in after})
+                cpu = f"  cpu/request {row['serving_cpu_us']:.0f} us serving, {row['export_cpu_us']:.0f} us export"
+            rows.append(row)
             print(f"  {server:9s} {name:7s} c={connections:<3d} {result.rps:9.0f} req/s  p50 {result.p50_s * 1e3:.3f} ms"
-                  f"  p99 {result.p99_s * 1e3:.3f} ms  errors {result.errors}", flush=True)
+                  f"  p99 {result.p99_s * 1e3:.3f} ms  errors {result.errors}{cpu}", flush=True)
     return rows
 
 
@@ -139,9 +148,9 @@ def main() -> int:
                             "" if ratio is None else "+traced" if ratio == 1 else f"+traced@{ratio:g}")
                         settings = {} if ratio is None else {"tracing_enabled": "true", "tracing_endpoint": endpoint,
                                                              "tracing_sample_ratio": str(ratio)}
-                        with running_appliance(root / "repo", root / "state", root / f"{label}.log",
-                                               server_workers=str(workers), **settings) as url:
-                            measured = measure(label, url, args.formats, args.seconds)
+                        with running_appliance_process(root / "repo", root / "state", root / f"{label}.log",
+                                                       server_workers=str(workers), **settings) as (url, process):
+                            measured = measure(label, url, args.formats, args.seconds, process.pid)
                             if ratio is not None:
                                 runs.append({"server": label, "round": round_index,
                                              "requests": sum(r["requests"] for r in measured),
@@ -160,9 +169,9 @@ def main() -> int:
     summary["tracing_runs"] = runs
     report.print_table(
         "Serving overhead: tiny model FP32 [-1,4], wrk -t1, loopback",
-        ["server", "format", "conc", "req/s", "p50 ms", "p99 ms", "errors"],
-        [[r["server"], r["format"], r["concurrency"], r["rps"], r["p50_s"] * 1e3, r["p99_s"] * 1e3, r["errors"]]
-         for r in rows],
+        ["server", "format", "conc", "req/s", "p50 ms", "p99 ms", "errors", "cpu us/req", "export us/req"],
+        [[r["server"], r["format"], r["concurrency"], r["rps"], r["p50_s"] * 1e3, r["p99_s"] * 1e3, r["errors"],
+          r.get("serving_cpu_us", ""), r.get("export_cpu_us", "")] for r in rows],
     )
     for line in summary["lines"]:
         print(line)
@@ -224,6 +233,12 @@ def summarize(rows: list[dict]) -> dict:
                          "(target >= 0.95)")
         lines.append(f"{server} / {untraced}, req/s by format: " + ", ".join(
             f"{name} {ratio:.3f}x" for name, ratio in ratios.items()))
+        cpu = {f"{r['format']} c={r['concurrency']}": (t["serving_cpu_us"] / r["serving_cpu_us"], t["export_cpu_us"])
+               for r, t in pairs if r.get("serving_cpu_us") and t.get("serving_cpu_us")}
+        if cpu:
+            summary.setdefault("tracing_serving_cpu_ratio", {})[server] = {k: v[0] for k, v in cpu.items()}
+            lines.append(f"{server} / {untraced}, serving processes' CPU per request: " + ", ".join(
+                f"{name} {ratio:.3f}x (+{export:.0f} us in the export process)" for name, (ratio, export) in cpu.items()))
     summary["lines"] = lines
     return summary
 
