@@ -1,9 +1,11 @@
 """Admission control: lanes with a priority and a maximum wait in front of every local model.
 
-Each model version has a gate that lets at most ``limit`` requests in (enough to fill its batches or KV-cache
-rows); the others wait in one bounded queue where ``interactive`` requests go before ``batch`` ones. The wait a
-new request would see is estimated from the requests ahead of it and the recent service time (Little's law over
-the model's parallel capacity). When the estimate is over the lane's maximum wait, or the queue is full, the
+Each model version has a gate with ``limit`` places (enough to fill its batches or KV-cache rows); a request takes
+as many places as the sequences or rows it runs (a completions request with 4 prompts and ``n = 2`` takes 8, an
+embeddings request one per input; at most ``limit``). Requests that do not fit wait in one bounded queue where
+``interactive`` requests go before ``batch`` ones, first come first served within a lane (a large request at the
+head is not overtaken by smaller ones behind it). The wait a new request would see is estimated from the places
+ahead of it and the recent service time (Little's law over the model's parallel capacity). When the estimate is over the lane's maximum wait, or the queue is full, the
 request is not queued: the data plane overflows it to the cloud where policy allows, or answers 429/503 with a
 ``Retry-After`` taken from the estimate.
 """
@@ -30,6 +32,7 @@ class _Waiter:
     priority: int
     sequence: int
     future: asyncio.Future = field(compare=False)
+    places: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +43,8 @@ class GateState:
     version: int
     waiting: dict[str, int]  # per lane: requests queued at the gate
     estimated_wait_s: dict[str, float]  # per lane: what a request arriving now would wait
-    active: int  # requests past the gate (running, or queued inside the model's scheduler)
-    limit: int  # the most let past the gate at once
+    active: int  # places taken past the gate (sequences or rows running, or queued inside the model)
+    limit: int  # the places of the gate
     capacity: int  # the model's parallel capacity (rows of a batch times instances, or KV-cache rows)
     max_waiting: int  # the queue's bound, shared by both lanes
     service_s: float  # the recent service time the estimate uses
@@ -75,21 +78,27 @@ class LaneGate:
         return GateState(self.name, version, waiting, {lane: self.estimate_wait(lane) for lane in LANES},
                          self.active, self.limit, self.capacity, self.max_waiting, self.service_s)
 
-    def estimate_wait(self, lane: str) -> float:
-        """Seconds a new request of ``lane`` would wait before the model starts on it."""
+    def places_for(self, places: int) -> int:
+        """The places a request running ``places`` sequences or rows takes: 1 to ``limit``."""
+        return min(max(1, places), self.limit)
+
+    def estimate_wait(self, lane: str, places: int = 1) -> float:
+        """Seconds a new request of ``lane`` taking ``places`` would wait before the model starts on it."""
         priority = PRIORITY[lane]
-        ahead = sum(1 for waiter in self._waiters if waiter.priority <= priority)
-        beyond_capacity = self.active + ahead + 1 - self.capacity
+        ahead = sum(waiter.places for waiter in self._waiters if waiter.priority <= priority)
+        beyond_capacity = self.active + ahead + self.places_for(places) - self.capacity
         return max(0.0, beyond_capacity) * self.service_s / self.capacity
 
-    async def acquire(self, lane: str, max_wait_s: float) -> float:
-        """Enter the gate, waiting by priority; returns the time waited. Raises :class:`Saturated` or
-        :class:`QueueFull` (without queueing) when the wait would be over ``max_wait_s`` or the queue is full."""
+    async def acquire(self, lane: str, max_wait_s: float, places: int = 1) -> float:
+        """Enter the gate with ``places`` (:meth:`places_for` them, to give back with :meth:`release`), waiting by
+        priority; returns the time waited. Raises :class:`Saturated` or :class:`QueueFull` (without queueing) when
+        the wait would be over ``max_wait_s`` or the queue is full."""
         priority = PRIORITY[lane]
-        if self.active < self.limit and not any(w.priority <= priority for w in self._waiters):
-            self.active += 1  # a free place: no wait to budget for
+        places = self.places_for(places)
+        if self.active + places <= self.limit and not any(w.priority <= priority for w in self._waiters):
+            self.active += places  # room now: no wait to budget for
             return 0.0
-        estimate = self.estimate_wait(lane)
+        estimate = self.estimate_wait(lane, places)
         if estimate > max_wait_s:
             raise Saturated(f"model {self.name} is saturated: the estimated wait of {estimate:.2f} s is over the "
                             f"{lane} lane's {max(max_wait_s, 0):.2f} s left; retry later",
@@ -98,7 +107,7 @@ class LaneGate:
             raise QueueFull(f"model {self.name} has {len(self._waiters)} requests waiting, the most admission "
                             "allows; retry later", retry_after_s=max(estimate, 1.0))
         started = self._clock()
-        waiter = _Waiter(priority, next(self._sequence), asyncio.get_running_loop().create_future())
+        waiter = _Waiter(priority, next(self._sequence), asyncio.get_running_loop().create_future(), places)
         heapq.heappush(self._waiters, waiter)
         # Past the gate a request may still queue behind the rows the limit lets in beyond capacity: leave room.
         inside_s = self.service_s * (self.limit - self.capacity) / self.capacity
@@ -106,14 +115,14 @@ class LaneGate:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(0.0, max_wait_s - inside_s))
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(None)  # admitted just as the wait ended: hand the place on
+                self.release(None, places)  # admitted just as the wait ended: hand the places on
             else:
                 waiter.future.cancel()
                 self._remove(waiter)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             late = Saturated(f"model {self.name}: waited {max_wait_s:.2f} s, the {lane} lane's maximum, without "
-                             "being admitted; retry later", retry_after_s=self.estimate_wait(lane))
+                             "being admitted; retry later", retry_after_s=self.estimate_wait(lane, places))
             late.waited = True
             raise late from None
         return self._clock() - started
@@ -122,17 +131,28 @@ class LaneGate:
         if waiter in self._waiters:
             self._waiters.remove(waiter)
             heapq.heapify(self._waiters)
+            self._admit_waiting()  # a large request that left may have held smaller ones back
 
-    def release(self, service_s: float | None) -> None:
-        """Leave the gate; ``service_s`` (the time the model spent on the request) updates the estimate."""
-        self.active -= 1
+    def release(self, service_s: float | None, places: int = 1) -> None:
+        """Leave the gate, giving back ``places``; ``service_s`` (the time the model spent on the request) updates
+        the estimate."""
+        self.active -= places
         if service_s is not None and math.isfinite(service_s) and service_s > 0:
             self.service_s += 0.2 * (service_s - self.service_s)
-        while self._waiters and self.active < self.limit:
-            waiter = heapq.heappop(self._waiters)
-            if not waiter.future.done():
-                self.active += 1
-                waiter.future.set_result(None)
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        """Let waiters in, in order, while the first fits."""
+        while self._waiters:
+            waiter = self._waiters[0]
+            if waiter.future.done():  # cancelled, and its task has not removed it yet
+                heapq.heappop(self._waiters)
+                continue
+            if self.active + waiter.places > self.limit:
+                return
+            heapq.heappop(self._waiters)
+            self.active += waiter.places
+            waiter.future.set_result(None)
 
 
 class Admission:

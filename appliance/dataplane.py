@@ -103,7 +103,8 @@ class DataPlane:
             if decision.payload is not None:
                 return self._from_cache(operation, served, request, decision)
             with spans.step("admit"):
-                admitted = await self.placement.admit(served, caller, operation.task) if self.placement else None
+                admitted = (await self.placement.admit(served, caller, operation.task, operation.places(request))
+                            if self.placement else None)
             if isinstance(admitted, Route):
                 route = self._routed(trace, admitted)
             else:

@@ -32,13 +32,14 @@ class Ticket:
     """A request's place at a model's gate; released with the service time when the model is done with it."""
 
     gate: LaneGate
+    places: int = 1
     released: bool = False
 
     def release(self, service_s: float | None) -> None:
         """Leave the gate (once)."""
         if not self.released:
             self.released = True
-            self.gate.release(service_s)
+            self.gate.release(service_s, self.places)
 
 
 class Placement:
@@ -101,9 +102,10 @@ class Placement:
         route = self.router.route_generation(alias, text, turns, request.max_tokens, cloud)
         return self._decided(route, alias)
 
-    async def admit(self, served: ModelVersion, caller: Caller, task: str) -> Ticket | Route | None:
-        """A place at the model's gate in the caller's lane (``None`` when admission is off), or, when the model is
-        saturated, a cloud route where the policy allows one; else :class:`Saturated` or :class:`QueueFull`."""
+    async def admit(self, served: ModelVersion, caller: Caller, task: str, places: int = 1) -> Ticket | Route | None:
+        """``places`` at the model's gate (the sequences or rows the request runs) in the caller's lane (``None``
+        when admission is off), or, when the model is saturated, a cloud route where the policy allows one; else
+        :class:`Saturated` or :class:`QueueFull`."""
         config = self.admission.config
         if not config.enabled:
             return None
@@ -113,13 +115,13 @@ class Placement:
         if caller.arrived:
             budget -= time.monotonic() - caller.arrived  # reading and checking the request counts as waiting
         try:
-            await gate.acquire(lane, budget)
+            await gate.acquire(lane, budget, places)
         except (Saturated, QueueFull) as exc:
             overflow = self._overflow(served, caller, exc, task)
             if overflow is None:
                 raise
             return overflow
-        return Ticket(gate)
+        return Ticket(gate, gate.places_for(places))
 
     def _overflow(self, served: ModelVersion, caller: Caller, exc: ApplianceError, task: str) -> Route | None:
         self._metrics.pending.add(self._metrics.admission_rejected.labels(served.name, caller.lane))

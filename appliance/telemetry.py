@@ -75,9 +75,10 @@ LANE_GAUGES: dict[str, tuple[str, bool, Callable[[GateState, str], float], str]]
                                               "at", True, lambda gate, lane: gate.estimated_wait_s[lane], "livemax"),
     "appliance_lane_queue_capacity": ("The most requests that may wait at the gate, both lanes together", False,
                                       lambda gate, lane: gate.max_waiting, "livesum"),
-    "appliance_lane_active": ("Requests past the gate (running or in the model's own queue)", False,
+    "appliance_lane_active": ("Places taken past the gate: the sequences or rows of the requests running or in "
+                              "the model's own queue", False,
                               lambda gate, lane: gate.active, "livesum"),
-    "appliance_lane_active_limit": ("The most requests let past the gate at once", False,
+    "appliance_lane_active_limit": ("The places of the gate: the most sequences or rows let past it at once", False,
                                     lambda gate, lane: gate.limit, "livesum"),
 }
 

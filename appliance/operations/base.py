@@ -33,6 +33,10 @@ class Operation(Protocol, Generic[RequestT, AnswerT]):
         """Raise :class:`~appliance.errors.BadRequest` when the model cannot take the request."""
         ...
 
+    def places(self, request: RequestT) -> int:
+        """The places the request takes at a model's admission gate: the sequences or rows it runs."""
+        ...
+
     def cache_key(self, served: ModelVersion, request: RequestT) -> tuple[Callable[[], Any], bool] | None:
         """The request's canonical form and whether the model answers it deterministically; None: not cached."""
         ...

@@ -32,6 +32,10 @@ class EmbedOperation:
         """A router alias for embeddings: the embedding model of its tier."""
         return placement.route_embedding(alias)
 
+    def places(self, request: EmbedRequest) -> int:
+        """One place per input: each is a row of the encoder's batches."""
+        return len(request.texts if request.texts is not None else request.token_ids or ())
+
     def check(self, served: ModelVersion, request: EmbedRequest) -> None:
         """An embedding model, and ``dimensions`` it can give."""
         if not isinstance(served, EmbeddingModel):

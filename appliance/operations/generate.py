@@ -40,6 +40,10 @@ class GenerateOperation:
         """A router alias: the tier the request's complexity calls for (or the cloud)."""
         return placement.route_generation(alias, request)
 
+    def places(self, request: GenerateRequest) -> int:
+        """One place per sequence: ``n`` for each prompt, each holding a KV-cache row."""
+        return request.choice_count
+
     def check(self, served: ModelVersion, request: GenerateRequest) -> None:
         """A model that generates text."""
         if not isinstance(served, GenerativeModel):

@@ -30,6 +30,10 @@ class TensorOperation:
         """v2 requests name their model: no router alias stands for a tensor model."""
         return placement.named(alias)
 
+    def places(self, request: TensorRequest) -> int:
+        """One place: a tensor request's rows are checked against the model's batch size, not counted here."""
+        return 1
+
     def check(self, served: ModelVersion, request: TensorRequest) -> None:
         """The model's inputs, datatypes and shapes, and the outputs asked for."""
         if isinstance(served, GenerativeModel):

@@ -98,3 +98,55 @@ async def test_cancelling_a_waiter_cancels_it_and_frees_its_place():
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert g.waiting == 0 and g.active == 1
+
+
+# -- requests that run several sequences or rows take that many places --------------------------------------------
+
+async def test_a_request_takes_a_place_per_sequence_up_to_the_limit():
+    g = gate(capacity=4, limit=4)
+    assert await g.acquire("interactive", 1.0, places=3) == 0 and g.active == 3
+    assert g.places_for(3) == 3 and g.places_for(0) == 1 and g.places_for(40) == 4
+    # One place is left: a second three-place request would wait for three of four slots of 0.1 s.
+    assert g.estimate_wait("interactive", 3) == pytest.approx(2 * 0.1 / 4)
+    assert await g.acquire("interactive", 1.0) == 0 and g.active == 4
+    g.release(0.1, 3)
+    g.release(0.1)
+    assert g.active == 0
+    assert await g.acquire("interactive", 1.0, places=40) == 0 and g.active == 4  # larger than the gate: all of it
+
+
+async def test_a_large_request_at_the_head_is_not_overtaken_and_counts_in_the_estimate():
+    g = gate(capacity=4, limit=4, service_s=0.001)
+    await g.acquire("interactive", 10, places=2)
+    order: list[str] = []
+
+    async def enter(name: str, places: int) -> None:
+        await g.acquire("interactive", 10, places)
+        order.append(name)
+
+    large = asyncio.ensure_future(enter("large", 4))
+    await asyncio.sleep(0)
+    small = asyncio.ensure_future(enter("small", 1))  # two places are free, but the large one came first
+    await asyncio.sleep(0)
+    assert order == [] and g.waiting == 2 and g.active == 2
+    assert g.estimate_wait("interactive") == pytest.approx((2 + 5 + 1 - 4) * 0.001 / 4)  # the places ahead count
+    g.release(0.001, 2)
+    assert g.active == 4 and g.waiting == 1  # the large one is in; the small one still waits behind it
+    await asyncio.wait_for(large, 1)
+    assert order == ["large"]
+    g.release(0.001, 4)
+    await asyncio.gather(large, small)
+    assert order == ["large", "small"] and g.active == 1
+
+
+async def test_a_large_waiter_that_gives_up_lets_the_smaller_ones_behind_it_in():
+    g = gate(capacity=4, limit=4, service_s=0.001)
+    await g.acquire("interactive", 10, places=3)
+    large = asyncio.ensure_future(g.acquire("interactive", 10, 4))
+    await asyncio.sleep(0)
+    small = asyncio.ensure_future(g.acquire("interactive", 10, 1))
+    await asyncio.sleep(0)
+    assert g.waiting == 2
+    large.cancel()
+    await asyncio.sleep(0)
+    assert await small == pytest.approx(0, abs=0.1) and g.active == 4 and g.waiting == 0

@@ -200,7 +200,7 @@ class FullGate:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
-    async def acquire(self, lane: str, budget_s: float) -> float:
+    async def acquire(self, lane: str, budget_s: float, places: int = 1) -> float:
         raise self.error
 
 

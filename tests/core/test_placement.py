@@ -83,6 +83,19 @@ async def test_admission_gives_a_ticket_then_an_overflow_route_or_the_error():
     assert isinstance(again, Ticket)
 
 
+async def test_a_ticket_holds_and_gives_back_the_places_its_request_takes():
+    chosen = placement({})
+    served = model()
+    served.spec.batching.max_batch_size = 8  # eight rows, sixteen places with the batch that forms meanwhile
+    ticket = await chosen.admit(served, caller(), "embed", places=5)
+    assert isinstance(ticket, Ticket) and ticket.places == 5
+    (state,) = chosen.admission.states()
+    assert state.active == 5 and state.limit == 16
+    ticket.release(0.01)
+    ticket.release(0.01)  # once only
+    assert chosen.admission.states()[0].active == 0
+
+
 async def test_admission_off_admits_everything():
     chosen = placement({}, AdmissionConfig(enabled=False))
     assert await chosen.admit(model(), caller(), "tensor") is None
