@@ -109,17 +109,23 @@ class GenerateOperation:
 
     @staticmethod
     async def _constraints(served: GenerativeModel, request: GenerateRequest) -> list[Constraint] | None:
-        """One grammar state per choice, when the answer is constrained (compiled once, off the event loop)."""
+        """One grammar state per choice, when the answer is constrained (compiled once and copied, off the event
+        loop)."""
         form = request.response_format
         if request.tools is not None and request.tools.constrained:
             form = ("json_schema", call_schema(request.tools), True)  # the answer is a call, arguments and all
         if form is None or served.grammar is None:
             return None
         kind, schema, strict = form
-        # Compiling can take up to a second for a large schema (and the first, 0.3 s for the tokenizer).
-        constraint = await asyncio.get_running_loop().run_in_executor(None, served.grammar.compile, kind, schema,
-                                                                      strict)
-        return [constraint, *(constraint.copy() for _ in range(request.choice_count - 1))]
+        grammar, count = served.grammar, request.choice_count
+
+        def states() -> list[Constraint]:
+            # Compiling can take up to a second for a large schema (and the first, 0.3 s for the tokenizer); the
+            # copies for more choices deep-copy the matcher, up to 127 of them.
+            constraint = grammar.compile(kind, schema, strict)
+            return [constraint, *(constraint.copy() for _ in range(count - 1))]
+
+        return await asyncio.get_running_loop().run_in_executor(None, states)
 
     async def cloud(self, cloud: Cloud, route: Route, request: GenerateRequest, done: CloudDone) -> GenerationStream:
         """The body, as it came, to an ``openai`` upstream; streamed when the client streams."""
