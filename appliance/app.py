@@ -37,6 +37,7 @@ from appliance.model_version import EngineFactory
 from appliance.repository import ModelManager
 from appliance.telemetry import AccessLog, Metrics
 from appliance.tracing import ExporterFactory, Tracing
+from appliance.worker_activity import SharedActivity
 from appliance.workers import WorkerGroup
 
 log = logging.getLogger("appliance.app")
@@ -139,9 +140,17 @@ def create_app(
     accounting = Accounting(app.get(LEDGER), app[LIMITER], config.ledger.device_rate_per_hour)
     app[DATAPLANE] = dataplane = DataPlane(app[MODELS], app[CACHE], placement, Cloud(app[UPSTREAMS]), accounting)
     app[LIFECYCLE] = lifecycle = Lifecycle()
+    def in_flight() -> int:
+        return lifecycle.model_requests
+
+    if workers is not None and config.routing.quality_sample_ratio > 0:
+        # Replays wait for the whole group to be idle, not only this worker.
+        activity = SharedActivity(workers, lifecycle)
+        app.cleanup_ctx.append(activity.lifespan)
+        in_flight = activity.in_flight  # type: ignore[assignment]
     app[QUALITY] = dataplane.quality = RoutingQuality(
         config.routing, dataplane.generate, dataplane.embed, lambda: _generation_tiers(placement.router),
-        lambda: lifecycle.model_requests, app[METRICS].registry)
+        in_flight, app[METRICS].registry)
     app[GPU_PROBE] = gpu_probe
     if workers is not None:
         app[WORKERS] = workers

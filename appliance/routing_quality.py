@@ -98,8 +98,8 @@ class GaveWay(Exception):
 class RoutingQuality:
     """Samples small-tier routes (:meth:`offer`) and replays them on idle capacity (:meth:`run`, a background task).
 
-    ``tiers`` names the serving small and mid generation models; ``in_flight`` counts the requests the server is
-    answering. Generation and embedding go through the data plane (``generate``, ``embed``) like any request.
+    ``tiers`` names the serving small and mid generation models; ``in_flight`` counts the model requests the
+    server is answering (with several workers, the whole group's: :mod:`appliance.worker_activity`). Generation and embedding go through the data plane (``generate``, ``embed``) like any request.
     """
 
     def __init__(self, config: RoutingConfig, generate: Generate, embed: Embed,

@@ -67,6 +67,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     uses_models = request.method == "POST" and request.path.startswith(MODEL_PREFIXES)
     lifecycle.in_flight += 1
     lifecycle.model_requests += uses_models
+    lifecycle.model_started += uses_models
     try:
         if lifecycle.draining and request.path not in ALWAYS_ANSWERED:
             raise ServerDraining("the server is shutting down; retry on another instance or after it restarts")

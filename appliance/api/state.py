@@ -26,6 +26,7 @@ class Lifecycle:
     draining: bool = False
     in_flight: int = 0
     model_requests: int = 0  # of those in flight, the ones that run models (inference, embeddings, generation)
+    model_started: int = 0  # model requests started since the server started
     port: int = 0
 
 
