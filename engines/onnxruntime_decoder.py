@@ -77,12 +77,19 @@ class OnnxRuntimeDecoder:
         """Whether multi-row calls and prefills run on the float32 twin."""
         return self._twin is not None
 
+    def kv_cache_bytes(self, capacity: int | None = None) -> int:
+        """Bytes of the KV buffers at ``capacity`` positions per row (default: the most they may grow to)."""
+        rows, heads, dim = self._shape
+        positions = self._max_capacity if capacity is None else capacity
+        return self._layers * 2 * rows * heads * positions * dim * 4  # float32
+
     @property
     def description(self) -> str:
-        """Runtime and cache size, for logs."""
+        """Runtime and cache size, for logs (and the load log line)."""
         twin = ", float32 twin for multi-row calls" if self._twin is not None else ""
-        return (f"onnxruntime decoder with a shared KV cache: {self._rows} rows x {self._max_capacity} tokens, "
-                f"intra_op_threads={self._threads}{twin}")
+        return (f"onnxruntime decoder with a shared KV cache: {self._rows} rows x {self._max_capacity} tokens "
+                f"({self.kv_cache_bytes() / 2**20:.0f} MiB at most, {self.kv_cache_bytes(self._capacity) / 2**20:.0f}"
+                f" MiB now), intra_op_threads={self._threads}{twin}")
 
     def _options(self) -> Any:
         options = self._ort.SessionOptions()

@@ -142,3 +142,11 @@ def test_exact_tier_without_memory_for_the_twin_serves_from_the_4_bit_graph(smol
     assert any("cannot allocate 540 MB" in record.getMessage() for record in caplog.records)
     logits = decoder.run(0, np.ones((2, 1), np.int64), np.array([0, 0], np.int32))
     assert logits.shape == (2, generation["vocab_size"]) and np.isfinite(logits).all()
+
+
+def test_the_kv_cache_size_is_reported_from_its_rows_and_positions(exact_decoder, smollm2_repo):
+    generation = json.loads((smollm2_repo / "smollm2-135m" / "1" / "generation.json").read_text())
+    per_position = generation["num_layers"] * 2 * generation["num_kv_heads"] * generation["head_dim"] * 4
+    assert exact_decoder.kv_cache_bytes() == 4 * 256 * per_position  # rows x max_capacity, float32 K and V
+    assert exact_decoder.kv_cache_bytes(exact_decoder.capacity) == 4 * exact_decoder.capacity * per_position
+    assert f"{4 * 256 * per_position / 2**20:.0f} MiB at most" in exact_decoder.description
