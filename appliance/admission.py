@@ -5,9 +5,9 @@ as many places as the sequences or rows it runs (a completions request with 4 pr
 embeddings request one per input; at most ``limit``). Requests that do not fit wait in one bounded queue where
 ``interactive`` requests go before ``batch`` ones, first come first served within a lane (a large request at the
 head is not overtaken by smaller ones behind it). The wait a new request would see is estimated from the places
-ahead of it and the recent service time (Little's law over the model's parallel capacity). When the estimate is over the lane's maximum wait, or the queue is full, the
-request is not queued: the data plane overflows it to the cloud where policy allows, or answers 429/503 with a
-``Retry-After`` taken from the estimate.
+ahead of it and the recent service time (Little's law over the model's parallel capacity). When the estimate is
+over the lane's maximum wait, or the queue is full, the request is not queued: the data plane overflows it to the
+cloud where policy allows, or answers 429/503 with a ``Retry-After`` taken from the estimate.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where a serving process's span records (:data:`appliance.tracing.SpanRecord`) become OpenTelemetry spans and are
+"""Where a serving process's span records (:data:`appliance.span_records.SpanRecord`) become OpenTelemetry spans and are
 exported: in an export process per serving process (:class:`ProcessSink`, the default), or in the serving process
 itself through an injected exporter (:class:`InProcessSink`, what tests use).
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from appliance.tracing import REQUEST_FIELDS, new_id
+from appliance.span_records import REQUEST_FIELDS, new_id
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from appliance.config import TracingConfig
-    from appliance.tracing import SpanRecord
+    from appliance.span_records import SpanRecord
 
 TRACER_NAME = "appliance"
 EXPORT_BATCH = 512  # spans per OTLP request, the SDK batch processor's default
@@ -52,7 +52,7 @@ class SpanSink(Protocol):
         """Get ready (on the event loop, as the server starts)."""
 
     def send(self, records: list[bytes]) -> None:
-        """Take ``records``, each a packed :data:`~appliance.tracing.SpanRecord` (on the event loop; never
+        """Take ``records``, each a packed :data:`~appliance.span_records.SpanRecord` (on the event loop; never
         blocks)."""
 
     def flush(self, timeout_s: float) -> bool:
@@ -125,7 +125,7 @@ class SpanMaker:
 
 
 def request_attributes(request: Iterable[Any]) -> dict[str, Any]:
-    """A request span's attributes from a record's last field (:data:`appliance.tracing.REQUEST_FIELDS`)."""
+    """A request span's attributes from a record's last field (:data:`appliance.span_records.REQUEST_FIELDS`)."""
     return {name: value for name, value in zip(REQUEST_FIELDS, request, strict=True)
             if value is not None and value != "" and not (name == "appliance.cost_avoided" and not value)}
 

@@ -4,14 +4,14 @@ Off by default (``[tracing] enabled``). While it is off nothing imports opentele
 :data:`NO_SPANS`, whose :meth:`Spans.step` hands out one shared object that does nothing: the data plane writes
 ``with trace.spans.step("cache"):`` either way and pays a method call when tracing is off.
 
-When it is on, a serving process records each sampled request as one plain record (:data:`SpanRecord`: ids,
-times, attributes and its steps') and hands the records, a few times a second, to a span sink
-(:mod:`appliance.trace_export`): by default a child export process per serving process, which makes the SDK's
-spans, encodes them (OTLP protobuf) and sends them. Encoding costs ~25 us a span, several times what the
-appliance spends on a small request, so it never runs in the process whose event loop serves: the serving
-process spends a few microseconds a request on tracing, and an export process that falls behind (it runs on idle
-CPU only) makes the serving process drop records, counted in ``appliance_traces_dropped_total``,
-rather than slow down. A client's W3C ``traceparent`` (and ``tracestate``) continues the client's trace.
+When it is on, a serving process records each sampled request as one plain record
+(:data:`~appliance.span_records.SpanRecord`: ids, times, attributes and its steps') and hands the records, a few
+times a second, to a span sink (:mod:`appliance.trace_export`): by default a child export process per serving
+process, which makes the SDK's spans, encodes them (OTLP protobuf) and sends them. Encoding costs ~15 us a span,
+more than the appliance spends on a small request, so it never runs in the process whose event loop serves:
+the serving process spends a few microseconds a request on tracing, and an export process that falls behind (it runs
+on idle CPU only) makes the serving process drop records, counted in ``appliance_traces_dropped_total``, rather than
+slow down. A client's W3C ``traceparent`` (and ``tracestate``) continues the client's trace.
 
 What a span may carry: names, versions, places, route reasons and kinds, cache results, counts, costs, statuses,
 lanes, tenants and request ids. Never a prompt, input tensor, answer or error message (messages may quote input):
@@ -24,12 +24,13 @@ import asyncio
 import collections
 import logging
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from msgpack import packb
+
+from appliance.span_records import StepRecord, new_id
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -41,25 +42,6 @@ if TYPE_CHECKING:
 ExporterFactory = Callable[["TracingConfig"], "SpanExporter"]
 """Makes a span exporter; given one, spans are exported in the serving process (the seam tests use); without, an
 export process per serving process sends OTLP/HTTP to ``[tracing] endpoint``."""
-
-StepRecord = tuple[str, int, int, "Mapping[str, Any] | None", "str | None"]
-"""A finished step: its name, start and end (ns since the epoch), attributes, and the error's class name if it
-failed."""
-
-SpanRecord = tuple[bytes, int, "int | None", str, int, int, "str | None", list[StepRecord], tuple[Any, ...]]
-"""A finished request: trace id (16 bytes), span id, the client's span id (``None``: a new trace), the client's
-``tracestate``, start, end (ns), the error status's description (``None``: status unset), its steps, and what the
-span's name and attributes are made of (:data:`REQUEST_FIELDS`, in that order). Plain values only, few and
-unnamed, so that recording costs the serving process little; each is packed with msgpack as it ends."""
-
-REQUEST_FIELDS = ("http.request.method", "http.route", "url.path", "appliance.request_id",
-                  "http.response.status_code", "appliance.lane", "appliance.model", "appliance.version",
-                  "appliance.place", "appliance.route.reason", "appliance.route.kind", "appliance.cache",
-                  "appliance.queue_s", "appliance.compute_s", "appliance.batch_size", "appliance.tenant",
-                  "error.type", "appliance.tokens.prompt", "appliance.tokens.completion", "appliance.cost",
-                  "appliance.cost_avoided")
-"""The attributes of a request's span, in the order of a record's last field; an empty string, a ``None`` or a
-zero ``cost_avoided`` is left out (a model's version, place and the tokens and cost are kept as they are)."""
 
 SEND_INTERVAL_S = 0.5  # how often a serving process hands its ended requests' records to the sink
 log = logging.getLogger("appliance.tracing")
@@ -138,8 +120,8 @@ class _Unsampled(Spans):
 
 class RequestSpans(Spans):
     """The spans of one sampled request: its SERVER span's ids, start and what its attributes are made of, and its
-    ended steps, which become one :data:`SpanRecord`, packed, when the request ends (bytes: the garbage collector
-    does not walk them, as it would a few thousand records' tuples between two sends)."""
+    ended steps, which become one :data:`~appliance.span_records.SpanRecord`, packed, when the request ends (bytes:
+    the garbage collector does not walk them, as it would a few thousand records' tuples between two sends)."""
 
     __slots__ = ("_ended", "_trace_id", "_span_id", "_parent_id", "_state", "_start", "_request", "_error",
                  "_settled", "_steps")
@@ -173,11 +155,6 @@ class RequestSpans(Spans):
     @property
     def traceparent(self) -> str:
         return f"00-{self._trace_id:032x}-{self._span_id:016x}-01"
-
-
-def new_id(bits: int) -> int:
-    """A random non-zero trace (128 bits) or span (64 bits) id, as the SDK's ``RandomIdGenerator`` makes them."""
-    return random.getrandbits(bits) or 1
 
 
 class Tracing:

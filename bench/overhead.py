@@ -110,8 +110,8 @@ def measure(server: str, url: str, formats: list[str], seconds: float, pid: int 
                 row.update({f"{kind}_cpu_us": (after[kind] - before[kind]) / result.requests * 1e6 for kind in after})
                 cpu = f"  cpu/request {row['serving_cpu_us']:.0f} us serving, {row['export_cpu_us']:.0f} us export"
             rows.append(row)
-            print(f"  {server:9s} {name:7s} c={connections:<3d} {result.rps:9.0f} req/s  p50 {result.p50_s * 1e3:.3f} ms"
-                  f"  p99 {result.p99_s * 1e3:.3f} ms  errors {result.errors}{cpu}", flush=True)
+            print(f"  {server:9s} {name:7s} c={connections:<3d} {result.rps:9.0f} req/s"
+                  f"  p50 {result.p50_s * 1e3:.3f} ms  p99 {result.p99_s * 1e3:.3f} ms  errors {result.errors}{cpu}", flush=True)
     return rows
 
 
@@ -183,7 +183,8 @@ def main() -> int:
 def traces_dropped(url: str) -> float:
     """``appliance_traces_dropped_total`` of a running appliance (0 when it has none)."""
     text = requests.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("appliance_traces_dropped_total"))
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("appliance_traces_dropped_total"))
 
 
 def medians(rows: list[dict]) -> list[dict]:
@@ -238,7 +239,8 @@ def summarize(rows: list[dict]) -> dict:
         if cpu:
             summary.setdefault("tracing_serving_cpu_ratio", {})[server] = {k: v[0] for k, v in cpu.items()}
             lines.append(f"{server} / {untraced}, serving processes' CPU per request: " + ", ".join(
-                f"{name} {ratio:.3f}x (+{export:.0f} us in the export process)" for name, (ratio, export) in cpu.items()))
+                f"{name} {ratio:.3f}x (+{export:.0f} us in the export process)"
+                for name, (ratio, export) in cpu.items()))
     summary["lines"] = lines
     return summary
 

@@ -128,7 +128,8 @@ def main() -> int:
     record_bytes = sum(map(len, records)) / len(records)
     rows = [
         {"side": "serving", "case": "tracing off (no-op spans)", "us": off * 1e6, "over_off_us": 0.0},
-        {"side": "serving", "case": "on, sampled out", "us": sampled_out * 1e6, "over_off_us": (sampled_out - off) * 1e6},
+        {"side": "serving", "case": "on, sampled out", "us": sampled_out * 1e6,
+         "over_off_us": (sampled_out - off) * 1e6},
         {"side": "serving", "case": "on, sampled (7 spans)", "us": sampled * 1e6, "over_off_us": (sampled - off) * 1e6},
         {"side": "export", "case": "unpack + make spans", "us": make * 1e6, "over_off_us": make * 1e6},
         {"side": "export", "case": "OTLP protobuf encoding", "us": encode * 1e6, "over_off_us": encode * 1e6},
