@@ -235,6 +235,8 @@ class ProcessSink:
             try:
                 await self.start()
                 self._warned = False
+            except OSError as exc:  # tried again at the next send after restart_after_s
+                log.warning("tracing: could not start a span export process: %s", exc)
             finally:
                 self._restart = None
 
