@@ -97,6 +97,17 @@ async def _flush_periodically(access_log: AccessLog, metrics: Metrics) -> None:
         metrics.flush()
 
 
+def _model_requests_in_flight(app: web.Application, config: Config, lifecycle: Lifecycle,
+                              workers: WorkerGroup | None) -> Callable[[], int]:
+    """What the routing-quality replays wait on: this worker's model requests in flight, or, with several workers
+    and replays sampled, the whole group's (published through a shared file while the app runs)."""
+    if workers is None or config.routing.quality_sample_ratio <= 0:
+        return lambda: lifecycle.model_requests
+    activity = SharedActivity(workers, lifecycle)
+    app.cleanup_ctx.append(activity.lifespan)
+    return activity.in_flight
+
+
 def _generation_tiers(router: Router) -> tuple[str | None, str | None]:
     """The serving small and mid generation models, by name."""
     small, mid = router.tier("generate", "small"), router.tier("generate", "mid")
@@ -140,17 +151,9 @@ def create_app(
     accounting = Accounting(app.get(LEDGER), app[LIMITER], config.ledger.device_rate_per_hour)
     app[DATAPLANE] = dataplane = DataPlane(app[MODELS], app[CACHE], placement, Cloud(app[UPSTREAMS]), accounting)
     app[LIFECYCLE] = lifecycle = Lifecycle()
-    def in_flight() -> int:
-        return lifecycle.model_requests
-
-    if workers is not None and config.routing.quality_sample_ratio > 0:
-        # Replays wait for the whole group to be idle, not only this worker.
-        activity = SharedActivity(workers, lifecycle)
-        app.cleanup_ctx.append(activity.lifespan)
-        in_flight = activity.in_flight  # type: ignore[assignment]
     app[QUALITY] = dataplane.quality = RoutingQuality(
         config.routing, dataplane.generate, dataplane.embed, lambda: _generation_tiers(placement.router),
-        in_flight, app[METRICS].registry)
+        _model_requests_in_flight(app, config, lifecycle, workers), app[METRICS].registry)
     app[GPU_PROBE] = gpu_probe
     if workers is not None:
         app[WORKERS] = workers
