@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +25,3 @@ REQUEST_FIELDS = ("http.request.method", "http.route", "url.path", "appliance.re
 """The attributes of a request's span, in the order of a record's last field; an empty string, a ``None`` or a
 zero ``cost_avoided`` is left out (a model's version, place and the tokens and cost are kept as they are)."""
 
-
-def new_id(bits: int) -> int:
-    """A random non-zero trace (128 bits) or span (64 bits) id, as the SDK's ``RandomIdGenerator`` makes them."""
-    return random.getrandbits(bits) or 1

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from appliance.span_records import REQUEST_FIELDS, new_id
+from appliance.span_records import REQUEST_FIELDS
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -77,9 +77,6 @@ def resource_of(config: TracingConfig, pid: int) -> Resource:
         def __hash__(self) -> int:
             return self._hash
 
-        def __eq__(self, other: object) -> bool:
-            return super().__eq__(other)
-
     return HashedOnce(Resource.create({"service.name": config.service_name, "process.pid": pid}))
 
 
@@ -88,6 +85,7 @@ class SpanMaker:
 
     def __init__(self, resource: Resource) -> None:
         from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
@@ -96,12 +94,14 @@ class SpanMaker:
         self._server, self._internal = SpanKind.SERVER, SpanKind.INTERNAL
         self._status, self._error, self._unset = Status, StatusCode.ERROR, Status(StatusCode.UNSET)
         self._sampled = TraceFlags(TraceFlags.SAMPLED)
+        self._new_span_id = RandomIdGenerator().generate_span_id  # the steps' own ids
 
     def spans(self, records: Iterable[SpanRecord]) -> list[ReadableSpan]:
         """The spans of unpacked ``records``."""
         made: list[ReadableSpan] = []
         readable, context, sampled, scope, resource = (self._readable, self._context, self._sampled, self._scope,
                                                        self._resource)
+        new_span_id = self._new_span_id
         for trace_bytes, span_id, parent_id, state, start, end, error, steps, request in records:
             trace_id = int.from_bytes(trace_bytes, "big")
             trace_state = self._state.from_header([state]) if state else None
@@ -118,7 +118,7 @@ class SpanMaker:
                 if step_error is not None:
                     step_attributes["error.type"] = step_error
                     step_status = self._status(self._error, step_error)
-                made.append(readable(step_name, context(trace_id, new_id(64), False, sampled, trace_state), own,
+                made.append(readable(step_name, context(trace_id, new_span_id(), False, sampled, trace_state), own,
                                      resource, step_attributes, kind=self._internal, status=step_status,
                                      start_time=step_start, end_time=step_end, instrumentation_scope=scope))
         return made

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from msgpack import packb
 
-from appliance.span_records import StepRecord, new_id
+from appliance.span_records import StepRecord
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -171,9 +171,11 @@ class Tracing:
         self._dropped = dropped or (lambda requests: None)
         self._ended: collections.deque[bytes] = collections.deque()  # packed SpanRecords
         self._sink: SpanSink | None = None
-        self._extract: Callable[[Mapping[str, str]], Any] | None = None
-        # OpenTelemetry's TraceIdRatioBased rule: sampled when the trace id's low 64 bits fall below the bound.
-        self._sample_bound = round(config.sample_ratio * (1 << 64))
+        # Made by start(), with the sink (its presence says tracing has started): the SDK's traceparent parser,
+        # id generator and TraceIdRatioBased rule.
+        self._extract: Any = None
+        self._ids: Any = None
+        self._sample_limit = self._sample_bound = 0
 
     def _make_sink(self) -> SpanSink:
         if self._given_sink is not None:
@@ -187,9 +189,14 @@ class Tracing:
 
     async def start(self) -> None:
         """Make this process's sink (for the default, start its export process) and the traceparent parser."""
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+        from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
         from opentelemetry.trace import get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+        self._ids = RandomIdGenerator()
+        ratio = TraceIdRatioBased(self.config.sample_ratio)  # its rule, on the trace id's low 64 bits
+        self._sample_limit, self._sample_bound = ratio.TRACE_ID_LIMIT, ratio.bound
         propagator = TraceContextTextMapPropagator()
         self._extract = lambda headers: get_current_span(propagator.extract(headers)).get_span_context()
         self._sink = sink = self._make_sink()
@@ -237,19 +244,19 @@ class Tracing:
 
         Sampling is parent-based: a client's trace is recorded when its ``traceparent`` says sampled, a new one
         when its id falls within ``sample_ratio`` (OpenTelemetry's ``TraceIdRatioBased`` rule)."""
-        if self._sink is None or self._extract is None:  # not started (or stopped): nothing to record into
+        if self._sink is None:  # not started (or stopped): nothing to record into
             return NO_SPANS
         parent = None
         if "traceparent" in headers:
             parent = self._extract(headers)
             parent = parent if parent.is_valid else None
         if parent is None:
-            trace_id, parent_id, state = new_id(128), None, ""
-            sampled = trace_id & 0xFFFFFFFFFFFFFFFF < self._sample_bound
+            trace_id, parent_id, state = self._ids.generate_trace_id(), None, ""
+            sampled = trace_id & self._sample_limit < self._sample_bound
         else:
             trace_id, parent_id, sampled = parent.trace_id, parent.span_id, parent.trace_flags.sampled
             state = parent.trace_state.to_header() if parent.trace_state else ""
-        span_id = new_id(64)
+        span_id = self._ids.generate_span_id()
         if not sampled:
             return _Unsampled(trace_id, span_id)
         return RequestSpans(self._ended.append, trace_id, span_id, parent_id, state,

@@ -59,9 +59,6 @@ def _headers(trace: Trace, model: str) -> dict[str, str]:
         headers["x-cache"] = trace.cache
     if trace.route:
         headers["x-appliance-route"] = trace.route
-    traceparent = trace.spans.traceparent  # a stream's headers go before the middleware sees its response
-    if traceparent:
-        headers["traceparent"] = traceparent
     return headers
 
 
@@ -129,6 +126,9 @@ async def _stream(request: web.Request, stream: GenerationStream, frame: _Frame,
     chunk = await anext(stream)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            **headers})
+    traceparent = request[TRACE].spans.traceparent  # prepared here, before the middleware sees the response
+    if traceparent:
+        response.headers["traceparent"] = traceparent
     await response.prepare(request)
     try:
         if frame.chat:
