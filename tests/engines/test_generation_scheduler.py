@@ -340,10 +340,16 @@ async def test_reproducible_rows_decode_after_the_shared_call_and_keep_their_cac
     """The shared call writes a placeholder into every row of its range; a reproducible row in that range must
     still read its own token at that position, so its own call comes after."""
     decoder = FakeDecoder(rows=3, max_capacity=64)
+    decoder.pause()
     generator = running(decoder)
+    hold = generator.submit([9], params(1))
+    await decoder.wait_paused()  # the three below are admitted together, at the step after hold's prefill
     sequences = [generator.submit([3, 1], params(6)), generator.submit([5, 2], params(6), reproducible=True),
                  generator.submit([7, 3], params(6))]
+    decoder.resume()
+    await collect(hold)
     results = [tokens_of(await collect(s)) for s in sequences]
+    assert [s.slot for s in sequences] == [0, 1, 2]
     assert results == [greedy_reference(decoder, p, 6) for p in ([3, 1], [5, 2], [7, 3])]
     decodes = [c for c in decoder.calls if len(c.input_ids[0]) == 1]
     assert any(c.start_row == 0 and len(c.input_ids) == 3 for c in decodes)  # rows 0 and 2 share a call
