@@ -16,11 +16,13 @@ from appliance.config import Config
 from appliance.engine_registry import DecoderRegistry, EngineRegistry
 from appliance.engines.base import Decoder, Engine
 from appliance.engines.buckets import Buckets, batch_buckets, powers_of_two
+from appliance.engines.device_memory import CudaMemory
 from appliance.engines.generation import GenerationLimits
-from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
+from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder, Placement
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
-from appliance.engines.runtime_choice import (DECODER_CHOICE, PORTABLE_GRAPH, PROVIDER_NAMES, Machine, RuntimeChoice,
-                                             choose_runtime, probe_machine)
+from appliance.engines.runtime_choice import (PORTABLE_GRAPH, PROVIDER_NAMES, Machine, RuntimeChoice,
+                                             choose_decoder_runtime, choose_runtime, probe_machine)
+from appliance.errors import ModelLoadFailed
 from appliance.model_spec import ModelSpec
 
 log = logging.getLogger("appliance.engines")
@@ -134,7 +136,7 @@ def choose(spec: ModelSpec, config: Config, machine: MachineProbe = probe_machin
 def choose_runtime_quietly(spec: ModelSpec, config: Config, machine: MachineProbe = probe_machine) -> RuntimeChoice:
     """What ``spec`` would run on here, without logging or loading (``appliance models``, ``appliance doctor``)."""
     if spec.task == "generate":
-        return DECODER_CHOICE
+        return choose_decoder(spec, config, machine)
     preference = spec.engine.providers or config.onnxruntime.providers
     return choose_runtime(spec.engine.kind, spec.path, preference, machine())
 
@@ -153,15 +155,49 @@ def onnxruntime_engine(spec: ModelSpec, config: Config) -> Engine:
     return chosen_engine()(spec, config)
 
 
+def choose_decoder(spec: ModelSpec, config: Config, machine: MachineProbe = probe_machine) -> RuntimeChoice:
+    """Where ``spec``'s decoder runs on this machine: its CUDA graph on the GPU, or its CPU graph."""
+    preference = spec.engine.providers or config.onnxruntime.providers
+    return choose_decoder_runtime(spec.path, spec.engine.cuda_file, preference, machine())
+
+
+def chosen_decoder(machine: MachineProbe = probe_machine) -> Callable[..., Decoder]:
+    """A decoder factory for kinds ``onnxruntime`` and ``auto``: chooses the device, then makes the decoder with a
+    KV cache of ``limits.slots`` rows x ``limits.capacity`` positions."""
+    def make(spec: ModelSpec, config: Config, generation: Mapping[str, Any], limits: GenerationLimits) -> Decoder:
+        choice = choose_decoder(spec, config, machine)
+        log.info("model %s version %s: %s", spec.name, spec.version, choice.summary)
+        threads = spec.engine.intra_op_threads
+        threads = config.onnxruntime.intra_op_threads if threads < 0 else threads
+        if choice.on_gpu:
+            decoder = OnnxRuntimeDecoder(spec.path / spec.engine.cuda_file, generation, rows=limits.slots,
+                                         max_capacity=limits.capacity, threads=threads,
+                                         placement=_cuda_placement(spec))
+        else:
+            decoder = OnnxRuntimeDecoder(spec.model_file, generation, rows=limits.slots, max_capacity=limits.capacity,
+                                         threads=threads, spin=spec.generation.spin_threads,
+                                         dense_batches=spec.generation.dense_batches)
+        decoder.choice = choice
+        return decoder
+
+    return make
+
+
+def _cuda_placement(spec: ModelSpec) -> Placement:
+    from appliance.engines.cuda_runtime import CudaRuntime, cudart_module
+
+    cudart = cudart_module()
+    if cudart is None:
+        raise ModelLoadFailed(f"model {spec.name}: the decoder's device cache needs cuda-python; install the gpu "
+                              "extra (pip install 'appliance[gpu]'), or set [engine] providers = ['cpu']")
+    device = spec.engine.device_id
+    return Placement.cuda(device, CudaMemory(CudaRuntime(cudart), device), cuda_graphs=spec.engine.cuda_graphs)
+
+
 def onnxruntime_decoder(spec: ModelSpec, config: Config, generation: Mapping[str, Any],
                         limits: GenerationLimits) -> Decoder:
-    """An ONNX Runtime decoder with a KV cache of ``limits.slots`` rows x ``limits.capacity`` positions (the CPU
-    execution provider: the GPU decoder is not built yet)."""
-    threads = spec.engine.intra_op_threads
-    threads = config.onnxruntime.intra_op_threads if threads < 0 else threads
-    return OnnxRuntimeDecoder(spec.model_file, generation, rows=limits.slots, max_capacity=limits.capacity,
-                              threads=threads, spin=spec.generation.spin_threads,
-                              dense_batches=spec.generation.dense_batches)
+    """An ONNX Runtime decoder on this machine's GPU where the version has a CUDA graph, else on the CPU."""
+    return chosen_decoder()(spec, config, generation, limits)
 
 
 def default_engines(machine: MachineProbe = probe_machine) -> EngineRegistry:
@@ -170,9 +206,10 @@ def default_engines(machine: MachineProbe = probe_machine) -> EngineRegistry:
     return EngineRegistry({"onnxruntime": make, "tensorrt": make, "auto": make})
 
 
-def default_decoders() -> DecoderRegistry:
-    """The decoder kinds this server runs (``auto`` is ONNX Runtime on the CPU until the GPU decoder exists)."""
-    return DecoderRegistry({"onnxruntime": onnxruntime_decoder, "auto": onnxruntime_decoder})
+def default_decoders(machine: MachineProbe = probe_machine) -> DecoderRegistry:
+    """The decoder kinds this server runs; ``machine`` probes the GPU and execution providers."""
+    make = chosen_decoder(machine)
+    return DecoderRegistry({"onnxruntime": make, "auto": make})
 
 
 def create_engine(spec: ModelSpec, config: Config) -> Engine:

@@ -28,6 +28,8 @@ class EngineSection:
 
     kind: EngineKind = "onnxruntime"  # "auto": a TensorRT plan for this GPU, else ONNX Runtime (GPU, else CPU)
     file: str = "model.onnx"
+    # Decoders: the graph ONNX Runtime's CUDA execution provider runs (FP16; "": none, the CPU runs ``file``)
+    cuda_file: str = ""
     providers: list[Provider] = field(default_factory=list)
     intra_op_threads: Annotated[int, Meta(ge=-1, le=1024)] = -1
     inter_op_threads: Annotated[int, Meta(ge=-1, le=1024)] = -1
@@ -200,6 +202,12 @@ def _check_consistency(spec: ModelSpec, origin: str) -> None:
             f"{origin}: task = 'embed' needs [tokenizer] max_seq_length > 0 and [batching] max_batch_size > 0"
         )
     engine = spec.engine
+    if spec.task == "generate" and engine.kind == "tensorrt":
+        raise ConfigError(f"engine.kind = 'tensorrt' in {origin}: decoders run on ONNX Runtime (their graphs use its "
+                          "contrib operators, which TensorRT does not parse); set kind = 'auto' or 'onnxruntime'")
+    if engine.cuda_file and spec.task != "generate":
+        raise ConfigError(f"engine.cuda_file in {origin} is only for task = 'generate'; other models name one file "
+                          "for every execution provider in engine.file")
     if engine.batch_buckets and max(engine.batch_buckets) > max(batching.max_batch_size, 1):
         raise ConfigError(f"engine.batch_buckets = {engine.batch_buckets} in {origin} exceed batching.max_batch_size "
                           f"= {batching.max_batch_size}; drop the larger sizes or raise max_batch_size")

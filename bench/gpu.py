@@ -6,18 +6,23 @@ On a GPU machine (onnxruntime-gpu installed; TensorRT and cuda-python where they
   2. times add_one at batch 1 and MiniLM at batch 1, 8 and 32 (sequence bucket 32), eager (bound buffers, no
      graph) against CUDA graph, through the engine (median of the compute call) and through HTTP (v2 / embeddings
      p50 at concurrency 1, one appliance process per mode); the TensorRT plan engine too where TensorRT imports;
-  3. prints a table and writes JSON (bench/results/gpu-*.json, and $OUT/gpu.json when $OUT is set).
+  3. times SmolLM2's GPU decoder (``bench/gpu_decode.py``): decode tokens per second for 1, 4, 8 and 16 streams,
+     eager against CUDA graph, and the time to first token of an 85-token prompt;
+  4. prints tables and writes JSON (bench/results/gpu-*.json, and $OUT/gpu.json when $OUT is set).
 
 On a machine without a GPU it runs the same rows on the CPU execution provider (plain ``session.run`` against the
 bucketed IOBinding path), which is how the CPU default was chosen, and says that no GPU row ran.
 
-    python bench/gpu.py [--minilm DIR] [--seconds 3] [--no-http] [--no-tests]
+    python bench/gpu.py [--minilm DIR] [--smollm2 DIR] [--seconds 3] [--no-http] [--no-tests]
 
 ``--minilm``: a built MiniLM version folder (model.onnx, tokenizer.json, model.toml; ``appliance build
 --defaults`` makes one); without it the MiniLM rows are skipped. The device machines reach no network: carry the
-folder and the onnxruntime-gpu wheel there in parts (see the README's "Verified on hardware").
+folder and the onnxruntime-gpu wheel there in parts (see the README's "Verified on hardware"). ``--smollm2``:
+the built smollm2-135m version folder (model.cuda.onnx beside model.onnx); the gpu tests build theirs from the
+GGUF wheel in the model cache.
 Targets (issue "The GPU hot path, part 1"): MiniLM batch 1 compute under 1 ms; CUDA graph at least 1.3x eager at
-batch 1.
+batch 1. Part 2: decode graph at least 1.5x eager at one stream, 16 streams at least 8x one, first token under
+30 ms.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
+from gpu_decode import decoder_rows  # noqa: E402
 from appliance_server import running_appliance  # noqa: E402
 
 ADD_ONE = ROOT / "examples" / "models" / "add_one" / "1" / "model.onnx"
@@ -235,6 +241,7 @@ def p50(call, seconds: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minilm", type=Path, help="a built MiniLM version folder")
+    parser.add_argument("--smollm2", type=Path, help="a built smollm2-135m version folder")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-http", action="store_true")
     parser.add_argument("--no-tests", action="store_true")
@@ -254,8 +261,16 @@ def main() -> int:
                        "median microseconds", ["path", "runtime", "model", "batch", first, second, "speedup"],
                        [[r["path"], r["runtime"], r["model"], r["batch"], r.get(first, r.get("eager_us")),
                          r.get(second, r.get("graph_us")), r["speedup"]] for r in rows])
-    payload = {"environment": env, "on_gpu": on_gpu, "gpu_tests": tests, "rows": rows,
-               "targets": {"minilm_batch1_compute_under_ms": 1.0, "graph_over_eager_at_batch1": 1.3}}
+    decode, first_token = decoder_rows(args.smollm2, on_gpu)
+    if decode:
+        columns = ["streams", "runtime", "eager_tok_s", "graph_tok_s", "graph_over_eager", "over_one_stream"]
+        report.print_table(f"SmolLM2-135M decode, tokens per second (time to first token, {first_token})", columns,
+                           [[r.get(c, "") for c in columns] for r in decode])
+    payload = {"environment": env, "on_gpu": on_gpu, "gpu_tests": tests, "rows": rows, "decode": decode,
+               "first_token": first_token,
+               "targets": {"minilm_batch1_compute_under_ms": 1.0, "graph_over_eager_at_batch1": 1.3,
+                           "decode_graph_over_eager_at_one_stream": 1.5, "sixteen_streams_over_one": 8.0,
+                           "time_to_first_token_ms": 30.0}}
     path = report.write_json("gpu", payload)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu.json").write_text(json.dumps(payload, indent=2))

@@ -1,9 +1,11 @@
 """Build the generation tiers of a Llama-family GGUF: ``<name>`` (exact, tier mid) and ``<name>-fast`` (small).
 
 The exact tier computes in float32 with the 4-bit weights dequantized exactly; the fast tier lets the 4-bit
-matmuls quantize activations to int8. The fast tier's agreement with the exact one is measured on built-in
-prompts (teacher-forced top-1 agreement and tokens before the first divergence) and the tier is refused below
-the configured threshold.
+matmuls quantize activations to int8. The exact tier's version also holds ``model.cuda.onnx``, the graph ONNX
+Runtime's CUDA execution provider runs (FP16 activations and KV cache over the same 4-bit weights), which ``auto``
+loads on a machine with a CUDA GPU. The fast tier's and the CUDA graph's agreement with the exact tier is measured
+on built-in prompts (teacher-forced top-1 agreement and tokens before the first divergence) and a graph below the
+configured threshold is refused.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from appliance.build.entries import (
     publish,
     stage,
 )
-from appliance.build.gguf_decoder import DecoderBuild, import_gguf, render_chat
+from appliance.build.gguf_decoder import DecoderBuild, import_gguf, render_chat, write_variant_graph
 from appliance.build.parity import greedy, parity_decoder, teacher_forced_argmax
 from appliance.build.provenance import build_key, sha256_file
 
 TIERS = {"exact": "mid", "fast": "small"}
+CUDA_GRAPH = "model.cuda.onnx"
 PARITY_STEPS = 16
 PARITY_CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -45,6 +48,8 @@ class DecoderOptions:
     variants: tuple[str, ...] = ("exact", "fast")
     max_seq_len: int = 0  # 0: the model's context length
     min_fast_agreement: float = 0.85  # teacher-forced top-1 agreement of the fast tier with the exact tier
+    cuda_graph: bool = True  # the exact tier's FP16 graph for ONNX Runtime's CUDA execution provider
+    min_cuda_agreement: float = 0.85  # its agreement with the exact tier (measured on the CPU execution provider)
     tensorrt: bool = True
     logits: str = "last"  # the scheduler only samples the last position: skip the LM head elsewhere
 
@@ -65,6 +70,8 @@ def build_decoder_tiers(gguf_path: Path, repo: Path, name: str, options: Decoder
         tier_options = {"variant": variant, "max_seq_len": options.max_seq_len, "tensorrt": options.tensorrt,
                         "logits": options.logits, "dense_batches": variant == "exact",
                         "min_fast_agreement": options.min_fast_agreement if variant != "exact" else None}
+        if variant == "exact" and options.cuda_graph:
+            tier_options["cuda_graph"] = {"min_agreement": options.min_cuda_agreement}
         key = build_key(digest, tier_options)
         target = entry_name(name, variant)
         done = existing(repo, target, key)
@@ -93,12 +100,20 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
             if exact_folder is None:
                 raise ValueError("the fast tier is measured against the exact tier: build both")
             with stage(stages, f"{target}: agreement with the exact tier", progress) as report:
-                report.figures = agreement(DecoderBuild.from_folder(exact_folder), build)
+                report.figures = agreement(DecoderBuild.from_folder(exact_folder), build.model_path)
                 parity["agreement_with_exact"] = report.figures
-                if report.figures["teacher_forced_top1"] < options.min_fast_agreement:
-                    raise QualityBelowThreshold(
-                        f"{target}: teacher-forced top-1 agreement {report.figures['teacher_forced_top1']:.3f} with "
-                        f"the exact tier is below the threshold {options.min_fast_agreement}; not written")
+                _refuse_below(report.figures, options.min_fast_agreement, target)
+        cuda_graph = variant == "exact" and options.cuda_graph
+        if cuda_graph:
+            with stage(stages, f"{target}: graph for the CUDA execution provider (FP16)", progress,
+                       scratch / CUDA_GRAPH):
+                write_variant_graph(gguf_path, scratch / CUDA_GRAPH, "cuda", options.max_seq_len or None,
+                                    progress=lambda line: progress(f"{target}: {line}"), logits=options.logits)
+            with stage(stages, f"{target}: agreement of {CUDA_GRAPH} with the exact tier", progress) as report:
+                # Measured here on the CPU execution provider's FP16 kernels; the gpu tests bound the CUDA run by it.
+                report.figures = {**agreement(build, scratch / CUDA_GRAPH), "provider": "CPUExecutionProvider"}
+                parity["cuda_graph_agreement_with_exact"] = report.figures
+                _refuse_below(report.figures, options.min_cuda_agreement, f"{target}/{CUDA_GRAPH}")
         if options.tensorrt:
             with stage(stages, f"{target}: tensorrt", progress) as report:
                 # GroupQueryAttention and MatMulNBits are ONNX Runtime contrib operators that TensorRT's ONNX parser
@@ -107,11 +122,18 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
                          "ONNX Runtime's CUDA provider serves them on GPUs")
                 report.figures = {"skipped": "decoder uses ONNX Runtime contrib operators"}
         return publish(scratch, target, key=key, source=source, options=tier_options, parity=parity,
-                       stages=stages, model_toml=_model_toml(build, variant, source["path"]))
+                       stages=stages, model_toml=_model_toml(build, variant, source["path"], cuda_graph))
 
 
-def agreement(exact: DecoderBuild, candidate: DecoderBuild) -> dict[str, object]:
-    """How often ``candidate`` picks the exact tier's greedy token, on the built-in prompts."""
+def _refuse_below(figures: dict[str, object], threshold: float, what: str) -> None:
+    measured = float(figures["teacher_forced_top1"])  # type: ignore[arg-type]
+    if measured < threshold:
+        raise QualityBelowThreshold(f"{what}: teacher-forced top-1 agreement {measured:.3f} with the exact tier is "
+                                    f"below the threshold {threshold}; not written")
+
+
+def agreement(exact: DecoderBuild, candidate: Path) -> dict[str, object]:
+    """How often the graph ``candidate`` picks the exact tier's greedy token, on the built-in prompts."""
     template = exact.chat_template_path.read_text()
     generation = json.loads(exact.generation_path.read_text())
     from tokenizers import Tokenizer
@@ -121,7 +143,7 @@ def agreement(exact: DecoderBuild, candidate: DecoderBuild) -> dict[str, object]
                for messages in PARITY_CHATS]
     longest = max(len(prompt) for prompt in prompts) + PARITY_STEPS
     reference = parity_decoder(exact.model_path, generation, longest)
-    measured = parity_decoder(candidate.model_path, generation, longest)
+    measured = parity_decoder(candidate, generation, longest)
     eos = generation.get("eos_token_ids", [])
     agreed, total, divergences = 0, 0, []
     for prompt in prompts:
@@ -149,7 +171,9 @@ dense_batches = true  # multi-row steps use a float32 copy of the weights (faste
 INVARIANT = {"exact": False, "fast": True}
 
 
-def _model_toml(build: DecoderBuild, variant: str, source_path: str) -> str:
+def _model_toml(build: DecoderBuild, variant: str, source_path: str, cuda_graph: bool) -> str:
+    cuda_file = (f'\ncuda_file = "{CUDA_GRAPH}"  # FP16 activations and KV cache: what the CUDA execution provider '
+                 'runs' if cuda_graph else "")
     return f'''# Built by `appliance build` from {source_path}
 task = "generate"
 tier = "{TIERS.get(variant, "small")}"
@@ -157,8 +181,8 @@ description = "decoder, {variant} variant ({'float32 activations' if variant == 
 deterministic = {str(INVARIANT.get(variant, False)).lower()}  # proved batch-invariant (see the README's Reproducibility)
 
 [engine]
-kind = "auto"  # decoders run on ONNX Runtime's CPU execution provider for now
-file = "model.onnx"
+kind = "auto"  # the CUDA execution provider where a GPU answers and cuda_file is set, else the CPU
+file = "model.onnx"  # {'float32' if variant == 'exact' else 'int8'} activations: what the CPU execution provider runs{cuda_file}
 
 [batching]
 max_batch_size = 0

@@ -61,7 +61,10 @@ when built with ``query_seqlens``); with right-padded prefill of several rows an
 shorter rows' last position is padding, so use ``"all"`` or prefill such rows one at a time.
 
 Variants: ``exact`` computes in float32 (MatMulNBits ``accuracy_level`` 1: weights dequantized exactly, fp32
-products); ``fast`` lets MatMulNBits quantize activations to int8 per block (``accuracy_level`` 4).
+products); ``fast`` lets MatMulNBits quantize activations to int8 per block (``accuracy_level`` 4); ``cuda`` is the
+graph for ONNX Runtime's CUDA execution provider, whose GroupQueryAttention takes only FP16/BF16: activations, norm
+weights, scales and the KV buffers are FP16 (``float16`` wherever this contract says ``float32``, logits excepted),
+over the same 4-bit weights.
 
 Weights: Q4_1 / Q4_0 / Q8_0 GGUF tensors stay 4/8-bit in the graph and dequantize exactly (see ``q4_repack``:
 Q4_1's block minimum becomes a small extra matmul on per-block sums of the input, fused with the result in one
@@ -95,11 +98,16 @@ from appliance.build import q4_repack
 from appliance.build.gguf_tokenizer import UnsupportedModel, build_tokenizer, render_chat, special_token_ids
 from appliance.build.q4_repack import NBitsWeight
 
-__all__ = ["DecoderBuild", "import_gguf", "render_chat", "read_gguf", "LlamaConfig", "build_graph"]
+__all__ = ["DecoderBuild", "import_gguf", "write_variant_graph", "render_chat", "read_gguf", "LlamaConfig", "build_graph"]
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-VARIANTS = {"exact": 1, "fast": 4}  # variant -> MatMulNBits accuracy_level (1: fp32 compute; it batches better than 0)
+VARIANTS = {"exact": 1, "fast": 4, "cuda": 1}  # variant -> MatMulNBits accuracy_level (1: fp32 compute; it batches
+# better than 0 on the CPU; the CUDA kernels ignore it)
+# variant -> the element type of activations, norms' weights, scales and the KV cache. ONNX Runtime's CUDA kernel for
+# GroupQueryAttention takes only FP16 or BF16, so the variant the CUDA execution provider runs computes in FP16 over
+# the same 4-bit weights; its logits are cast back to FP32 at the graph's edge.
+FLOAT_TYPES = {"exact": np.float32, "fast": np.float32, "cuda": np.float16}
 _Q = gguf.GGMLQuantizationType
 
 
@@ -264,7 +272,9 @@ def _rope_caches(cfg: LlamaConfig, max_seq_len: int, freq_factors: np.ndarray | 
 class _Graph:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, accuracy_level: int) -> None:
+    def __init__(self, accuracy_level: int, float_type: type[np.floating] = np.float32) -> None:
+        self.float_type = float_type
+        self.float_proto = helper.np_dtype_to_tensor_dtype(np.dtype(float_type))
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
@@ -273,9 +283,12 @@ class _Graph:
         self._init_names: set[str] = set()
 
     def init(self, name: str, array: np.ndarray) -> str:
-        """Add an initializer; a name already added is reused as is (how tied weights share one copy)."""
+        """Add an initializer (floating point ones in the graph's float type); a name already added is reused as is
+        (how tied weights share one copy)."""
         if name not in self._init_names:
             self._init_names.add(name)
+            if np.issubdtype(array.dtype, np.floating):
+                array = array.astype(self.float_type)
             self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
@@ -353,8 +366,8 @@ def _embedding(g: _Graph, t: Any, ids: str) -> tuple[str, NBitsWeight | None]:
     s = g.init("token_embd.scales", w.scales)  # [V, 2 kb]: 16 d, then d
     f32 = lambda v: g.init(f"embed.const.{v}", np.array(v, np.float32))  # noqa: E731
     packed = g.node("Gather", [b, ids], name="embed/gather_codes", axis=0)[0]
-    packed = g.node("Cast", [packed], name="embed/cast", to=TensorProto.FLOAT)[0]
-    # Unpack nibbles in float (exact for 0..255): even elements in the low nibble, odd in the high one.
+    packed = g.node("Cast", [packed], name="embed/cast", to=g.float_proto)[0]
+    # Unpack nibbles in float (exact for 0..255, FP16 too): even elements in the low nibble, odd in the high one.
     high = g.node("Floor", [g.node("Mul", [packed, f32(0.0625)], name="embed/div16")[0]], name="embed/high")[0]
     low = g.node("Sub", [packed, g.node("Mul", [high, f32(16.0)], name="embed/high16")[0]], name="embed/low")[0]
     pairs = g.node("Concat", [g.node("Unsqueeze", [low, g.const_i64([-1])], name="embed/low_u")[0],
@@ -380,12 +393,14 @@ def _kv_name(i: int, which: str, past: bool) -> str:
 
 def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: int,
                 max_seq_len: int, logits: str = "all", with_query_seqlens: bool = False,
+                float_type: type[np.floating] = np.float32,
                 progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
-    """The decoder ``ModelProto`` (see the module docstring for its I/O contract)."""
+    """The decoder ``ModelProto`` (see the module docstring for its I/O contract); ``float_type``: the element type
+    of its activations and KV cache (its logits are FP32 whatever it is)."""
     say = progress or (lambda _msg: None)
     if logits not in ("all", "last"):
         raise ValueError("logits must be 'all' or 'last'")
-    g = _Graph(accuracy_level)
+    g = _Graph(accuracy_level, float_type)
     kvh, hd, eps = cfg.num_kv_heads, cfg.head_dim, cfg.rms_eps
     kv_shape = ["batch_size", kvh, "kv_capacity", hd]
     inputs = [
@@ -399,8 +414,8 @@ def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: in
         "logits", TensorProto.FLOAT, ["batch_size", "sequence_length" if logits == "all" else 1, cfg.vocab_size])]
     for i in range(cfg.num_layers):
         for which in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(_kv_name(i, which, True), TensorProto.FLOAT, kv_shape))
-            outputs.append(helper.make_tensor_value_info(_kv_name(i, which, False), TensorProto.FLOAT, kv_shape))
+            inputs.append(helper.make_tensor_value_info(_kv_name(i, which, True), g.float_proto, kv_shape))
+            outputs.append(helper.make_tensor_value_info(_kv_name(i, which, False), g.float_proto, kv_shape))
 
     freq_factors = _dense(tensors["rope_freqs.weight"]) if "rope_freqs.weight" in tensors else None
     cos, sin = _rope_caches(cfg, max_seq_len, freq_factors)
@@ -481,7 +496,11 @@ def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: in
         flat_logits = g.linear(final, embed_w, "lm_head", weights="token_embd")
     else:
         flat_logits = g.linear(final, _linear_weight(tensors["token_embd.weight"]), "lm_head")
-    g.node("Reshape", [flat_logits, logits_shape], ["logits"], name="logits")
+    if g.float_proto == TensorProto.FLOAT:
+        g.node("Reshape", [flat_logits, logits_shape], ["logits"], name="logits")
+    else:
+        shaped = g.node("Reshape", [flat_logits, logits_shape], name="logits/shape")[0]
+        g.node("Cast", [shaped], ["logits"], name="logits", to=TensorProto.FLOAT)
 
     graph = helper.make_graph(g.nodes, f"{cfg.arch}_decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
@@ -505,13 +524,37 @@ def _check_first_layer(tensors: dict[str, Any]) -> None:
                 raise AssertionError(f"repacked {name} differs from gguf dequantization by {err}")
 
 
+def _write_graph(tensors: dict[str, Any], cfg: LlamaConfig, model_path: Path, variant: str, max_seq_len: int, *,
+                 logits: str, with_query_seqlens: bool, progress: Callable[[str], None]) -> None:
+    model = build_graph(tensors, cfg, accuracy_level=VARIANTS[variant], max_seq_len=max_seq_len, logits=logits,
+                        with_query_seqlens=with_query_seqlens, float_type=FLOAT_TYPES[variant], progress=progress)
+    progress(f"writing {model_path.name}")
+    tmp = model_path.with_suffix(".onnx.partial")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(model_path)
+
+
+def write_variant_graph(gguf_path: Path, model_path: Path, variant: str, max_seq_len: int | None = None,
+                        progress: Callable[[str], None] | None = None, *, logits: str = "all") -> None:
+    """Only the graph of ``variant`` (for example ``"cuda"``), written to ``model_path``: a second graph of a
+    version whose tokenizer and ``generation.json`` :func:`import_gguf` wrote."""
+    say = progress or (lambda _msg: None)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}")
+    meta, tensors = read_gguf(Path(gguf_path))
+    cfg = LlamaConfig.from_metadata(meta, _dims(tensors["token_embd.weight"])[0])
+    _write_graph(tensors, cfg, Path(model_path), variant, int(max_seq_len or cfg.context_length), logits=logits,
+                 with_query_seqlens=False, progress=say)
+
+
 def import_gguf(gguf_path: Path, out_dir: Path, variant: str = "exact", max_seq_len: int | None = None,
                 progress: Callable[[str], None] | None = None, *, logits: str = "all",
                 with_query_seqlens: bool = False) -> DecoderBuild:
     """Convert a Llama-family GGUF into ``out_dir``: ``model.onnx``, ``tokenizer.json``, ``chat_template.jinja``
     and ``generation.json``.
 
-    ``variant``: ``"exact"`` (float32 compute) or ``"fast"`` (int8 activations in the 4-bit matmuls).
+    ``variant``: ``"exact"`` (float32 compute), ``"fast"`` (int8 activations in the 4-bit matmuls) or ``"cuda"``
+    (FP16 activations and KV cache, for ONNX Runtime's CUDA execution provider).
     ``max_seq_len``: longest sequence the graph supports (rotary table size), default the model's context length.
     ``logits``: ``"all"`` positions or only the ``"last"`` one per row. ``with_query_seqlens``: add the
     ``query_seqlens`` input for ragged multi-row chunks (see the module docstring).
@@ -528,13 +571,9 @@ def import_gguf(gguf_path: Path, out_dir: Path, variant: str = "exact", max_seq_
     max_seq_len = int(max_seq_len or cfg.context_length)
     _check_first_layer(tensors)
 
-    model = build_graph(tensors, cfg, accuracy_level=VARIANTS[variant], max_seq_len=max_seq_len,
-                        logits=logits, with_query_seqlens=with_query_seqlens, progress=say)
     model_path = out_dir / "model.onnx"
-    say(f"writing {model_path.name}")
-    tmp = model_path.with_suffix(".onnx.partial")
-    onnx.save_model(model, str(tmp))
-    tmp.replace(model_path)
+    _write_graph(tensors, cfg, model_path, variant, max_seq_len, logits=logits,
+                 with_query_seqlens=with_query_seqlens, progress=say)
 
     say("tokenizer and chat template")
     tokenizer_path = out_dir / "tokenizer.json"

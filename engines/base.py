@@ -88,6 +88,16 @@ class Decoder(Protocol):
         prefilled once for several samples)."""
         ...
 
+    def warm(self) -> None:
+        """Prepare what belongs to the thread that runs the steps (a GPU decoder's CUDA graphs, which ONNX Runtime
+        keeps per thread); the scheduler's step thread calls it once, before its first step."""
+        ...
+
+    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
+        """The rows a decode step shared by rows ``[start, stop)`` runs over: the same range, or a wider one the
+        decoder has a captured graph for (the scheduler fills the rows it adds as it does idle rows in range)."""
+        ...
+
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """One step over rows ``start_row .. start_row + len(input_ids)``.
 

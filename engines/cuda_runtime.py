@@ -31,7 +31,7 @@ def cudart_module() -> Any | None:
 
 
 class CudaRuntime:
-    """The few cudart calls the TensorRT engine needs, each with its error code checked."""
+    """The few cudart calls the TensorRT engine and the device KV cache need, each with its error code checked."""
 
     def __init__(self, cudart: Any) -> None:
         self.cudart = cudart
@@ -92,6 +92,20 @@ class CudaRuntime:
         """Enqueue a device to host copy on ``stream``."""
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._call("cudaMemcpyAsync", host, device, nbytes, kind, stream)
+
+    def memset(self, pointer: int, value: int, nbytes: int) -> None:
+        """Set ``nbytes`` of device memory at ``pointer`` to the byte ``value`` (synchronous to the host)."""
+        self._call("cudaMemset", pointer, value, nbytes)
+
+    def copy_2d_on_device(self, target: int, target_pitch: int, source: int, source_pitch: int, width: int,
+                          height: int) -> None:
+        """Copy ``height`` rows of ``width`` bytes between device addresses, rows ``*_pitch`` bytes apart."""
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self._call("cudaMemcpy2D", target, target_pitch, source, source_pitch, width, height, kind)
+
+    def device_synchronize(self) -> None:
+        """Wait until the current device has finished everything enqueued on any stream."""
+        self._call("cudaDeviceSynchronize")
 
     def synchronize(self, stream: Any) -> None:
         """Wait until everything enqueued on ``stream`` has finished."""

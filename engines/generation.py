@@ -26,6 +26,7 @@ The scheduler drives any :class:`~appliance.engines.base.Decoder`; the ONNX Runt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -153,6 +154,7 @@ class GenerationScheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._warmed: asyncio.Future[None] | None = None  # done once the step thread has warmed the decoder
         self._step_s = 0.05  # moving average of one step's wall time
         self._outbox: list[tuple[Sequence, TokenEvent]] = []  # events of the current step (step thread only)
 
@@ -161,6 +163,7 @@ class GenerationScheduler:
     def start(self) -> None:
         """Start the step thread; call on the event loop that will submit."""
         self._loop = asyncio.get_running_loop()
+        self._warmed = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name=f"{self._name}-generate", daemon=True)
         self._thread.start()
 
@@ -227,7 +230,9 @@ class GenerationScheduler:
         self._wake.put(None)
 
     async def prepared(self) -> None:
-        """Nothing to prepare: the decoder's thread is ready once started."""
+        """Wait until the step thread has warmed the decoder (captured its CUDA graphs, on a GPU)."""
+        if self._warmed is not None:
+            await asyncio.shield(self._warmed)
 
     async def close(self, timeout_s: float | None = None) -> None:
         """Finish the running and waiting sequences (up to ``timeout_s``), then stop the thread."""
@@ -248,7 +253,19 @@ class GenerationScheduler:
 
     # -- the step thread -----------------------------------------------------------------------------------------
 
+    def _warm(self) -> None:
+        try:
+            self._decoder.warm()
+        except Exception:  # the decoder still runs its steps; a GPU decoder falls back to eager steps itself
+            log.exception("model %s: decoder warm-up failed", self._name)
+        finally:
+            assert self._loop is not None and self._warmed is not None
+            warmed = self._warmed
+            with contextlib.suppress(RuntimeError):  # the loop closed while this thread was warming
+                self._loop.call_soon_threadsafe(lambda: warmed.done() or warmed.set_result(None))
+
     def _run(self) -> None:
+        self._warm()
         while True:
             with self._lock:
                 busy = any(s is not None for s in self._slots) or bool(self._waiting)
@@ -299,9 +316,9 @@ class GenerationScheduler:
         alone = [slot for slot in decoding if self._reproducible(slot)]
         shared = [slot for slot in decoding if slot not in alone]
         if shared:
-            self._decode(shared)
+            self._decode(shared, *self._decoder.decode_range(min(shared), max(shared) + 1))
         for slot in alone:  # after the shared call, which writes a placeholder into every row of its range
-            self._decode([slot])
+            self._decode([slot], slot, slot + 1)  # exactly its own row: a wider range could change its numerics
 
     def _reproducible(self, slot: int) -> bool:
         sequence = self._slots[slot]
@@ -345,8 +362,8 @@ class GenerationScheduler:
             self._sample(slot, sequence, logits[0])
         return len(chunk)
 
-    def _decode(self, rows: list[int]) -> None:
-        start, stop = min(rows), max(rows) + 1
+    def _decode(self, rows: list[int], start: int, stop: int) -> None:
+        """One decode step of ``rows`` in a call over rows ``[start, stop)``."""
         ids = np.zeros((stop - start, 1), np.int64)
         seqlens = np.zeros(stop - start, np.int32)
         for slot in range(start, stop):

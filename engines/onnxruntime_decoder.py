@@ -1,61 +1,119 @@
-"""The ONNX Runtime :class:`~appliance.engines.base.Decoder`: a decoder graph and its shared KV buffers.
+"""The ONNX Runtime :class:`~appliance.engines.base.Decoder`: a decoder graph and its shared KV cache.
 
-The KV cache is one buffer per layer and K/V, ``[rows, kv_heads, capacity, head_dim]``, bound to the graph as both
-past and present (ONNX Runtime IOBinding), so GroupQueryAttention appends in place and nothing but the logits is
-copied out. The graph's I/O contract is described in ``appliance.build.gguf_decoder``.
+The KV cache (``appliance.engines.kv_cache``) is bound to the graph as both past and present, so
+GroupQueryAttention appends in place and nothing but the logits is copied out. The graph's I/O contract is
+described in ``appliance.build.gguf_decoder``.
 
-With ``dense_batches`` a second session over the same KV buffers, whose 4-bit weights were dequantized to float32
-at load (``dense_weights``), takes every call except a one-row decode step: prefills and multi-row steps.
+On the CPU (the default :class:`Placement`) the cache lives in numpy buffers. With dense_batches a second session
+over the same KV buffers, whose 4-bit weights were dequantized to float32 at load (``dense_weights``), takes every
+call except a one-row decode step: prefills and multi-row steps.
+
+On a CUDA device (:meth:`Placement.cuda`) the session runs on ONNX Runtime's CUDA execution provider, the cache
+lives in device memory and is never copied to the host, and shared decode steps run in row buckets replayed from
+CUDA graphs (``appliance.engines.decode_buckets``); prefill chunks and lone rows run without graphs.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from appliance.engines.decode_buckets import NO_GRAPH, DecodeGraphs, bucket_for, decode_buckets
 from appliance.engines.dense_weights import DenseTwin, dense_twin
+from appliance.engines.device_memory import DeviceMemory
+from appliance.engines.kv_cache import DeviceKvCache, HostKvCache, KvShape
 
 log = logging.getLogger("appliance.engines.onnxruntime_decoder")
 
 TwinBuilder = Callable[[onnx.ModelProto], DenseTwin]
 
 
-class OnnxRuntimeDecoder:
-    """A decoder session (CPU) over shared KV buffers; every method runs on one thread at a time.
+@dataclass
+class Placement:
+    """Where a decoder runs: execution providers (and their options), and for a device cache the device, its
+    memory copier and whether shared decode steps run in bucketed CUDA graphs."""
 
-    The buffers start small and double (copying the rows) when a sequence needs more positions, up to
-    ``max_capacity``, and shrink back once nothing runs: attention over the shared buffer costs in proportion to its
-    length, so short conversations should not pay for the longest one the cache could hold.
+    providers: list[Any] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    device: str = ""  # "": numpy buffers on the host; "cuda" (or "cpu", in tests): OrtValues on that device
+    device_id: int = 0
+    memory: DeviceMemory | None = None
+    buckets: bool = False  # shared decode steps in row buckets (captured as CUDA graphs where cuda_graphs)
+    cuda_graphs: bool = False
+
+    def without_graphs(self) -> Placement:
+        """The same placement with CUDA graphs off (and the execution provider told so)."""
+        def plain(provider: Any) -> Any:
+            if not isinstance(provider, tuple):
+                return provider
+            name, options = provider
+            return name, {key: value for key, value in options.items() if key != "enable_cuda_graph"}
+
+        return replace(self, providers=[plain(p) for p in self.providers], cuda_graphs=False)
+
+    @classmethod
+    def cuda(cls, device_id: int, memory: DeviceMemory, cuda_graphs: bool = True) -> Placement:
+        """ONNX Runtime's CUDA execution provider on ``device_id``, the cache on that GPU."""
+        options = {"device_id": str(device_id)}
+        if cuda_graphs:
+            options["enable_cuda_graph"] = "1"
+        return cls(providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"], device="cuda",
+                   device_id=device_id, memory=memory, buckets=True, cuda_graphs=cuda_graphs)
+
+
+class OnnxRuntimeDecoder:
+    """A decoder session over a shared KV cache; every method runs on one thread at a time.
+
+    The cache starts small and doubles when a sequence needs more positions, up to ``max_capacity``, and shrinks
+    back once nothing runs: attention over the shared buffer costs in proportion to its length on the CPU, so short
+    conversations should not pay for the longest one the cache could hold. With CUDA graphs the cache is allocated
+    at ``max_capacity`` once: a captured graph replays on the addresses it was captured with.
     """
 
     INITIAL_CAPACITY = 256
 
     def __init__(self, model_path: Path, generation: Mapping[str, Any], *, rows: int, max_capacity: int,
                  threads: int = 0, spin: bool = False, dense_batches: bool = False,
-                 twin_builder: TwinBuilder = dense_twin) -> None:
+                 twin_builder: TwinBuilder = dense_twin, placement: Placement | None = None) -> None:
         """``generation``: the build's ``generation.json`` (layer and head counts); ``threads`` 0: ONNX Runtime's
-        choice; ``twin_builder`` makes the float32 twin when ``dense_batches`` asks for one."""
+        choice; ``twin_builder`` makes the float32 twin when ``dense_batches`` asks for one (CPU only)."""
         import onnxruntime as ort
 
         self._ort = ort
         self._model_path = Path(model_path)
         self._threads, self._spin = threads, spin
-        self.session: Any = ort.InferenceSession(str(model_path), self._options(), providers=["CPUExecutionProvider"])
-        self._twin: Any = self._dense_twin(twin_builder) if dense_batches else None
-        graph_inputs = {i.name for i in self.session.get_inputs()}
+        self.placement = placement or Placement()
+        self.session: Any = self._graph_session()
+        on_host = not self.placement.device
+        self._twin: Any = self._dense_twin(twin_builder) if dense_batches and on_host else None
+        graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.takes_query_seqlens = "query_seqlens" in graph_inputs
         # The graph's logits are [rows, new tokens, vocab] ("all") or [rows, 1, vocab] ("last").
         self.all_positions = self.session.get_outputs()[0].shape[1] != 1
-        self._layers = int(generation["num_layers"])
-        self._rows, self._max_capacity = rows, max_capacity
-        self._shape = (rows, int(generation["num_kv_heads"]), int(generation["head_dim"]))
-        self._buffers: list[np.ndarray] = []
-        self._allocate(min(self.INITIAL_CAPACITY, max_capacity))
+        kv_type = graph_inputs["past_key_values.0.key"].type
+        shape = KvShape(int(generation["num_layers"]), rows, int(generation["num_kv_heads"]),
+                        int(generation["head_dim"]), np.dtype(np.float16 if kv_type == "tensor(float16)" else np.float32))
+        self._rows = rows
+        initial = max_capacity if self.placement.cuda_graphs else self.INITIAL_CAPACITY
+        if on_host:
+            self.kv: HostKvCache | DeviceKvCache = HostKvCache(ort, shape, initial, max_capacity)
+        else:
+            assert self.placement.memory is not None, "a device cache needs the device's memory copier"
+            self.kv = DeviceKvCache(ort, shape, initial, max_capacity, self.placement.memory,
+                                    self.placement.device, self.placement.device_id)
+        self._buckets = decode_buckets(rows) if self.placement.buckets else ()
+        self._graphs = (DecodeGraphs(self.session, ort, self.kv, int(generation["vocab_size"]),
+                                     self.placement.device, self.placement.device_id, self._buckets,
+                                     self.placement.cuda_graphs)
+                        if self._buckets and not self.all_positions else None)
+        self._eager_options = ort.RunOptions()
+        if self.placement.cuda_graphs:
+            self._eager_options.add_run_config_entry("gpu_graph_id", NO_GRAPH)
 
     @property
     def rows(self) -> int:
@@ -65,31 +123,44 @@ class OnnxRuntimeDecoder:
     @property
     def capacity(self) -> int:
         """Positions each row holds now."""
-        return self._capacity
+        return self.kv.capacity
 
     @property
     def max_capacity(self) -> int:
         """The most positions a row may grow to."""
-        return self._max_capacity
+        return self.kv.max_capacity
+
+    @property
+    def kv_dtype(self) -> np.dtype:
+        """The cache's element type (the graph's: float32, or float16 for the CUDA graph)."""
+        return self.kv.shape.dtype
 
     @property
     def uses_dense_twin(self) -> bool:
         """Whether multi-row calls and prefills run on the float32 twin."""
         return self._twin is not None
 
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The row buckets shared decode steps run in (empty: each step runs its own rows)."""
+        return self._buckets if self._graphs is not None else ()
+
     def kv_cache_bytes(self, capacity: int | None = None) -> int:
         """Bytes of the KV buffers at ``capacity`` positions per row (default: the most they may grow to)."""
-        rows, heads, dim = self._shape
-        positions = self._max_capacity if capacity is None else capacity
-        return self._layers * 2 * rows * heads * positions * dim * 4  # float32
+        return self.kv.shape.bytes(self.kv.max_capacity if capacity is None else capacity)
 
     @property
     def description(self) -> str:
-        """Runtime and cache size, for logs (and the load log line)."""
+        """Runtime, device and cache size, for logs (and the load log line)."""
         twin = ", float32 twin for multi-row calls" if self._twin is not None else ""
-        return (f"onnxruntime decoder with a shared KV cache: {self._rows} rows x {self._max_capacity} tokens "
-                f"({self.kv_cache_bytes() / 2**20:.0f} MiB at most, {self.kv_cache_bytes(self._capacity) / 2**20:.0f}"
-                f" MiB now), intra_op_threads={self._threads}{twin}")
+        where = self.session.get_providers()[0]
+        if self.placement.device:
+            where += f" (cache on {self.placement.device}:{self.placement.device_id}"
+            where += f", decode buckets {','.join(map(str, self.buckets))}" if self.buckets else ""
+            where += ", CUDA graphs)" if self.placement.cuda_graphs else ")"
+        return (f"onnxruntime decoder on {where} with a shared {self.kv_dtype.name} KV cache: {self._rows} rows x "
+                f"{self.max_capacity} tokens ({self.kv_cache_bytes() / 2**20:.0f} MiB at most, "
+                f"{self.kv_cache_bytes(self.capacity) / 2**20:.0f} MiB now), intra_op_threads={self._threads}{twin}")
 
     def _options(self) -> Any:
         options = self._ort.SessionOptions()
@@ -99,6 +170,20 @@ class OnnxRuntimeDecoder:
         # cut a step by ~20% (SmolLM2-135M, 2 cores), at the price of a busy core while a step runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
         return options
+
+    def _session(self, providers: list[Any]) -> Any:
+        return self._ort.InferenceSession(str(self._model_path), self._options(), providers=providers)
+
+    def _graph_session(self) -> Any:
+        """The session; where ONNX Runtime refuses CUDA graphs for this graph, one without them (logged)."""
+        try:
+            return self._session(self.placement.providers)
+        except _ort_errors(self._ort) as exc:
+            if not self.placement.cuda_graphs:
+                raise
+            log.warning("%s: CUDA graphs refused (%s); decode steps run eagerly", self._model_path, exc)
+            self.placement = self.placement.without_graphs()
+            return self._session(self.placement.providers)
 
     def _dense_twin(self, twin_builder: TwinBuilder) -> Any:
         try:
@@ -120,49 +205,48 @@ class OnnxRuntimeDecoder:
         _release_free_memory()
         return session
 
-    def _allocate(self, capacity: int, keep: int = 0) -> None:
-        rows, heads, dim = self._shape
-        buffers = [np.zeros((rows, heads, capacity, dim), np.float32) for _ in range(self._layers * 2)]
-        if keep:
-            for new, old in zip(buffers, self._buffers):
-                new[:, :, :keep] = old[:, :, :keep]
-        self._buffers, self._capacity = buffers, capacity
-        self._values: dict[tuple[int, int], list[Any]] = {}  # OrtValues over row ranges of the buffers, by range
-
     def ensure(self, positions: int) -> None:
         """Make room for ``positions`` tokens per row (doubling, at most ``max_capacity``)."""
-        if positions <= self._capacity:
-            return
-        capacity = self._capacity
-        while capacity < positions:
-            capacity *= 2
-        self._allocate(min(capacity, self._max_capacity), keep=self._capacity)
+        self.kv.ensure(positions)
 
     def shrink(self) -> None:
         """Back to the initial size; only when no sequence holds a row."""
-        if self._capacity > self.INITIAL_CAPACITY:
-            self._allocate(min(self.INITIAL_CAPACITY, self._max_capacity))
+        self.kv.shrink()
 
     def copy_row(self, source: int, targets: list[int], positions: int) -> None:
-        """Row ``source``'s first ``positions`` tokens into rows ``targets``, in place (the bound OrtValues see
-        the same memory)."""
-        for buffer in self._buffers:
-            buffer[targets, :, :positions] = buffer[source, :, :positions]
+        """Row ``source``'s first ``positions`` tokens into rows ``targets``, where the cache lives."""
+        self.kv.copy_row(source, targets, positions)
 
-    def _kv(self, start: int, stop: int) -> list[Any]:
-        key = (start, stop)
-        if key not in self._values:
-            self._values[key] = [self._ort.OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self._buffers]
-        return self._values[key]
+    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
+        """Rows ``[0, bucket)`` where decode steps run in buckets, else ``[start, stop)``."""
+        if not self.buckets:
+            return start, stop
+        return 0, bucket_for(self._buckets, stop)
+
+    def warm(self) -> None:
+        """Capture the decode buckets' CUDA graphs, on the thread that will replay them, before any sequence holds
+        a row; if a capture fails, shared steps run eagerly on their own rows instead (logged)."""
+        if self._graphs is None or not self.placement.cuda_graphs:
+            return
+        try:
+            self._graphs.warm()
+        except _ort_errors(self._ort) as exc:
+            log.warning("%s: CUDA graph capture failed (%s); decode steps run eagerly", self._model_path, exc)
+            self._graphs = None
 
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """Rows ``start_row .. start_row + len(input_ids)``; the last position's logits per row ``[rows, vocab]``."""
+        rows = len(input_ids)
+        graphs = self._graphs
+        if graphs is not None and start_row == 0 and input_ids.shape[1] == 1 and rows in self._buckets \
+                and graphs.runs_here():
+            return graphs.run(input_ids, seqlens_k)
         return self.logits(start_row, input_ids, seqlens_k)[:, -1, :]
 
     def logits(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray, *,
                query_seqlens: np.ndarray | None = None, total_sequence_length: int | None = None) -> np.ndarray:
-        """One call of the graph as it is built: logits ``[rows, new tokens, vocab]`` (``[rows, 1, vocab]`` for a
-        graph built with last-position logits only).
+        """One call of the graph as it is built, without graphs: logits ``[rows, new tokens, vocab]``
+        (``[rows, 1, vocab]`` for a graph built with last-position logits only).
 
         ``query_seqlens`` (graphs built with that input): valid new tokens per row, default every token up to the
         row's length. ``total_sequence_length`` defaults to the longest row after the call.
@@ -179,20 +263,15 @@ class OnnxRuntimeDecoder:
             if query_seqlens is None:
                 query_seqlens = np.minimum(input_ids.shape[1], np.asarray(seqlens_k) + 1)
             binding.bind_cpu_input("query_seqlens", np.ascontiguousarray(query_seqlens, dtype=np.int32))
-        binding.bind_output("logits")
-        for index, value in enumerate(self._kv(start_row, start_row + rows)):
-            layer, which = divmod(index, 2)
-            kind = ("key", "value")[which]
-            binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
-            binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
-        session.run_with_iobinding(binding)
-        # Only the logits leave the session: copy_outputs_to_cpu() would also copy every KV buffer.
+        binding.bind_output("logits")  # on the host: only the logits leave the session, never the cache
+        self.kv.bind(binding, start_row, start_row + rows)
+        session.run_with_iobinding(binding, self._eager_options)
         return binding.get_outputs()[0].numpy()
 
     def close(self) -> None:
-        """Drop the sessions and the KV buffers."""
-        self.session = self._twin = None
-        self._buffers, self._values = [], {}
+        """Drop the sessions and the KV cache."""
+        self.session = self._twin = self._graphs = None
+        self.kv.close()
 
 
 def _ort_errors(ort: Any) -> tuple[type[Exception], ...]:

@@ -105,9 +105,31 @@ class RuntimeChoice:
 CPU_CHOICE = RuntimeChoice("onnxruntime", "runtime chosen by the engine factory")
 """What a version reports when its engines do not say (engines made by injected factories)."""
 
-DECODER_CHOICE = RuntimeChoice("onnxruntime", "decoders run on ONNX Runtime's CPU execution provider (the GPU "
-                                              "decoder is not built yet)")
-"""What a generative version reports."""
+DECODER_CHOICE = RuntimeChoice("onnxruntime", "decoder made by the decoder factory")
+"""What a generative version reports when its decoder does not say (decoders made by injected factories)."""
+
+
+def choose_decoder_runtime(model_dir: Path, cuda_file: str, preference: Sequence[str],
+                           machine: Machine) -> RuntimeChoice:
+    """Where a decoder version runs: ONNX Runtime's CUDA execution provider on ``cuda_file`` (the version's FP16
+    graph) when this machine has it, a CUDA device answers and ``preference`` allows it; else the CPU on the
+    version's ``file``. Decoders never run on TensorRT: their graphs use ONNX Runtime's contrib operators."""
+    cuda, cpu = PROVIDER_IDS["cuda"], PROVIDER_IDS["cpu"]
+    if not cuda_file:
+        reason = "the version has no graph for the CUDA execution provider ([engine] cuda_file)"
+    elif cuda not in machine.providers:
+        reason = "no CUDA execution provider here (onnxruntime offers " + ", ".join(machine.providers) + ")"
+    elif not machine.gpus:
+        reason = "onnxruntime-gpu is installed but no CUDA device answers"
+    elif "cuda" not in preference:
+        reason = "the CUDA execution provider is not among the preferred providers"
+    elif not (model_dir / cuda_file).is_file():
+        raise ModelLoadFailed(f"{model_dir}: [engine] cuda_file = {cuda_file!r} is missing; rebuild the version with "
+                              "`appliance build`, or remove cuda_file to run on the CPU")
+    else:
+        return RuntimeChoice("onnxruntime", f"{cuda} is available: {cuda_file} (FP16) on the GPU",
+                             providers=(cuda, cpu), gpus=machine.gpus[:1])
+    return RuntimeChoice("onnxruntime", f"{reason}; the CPU execution provider runs [engine] file")
 
 
 def plans_of(model_dir: Path) -> list[Path]:

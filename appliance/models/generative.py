@@ -41,8 +41,8 @@ class GenerativeModel(ModelVersion):
 
     @property
     def runtime(self) -> RuntimeChoice:
-        """ONNX Runtime on the CPU: the decoder's runtime."""
-        return DECODER_CHOICE
+        """Where the decoder runs (what its factory chose)."""
+        return getattr(self.decoder, "choice", DECODER_CHOICE)
 
     @property
     def description(self) -> str:

@@ -60,6 +60,12 @@ class StepDecoder:
     def ensure(self, positions: int) -> None:
         """The capacity is fixed."""
 
+    def warm(self) -> None:
+        pass
+
+    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
+        return start, stop
+
     def shrink(self) -> None:
         """The capacity is fixed."""
 
@@ -437,8 +443,15 @@ def test_with_two_workers_the_figures_and_lanes_are_those_of_both(standard_repo,
         return response.json() if response.status_code == 200 and response.json()["server"]["ready"] else None
 
     try:
-        wait_until(lambda: get_status() and requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200,
-                   120, "two workers to start")
+        ready: set[int] = set()
+
+        def both_ready() -> bool:
+            status = get_status()  # the requests below must come after both workers' first status readings
+            if status is not None:
+                ready.add(status["server"]["worker"]["index"])
+            return ready == {0, 1}
+
+        wait_until(both_ready, 120, "two workers to start")
         for _ in range(30):
             assert requests.post(f"{url}/v2/models/add_one/infer", json=BODY, headers=close,
                                  timeout=10).status_code == 200

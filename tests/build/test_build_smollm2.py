@@ -312,3 +312,69 @@ def test_rebuilding_unchanged_tiers_does_nothing(smollm2_gguf, smollm2_repo):
     results = build_decoder_tiers(smollm2_gguf, smollm2_repo, "smollm2-135m", DecoderOptions(), lines.append)
     assert [(r.name, r.built) for r in results] == [("smollm2-135m", False), ("smollm2-135m-fast", False)]
     assert all("up to date" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------------------ the CUDA graph
+
+# Measured when the CUDA graph was added (ONNX Runtime 1.32's CPU execution provider running the FP16 graph, 2-core
+# AMD EPYC): teacher-forced top-1 agreement with the exact tier 48/48, tokens before the first divergence
+# [16, 16, 16]. The bounds leave room for other CPUs' FP16 kernels; the gpu tests bound the CUDA run by the figure
+# recorded in the provenance.
+CUDA_MIN_TEACHER_FORCED = 0.95
+CUDA_MIN_DIVERGENCE = 8
+
+
+def test_the_exact_tier_carries_an_fp16_graph_for_the_cuda_provider_within_its_agreement(smollm2_repo):
+    import tomllib
+
+    folder = smollm2_repo / "smollm2-135m" / "1"
+    engine = tomllib.loads((folder / "model.toml").read_text())["engine"]
+    assert engine["file"] == "model.onnx" and engine["cuda_file"] == "model.cuda.onnx"
+    assert "cuda_file" not in tomllib.loads((smollm2_repo / "smollm2-135m-fast" / "1" / "model.toml").read_text())[
+        "engine"]
+    graph = onnx.load(str(folder / "model.cuda.onnx"), load_external_data=False)
+    types = {value.name: value.type.tensor_type.elem_type for value in [*graph.graph.input, *graph.graph.output]}
+    assert types["past_key_values.0.key"] == types["present.29.value"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT and types["input_ids"] == onnx.TensorProto.INT64
+    provenance = json.loads((folder / "provenance.json").read_text())
+    figures = provenance["parity"]["cuda_graph_agreement_with_exact"]
+    print(f"\ncuda graph (CPU execution provider): {figures}")
+    assert figures["provider"] == "CPUExecutionProvider"
+    assert figures["teacher_forced_top1"] >= CUDA_MIN_TEACHER_FORCED
+    assert min(figures["tokens_before_divergence"]) >= CUDA_MIN_DIVERGENCE
+    assert any(s["stage"].endswith("graph for the CUDA execution provider (FP16)") for s in provenance["stages"])
+
+
+class SmallStartDecoder(OnnxRuntimeDecoder):
+    INITIAL_CAPACITY = 16  # so that the rows below outgrow the cache while decoding together
+
+
+@pytest.mark.parametrize("graph", ["model.onnx", "model.cuda.onnx"], ids=["fast_tier", "cuda_graph"])
+def test_padded_decode_buckets_give_each_row_its_lone_tokens(smollm2_repo, builds, reference, graph):
+    """Three rows decoded together run in the bucket of four (row 3 idle) over the device cache bound by address,
+    which grows twice on the way; each row gets the tokens it gets alone. The fast tier is batch-invariant, so
+    its rows must match exactly; the CUDA graph's FP16 rows are checked the same way on this CPU."""
+    from appliance.engines.device_memory import HostMemory
+    from appliance.engines.onnxruntime_decoder import Placement
+
+    folder = smollm2_repo / ("smollm2-135m-fast" if graph == "model.onnx" else "smollm2-135m") / "1"
+    generation = _generation(builds["exact"])
+    placement = Placement(device="cpu", memory=HostMemory(), buckets=True)
+    decoder = SmallStartDecoder(folder / graph, generation, rows=4, max_capacity=64, spin=True, placement=placement)
+    alone_decoder = parity_decoder(folder / graph, generation, 64)
+    prompts = [reference[i]["prompt_ids"][:12] for i in (1, 2, 3)]
+    steps = 30
+    tokens = [[int(decoder.run(row, _ids(p), np.array([len(p) - 1], np.int32))[0].argmax())]
+              for row, p in enumerate(prompts)]
+    lengths = [len(p) for p in prompts]
+    assert decoder.decode_range(0, 3) == (0, 4) and decoder.decode_range(0, 1) == (0, 1)
+    for _ in range(steps - 1):
+        decoder.ensure(max(lengths) + 1)
+        ids = _ids(*[[t[-1]] for t in tokens], [0])
+        logits = decoder.run(0, ids, np.array([*lengths, 0], np.int32))
+        for row in range(3):
+            tokens[row].append(int(logits[row].argmax()))
+            lengths[row] += 1
+    assert decoder.capacity == 64 and decoder.kv.generation == 3  # grown 16 -> 32 -> 64 while decoding
+    assert decoder._graphs is not None and decoder._graphs.runs == {4: steps - 1}
+    assert tokens == [_alone(alone_decoder, p, steps) for p in prompts]

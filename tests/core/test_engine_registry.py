@@ -81,6 +81,12 @@ class CountingDecoder:
     def ensure(self, positions: int) -> None:
         assert positions <= self.max_capacity
 
+    def warm(self) -> None:
+        pass
+
+    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
+        return start, stop
+
     def shrink(self) -> None:
         pass
 

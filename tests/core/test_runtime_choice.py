@@ -13,7 +13,7 @@ import tiny_models
 from appliance.config import ConfigError
 from appliance.engine_factory import default_engines
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine
-from appliance.engines.runtime_choice import Machine, choose_runtime
+from appliance.engines.runtime_choice import Machine, choose_decoder_runtime, choose_runtime
 from appliance.errors import ModelLoadFailed
 from appliance.model_spec import read_model_spec
 from appliance.repository import ModelManager
@@ -151,3 +151,69 @@ def test_metadata_config_and_index_report_the_runtime_choice(bucketed_server):
                                                                        "auto: no GPU execution provider here")
     index = requests.post(f"{bucketed_server.url}/v2/repository/index", json={}, timeout=10).json()
     assert index[0]["runtime"] == config["parameters"]["runtime"]["string_value"]
+
+
+# ------------------------------------------------------------------------------------------ decoders
+
+def decoder_version(tmp_path: Path, cuda_file: str = "model.cuda.onnx") -> Path:
+    folder = tmp_path / "llm" / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"cpu graph")
+    if cuda_file:
+        (folder / cuda_file).write_bytes(b"fp16 graph")
+    return folder
+
+
+def test_a_decoder_runs_its_cuda_graph_where_the_cuda_provider_and_a_gpu_answer(tmp_path):
+    folder = decoder_version(tmp_path)
+    choice = choose_decoder_runtime(folder, "model.cuda.onnx", PREFERENCE, H200)
+    assert choice.providers == ("CUDAExecutionProvider", "CPUExecutionProvider") and choice.gpus == (0,)
+    assert choice.on_gpu and "model.cuda.onnx" in choice.reason
+    assert choose_decoder_runtime(folder, "model.cuda.onnx", PREFERENCE, CUDA_ONLY).on_gpu
+
+
+@pytest.mark.parametrize(("machine", "cuda_file", "preference", "why"), [
+    (CPU_ONLY, "model.cuda.onnx", PREFERENCE, "no CUDA execution provider here"),
+    (Machine(plan_key=None, providers=CUDA_ONLY.providers), "model.cuda.onnx", PREFERENCE, "no CUDA device answers"),
+    (H200, "", PREFERENCE, "no graph for the CUDA execution provider"),
+    (H200, "model.cuda.onnx", ("cpu",), "not among the preferred providers"),
+], ids=["cpu_machine", "no_gpu", "no_cuda_graph", "cpu_preferred"])
+def test_otherwise_a_decoder_runs_its_cpu_graph_and_says_why(tmp_path, machine, cuda_file, preference, why):
+    choice = choose_decoder_runtime(decoder_version(tmp_path, cuda_file), cuda_file, preference, machine)
+    assert choice.providers == ("CPUExecutionProvider",) and not choice.on_gpu and why in choice.reason
+
+
+def test_a_missing_cuda_graph_fails_the_load_on_a_gpu_machine_with_what_to_do(tmp_path):
+    folder = decoder_version(tmp_path, cuda_file="")
+    with pytest.raises(ModelLoadFailed, match="cuda_file = 'model.cuda.onnx' is missing; rebuild"):
+        choose_decoder_runtime(folder, "model.cuda.onnx", PREFERENCE, H200)
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ('task = "generate"\n[engine]\nkind = "tensorrt"', "decoders run on ONNX Runtime"),
+    ('task = "tensor"\n[engine]\ncuda_file = "model.cuda.onnx"', "only for task = 'generate'"),
+])
+def test_model_toml_refuses_what_a_decoder_cannot_run_on(tmp_path, toml, message):
+    folder = tmp_path / "llm" / "1"
+    folder.mkdir(parents=True)
+    (folder / "model.toml").write_text(toml + "\n")
+    with pytest.raises(ConfigError, match=message):
+        read_model_spec("llm", 1, folder)
+
+
+def test_the_decoder_factory_follows_the_choice_and_says_what_a_gpu_decoder_lacks(tmp_path, monkeypatch):
+    from appliance.engine_factory import default_decoders
+    from appliance.engines.generation import GenerationLimits
+
+    folder = decoder_version(tmp_path)
+    (folder / "model.toml").write_text('task = "generate"\n[engine]\nkind = "auto"\ncuda_file = "model.cuda.onnx"\n')
+    spec = read_model_spec("llm", 1, folder)
+    config = make_config(tmp_path / "repo", tmp_path / "state")
+    limits = GenerationLimits(slots=2, capacity=64, prefill_chunk=16, max_waiting=4)
+    # A GPU machine where cuda-python is missing: the load fails and says what to install.
+    monkeypatch.setattr("appliance.engines.cuda_runtime.cudart_module", lambda: None)
+    with pytest.raises(ModelLoadFailed, match=r"needs cuda-python; install the gpu extra"):
+        default_decoders(lambda: H200)(spec, config, {}, limits)
+    # A CPU machine: the CPU graph, which this fake version's bytes are not, so ONNX Runtime refuses to load it.
+    with pytest.raises(Exception, match="model.onnx"):
+        default_decoders(lambda: CPU_ONLY)(spec, config, {}, limits)

@@ -231,6 +231,12 @@ class SlowDecoder:
     def ensure(self, positions: int) -> None:
         """The capacity is fixed."""
 
+    def warm(self) -> None:
+        pass
+
+    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
+        return start, stop
+
     def shrink(self) -> None:
         """The capacity is fixed."""
 

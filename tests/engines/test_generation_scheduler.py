@@ -48,6 +48,7 @@ class FakeDecoder:
         self._hold_at: int | None = None
         self._resume = threading.Event()
         self.paused = threading.Event()  # set while a run is held
+        self.warmed_on: str | None = None  # the thread that called warm()
 
     def logits_after(self, tokens: list[int]) -> np.ndarray:
         """The logits for a row holding ``tokens``."""
@@ -56,6 +57,12 @@ class FakeDecoder:
     def ensure(self, positions: int) -> None:
         assert positions <= self.max_capacity
         self.capacity = max(self.capacity, positions)
+
+    def warm(self) -> None:
+        self.warmed_on = threading.current_thread().name
+
+    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
+        return start, stop
 
     def shrink(self) -> None:
         self.capacity = self.initial_capacity
@@ -159,6 +166,13 @@ async def test_an_empty_prompt_is_refused_rather_than_left_waiting(running):
     with pytest.raises(ValueError, match="at least one prompt token"):
         generator.submit([], params(1))
     assert generator.stats()["waiting"] == 0
+
+
+async def test_the_step_thread_warms_the_decoder_before_the_scheduler_is_prepared(running):
+    decoder = FakeDecoder(rows=1, max_capacity=8)
+    generator = running(decoder)
+    await generator.prepared()
+    assert decoder.warmed_on == "fake-generate"  # the thread that will replay what warm() captured
 
 
 async def test_sequences_take_free_rows_and_wait_for_one_when_all_are_busy(running):
@@ -354,6 +368,36 @@ async def test_reproducible_rows_decode_after_the_shared_call_and_keep_their_cac
     decodes = [c for c in decoder.calls if len(c.input_ids[0]) == 1]
     assert any(c.start_row == 0 and len(c.input_ids) == 3 for c in decodes)  # rows 0 and 2 share a call
     assert any(c.start_row == 1 and len(c.input_ids) == 1 for c in decodes)  # row 1 runs alone, after it
+
+
+class BucketDecoder(FakeDecoder):
+    """A :class:`FakeDecoder` that, like a decoder replaying CUDA graphs, runs shared decode steps over rows
+    ``[0, bucket)``; the fake still fails a write past capacity and keeps each row's tokens, so a row the scheduler
+    adds with a wrong placeholder shows up in that row's tokens."""
+
+    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
+        return 0, next(size for size in (1, 2, 4) if size >= stop)
+
+
+async def test_shared_steps_run_in_the_decoders_bucket_and_the_rows_it_adds_keep_their_tokens(running):
+    decoder = BucketDecoder(rows=4, max_capacity=64)
+    decoder.pause()
+    generator = running(decoder, prefill_chunk=4)
+    hold = generator.submit([9], params(1))
+    await decoder.wait_paused()
+    prompts = [[3, 1], list(range(10, 22)), [7, 3], [5, 2]]  # row 1 still prefills while rows 0 and 2 decode
+    sequences = [generator.submit(prompts[0], params(8)), generator.submit(prompts[1], params(3)),
+                 generator.submit(prompts[2], params(8)), generator.submit(prompts[3], params(4), reproducible=True)]
+    decoder.resume()
+    await collect(hold)
+    results = [tokens_of(await collect(s)) for s in sequences]
+    assert results == [greedy_reference(decoder, p, n) for p, n in zip(prompts, (8, 3, 8, 4))]
+    assert [s.slot for s in sequences] == [0, 1, 2, 3]
+    decodes = [c for c in decoder.calls if len(c.input_ids[0]) == 1 and c.input_ids != [[9]]]
+    shared = [c for c in decodes if c.start_row == 0]
+    assert shared and all(len(c.input_ids) in (1, 2, 4) for c in shared)
+    assert any(len(c.input_ids) == 4 and c.seqlens_k[1] < len(prompts[1]) for c in shared)  # row 1 mid-prefill
+    assert [c for c in decodes if c.start_row == 3 and len(c.input_ids) == 1]  # the reproducible row alone
 
 
 def penalized_reference(decoder: FakeDecoder, prompt: list[int], count: int, frequency: float,

@@ -19,23 +19,11 @@ import requests
 from appliance.engines.buckets import Buckets
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
 from conftest import RunningServer, make_config
+from gpu_support import why_no_gpu
 from reference_data import reference_items
 
 ADD_ONE = Path(__file__).resolve().parents[2] / "examples" / "models" / "add_one" / "1" / "model.onnx"
 BUCKETS = (1, 2, 4, 8)
-
-
-def _why_no_gpu() -> str | None:
-    import onnxruntime as ort
-
-    from appliance.doctor import gpu_readings
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"needs onnxruntime-gpu (CUDAExecutionProvider); onnxruntime {ort.__version__} offers " + ", ".join(
-            ort.get_available_providers())
-    if not gpu_readings():
-        return "needs an NVIDIA GPU: NVML finds none"
-    return None
 
 
 pytestmark = pytest.mark.gpu
@@ -43,7 +31,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module", autouse=True)
 def a_gpu():
-    reason = _why_no_gpu()
+    reason = why_no_gpu()
     if reason:
         pytest.skip(reason)
 
