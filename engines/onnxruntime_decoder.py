@@ -95,9 +95,9 @@ class OnnxRuntimeDecoder:
         self.takes_query_seqlens = "query_seqlens" in graph_inputs
         # The graph's logits are [rows, new tokens, vocab] ("all") or [rows, 1, vocab] ("last").
         self.all_positions = self.session.get_outputs()[0].shape[1] != 1
-        kv_type = graph_inputs["past_key_values.0.key"].type
+        half = graph_inputs["past_key_values.0.key"].type == "tensor(float16)"
         shape = KvShape(int(generation["num_layers"]), rows, int(generation["num_kv_heads"]),
-                        int(generation["head_dim"]), np.dtype(np.float16 if kv_type == "tensor(float16)" else np.float32))
+                        int(generation["head_dim"]), np.dtype(np.float16 if half else np.float32))
         self._rows = rows
         initial = max_capacity if self.placement.cuda_graphs else self.INITIAL_CAPACITY
         if on_host:
@@ -107,7 +107,8 @@ class OnnxRuntimeDecoder:
             self.kv = DeviceKvCache(ort, shape, initial, max_capacity, self.placement.memory,
                                     self.placement.device, self.placement.device_id)
         self._buckets = decode_buckets(rows) if self.placement.buckets else ()
-        self._graphs = (DecodeGraphs(self.session, ort, self.kv, int(generation["vocab_size"]),
+        vocab = self.session.get_outputs()[0].shape[2]
+        self._graphs = (DecodeGraphs(self.session, ort, self.kv, int(vocab),
                                      self.placement.device, self.placement.device_id, self._buckets,
                                      self.placement.cuda_graphs)
                         if self._buckets and not self.all_positions else None)
