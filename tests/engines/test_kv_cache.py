@@ -89,3 +89,55 @@ def test_a_row_range_is_bound_by_address_as_past_and_present(caches):
     assert first_in[1] == "past_key_values.0.key" and first_out[1] == "present.0.key"
     assert first_in[-2] == [2, 2, 4, 4] and first_in[-1] == first_out[-1] == device._values[0].data_ptr() + row_bytes
     assert len(binding.calls) == SHAPE.layers * 2 * 2
+
+
+class HostBackedCudart:
+    """Shaped like ``cuda.bindings.runtime`` for the three calls the device cache makes, with the CUDA runtime's
+    documented argument order (``cudaMemcpy2D(dst, dpitch, src, spitch, width, height, kind)``,
+    ``cudaMemset(devPtr, value, count)``), acting on host memory: a swapped argument shows up in the tokens."""
+
+    cudaMemcpyKind = type("Kinds", (), {"cudaMemcpyDeviceToDevice": 3})
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def cudaSetDevice(self, device: int) -> tuple[int]:
+        self.calls.append(f"cudaSetDevice({device})")
+        return (0,)
+
+    def cudaMemset(self, pointer: int, value: int, count: int) -> tuple[int]:
+        self.calls.append("cudaMemset")
+        ctypes.memset(pointer, value, count)
+        return (0,)
+
+    def cudaMemcpy2D(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
+                     kind: int) -> tuple[int]:
+        assert kind == 3 and width <= min(dpitch, spitch)
+        self.calls.append("cudaMemcpy2D")
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+        return (0,)
+
+    def cudaDeviceSynchronize(self) -> tuple[int]:
+        self.calls.append("cudaDeviceSynchronize")
+        return (0,)
+
+
+def test_the_cuda_copies_keep_the_same_tokens_as_the_host_cache():
+    from appliance.engines.cuda_runtime import CudaRuntime
+    from appliance.engines.device_memory import CudaMemory
+
+    cudart = HostBackedCudart()
+    host = HostKvCache(ort, SHAPE, initial_capacity=4, max_capacity=32)
+    device = DeviceKvCache(ort, SHAPE, initial_capacity=4, max_capacity=32,
+                           memory=CudaMemory(CudaRuntime(cudart), device_id=1), device="cpu")
+    rng = np.random.default_rng(1)
+    for index in range(SHAPE.layers * 2):
+        values = rng.standard_normal((SHAPE.rows, SHAPE.heads, 4, SHAPE.head_dim)).astype(np.float16)
+        host._buffers[index][...] = values
+        _write(device, index, values)
+    for cache in (host, device):
+        cache.copy_row(2, [0], 3)
+        cache.ensure(20)
+    _same(host, device, 4)
+    assert {"cudaSetDevice(1)", "cudaMemset", "cudaMemcpy2D", "cudaDeviceSynchronize"} <= set(cudart.calls)
