@@ -94,7 +94,8 @@ class CudaRuntime:
         self._call("cudaMemcpyAsync", host, device, nbytes, kind, stream)
 
     def memset(self, pointer: int, value: int, nbytes: int) -> None:
-        """Set ``nbytes`` of device memory at ``pointer`` to the byte ``value`` (synchronous to the host)."""
+        """Set ``nbytes`` of device memory at ``pointer`` to the byte ``value`` (may return before it is done:
+        synchronize before the memory is read)."""
         self._call("cudaMemset", pointer, value, nbytes)
 
     def copy_2d_on_device(self, target: int, target_pitch: int, source: int, source_pitch: int, width: int,

@@ -17,6 +17,7 @@ comes from seqlens_k, on the device).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,7 @@ class DecodeGraphs:
     device_id: int = 0
     buckets: tuple[int, ...] = ()
     cuda_graphs: bool = True  # False: the same bound buckets, run eagerly (and rebound when the cache moves)
+    synchronize: Callable[[], None] = lambda: None  # waits for host-to-device copies to land (the device's memory)
     _bound: dict[int, _Bucket] = field(default_factory=dict)
     _runs: dict[int, int] = field(default_factory=dict)
 
@@ -104,6 +106,9 @@ class DecodeGraphs:
         bucket = self._bucket(len(input_ids))
         bucket.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         bucket.seqlens_k.update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
+        # A copy from pageable memory may return before it lands, and the provider's stream does not wait for the
+        # legacy stream the copy ran on.
+        self.synchronize()
         self.session.run_with_iobinding(bucket.binding, bucket.run_options)
         self._runs[bucket.rows] = self._runs.get(bucket.rows, 0) + 1
         logits = bucket.logits.numpy()[:, -1, :]

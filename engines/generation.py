@@ -316,7 +316,8 @@ class GenerationScheduler:
         alone = [slot for slot in decoding if self._reproducible(slot)]
         shared = [slot for slot in decoding if slot not in alone]
         if shared:
-            self._decode(shared, *self._decoder.decode_range(min(shared), max(shared) + 1))
+            start, stop = self._decoder.decode_range(min(shared), max(shared) + 1)
+            self._decode(shared, start, min(stop, len(self._slots)))  # a decoder may hold more rows than slots
         for slot in alone:  # after the shared call, which writes a placeholder into every row of its range
             self._decode([slot], slot, slot + 1)  # exactly its own row: a wider range could change its numerics
 

@@ -77,7 +77,7 @@ class _Resizing:
 
     def ensure(self, positions: int) -> None:
         """Room for ``positions`` tokens per row (doubling, at most ``max_capacity``), tokens kept."""
-        if positions > self.capacity:
+        if positions > self.capacity < self.max_capacity:  # full already: the buffers (and addresses) stay
             capacity = self.capacity
             while capacity < positions:
                 capacity *= 2

@@ -10,7 +10,9 @@ call except a one-row decode step: prefills and multi-row steps.
 
 On a CUDA device (:meth:`Placement.cuda`) the session runs on ONNX Runtime's CUDA execution provider, the cache
 lives in device memory and is never copied to the host, and shared decode steps run in row buckets replayed from
-CUDA graphs (``appliance.engines.decode_buckets``); prefill chunks and lone rows run without graphs.
+CUDA graphs (``appliance.engines.decode_buckets``); prefill chunks run without graphs. Every decode step on the
+device passes the cache's full length as total_sequence_length, as the graphs were captured with, so a one-row step
+computes the same whether it replays the one-row graph (row 0) or runs eagerly (any other row).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from appliance.engines.decode_buckets import NO_GRAPH, DecodeGraphs, bucket_for,
 from appliance.engines.dense_weights import DenseTwin, dense_twin
 from appliance.engines.device_memory import DeviceMemory
 from appliance.engines.kv_cache import DeviceKvCache, HostKvCache, KvShape
+from appliance.errors import ModelLoadFailed
 
 log = logging.getLogger("appliance.engines.onnxruntime_decoder")
 
@@ -110,7 +113,7 @@ class OnnxRuntimeDecoder:
         vocab = self.session.get_outputs()[0].shape[2]
         self._graphs = (DecodeGraphs(self.session, ort, self.kv, int(vocab),
                                      self.placement.device, self.placement.device_id, self._buckets,
-                                     self.placement.cuda_graphs)
+                                     self.placement.cuda_graphs, self._synchronize())
                         if self._buckets and not self.all_positions else None)
         self._eager_options = ort.RunOptions()
         if self.placement.cuda_graphs:
@@ -178,13 +181,20 @@ class OnnxRuntimeDecoder:
     def _graph_session(self) -> Any:
         """The session; where ONNX Runtime refuses CUDA graphs for this graph, one without them (logged)."""
         try:
-            return self._session(self.placement.providers)
-        except _ort_errors(self._ort) as exc:
+            session = self._session(self.placement.providers)
+        except Exception as exc:  # noqa: BLE001 - the EP's refusals come as several error types
             if not self.placement.cuda_graphs:
                 raise
             log.warning("%s: CUDA graphs refused (%s); decode steps run eagerly", self._model_path, exc)
             self.placement = self.placement.without_graphs()
-            return self._session(self.placement.providers)
+            session = self._session(self.placement.providers)
+        if self.placement.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+            # ONNX Runtime falls back to the CPU quietly when the CUDA provider cannot load; the cache's device
+            # memory would then be bound to a CPU session.
+            raise ModelLoadFailed(
+                f"{self._model_path}: ONNX Runtime's CUDA execution provider did not load (its log says why: CUDA "
+                "or cuDNN libraries); install them, or set [engine] providers = ['cpu'] to run the CPU graph")
+        return session
 
     def _dense_twin(self, twin_builder: TwinBuilder) -> Any:
         try:
@@ -206,6 +216,10 @@ class OnnxRuntimeDecoder:
         _release_free_memory()
         return session
 
+    def _synchronize(self) -> Callable[[], None]:
+        memory = self.placement.memory
+        return memory.synchronize if memory is not None else (lambda: None)
+
     def ensure(self, positions: int) -> None:
         """Make room for ``positions`` tokens per row (doubling, at most ``max_capacity``)."""
         self.kv.ensure(positions)
@@ -220,7 +234,7 @@ class OnnxRuntimeDecoder:
 
     def decode_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows ``[0, bucket)`` where decode steps run in buckets, else ``[start, stop)``."""
-        if not self.buckets:
+        if not self.buckets or self._graphs is None or not self._graphs.runs_here():
             return start, stop
         return 0, bucket_for(self._buckets, stop)
 
@@ -231,9 +245,14 @@ class OnnxRuntimeDecoder:
             return
         try:
             self._graphs.warm()
-        except _ort_errors(self._ort) as exc:
-            log.warning("%s: CUDA graph capture failed (%s); decode steps run eagerly", self._model_path, exc)
+        except Exception as exc:  # noqa: BLE001 - a failed capture may come as any of the EP's error types
+            log.warning("%s: CUDA graph capture failed (%s); decode steps run eagerly in a new session",
+                        self._model_path, exc)
+            # The failed session may be left mid-capture: a fresh one without graphs over the same cache.
             self._graphs = None
+            self.placement = self.placement.without_graphs()
+            self._eager_options = self._ort.RunOptions()
+            self.session = self._session(self.placement.providers)
 
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """Rows ``start_row .. start_row + len(input_ids)``; the last position's logits per row ``[rows, vocab]``."""
@@ -256,6 +275,10 @@ class OnnxRuntimeDecoder:
         single_token = rows == 1 and input_ids.shape[1] == 1
         session = self.session if single_token or self._twin is None else self._twin
         total = int(seqlens_k.max()) + 1 if total_sequence_length is None else int(total_sequence_length)
+        if self.placement.device and input_ids.shape[1] == 1 and total_sequence_length is None:
+            # What the captured graphs were given: the CUDA kernel splits attention by this length, so a decode
+            # step computes the same whether it replays a graph or runs here.
+            total = self.kv.capacity
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
