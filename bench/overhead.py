@@ -217,7 +217,7 @@ def summarize(rows: list[dict]) -> dict:
         ratio = ours_c64["rps"] / peer_c64["rps"]
         summary["c64_rps_ratio"] = ratio
         lines.append(f"c=64 req/s: {ours_c64['server']} {ours_c64['rps']:.0f} ({ours_c64['format']}) vs triton "
-                     f"{peer_c64['rps']:.0f} ({peer_c64['format']}): {ratio:.2f}x (target >= 1.0, issue "Speed on every CPU")")
+                     f"{peer_c64['rps']:.0f} ({peer_c64['format']}): {ratio:.2f}x (target >= 1.0)")
     for server in sorted({r["server"] for r in rows if r.get("tracing") == "on"}):
         untraced = server.split("+traced")[0]
         pairs = [(r, t) for r in rows for t in rows if r["server"] == untraced and t["server"] == server
