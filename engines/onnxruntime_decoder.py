@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from appliance.engines.decode_buckets import NO_GRAPH, DecodeGraphs, bucket_for, decode_buckets
+from appliance.engines.buckets import powers_of_two
+from appliance.engines.decode_buckets import NO_GRAPH, DecodeGraphs, bucket_for
 from appliance.engines.dense_weights import DenseTwin, dense_twin
 from appliance.engines.device_memory import DeviceMemory
 from appliance.engines.kv_cache import DeviceKvCache, HostKvCache, KvShape
@@ -109,7 +110,7 @@ class OnnxRuntimeDecoder:
             assert self.placement.memory is not None, "a device cache needs the device's memory copier"
             self.kv = DeviceKvCache(ort, shape, initial, max_capacity, self.placement.memory,
                                     self.placement.device, self.placement.device_id)
-        self._buckets = decode_buckets(rows) if self.placement.buckets else ()
+        self._buckets = powers_of_two(rows) if self.placement.buckets else ()
         vocab = self.session.get_outputs()[0].shape[2]
         self._graphs = (DecodeGraphs(self.session, ort, self.kv, int(vocab),
                                      self.placement.device, self.placement.device_id, self._buckets,
