@@ -26,6 +26,8 @@ Outputs
   ``logits``                         float32 [B, S, V] (``logits="all"``, the default) or [B, 1, V]
                                      (``logits="last"``: only the last new position of each row; see below).
   ``present.{i}.key|value``          float32 [B, Hkv, C, D]: the same buffers as the past inputs.
+  ``next_token``                     int64   [B, S, 1] or [B, 1, 1], the ``cuda`` variant only: the argmax of
+                                     ``logits`` (a greedy step reads these ids instead of copying the logits).
 
 There is no ``position_ids`` input: GroupQueryAttention applies the rotary embedding itself and derives each new
 token's position from ``seqlens_k`` (a row's token ``s`` of ``S`` is at position ``seqlens_k + 1 - S + s``; for
@@ -393,10 +395,11 @@ def _kv_name(i: int, which: str, past: bool) -> str:
 
 def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: int,
                 max_seq_len: int, logits: str = "all", with_query_seqlens: bool = False,
-                float_type: type[np.floating] = np.float32,
+                float_type: type[np.floating] = np.float32, next_token: bool = False,
                 progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
     """The decoder ``ModelProto`` (see the module docstring for its I/O contract); ``float_type``: the element type
-    of its activations and KV cache (its logits are FP32 whatever it is)."""
+    of its activations and KV cache (its logits are FP32 whatever it is); ``next_token``: add the ``next_token``
+    output (greedy choices computed where the logits are)."""
     say = progress or (lambda _msg: None)
     if logits not in ("all", "last"):
         raise ValueError("logits must be 'all' or 'last'")
@@ -501,6 +504,10 @@ def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: in
     else:
         shaped = g.node("Reshape", [flat_logits, logits_shape], name="logits/shape")[0]
         g.node("Cast", [shaped], ["logits"], name="logits", to=TensorProto.FLOAT)
+    if next_token:
+        g.node("ArgMax", ["logits"], ["next_token"], name="next_token", axis=-1, keepdims=1)
+        outputs.append(helper.make_tensor_value_info(
+            "next_token", TensorProto.INT64, ["batch_size", "sequence_length" if logits == "all" else 1, 1]))
 
     graph = helper.make_graph(g.nodes, f"{cfg.arch}_decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
@@ -527,7 +534,8 @@ def _check_first_layer(tensors: dict[str, Any]) -> None:
 def _write_graph(tensors: dict[str, Any], cfg: LlamaConfig, model_path: Path, variant: str, max_seq_len: int, *,
                  logits: str, with_query_seqlens: bool, progress: Callable[[str], None]) -> None:
     model = build_graph(tensors, cfg, accuracy_level=VARIANTS[variant], max_seq_len=max_seq_len, logits=logits,
-                        with_query_seqlens=with_query_seqlens, float_type=FLOAT_TYPES[variant], progress=progress)
+                        with_query_seqlens=with_query_seqlens, float_type=FLOAT_TYPES[variant],
+                        next_token=variant == "cuda", progress=progress)
     progress(f"writing {model_path.name}")
     tmp = model_path.with_suffix(".onnx.partial")
     onnx.save_model(model, str(tmp))

@@ -98,6 +98,12 @@ class Decoder(Protocol):
         decoder has a captured graph for (the scheduler fills the rows it adds as it does idle rows in range)."""
         ...
 
+    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray | None:
+        """A decode step like :meth:`run` that returns each row's greedy next token (``[rows]`` int64) instead of
+        the logits, where the decoder computes it beside them (a GPU's logits then never leave the device);
+        ``None`` where it does not (nothing ran: call :meth:`run`)."""
+        ...
+
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """One step over rows ``start_row .. start_row + len(input_ids)``.
 

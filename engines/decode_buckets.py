@@ -40,6 +40,7 @@ class _Bucket:
     input_ids: Any  # OrtValue [rows, 1] int64 on the device
     seqlens_k: Any  # OrtValue [rows] int32 on the device
     logits: Any  # OrtValue [rows, 1, vocab] float32 on the device
+    next_token: Any  # OrtValue [rows, 1, 1] int64 on the device, where the graph has that output
     run_options: Any
 
 
@@ -51,6 +52,7 @@ class DecodeGraphs:
     ort: Any
     kv: KvCache
     vocab: int
+    next_token: bool  # whether the graph has the next_token output (greedy choices beside the logits)
     device: str = "cuda"
     device_id: int = 0
     buckets: tuple[int, ...] = ()
@@ -86,14 +88,20 @@ class DecodeGraphs:
             binding.bind_cpu_input("total_sequence_length", np.array(self.kv.capacity, np.int32))
             self.kv.bind(binding, 0, rows)
             binding.bind_ortvalue_output("logits", logits)
+            tokens = None
+            if self.next_token:
+                tokens = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, 1], np.int64, *where)
+                binding.bind_ortvalue_output("next_token", tokens)
             options = ort.RunOptions()
             if self.cuda_graphs:
                 options.add_run_config_entry("gpu_graph_id", str(rows))
-            self._bound[rows] = _Bucket(rows, binding, ids, lengths, logits, options)
+            self._bound[rows] = _Bucket(rows, binding, ids, lengths, logits, tokens, options)
         return self._bound[rows]
 
-    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
-        """A decode step of rows ``[0, len(input_ids))``, a bucket's size; last-position logits ``[rows, vocab]``."""
+    def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray, *, tokens: bool = False) -> np.ndarray:
+        """A decode step of rows ``[0, len(input_ids))``, a bucket's size: last-position logits ``[rows, vocab]``,
+        or with ``tokens`` (graphs with the next_token output) each row's argmax ``[rows]``, the logits left on
+        the device."""
         bucket = self._bucket(len(input_ids))
         bucket.input_ids.update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
         bucket.seqlens_k.update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
@@ -102,6 +110,9 @@ class DecodeGraphs:
         self.synchronize()
         self.session.run_with_iobinding(bucket.binding, bucket.run_options)
         self._runs[bucket.rows] = self._runs.get(bucket.rows, 0) + 1
+        if tokens:
+            assert bucket.next_token is not None, "the graph has no next_token output"
+            return bucket.next_token.numpy().reshape(-1).copy()
         logits = bucket.logits.numpy()[:, -1, :]
         # On the cpu device numpy() is a view of the bound buffer, which the next step overwrites (from a GPU it is
         # already a host copy).

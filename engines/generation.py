@@ -377,12 +377,19 @@ class GenerationScheduler:
                 # A row still prefilling: its next chunk overwrites whatever this call writes at ``length``.
                 seqlens[slot - start] = sequence.length
         self._decoder.ensure(int(seqlens.max()) + 1)
-        logits = self._decoder.run(start, ids, seqlens)
-        for slot in rows:
-            sequence = self._slots[slot]
+        running = [(slot, self._slots[slot]) for slot in rows]
+        tokens = None
+        if all(_plain_greedy(sequence) for _, sequence in running):
+            tokens = self._decoder.greedy_tokens(start, ids, seqlens)  # None: the decoder has no such path
+        logits = self._decoder.run(start, ids, seqlens) if tokens is None else None
+        for slot, sequence in running:
             assert sequence is not None
             sequence.length += 1
-            self._sample(slot, sequence, logits[slot - start])
+            if tokens is not None:
+                self._accept(slot, sequence, int(tokens[slot - start]))
+            else:
+                assert logits is not None
+                self._sample(slot, sequence, logits[slot - start])
 
     def _sample(self, slot: int, sequence: Sequence, logits: np.ndarray) -> None:
         params = sequence.params
@@ -401,12 +408,17 @@ class GenerationScheduler:
             if not np.isfinite(scores).any():  # only the end token was allowed, and ignore_eos banned it
                 self._finish(slot, TokenEvent(None, finish_reason="stop"))
                 return
-        token = self._choose(scores, params, sequence.rng)
+        self._accept(slot, sequence, self._choose(scores, params, sequence.rng), scores)
+
+    def _accept(self, slot: int, sequence: Sequence, token: int, scores: np.ndarray | None = None) -> None:
+        """Take ``token`` as the sequence's next: counts, grammar, log-probabilities (from ``scores``), and whether
+        it ends the sequence."""
+        params, constraint = sequence.params, sequence.constraint
         sequence.output_counts[token] = sequence.output_counts.get(token, 0) + 1
         if constraint is not None and token not in self._eos:
             constraint.advance(token)
         event = TokenEvent(token)
-        if params.logprobs >= 0:
+        if params.logprobs >= 0 and scores is not None:
             logp = scores - np.logaddexp.reduce(scores[np.isfinite(scores)])
             event.logprob = float(logp[token])
             if params.logprobs > 0:
@@ -459,6 +471,16 @@ class GenerationScheduler:
                         self._slots[follower.slot] = None
                         self._emit(follower, TokenEvent(None, event.logprob, event.top_logprobs,
                                                         event.finish_reason, event.error))
+
+
+def _plain_greedy(sequence: Sequence | None) -> bool:
+    """Whether the sequence's next token is the argmax of the raw logits: greedy, nothing that edits or reads the
+    scores (penalties, bias, a banned end token, a grammar, log-probabilities)."""
+    if sequence is None:
+        return False
+    params = sequence.params
+    return (params.temperature <= 0 and params.logprobs < 0 and not params.penalized and not params.ignore_eos
+            and sequence.constraint is None)
 
 
 def _put_all(batch: list[tuple[Sequence, TokenEvent]]) -> None:

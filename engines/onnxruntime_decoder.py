@@ -47,7 +47,9 @@ class Placement:
     device: str = ""  # "": numpy buffers on the host; "cuda" (or "cpu", in tests): OrtValues on that device
     device_id: int = 0
     memory: DeviceMemory | None = None
-    buckets: bool = False  # shared decode steps in row buckets (captured as CUDA graphs where cuda_graphs)
+    # Shared decode steps in row buckets, captured as CUDA graphs where cuda_graphs (without graphs the buckets
+    # only add rows; on the cpu device they let the tests run the bucket path)
+    buckets: bool = False
     cuda_graphs: bool = False
 
     def without_graphs(self) -> Placement:
@@ -58,7 +60,7 @@ class Placement:
             name, options = provider
             return name, {key: value for key, value in options.items() if key != "enable_cuda_graph"}
 
-        return replace(self, providers=[plain(p) for p in self.providers], cuda_graphs=False)
+        return replace(self, providers=[plain(p) for p in self.providers], cuda_graphs=False, buckets=False)
 
     @classmethod
     def cuda(cls, device_id: int, memory: DeviceMemory, cuda_graphs: bool = True) -> Placement:
@@ -67,7 +69,7 @@ class Placement:
         if cuda_graphs:
             options["enable_cuda_graph"] = "1"
         return cls(providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"], device="cuda",
-                   device_id=device_id, memory=memory, buckets=True, cuda_graphs=cuda_graphs)
+                   device_id=device_id, memory=memory, buckets=cuda_graphs, cuda_graphs=cuda_graphs)
 
 
 class OnnxRuntimeDecoder:
@@ -112,7 +114,8 @@ class OnnxRuntimeDecoder:
                                     self.placement.device, self.placement.device_id)
         self._buckets = powers_of_two(rows) if self.placement.buckets else ()
         vocab = self.session.get_outputs()[0].shape[2]
-        self._graphs = (DecodeGraphs(self.session, ort, self.kv, int(vocab),
+        has_next_token = any(o.name == "next_token" for o in self.session.get_outputs())
+        self._graphs = (DecodeGraphs(self.session, ort, self.kv, int(vocab), has_next_token,
                                      self.placement.device, self.placement.device_id, self._buckets,
                                      self.placement.cuda_graphs, self._synchronize())
                         if self._buckets and not self.all_positions else None)
@@ -255,14 +258,28 @@ class OnnxRuntimeDecoder:
             self._eager_options = self._ort.RunOptions()
             self.session = self._session(self.placement.providers)
 
+    def _bucket_step(self, start_row: int, input_ids: np.ndarray) -> DecodeGraphs | None:
+        """The bucket graphs, where this call is a decode step over a bucket they replay on this thread."""
+        graphs = self._graphs
+        if graphs is not None and start_row == 0 and input_ids.shape[1] == 1 and len(input_ids) in self._buckets \
+                and graphs.runs_here():
+            return graphs
+        return None
+
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """Rows ``start_row .. start_row + len(input_ids)``; the last position's logits per row ``[rows, vocab]``."""
-        rows = len(input_ids)
-        graphs = self._graphs
-        if graphs is not None and start_row == 0 and input_ids.shape[1] == 1 and rows in self._buckets \
-                and graphs.runs_here():
+        graphs = self._bucket_step(start_row, input_ids)
+        if graphs is not None:
             return graphs.run(input_ids, seqlens_k)
         return self.logits(start_row, input_ids, seqlens_k)[:, -1, :]
+
+    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray | None:
+        """Each row's argmax from the graph's next_token output, for a decode step over a bucket whose graph has
+        it (the FP16 graph for the CUDA provider): only ``rows`` ids come back, never the logits; else ``None``."""
+        graphs = self._bucket_step(start_row, input_ids)
+        if graphs is None or not graphs.next_token:
+            return None
+        return graphs.run(input_ids, seqlens_k, tokens=True)
 
     def logits(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray, *,
                query_seqlens: np.ndarray | None = None, total_sequence_length: int | None = None) -> np.ndarray:

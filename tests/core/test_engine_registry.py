@@ -87,6 +87,9 @@ class CountingDecoder:
     def decode_range(self, start: int, stop: int) -> tuple[int, int]:
         return start, stop
 
+    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> None:
+        return None
+
     def shrink(self) -> None:
         pass
 

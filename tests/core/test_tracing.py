@@ -237,6 +237,9 @@ class SlowDecoder:
     def decode_range(self, start: int, stop: int) -> tuple[int, int]:
         return start, stop
 
+    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> None:
+        return None
+
     def shrink(self) -> None:
         """The capacity is fixed."""
 

@@ -49,6 +49,8 @@ class FakeDecoder:
         self._resume = threading.Event()
         self.paused = threading.Event()  # set while a run is held
         self.warmed_on: str | None = None  # the thread that called warm()
+        self.computes_greedy = False  # greedy_tokens answers (like a GPU decoder) instead of None
+        self.greedy_calls = 0
 
     def logits_after(self, tokens: list[int]) -> np.ndarray:
         """The logits for a row holding ``tokens``."""
@@ -63,6 +65,12 @@ class FakeDecoder:
 
     def decode_range(self, start: int, stop: int) -> tuple[int, int]:
         return start, stop
+
+    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray | None:
+        if not self.computes_greedy:
+            return None
+        self.greedy_calls += 1
+        return self.run(start_row, input_ids, seqlens_k).argmax(axis=-1)
 
     def shrink(self) -> None:
         self.capacity = self.initial_capacity
@@ -398,6 +406,37 @@ async def test_shared_steps_run_in_the_decoders_bucket_and_the_rows_it_adds_keep
     assert shared and all(len(c.input_ids) in (1, 2, 4) for c in shared)
     assert any(len(c.input_ids) == 4 and c.seqlens_k[1] < len(prompts[1]) for c in shared)  # row 1 mid-prefill
     assert [c for c in decodes if c.start_row == 3 and len(c.input_ids) == 1]  # the reproducible row alone
+
+
+def greedy_until_eos(decoder: FakeDecoder, prompt: list[int], count: int) -> list[int]:
+    """Plain greedy decoding (the end token allowed, and ending the sequence)."""
+    tokens, out = list(prompt), []
+    while len(out) < count and (not out or out[-1] != EOS):
+        out.append(int(np.argmax(decoder.logits_after(tokens))))
+        tokens.append(out[-1])
+    return out
+
+
+async def test_plain_greedy_steps_take_the_decoders_own_choices_and_the_others_its_logits(running):
+    decoder = FakeDecoder(rows=3, max_capacity=64)
+    decoder.computes_greedy = True
+    generator = running(decoder)
+    plain = SamplingParams(temperature=0, max_tokens=6)
+    prompts = [[3, 1], [7, 3]]
+    results = [tokens_of(await collect(s)) for s in [generator.submit(p, plain) for p in prompts]]
+    assert results == [greedy_until_eos(decoder, p, 6) for p in prompts]
+    assert decoder.greedy_calls >= max(len(r) for r in results) - 1  # every decode step after the prefill
+    # A step with a row that bans the end token (or samples, or wants log-probabilities) needs the logits.
+    calls = decoder.greedy_calls
+    decoder.pause(after_calls=len(decoder.calls))
+    hold = generator.submit([9], params(1))
+    await decoder.wait_paused()  # the two below share every decode step
+    mixed = [generator.submit([3, 1], plain), generator.submit([5, 2], params(8))]
+    decoder.resume()
+    await collect(hold)
+    assert tokens_of(await collect(mixed[0])) == greedy_until_eos(decoder, [3, 1], 6)
+    assert tokens_of(await collect(mixed[1])) == greedy_reference(decoder, [5, 2], 8)
+    assert decoder.greedy_calls == calls  # never while the ignore_eos row ran beside it
 
 
 def penalized_reference(decoder: FakeDecoder, prompt: list[int], count: int, frequency: float,
