@@ -156,7 +156,7 @@ def _models(app: web.Application, principal: Principal, now: Reading, then: Read
                     "rows": served.generation_limits.slots, "tokens_per_row": served.generation_limits.capacity,
                     "running": gauges["appliance_running_sequences"].get(version, 0.0),
                     "waiting": gauges["appliance_waiting_sequences"].get(version, 0.0),
-                    "usage_ratio": gauges["appliance_kv_cache_usage_ratio"].get(version, 0.0)}
+                    "usage_ratio": gauges["appliance_kv_cache_usage_ratio"].get(version, 0.0), **served.kv_cache}
         entries.append(entry)
     return entries
 

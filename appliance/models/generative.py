@@ -45,6 +45,16 @@ class GenerativeModel(ModelVersion):
         return getattr(self.decoder, "choice", DECODER_CHOICE)
 
     @property
+    def kv_cache(self) -> dict[str, Any]:
+        """The KV cache's size as the decoder reports it: bytes at most and now, and its element type (empty for a
+        decoder that does not say)."""
+        decoder = self.decoder
+        if decoder is None or not hasattr(decoder, "kv_cache_bytes"):
+            return {}
+        return {"bytes": decoder.kv_cache_bytes(), "bytes_now": decoder.kv_cache_bytes(decoder.capacity),
+                "dtype": str(getattr(decoder, "kv_dtype", ""))}
+
+    @property
     def description(self) -> str:
         """The decoder and the prefill chunk."""
         if self.decoder is None or self.generation_limits is None:

@@ -62,6 +62,15 @@ def test_eight_concurrent_requests_each_match(client, reference):
     assert texts == [item["greedy_text"] for item in items]
 
 
+def test_the_status_page_gives_the_kv_cache_size_the_decoder_allocates(gen_server):
+    status = requests.get(f"{gen_server.url}/v1/status", timeout=10).json()
+    entry = next(m for m in status["models"] if m["name"] == "smollm2-135m")
+    cache = entry["kv_cache"]
+    # SmolLM2-135M: 30 layers, K and V, 3 KV heads of 64, float32 on the CPU.
+    assert cache["bytes"] == 30 * 2 * cache["rows"] * 3 * cache["tokens_per_row"] * 64 * 4
+    assert 0 < cache["bytes_now"] <= cache["bytes"] and cache["dtype"] == "float32" and entry["device"] == "cpu"
+
+
 def test_streaming_equals_the_whole_answer(client, reference):
     item = reference[0]
     stream = client.chat.completions.create(model="smollm2-135m", messages=item["messages"], stream=True,
