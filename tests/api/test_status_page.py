@@ -56,6 +56,11 @@ class StepDecoder:
     def __init__(self, rows: int, capacity: int) -> None:
         self.rows, self.capacity, self.max_capacity = rows, capacity, capacity
         self.description = "step decoder (tests)"
+        self.kv_dtype = np.dtype(np.float16)
+
+    def kv_cache_bytes(self, capacity: int | None = None) -> int:
+        """What a real cache of these rows would take (3 MiB per row at full length)."""
+        return self.rows * (capacity or self.max_capacity) * 3 * 2**20 // self.max_capacity
 
     def ensure(self, positions: int) -> None:
         """The capacity is fixed."""
@@ -266,6 +271,7 @@ def test_an_admin_sees_the_box_and_its_figures_follow_the_traffic(box):
     assert gates["lanes"]["interactive"]["max_wait_s"] == pytest.approx(0.15)
     chat_model = model(before, "tiny-chat")
     assert chat_model["tier"] == "small" and chat_model["kv_cache"]["rows"] == 4
+    assert chat_model["kv_cache"]["bytes"] == 4 * 3 * 2**20 and chat_model["kv_cache"]["dtype"] == "float16"
     assert before["upstreams"] == [{"name": "edge", "kind": "kserve", "breaker": "closed", "available": True,
                                     "in_flight": 0, "max_concurrency": 16, "models": ["slow"],
                                     "recent_calls": before["upstreams"][0]["recent_calls"],
@@ -378,6 +384,7 @@ def test_the_page_draws_the_box_and_follows_its_traffic_in_a_real_browser(box):
             card = page.locator('[data-model="add_one"]')
             assert "ready" in card.inner_text() and "onnxruntime" in card.inner_text()
             assert "KV cache" in page.locator('[data-model="tiny-chat"]').inner_text()
+            assert "12.0 MiB float16 on cpu" in page.locator('[data-model="tiny-chat"]').inner_text()
             assert "breaker closed" in page.locator('[data-upstream="edge"]').inner_text()
             assert "Fake GPU (tests)" in page.locator('[data-gpu="0"]').inner_text()
             page.evaluate("window.testProbe = 'still the first load'")
