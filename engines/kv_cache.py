@@ -95,6 +95,7 @@ class HostKvCache(_Resizing):
     def __init__(self, ort: Any, shape: KvShape, initial_capacity: int, max_capacity: int) -> None:
         self._ort = ort
         self.shape, self.max_capacity, self.generation = shape, max_capacity, 0
+        self._names = shape.names()  # bound on every call
         self._initial = min(initial_capacity, max_capacity)
         self._buffers: list[np.ndarray] = []
         self._allocate(self._initial)
@@ -117,7 +118,7 @@ class HostKvCache(_Resizing):
         key = (start, stop)
         if key not in self._values:
             self._values[key] = [self._ort.OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self._buffers]
-        for value, (past, present) in zip(self._values[key], self.shape.names()):
+        for value, (past, present) in zip(self._values[key], self._names):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
 
@@ -138,6 +139,7 @@ class DeviceKvCache(_Resizing):
         self._ort, self._memory = ort, memory
         self._device, self._device_id = device, device_id
         self.shape, self.max_capacity, self.generation = shape, max_capacity, 0
+        self._names = shape.names()  # bound on every call
         self._initial = min(initial_capacity, max_capacity)
         self._values: list[Any] = []
         self._allocate(self._initial)
@@ -177,7 +179,7 @@ class DeviceKvCache(_Resizing):
         s = self.shape
         row = self._row_bytes(self.capacity)
         dims = [stop - start, s.heads, self.capacity, s.head_dim]
-        for value, (past, present) in zip(self._values, s.names()):
+        for value, (past, present) in zip(self._values, self._names):
             address = value.data_ptr() + start * row
             binding.bind_input(past, self._device, self._device_id, s.dtype.type, dims, address)
             binding.bind_output(present, self._device, self._device_id, s.dtype.type, dims, address)
