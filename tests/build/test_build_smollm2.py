@@ -8,6 +8,9 @@ dequantized to float32; the ``exact`` variant must reproduce its greedy tokens a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -385,3 +388,18 @@ def test_padded_decode_buckets_give_each_row_its_lone_tokens(smollm2_repo, build
     assert decoder.capacity == 64 and decoder.kv.generation == 3  # grown 16 -> 32 -> 64 while decoding
     assert decoder._graphs is not None and decoder._graphs.runs == {4: steps - 1}
     assert tokens == [_alone(alone_decoder, p, steps) for p in prompts]
+
+
+def test_appliance_build_no_cuda_graph_writes_the_tiers_without_it(smollm2_gguf, tmp_path):
+    import tomllib
+
+    repo = tmp_path / "repo"
+    result = subprocess.run([sys.executable, "-m", "appliance.cli", "build", "--source", str(smollm2_gguf), "--name",
+                             "mine", "--no-tensorrt", "--no-cuda-graph", "--models", str(repo)],
+                            env={**os.environ, "APPLIANCE_PATHS_STATE_DIR": str(tmp_path / "state")},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exact = repo / "mine" / "1"
+    assert (exact / "model.onnx").is_file() and not (exact / "model.cuda.onnx").exists()
+    assert "cuda_file" not in tomllib.loads((exact / "model.toml").read_text())["engine"]
+    assert (repo / "mine-fast" / "1" / "model.onnx").is_file()
