@@ -268,7 +268,8 @@ def main() -> int:
         smollm2 = args.smollm2 or built_smollm2(SMOLLM2_DOWNLOADS, Path(scratch))
         decode, first_token = decoder_rows(smollm2, on_gpu)
     if decode:
-        columns = ["streams", "runtime", "eager_tok_s", "graph_tok_s", "graph_over_eager", "over_one_stream"]
+        columns = ["streams", "runtime", "eager_tok_s", "graph_tok_s", "graph_ids_only_tok_s", "graph_over_eager",
+                   "over_one_stream"]
         report.print_table(f"SmolLM2-135M decode, tokens per second (time to first token, {first_token})", columns,
                            [[r.get(c, "") for c in columns] for r in decode])
     payload = {"environment": env, "on_gpu": on_gpu, "gpu_tests": tests, "rows": rows, "decode": decode,

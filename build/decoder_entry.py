@@ -71,7 +71,8 @@ def build_decoder_tiers(gguf_path: Path, repo: Path, name: str, options: Decoder
                         "logits": options.logits, "dense_batches": variant == "exact",
                         "min_fast_agreement": options.min_fast_agreement if variant != "exact" else None}
         if variant == "exact" and options.cuda_graph:
-            tier_options["cuda_graph"] = {"min_agreement": options.min_cuda_agreement}
+            tier_options["cuda_graph"] = {"min_agreement": options.min_cuda_agreement,
+                                          "outputs": ["logits", "next_token"]}
         key = build_key(digest, tier_options)
         target = entry_name(name, variant)
         done = existing(repo, target, key)
@@ -183,7 +184,7 @@ deterministic = {str(INVARIANT.get(variant, False)).lower()}  # proved batch-inv
 
 [engine]
 kind = "auto"  # the CUDA execution provider where a GPU answers and cuda_file is set, else the CPU
-file = "model.onnx"  # {'float32' if variant == 'exact' else 'int8'} activations: what the CPU execution provider runs{cuda_file}
+file = "model.onnx"  # {'float32' if variant == 'exact' else 'int8'} activations, for the CPU provider{cuda_file}
 
 [batching]
 max_batch_size = 0

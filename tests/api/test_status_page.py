@@ -384,7 +384,7 @@ def test_the_page_draws_the_box_and_follows_its_traffic_in_a_real_browser(box):
             card = page.locator('[data-model="add_one"]')
             assert "ready" in card.inner_text() and "onnxruntime" in card.inner_text()
             assert "KV cache" in page.locator('[data-model="tiny-chat"]').inner_text()
-            assert "12.0 MiB float16 on cpu" in page.locator('[data-model="tiny-chat"]').inner_text()
+            assert "12.0 MiB of 12.0 MiB float16 on cpu" in page.locator('[data-model="tiny-chat"]').inner_text()
             assert "breaker closed" in page.locator('[data-upstream="edge"]').inner_text()
             assert "Fake GPU (tests)" in page.locator('[data-gpu="0"]').inner_text()
             page.evaluate("window.testProbe = 'still the first load'")

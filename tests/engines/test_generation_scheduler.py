@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -27,6 +27,7 @@ class Call:
     start_row: int
     input_ids: list[list[int]]
     seqlens_k: list[int]
+    greedy: bool = field(default=False, compare=False)  # made by greedy_tokens (only the ids went back)
 
 
 class FakeDecoder:
@@ -70,7 +71,9 @@ class FakeDecoder:
         if not self.computes_greedy:
             return None
         self.greedy_calls += 1
-        return self.run(start_row, input_ids, seqlens_k).argmax(axis=-1)
+        tokens = self.run(start_row, input_ids, seqlens_k).argmax(axis=-1)
+        self.calls[-1].greedy = True
+        return tokens
 
     def shrink(self) -> None:
         self.capacity = self.initial_capacity
@@ -422,13 +425,17 @@ async def test_plain_greedy_steps_take_the_decoders_own_choices_and_the_others_i
     decoder.computes_greedy = True
     generator = running(decoder)
     plain = SamplingParams(temperature=0, max_tokens=6)
-    prompts = [[3, 1], [7, 3]]
-    results = [tokens_of(await collect(s)) for s in [generator.submit(p, plain) for p in prompts]]
-    assert results == [greedy_until_eos(decoder, p, 6) for p in prompts]
-    assert decoder.greedy_calls >= max(len(r) for r in results) - 1  # every decode step after the prefill
+    prompts = [[3, 1], [1, 11]]  # the second ends with the end token, at its sixth
+    sequences = [generator.submit(p, plain) for p in prompts]
+    events = [await collect(s) for s in sequences]
+    assert [tokens_of(e) for e in events] == [greedy_until_eos(decoder, p, 6) for p in prompts]
+    assert tokens_of(events[1])[-1] == EOS and events[1][-1].finish_reason == "stop"
+    assert events[0][-1].finish_reason == "length"
+    decodes = [c for c in decoder.calls if len(c.input_ids[0]) == 1]
+    assert decodes and all(c.greedy for c in decodes)  # no step of plain greedy rows took the logits
     # A step with a row that bans the end token (or samples, or wants log-probabilities) needs the logits.
-    calls = decoder.greedy_calls
-    decoder.pause(after_calls=len(decoder.calls))
+    calls, first = decoder.greedy_calls, len(decoder.calls)
+    decoder.pause(after_calls=first)
     hold = generator.submit([9], params(1))
     await decoder.wait_paused()  # the two below share every decode step
     mixed = [generator.submit([3, 1], plain), generator.submit([5, 2], params(8))]
@@ -437,6 +444,7 @@ async def test_plain_greedy_steps_take_the_decoders_own_choices_and_the_others_i
     assert tokens_of(await collect(mixed[0])) == greedy_until_eos(decoder, [3, 1], 6)
     assert tokens_of(await collect(mixed[1])) == greedy_reference(decoder, [5, 2], 8)
     assert decoder.greedy_calls == calls  # never while the ignore_eos row ran beside it
+    assert not any(c.greedy for c in decoder.calls[first:])
 
 
 def penalized_reference(decoder: FakeDecoder, prompt: list[int], count: int, frequency: float,
