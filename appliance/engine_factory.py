@@ -16,13 +16,11 @@ from appliance.config import Config
 from appliance.engine_registry import DecoderRegistry, EngineRegistry
 from appliance.engines.base import Decoder, Engine
 from appliance.engines.buckets import Buckets, batch_buckets, powers_of_two
-from appliance.engines.device_memory import CudaMemory
 from appliance.engines.generation import GenerationLimits
 from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder, Placement
 from appliance.engines.onnxruntime_engine import OnnxRuntimeEngine, OrtOptions
 from appliance.engines.runtime_choice import (PORTABLE_GRAPH, PROVIDER_NAMES, Machine, RuntimeChoice,
                                              choose_decoder_runtime, choose_runtime, probe_machine)
-from appliance.errors import ModelLoadFailed
 from appliance.model_spec import ModelSpec
 
 log = logging.getLogger("appliance.engines")
@@ -172,7 +170,8 @@ def chosen_decoder(machine: MachineProbe = probe_machine) -> Callable[..., Decod
         if choice.on_gpu:
             decoder = OnnxRuntimeDecoder(spec.path / spec.engine.cuda_file, generation, rows=limits.slots,
                                          max_capacity=limits.capacity, threads=threads,
-                                         placement=_cuda_placement(spec))
+                                         placement=Placement.cuda(spec.engine.device_id,
+                                                                  cuda_graphs=spec.engine.cuda_graphs))
         else:
             decoder = OnnxRuntimeDecoder(spec.model_file, generation, rows=limits.slots, max_capacity=limits.capacity,
                                          threads=threads, spin=spec.generation.spin_threads,
@@ -181,17 +180,6 @@ def chosen_decoder(machine: MachineProbe = probe_machine) -> Callable[..., Decod
         return decoder
 
     return make
-
-
-def _cuda_placement(spec: ModelSpec) -> Placement:
-    from appliance.engines.cuda_runtime import CudaRuntime, cudart_module
-
-    cudart = cudart_module()
-    if cudart is None:
-        raise ModelLoadFailed(f"model {spec.name}: the decoder's device cache needs cuda-python; install the gpu "
-                              "extra (pip install 'appliance[gpu]'), or set [engine] providers = ['cpu']")
-    device = spec.engine.device_id
-    return Placement.cuda(device, CudaMemory(CudaRuntime(cudart), device), cuda_graphs=spec.engine.cuda_graphs)
 
 
 def onnxruntime_decoder(spec: ModelSpec, config: Config, generation: Mapping[str, Any],

@@ -27,10 +27,7 @@ def _decoder(folder: Path, rows: int, on_gpu: bool, graphs: bool):
     generation = json.loads((folder / "generation.json").read_text())
     if not on_gpu:
         return OnnxRuntimeDecoder(folder / "model.onnx", generation, rows=rows, max_capacity=512, spin=True)
-    from appliance.engines.cuda_runtime import CudaRuntime, cudart_module
-    from appliance.engines.device_memory import CudaMemory
-
-    placement = Placement.cuda(0, CudaMemory(CudaRuntime(cudart_module()), 0), cuda_graphs=graphs)
+    placement = Placement.cuda(0, cuda_graphs=graphs)
     decoder = OnnxRuntimeDecoder(folder / "model.cuda.onnx", generation, rows=rows, max_capacity=512,
                                  placement=placement)
     decoder.warm()  # on this thread, which replays them

@@ -29,7 +29,7 @@ import onnx
 from appliance.engines.buckets import powers_of_two
 from appliance.engines.decode_buckets import NO_GRAPH, DecodeGraphs, bucket_for
 from appliance.engines.dense_weights import DenseTwin, dense_twin
-from appliance.engines.device_memory import DeviceMemory
+from appliance.engines.device_memory import CudaMemory, DeviceMemory
 from appliance.engines.kv_cache import DeviceKvCache, HostKvCache, KvShape
 from appliance.errors import ModelLoadFailed
 
@@ -63,8 +63,17 @@ class Placement:
         return replace(self, providers=[plain(p) for p in self.providers], cuda_graphs=False, buckets=False)
 
     @classmethod
-    def cuda(cls, device_id: int, memory: DeviceMemory, cuda_graphs: bool = True) -> Placement:
-        """ONNX Runtime's CUDA execution provider on ``device_id``, the cache on that GPU."""
+    def cuda(cls, device_id: int, memory: DeviceMemory | None = None, cuda_graphs: bool = True) -> Placement:
+        """ONNX Runtime's CUDA execution provider on ``device_id``, the cache on that GPU, copied by ``memory``
+        (default: the CUDA runtime through cuda-python; :class:`ModelLoadFailed` where it is not installed)."""
+        if memory is None:
+            from appliance.engines.cuda_runtime import CudaRuntime, cudart_module
+
+            cudart = cudart_module()
+            if cudart is None:
+                raise ModelLoadFailed("the decoder's device cache needs cuda-python; install the gpu extra (pip "
+                                      "install 'appliance[gpu]'), or set [engine] providers = ['cpu']")
+            memory = CudaMemory(CudaRuntime(cudart), device_id)
         options = {"device_id": str(device_id)}
         if cuda_graphs:
             options["enable_cuda_graph"] = "1"
@@ -238,7 +247,7 @@ class OnnxRuntimeDecoder:
 
     def decode_range(self, start: int, stop: int) -> tuple[int, int]:
         """Rows ``[0, bucket)`` where decode steps run in buckets, else ``[start, stop)``."""
-        if not self.buckets or self._graphs is None or not self._graphs.runs_here():
+        if self._graphs is None or not self._graphs.runs_here():
             return start, stop
         return 0, bucket_for(self._buckets, stop)
 

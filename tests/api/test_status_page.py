@@ -38,6 +38,7 @@ from appliance.engine_factory import create_engine
 from appliance.gpu_telemetry import NvmlReader
 from appliance.keys import KeyStore
 from conftest import RunningServer, free_port, make_config
+from fake_decoders import FixedCacheDecoder
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,44 +51,24 @@ WORDS = tiny_models.WORDS
 STEP_S = 0.004
 
 
-class StepDecoder:
+class StepDecoder(FixedCacheDecoder):
     """A :class:`~appliance.engines.base.Decoder` that predicts the word after the last one, ``STEP_S`` a call."""
 
+    description = "step decoder (tests)"
+
     def __init__(self, rows: int, capacity: int) -> None:
-        self.rows, self.capacity, self.max_capacity = rows, capacity, capacity
-        self.description = "step decoder (tests)"
+        super().__init__(rows, capacity)
         self.kv_dtype = np.dtype(np.float16)
 
     def kv_cache_bytes(self, capacity: int | None = None) -> int:
         """What a real cache of these rows would take (3 MiB per row at full length)."""
         return self.rows * (capacity or self.max_capacity) * 3 * 2**20 // self.max_capacity
 
-    def ensure(self, positions: int) -> None:
-        """The capacity is fixed."""
-
-    def warm(self) -> None:
-        pass
-
-    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
-        return start, stop
-
-    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> None:
-        return None
-
-    def shrink(self) -> None:
-        """The capacity is fixed."""
-
-    def copy_row(self, source: int, targets: list[int], positions: int) -> None:
-        """No cache to copy."""
-
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         time.sleep(STEP_S)
         logits = np.zeros((len(input_ids), len(WORDS)), np.float32)
         logits[np.arange(len(input_ids)), 2 + (input_ids[:, -1] - 1) % (len(WORDS) - 2)] = 1.0
         return logits
-
-    def close(self) -> None:
-        """Nothing held."""
 
 
 class FakeNvml:

@@ -24,6 +24,7 @@ from appliance.model_spec import ModelSpec, read_model_spec
 from appliance.models import EmbeddingModel, GenerativeModel, ModelVersion, TensorModel
 from appliance.repository import ModelManager
 from conftest import make_config
+from fake_decoders import FixedCacheDecoder
 
 VOCAB = ["<eos>", "hello", "world", "again"]
 
@@ -69,32 +70,15 @@ def test_the_default_kinds_are_registered_for_engines_and_decoders(tmp_path):
     np.testing.assert_array_equal(engine.run({"INPUT0": np.zeros((1, 4), np.float32)})["OUTPUT0"], np.ones((1, 4)))
 
 
-class CountingDecoder:
+class CountingDecoder(FixedCacheDecoder):
     """A :class:`Decoder` that always predicts the token after the last one it was given."""
 
+    description = "counting decoder"
+
     def __init__(self, rows: int, max_capacity: int) -> None:
-        self.rows, self.capacity, self.max_capacity = rows, max_capacity, max_capacity
-        self.description = "counting decoder"
+        super().__init__(rows, max_capacity)
         self.calls: list[tuple[int, list[list[int]]]] = []
         self.closed = False
-
-    def ensure(self, positions: int) -> None:
-        assert positions <= self.max_capacity
-
-    def warm(self) -> None:
-        pass
-
-    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
-        return start, stop
-
-    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> None:
-        return None
-
-    def shrink(self) -> None:
-        pass
-
-    def copy_row(self, source: int, targets: list[int], positions: int) -> None:
-        pass
 
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         self.calls.append((start_row, input_ids.tolist()))

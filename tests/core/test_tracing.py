@@ -34,6 +34,7 @@ from appliance.trace_export import ProcessSink
 from appliance.tracing import RequestSpans
 from appliance.types import Trace
 from conftest import RunningServer, free_port, make_config
+from fake_decoders import FixedCacheDecoder
 from waiting import wait_until
 
 ADD_ONE = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -219,32 +220,15 @@ def test_sampling_follows_the_ratio_for_new_traces_and_the_client_for_its_own(st
 WORDS = tiny_models.WORDS
 
 
-class SlowDecoder:
+class SlowDecoder(FixedCacheDecoder):
     """A :class:`~appliance.engines.base.Decoder` that always favours one word, taking ``STEP_DELAY_S`` a call and
     noting when each call ended (``time.time_ns``, the clock spans use)."""
 
+    description = "slow fake decoder"
+
     def __init__(self, rows: int, capacity: int) -> None:
-        self.rows, self.max_capacity, self.capacity = rows, capacity, capacity
-        self.description = "slow fake decoder"
+        super().__init__(rows, capacity)
         self.calls: list[int] = []
-
-    def ensure(self, positions: int) -> None:
-        """The capacity is fixed."""
-
-    def warm(self) -> None:
-        pass
-
-    def decode_range(self, start: int, stop: int) -> tuple[int, int]:
-        return start, stop
-
-    def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> None:
-        return None
-
-    def shrink(self) -> None:
-        """The capacity is fixed."""
-
-    def copy_row(self, source: int, targets: list[int], positions: int) -> None:
-        """No cache to copy."""
 
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         time.sleep(STEP_DELAY_S)
@@ -252,9 +236,6 @@ class SlowDecoder:
         logits[:, 5] = 10.0
         self.calls.append(time.time_ns())
         return logits
-
-    def close(self) -> None:
-        """Nothing held."""
 
 
 @pytest.fixture(scope="module")

@@ -44,10 +44,7 @@ def generation(folder: Path) -> dict:
 
 def gpu_decoder(folder: Path, rows: int, graphs: bool, capacity: int = 512) -> OnnxRuntimeDecoder:
     """The decoder the factory makes on a GPU, warmed on the calling thread (graphs replay on their own thread)."""
-    from appliance.engines.cuda_runtime import CudaRuntime, cudart_module
-    from appliance.engines.device_memory import CudaMemory
-
-    placement = Placement.cuda(0, CudaMemory(CudaRuntime(cudart_module()), 0), cuda_graphs=graphs)
+    placement = Placement.cuda(0, cuda_graphs=graphs)
     decoder = OnnxRuntimeDecoder(folder / "model.cuda.onnx", generation(folder), rows=rows, max_capacity=capacity,
                                  placement=placement)
     decoder.warm()
