@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import requests
@@ -444,7 +445,7 @@ def packed_requests(count: int) -> tuple[list[bytes], set[bytes]]:
     trace_ids = set()
     for index in range(count):
         trace_id = random.getrandbits(128) | 1
-        spans = RequestSpans(ended.append, trace_id, random.getrandbits(64) | 1, None, "",
+        spans = RequestSpans(ended.append, msgpack.packb, trace_id, random.getrandbits(64) | 1, None, "",
                              ("POST", "/v2/models/{model}/infer", "/v2/models/m/infer", f"r{index}"))
         with spans.step("route"):
             pass
@@ -453,6 +454,28 @@ def packed_requests(count: int) -> tuple[list[bytes], set[bytes]]:
         spans.end(200, Trace(model="m", version="1", place="local"), ANONYMOUS)
         trace_ids.add(trace_id.to_bytes(16, "big"))
     return ended, trace_ids
+
+
+def test_a_request_records_each_step_once_whether_they_overlap_or_are_ended_twice():
+    ended: list[bytes] = []
+    spans = RequestSpans(ended.append, msgpack.packb, 7, 9, None, "", ("POST", "/x", "/x", "r"))
+    with spans.step("route"):
+        pass
+    execute = spans.step("execute", {"appliance.place": "local"})
+    with spans.step("cache"):  # opened while execute is: its own record
+        pass
+    execute.end()
+    with spans.step("account"):  # after an end(): a holder that ends execute again must not end this one
+        execute.end(ValueError("late"))
+    execute.end(ValueError("later"))
+    with pytest.raises(KeyError), spans.step("admit"):
+        raise KeyError("x")
+    spans.end(200, Trace(), ANONYMOUS)
+    steps = msgpack.unpackb(ended[0])[7]
+    assert [(name, error) for name, _, _, _, error in steps] == [
+        ("route", None), ("cache", None), ("execute", None), ("account", None), ("admit", "KeyError")]
+    assert all(0 < start <= end for _, start, end, _, _ in steps)
+    assert steps[2][3] == {"appliance.place": "local"} and steps[0][3] is None
 
 
 def server_spans(sink: OtlpSink) -> list[object]:
