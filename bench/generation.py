@@ -3,8 +3,13 @@
 For an 85-token chat prompt (a different one each time, so that no prompt cache helps) and 128 new tokens (streamed, greedy, end-of-text ignored so every run is the same
 length), for both smollm2-135m tiers: TTFT and decode tok/s of one stream, and aggregate tok/s with 4, 8 and 16
 concurrent streams. The models are built with the pipeline from the pinned wheel (cached in
-~/.cache/appliance-bench). A llama.cpp server peer (`pip install 'llama-cpp-python[server]'`, a long source build)
-is measured in the same run when it is importable. Prints a table, writes bench/results/generation-*.json.
+~/.cache/appliance-bench). A llama.cpp server is measured in the same run when there is one: llama.cpp's own
+``llama-server`` binary at ~/.cache/appliance-bench/llamacpp/llama-server (``cmake -B build -DGGML_NATIVE=ON
+-DLLAMA_CURL=OFF && cmake --build build --target llama-server`` in a llama.cpp checkout, then copy
+build/bin/llama-server there), else llama-cpp-python's server from its venv there (``pip install
+'llama-cpp-python[server]==0.3.16'``; 0.3.36's server stalls after its first streamed answer, and on a CPU with AMX
+its decode runs about ten times slower than llama.cpp's own, because it evaluates off the main thread). Prints a
+table, writes bench/results/generation-*.json.
 ``--tracing on`` serves with ``[tracing]`` enabled (rows "appliance+traced"; spans over OTLP/HTTP to a discarding
 collector, bench/otlp_sink.py); ``both`` measures with and without and prints the ratios.
 
@@ -35,6 +40,7 @@ from otlp_sink import otlp_sink  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
 PEER_PYTHON = CACHE / "llamacpp" / "bin" / "python"  # a venv with llama-cpp-python[server]
+PEER_BINARY = CACHE / "llamacpp" / "llama-server"  # llama.cpp's own server, preferred when it is there
 PEER_MODEL = "llama.cpp"
 NEW_TOKENS = 128
 SYSTEM = "You are a helpful assistant who answers in detail. Request number {n}."
@@ -78,10 +84,13 @@ async def one_stream(session: aiohttp.ClientSession, url: str, model: str) -> di
             "decode_tok_s": (tokens - 1) / (total - first)}
 
 
-async def measure(url: str, model: str, repeats: int = 3) -> list[dict]:
-    """One stream five times, then each concurrency ``repeats`` times; medians, since this VM is noisy."""
+async def measure(url: str, model: str, repeats: int = 3, *, keep_alive: bool = True) -> list[dict]:
+    """One stream five times, then each concurrency ``repeats`` times; medians, since this VM is noisy.
+    ``keep_alive`` False: a new connection per request (llama-server closes a connection after a streamed answer,
+    and a reused one then fails)."""
     rows = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    connector = aiohttp.TCPConnector(force_close=not keep_alive)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=connector) as session:
         await one_stream(session, url, model)  # warm up
         singles = [await one_stream(session, url, model) for _ in range(5)]
         rows.append({"model": model, "streams": 1, "ttft_s": median(r["ttft_s"] for r in singles),
@@ -108,28 +117,44 @@ async def measure(url: str, model: str, repeats: int = 3) -> list[dict]:
 
 
 def peer_available() -> bool:
-    """Whether the llama.cpp server can be started from its venv."""
+    """Whether a llama.cpp server can be started: its own binary, or llama-cpp-python's from its venv."""
+    if PEER_BINARY.exists():
+        return True
     if not PEER_PYTHON.exists():
         return False
     return subprocess.run([str(PEER_PYTHON), "-c", "import llama_cpp.server"], capture_output=True).returncode == 0
 
 
+def peer_command(gguf: Path, port: int) -> tuple[str, str, list[str]]:
+    """The peer's name in the table, the path that answers 200 once it is ready, and its command line:
+    ``llama-server`` with a slot of 2,048 positions for each of 16 streams (continuous batching, as the appliance),
+    else llama-cpp-python's one-request server."""
+    threads = str(os.cpu_count())
+    if PEER_BINARY.exists():
+        return "llama-server", "/health", [str(PEER_BINARY), "--model", str(gguf), "--alias", PEER_MODEL, "--host", "127.0.0.1",
+                                "--port", str(port), "--ctx-size", str(2048 * 16), "--parallel", "16",
+                                "--threads", threads, "--threads-batch", threads]
+    return "llama.cpp", "/v1/models", [str(PEER_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
+                         PEER_MODEL, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads",
+                         threads]
+
+
 def measure_peer(gguf: Path, root: Path) -> list[dict]:
     """llama.cpp's OpenAI-compatible server on the same GGUF, same prompt and lengths."""
     port = free_port()
-    command = [str(PEER_PYTHON), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", PEER_MODEL,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(os.cpu_count())]
+    server_name, ready_path, command = peer_command(gguf, port)
     with open(root / "llama.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
             try:
-                if requests.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                if requests.get(f"{url}{ready_path}", timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
                 time.sleep(0.2)
-        rows = [{"server": "llama.cpp", **row} for row in asyncio.run(measure(url, PEER_MODEL))]
+        rows = [{"server": server_name, **row}
+                for row in asyncio.run(measure(url, PEER_MODEL, keep_alive=server_name != "llama-server"))]
         for row in rows:
             print(f"  {row}", flush=True)
         return rows
@@ -170,9 +195,8 @@ def main() -> int:
         elif peer_available():
             rows += measure_peer(gguf, root)
         else:
-            print(f"peer: no llama-cpp-python[server] venv at {PEER_PYTHON.parent.parent}; create it with "
-                  f"`python3 -m venv {PEER_PYTHON.parent.parent} && {PEER_PYTHON.parent}/pip install "
-                  "'llama-cpp-python[server]'` (a source build of about 10 minutes) to measure llama.cpp too")
+            print(f"peer: neither {PEER_BINARY} nor a llama-cpp-python[server] venv at {PEER_PYTHON.parent.parent};"
+                  " see this script's docstring to measure llama.cpp too")
     report.print_table(
         f"Generation over HTTP (chat prompt, {NEW_TOKENS} new tokens, streamed, greedy)",
         ["server", "model", "streams", "prompt tok", "TTFT ms", "decode tok/s (median stream)", "aggregate tok/s",
@@ -180,7 +204,7 @@ def main() -> int:
         [[r["server"], r["model"], r["streams"], r["prompt_tokens"], r["ttft_s"] * 1e3, r["decode_tok_s"],
           r["aggregate_tok_s"], r.get("failed", 0)] for r in rows],
     )
-    peer = next((r for r in rows if r["server"] == "llama.cpp" and r["streams"] == 1), None)
+    peer = next((r for r in rows if r["server"] in ("llama-server", "llama.cpp") and r["streams"] == 1), None)
     ours = "appliance" if args.tracing != "on" else "appliance+traced"
     for model in args.models:
         single = next(r for r in rows if r["server"] == ours and r["model"] == model and r["streams"] == 1)
