@@ -52,6 +52,7 @@ class DecoderOptions:
     min_cuda_agreement: float = 0.85  # its agreement with the exact tier (measured on the CPU execution provider)
     tensorrt: bool = True
     logits: str = "last"  # the scheduler only samples the last position: skip the LM head elsewhere
+    ragged_prefill: bool = True  # the query_seqlens input: several prompts' chunks of different lengths in one call
 
 
 def entry_name(name: str, variant: str) -> str:
@@ -68,7 +69,8 @@ def build_decoder_tiers(gguf_path: Path, repo: Path, name: str, options: Decoder
     exact_folder: Path | None = None
     for variant in sorted(options.variants, key=lambda v: v != "exact"):
         tier_options = {"variant": variant, "max_seq_len": options.max_seq_len, "tensorrt": options.tensorrt,
-                        "logits": options.logits, "dense_batches": variant == "exact",
+                        "logits": options.logits, "ragged_prefill": options.ragged_prefill,
+                        "dense_batches": variant == "exact",
                         "min_fast_agreement": options.min_fast_agreement if variant != "exact" else None}
         if variant == "exact" and options.cuda_graph:
             tier_options["cuda_graph"] = {"min_agreement": options.min_cuda_agreement,
@@ -95,7 +97,8 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
     with new_version(repo, target) as scratch:
         with stage(stages, f"{target}: import GGUF ({variant})", progress, scratch / "model.onnx"):
             build = import_gguf(gguf_path, scratch, variant, options.max_seq_len or None,
-                                progress=lambda line: progress(f"{target}: {line}"), logits=options.logits)
+                                progress=lambda line: progress(f"{target}: {line}"), logits=options.logits,
+                                with_query_seqlens=options.ragged_prefill)
         parity: dict = {}
         if variant != "exact":
             if exact_folder is None:

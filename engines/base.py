@@ -104,6 +104,14 @@ class Decoder(Protocol):
         ``None`` where it does not (nothing ran: call :meth:`run`)."""
         ...
 
+    def prefill_rows(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray,
+                     query_seqlens: np.ndarray) -> np.ndarray | None:
+        """Prompt chunks of several rows in one call: row ``r`` appends its first ``query_seqlens[r]`` ids of
+        ``input_ids`` (right-padded to the widest chunk; 0 leaves the row as it is) and ``seqlens_k[r]`` is its
+        length after the call minus 1. Returns the logits of each row's last appended token ``[rows, vocab]``
+        (rows with no chunk: anything), or ``None`` where the decoder has no such call (nothing ran)."""
+        ...
+
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """One step over rows ``start_row .. start_row + len(input_ids)``.
 

@@ -42,6 +42,7 @@ class _Bucket:
     logits: Any  # OrtValue [rows, 1, vocab] float32 on the device
     next_token: Any  # OrtValue [rows, 1, 1] int64 on the device, where the graph has that output
     run_options: Any
+    query_seqlens: Any = None  # OrtValue [rows] int32 of ones, where the graph takes query_seqlens (kept alive here)
 
 
 @dataclass
@@ -64,6 +65,8 @@ class DecodeGraphs:
     def __post_init__(self) -> None:
         self._generation = self.kv.generation
         self._owner: int | None = None  # the thread that captured the graphs
+        # A graph built for ragged prefill takes each row's new-token count: always one in a decode step.
+        self._takes_query_seqlens = any(i.name == "query_seqlens" for i in self.session.get_inputs())
 
     def runs_here(self) -> bool:
         """Whether a decode step on the calling thread runs a bucket: with graphs only on the thread that captured
@@ -86,6 +89,10 @@ class DecodeGraphs:
             # A CPU input of GroupQueryAttention, so its value is part of the capture: the cache's full length
             # (an upper bound of every row's length, which is all the kernel needs of it).
             binding.bind_cpu_input("total_sequence_length", np.array(self.kv.capacity, np.int32))
+            ones = None
+            if self._takes_query_seqlens:
+                ones = ort.OrtValue.ortvalue_from_numpy(np.ones(rows, np.int32), *where)
+                binding.bind_ortvalue_input("query_seqlens", ones)
             self.kv.bind(binding, 0, rows)
             binding.bind_ortvalue_output("logits", logits)
             tokens = None
@@ -95,7 +102,7 @@ class DecodeGraphs:
             options = ort.RunOptions()
             if self.cuda_graphs:
                 options.add_run_config_entry("gpu_graph_id", str(rows))
-            self._bound[rows] = _Bucket(rows, binding, ids, lengths, logits, tokens, options)
+            self._bound[rows] = _Bucket(rows, binding, ids, lengths, logits, tokens, options, ones)
         return self._bound[rows]
 
     def run(self, input_ids: np.ndarray, seqlens_k: np.ndarray, *, tokens: bool = False) -> np.ndarray:

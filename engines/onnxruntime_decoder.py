@@ -290,6 +290,17 @@ class OnnxRuntimeDecoder:
             return None
         return graphs.run(input_ids, seqlens_k, tokens=True)
 
+    def prefill_rows(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray,
+                     query_seqlens: np.ndarray) -> np.ndarray | None:
+        """Ragged prompt chunks of several rows in one call, for a graph built with ``query_seqlens`` (else
+        ``None``): each row's logits at its last appended token."""
+        if not self.takes_query_seqlens:
+            return None
+        logits = self.logits(start_row, input_ids, seqlens_k, query_seqlens=query_seqlens)
+        if self.all_positions:
+            return logits[np.arange(len(logits)), np.maximum(np.asarray(query_seqlens) - 1, 0)]
+        return logits[:, -1, :]
+
     def logits(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray, *,
                query_seqlens: np.ndarray | None = None, total_sequence_length: int | None = None) -> np.ndarray:
         """One call of the graph as it is built, without graphs: logits ``[rows, new tokens, vocab]``

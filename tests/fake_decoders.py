@@ -33,6 +33,10 @@ class FixedCacheDecoder:
     def greedy_tokens(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> None:
         return None
 
+    def prefill_rows(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray,
+                     query_seqlens: np.ndarray) -> None:
+        return None
+
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         raise NotImplementedError("a fake decoder gives its own logits")
 

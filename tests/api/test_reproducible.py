@@ -79,7 +79,8 @@ def test_the_fast_tier_gives_the_same_tokens_beside_others_and_is_cached(cached_
 
 def test_fast_tier_logits_are_bitwise_the_same_in_any_call(smollm2_repo):
     """Why the fast tier is marked deterministic: each row's logits, bitwise, alone and inside calls of 2 to 8
-    rows of other lengths, and a prompt prefilled whole or in chunks. The exact tier's differ (the contrast)."""
+    rows of other lengths, a prompt prefilled whole or in chunks, and prompts prefilled alone or several in one
+    ragged call. The exact tier's differ (the contrast)."""
     import json
 
     from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
@@ -93,10 +94,16 @@ def test_fast_tier_logits_are_bitwise_the_same_in_any_call(smollm2_repo):
         folder = smollm2_repo / name / "1"
         decoder = OnnxRuntimeDecoder(folder / "model.onnx", json.loads((folder / "generation.json").read_text()),
                                      rows=8, max_capacity=256, threads=2, dense_batches=name == "smollm2-135m")
-        for row, prompt in enumerate(prompts):
-            decoder.run(row, prompt[None], np.array([len(prompt) - 1], np.int32))
+        assert decoder.takes_query_seqlens
+        padded = np.zeros((4, int(lengths[:4].max())), np.int64)
+        for row, prompt in enumerate(prompts[:4]):
+            padded[row, :len(prompt)] = prompt
+        together = decoder.prefill_rows(0, padded, lengths[:4] - 1, lengths[:4]).copy()
+        firsts = [decoder.run(row, prompt[None], np.array([len(prompt) - 1], np.int32))[0].copy()
+                  for row, prompt in enumerate(prompts)]
         alone = [decoder.run(row, step[row:row + 1], lengths[row:row + 1])[0].copy() for row in range(8)]
         checks = [np.array_equal(decoder.run(0, step[:m], lengths[:m])[r], alone[r]) for m in (2, 5, 8) for r in range(m)]
+        checks += [np.array_equal(together[r], firsts[r]) for r in range(4)]
         whole = decoder.run(0, prompts[7][None], np.array([lengths[7] - 1], np.int32))[0].copy()
         for cut in (1, 64):
             decoder.run(1, prompts[7][None, :cut], np.array([cut - 1], np.int32))

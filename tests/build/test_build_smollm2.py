@@ -122,8 +122,9 @@ def test_build_outputs_and_metadata(builds):
     model = onnx.load(str(build.model_path), load_external_data=False)
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    assert inputs[:3] == ["input_ids", "seqlens_k", "total_sequence_length"]
-    assert inputs[3:5] == ["past_key_values.0.key", "past_key_values.0.value"] and len(inputs) == 3 + 60
+    # query_seqlens: the scheduler prefills several new prompts in one ragged call
+    assert inputs[:4] == ["input_ids", "seqlens_k", "total_sequence_length", "query_seqlens"]
+    assert inputs[4:6] == ["past_key_values.0.key", "past_key_values.0.value"] and len(inputs) == 4 + 60
     assert outputs[:3] == ["logits", "present.0.key", "present.0.value"] and len(outputs) == 1 + 60
     assert {o.domain or "ai.onnx": o.version for o in model.opset_import} == {"ai.onnx": 17, "com.microsoft": 1}
     kinds = {n.op_type for n in model.graph.node}

@@ -28,6 +28,7 @@ class Call:
     input_ids: list[list[int]]
     seqlens_k: list[int]
     greedy: bool = field(default=False, compare=False)  # made by greedy_tokens (only the ids went back)
+    query_seqlens: list[int] | None = None  # made by prefill_rows: each row's chunk length
 
 
 class FakeDecoder:
@@ -52,6 +53,7 @@ class FakeDecoder:
         self.warmed_on: str | None = None  # the thread that called warm()
         self.computes_greedy = False  # greedy_tokens answers (like a GPU decoder) instead of None
         self.greedy_calls = 0
+        self.ragged = False  # prefill_rows answers (like a graph built with query_seqlens) instead of None
 
     def logits_after(self, tokens: list[int]) -> np.ndarray:
         """The logits for a row holding ``tokens``."""
@@ -85,18 +87,35 @@ class FakeDecoder:
             self.cache[target][:positions] = self.cache[source][:positions]
 
     def run(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
+        self._hold()
+        self.calls.append(Call(start_row, input_ids.tolist(), seqlens_k.tolist()))
+        return self._write(start_row, input_ids, seqlens_k, [input_ids.shape[1]] * len(input_ids))
+
+    def prefill_rows(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray,
+                     query_seqlens: np.ndarray) -> np.ndarray | None:
+        if not self.ragged:
+            return None
+        self._hold()
+        self.calls.append(Call(start_row, input_ids.tolist(), seqlens_k.tolist(),
+                               query_seqlens=query_seqlens.tolist()))
+        return self._write(start_row, input_ids, seqlens_k, query_seqlens.tolist())
+
+    def _hold(self) -> None:
         if self._hold_at is not None and len(self.calls) >= self._hold_at:
             self.paused.set()
             self._resume.wait(10)
             self.paused.clear()
-        self.calls.append(Call(start_row, input_ids.tolist(), seqlens_k.tolist()))
-        width = input_ids.shape[1]
-        out = np.empty((len(input_ids), VOCAB))
-        for offset, (ids, last) in enumerate(zip(input_ids.tolist(), seqlens_k.tolist())):
+
+    def _write(self, start_row: int, input_ids: np.ndarray, seqlens_k: np.ndarray, counts: list[int]) -> np.ndarray:
+        """The first ``counts[r]`` ids of each row into its cache, ending at ``seqlens_k[r]``; the logits after."""
+        out = np.zeros((len(input_ids), VOCAB))
+        for offset, (ids, last, count) in enumerate(zip(input_ids.tolist(), seqlens_k.tolist(), counts)):
+            if not count:
+                continue
             row, end = self.cache[start_row + offset], last + 1
             if end > self.capacity:
                 raise AssertionError(f"position {end - 1} written with capacity {self.capacity}")
-            row[end - width:end] = ids
+            row[end - count:end] = ids[:count]
             out[offset] = self.logits_after(row[:end])
         return out
 
@@ -233,6 +252,44 @@ async def test_long_prompts_are_prefilled_in_chunks_under_the_step_budget(runnin
         Call(1, [long[6:10]], [9]), Call(0, [[a3], [b1]], [4, 10]),
     ]
     assert all(sum(len(ids) for ids in call.input_ids) <= 4 for call in decoder.calls)
+
+
+async def test_new_prompts_of_adjacent_rows_are_prefilled_together_within_the_budget(running):
+    decoder = FakeDecoder(rows=4, max_capacity=64)
+    decoder.ragged = True
+    decoder.pause()
+    generator = running(decoder, prefill_chunk=16)
+    hold = generator.submit([9], params(1))
+    await decoder.wait_paused()
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3], list(range(20, 32))]
+    sequences = [generator.submit(prompt, params(4)) for prompt in prompts]
+    decoder.resume()
+    await collect(hold)
+    results = [tokens_of(await collect(sequence)) for sequence in sequences]
+    assert results == [greedy_reference(decoder, prompt, 4) for prompt in prompts]
+    assert [sequence.slot for sequence in sequences] == [0, 1, 2, 3]
+    # Rows 0-2 fit the budget together, right-padded to the longest (3 x 5 <= 16); row 3 would not (4 x 12 > 16):
+    # it takes the one token the padded call left of the budget on its own, and the rest first at the next step.
+    assert decoder.calls[1:3] == [
+        Call(0, [[3, 1, 4, 0, 0], [1, 5, 9, 2, 6], [5, 3, 0, 0, 0]], [2, 4, 1], query_seqlens=[3, 5, 2]),
+        Call(3, [prompts[3][:1]], [0]),
+    ]
+    assert decoder.calls[4] == Call(3, [prompts[3][1:]], [11])  # after the decode step of rows 0-2
+    assert all(len(c.input_ids) * len(c.input_ids[0]) <= 16 for c in decoder.calls)
+
+
+async def test_a_decoder_without_ragged_calls_prefills_each_row_alone(running):
+    decoder = FakeDecoder(rows=3, max_capacity=64)
+    decoder.pause()
+    generator = running(decoder, prefill_chunk=16)
+    hold = generator.submit([9], params(1))
+    await decoder.wait_paused()
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    sequences = [generator.submit(prompt, params(3)) for prompt in prompts]
+    decoder.resume()
+    await collect(hold)
+    assert [tokens_of(await collect(s)) for s in sequences] == [greedy_reference(decoder, p, 3) for p in prompts]
+    assert decoder.calls[1:3] == [Call(0, [prompts[0]], [2]), Call(1, [prompts[1]], [4])]
 
 
 async def test_a_cancelled_sequence_frees_its_row_at_the_next_step(running):
