@@ -367,7 +367,7 @@ class GenerationScheduler:
         end = sequence.prefilled + len(chunk)
         self._decoder.ensure(end)
         logits = self._decoder.run(slot, np.array([chunk], np.int64), np.array([end - 1], np.int32))
-        self._prefilled_to(slot, sequence, end, logits[0])
+        self._prefilled_to(sequence, end, logits[0])
         return len(chunk)
 
     def _prefill_together(self, new: list[Sequence], budget: int) -> int:
@@ -395,21 +395,21 @@ class GenerationScheduler:
         if logits is None:
             return 0
         for row, sequence in enumerate(batch):
-            self._prefilled_to(sequence.slot, sequence, len(sequence.prompt), logits[row])
+            self._prefilled_to(sequence, len(sequence.prompt), logits[row])
         return len(batch) * width
 
-    def _prefilled_to(self, slot: int, sequence: Sequence, end: int, logits: np.ndarray) -> None:
+    def _prefilled_to(self, sequence: Sequence, end: int, logits: np.ndarray) -> None:
         """``sequence``'s prompt is in its row up to ``end``; at the prompt's end its group's other samples get a
         copy of the row, each sample its first token from ``logits`` (sent at once, before the step's other calls)."""
         sequence.prefilled = sequence.length = end
         if end == len(sequence.prompt):
             followers = [f for f in sequence.followers if self._slots[f.slot] is f]
             if followers:
-                self._decoder.copy_row(slot, [f.slot for f in followers], end)
+                self._decoder.copy_row(sequence.slot, [f.slot for f in followers], end)
             for follower in followers:
                 follower.prefilled = follower.length = end
                 self._sample(follower.slot, follower, logits.copy())  # sampling may edit its row in place
-            self._sample(slot, sequence, logits)
+            self._sample(sequence.slot, sequence, logits)
             self._deliver()
 
     def _decode(self, rows: list[int], start: int, stop: int) -> None:

@@ -167,6 +167,19 @@ def params(max_tokens: int, **options) -> SamplingParams:
     return SamplingParams(**{**GREEDY.__dict__, "max_tokens": max_tokens, **options})
 
 
+async def submitted_at_one_step(decoder: FakeDecoder, generator: GenerationScheduler,
+                                requests: list[tuple[list[int], SamplingParams]]) -> list[Sequence]:
+    """``requests`` submitted while the step thread is held inside a first one-token request (call 0), so that
+    they are all admitted at the next step; returns them once that first request has ended."""
+    decoder.pause()
+    hold = generator.submit([9], params(1))
+    await decoder.wait_paused()
+    sequences = [generator.submit(prompt, sampling) for prompt, sampling in requests]
+    decoder.resume()
+    await collect(hold)
+    return sequences
+
+
 @pytest.fixture()
 async def running():
     started: list[GenerationScheduler] = []
@@ -230,15 +243,9 @@ async def test_sequences_take_free_rows_and_wait_for_one_when_all_are_busy(runni
 
 async def test_long_prompts_are_prefilled_in_chunks_under_the_step_budget(running):
     decoder = FakeDecoder(rows=2, max_capacity=64)
-    decoder.pause()
-    generator = running(decoder, prefill_chunk=4)
-    hold = generator.submit([1], params(1))
-    await decoder.wait_paused()
     short, long = [2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
-    first = generator.submit(short, params(6))
-    second = generator.submit(long, params(3))
-    decoder.resume()
-    await collect(hold)
+    first, second = await submitted_at_one_step(decoder, running(decoder, prefill_chunk=4),
+                                                [(short, params(6)), (long, params(3))])
     first_events, second_events = await collect(first), await collect(second)
     assert tokens_of(first_events) == greedy_reference(decoder, short, 6)
     assert tokens_of(second_events) == greedy_reference(decoder, long, 3)
@@ -257,14 +264,9 @@ async def test_long_prompts_are_prefilled_in_chunks_under_the_step_budget(runnin
 async def test_new_prompts_of_adjacent_rows_are_prefilled_together_within_the_budget(running):
     decoder = FakeDecoder(rows=4, max_capacity=64)
     decoder.ragged = True
-    decoder.pause()
-    generator = running(decoder, prefill_chunk=16)
-    hold = generator.submit([9], params(1))
-    await decoder.wait_paused()
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6], [5, 3], list(range(20, 32))]
-    sequences = [generator.submit(prompt, params(4)) for prompt in prompts]
-    decoder.resume()
-    await collect(hold)
+    sequences = await submitted_at_one_step(decoder, running(decoder, prefill_chunk=16),
+                                            [(prompt, params(4)) for prompt in prompts])
     results = [tokens_of(await collect(sequence)) for sequence in sequences]
     assert results == [greedy_reference(decoder, prompt, 4) for prompt in prompts]
     assert [sequence.slot for sequence in sequences] == [0, 1, 2, 3]
@@ -280,14 +282,9 @@ async def test_new_prompts_of_adjacent_rows_are_prefilled_together_within_the_bu
 
 async def test_a_decoder_without_ragged_calls_prefills_each_row_alone(running):
     decoder = FakeDecoder(rows=3, max_capacity=64)
-    decoder.pause()
-    generator = running(decoder, prefill_chunk=16)
-    hold = generator.submit([9], params(1))
-    await decoder.wait_paused()
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
-    sequences = [generator.submit(prompt, params(3)) for prompt in prompts]
-    decoder.resume()
-    await collect(hold)
+    sequences = await submitted_at_one_step(decoder, running(decoder, prefill_chunk=16),
+                                            [(prompt, params(3)) for prompt in prompts])
     assert [tokens_of(await collect(s)) for s in sequences] == [greedy_reference(decoder, p, 3) for p in prompts]
     assert decoder.calls[1:3] == [Call(0, [prompts[0]], [2]), Call(1, [prompts[1]], [4])]
 
