@@ -174,6 +174,8 @@ class TracingConfig:
     endpoint: str = DEFAULT_TRACES_ENDPOINT  # the collector's OTLP/HTTP traces URL, path included
     service_name: Annotated[str, Meta(min_length=1, max_length=256)] = "appliance"
     sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0  # of new traces; a client's sampled flag is followed
+    # New traces each worker records per second at most, over the ratio (a burst of as many); 0: no cap
+    max_traces_per_second: Annotated[float, Meta(ge=0)] = 500.0
 
 
 @dataclass
@@ -299,11 +301,11 @@ def check_tracing(tracing: TracingConfig) -> None:
     if tracing.enabled:
         import importlib.util
 
-        missing = [name for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+        missing = [name for name in ("opentelemetry.sdk", "opentelemetry.proto")
                    if importlib.util.find_spec(name) is None]
         if missing:
             raise ConfigError(f"tracing.enabled = true needs {', '.join(missing)}: install opentelemetry-sdk and "
-                              "opentelemetry-exporter-otlp-proto-http, or set tracing.enabled = false")
+                              "opentelemetry-proto, or set tracing.enabled = false")
 
 
 def apply_table(target: Any, name: str, table: Any, origin: str) -> None:

@@ -40,7 +40,7 @@ def _worker_main(config: Config, group: WorkerGroup, log_level: str, source: Con
 
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s worker-{group.index} "
                                                         "%(name)s: %(message)s")
-    uvloop.run(run_server(config, workers=group, config_source=source))
+    uvloop.run(run_server(config, workers=group, config_source=source, freeze_heap=True))
 
 
 def _notify_socket(path: Path) -> socket.socket:

@@ -3,8 +3,9 @@ exported: in an export process per serving process (:class:`ProcessSink`, the de
 itself through an injected exporter (:class:`InProcessSink`, what tests use).
 
 The export process is ``python -m appliance.trace_export``: it reads the msgpack-packed records from a socket its
-serving process holds the other end of, makes the SDK's ``ReadableSpan`` of each request and step, and exports them
-with the OTLP/HTTP exporter (``OTEL_EXPORTER_OTLP_*`` environment as usual). It runs on idle CPU only
+serving process holds the other end of, encodes the spans of each request and step as OTLP protobuf
+(:mod:`appliance.otlp_encoding`) and POSTs them to the collector (:mod:`appliance.otlp_http`;
+``OTEL_EXPORTER_OTLP_*`` environment as usual). It runs on idle CPU only
 (``SCHED_IDLE``) and ignores SIGTERM and SIGINT (a service stop signals the whole unit): it exports what it was sent
 and exits when the serving process closes the socket, or dies with it.
 """
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from appliance.span_records import SpanRecord
 
 TRACER_NAME = "appliance"
-EXPORT_BATCH = 512  # spans per OTLP request, the SDK batch processor's default
+EXPORT_REQUESTS = 256  # requests' spans per OTLP export (about 1,800 spans, 300 kB): each POST costs the same again
 MAX_UNSENT_BYTES = 16 << 20  # records the export process has not read yet beyond this are dropped, not queued
 READ_BYTES = 1 << 20
 READY = b"R"  # what the export process says once it is set up
@@ -128,14 +129,6 @@ def request_attributes(request: Iterable[Any]) -> dict[str, Any]:
     """A request span's attributes from a record's last field (:data:`appliance.span_records.REQUEST_FIELDS`)."""
     return {name: value for name, value in zip(REQUEST_FIELDS, request, strict=True)
             if value is not None and value != "" and not (name == "appliance.cost_avoided" and not value)}
-
-
-def otlp_exporter(config: TracingConfig) -> SpanExporter:
-    """Spans to ``config.endpoint`` over OTLP/HTTP (protobuf); headers and TLS files from the ``OTEL_EXPORTER_OTLP_*``
-    environment, as every OpenTelemetry exporter reads them."""
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(endpoint=config.endpoint)
 
 
 class InProcessSink:
@@ -296,17 +289,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from appliance.config import TracingConfig
 
+    from appliance.otlp_encoding import OtlpEncoder
+    from appliance.otlp_http import OtlpHttpSender, OtlpHttpSettings
+
     settings = json.loads(args.settings)
     config = TracingConfig(enabled=True, endpoint=settings["endpoint"], service_name=settings["service_name"])
-    maker, exporter = SpanMaker(resource_of(config, settings["pid"])), otlp_exporter(config)
+    encoder = OtlpEncoder(resource_of(config, settings["pid"]), TRACER_NAME)
+    sender = OtlpHttpSender(OtlpHttpSettings.from_environment(config.endpoint))
     with socket.socket(fileno=args.fd) as connection:
         with contextlib.suppress(OSError):  # a serving process that stopped at once still gets its records sent
             connection.sendall(READY)
         for records in _batches(connection):
-            spans = maker.spans(records)
-            for first in range(0, len(spans), EXPORT_BATCH):
-                exporter.export(spans[first:first + EXPORT_BATCH])
-    exporter.shutdown()
+            for first in range(0, len(records), EXPORT_REQUESTS):
+                sender.send(encoder.encode(records[first:first + EXPORT_REQUESTS]))
+    sender.close()
 
 
 if __name__ == "__main__":

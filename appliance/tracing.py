@@ -7,11 +7,14 @@ Off by default (``[tracing] enabled``). While it is off nothing imports opentele
 When it is on, a serving process records each sampled request as one plain record
 (:data:`~appliance.span_records.SpanRecord`: ids, times, attributes and its steps') and hands the records, a few
 times a second, to a span sink (:mod:`appliance.trace_export`): by default a child export process per serving
-process, which makes the SDK's spans, encodes them (OTLP protobuf) and sends them. Encoding costs ~15 us a span,
-more than the appliance spends on a small request, so it never runs in the process whose event loop serves:
+process, which encodes their spans (OTLP protobuf) and sends them. Encoding costs ~3 us a span, seven spans for a
+small request, so it never runs in the process whose event loop serves:
 the serving process spends a few microseconds a request on tracing, and an export process that falls behind (it runs
 on idle CPU only) makes the serving process drop records, counted in ``appliance_traces_dropped_total``, rather than
-slow down. A client's W3C ``traceparent`` (and ``tracestate``) continues the client's trace.
+slow down. A client's W3C ``traceparent`` (and ``tracestate``) continues the client's trace, and its sampled flag
+decides; of the traces a worker starts, ``sample_ratio`` are sampled, at most ``max_traces_per_second``: recording
+and exporting a small request's seven spans costs about a tenth of what serving it does, and the cap bounds that
+cost under a load that would otherwise trace thousands of requests a second.
 
 What a span may carry: names, versions, places, route reasons and kinds, cache results, counts, costs, statuses,
 lanes, tenants and request ids. Never a prompt, input tensor, answer or error message (messages may quote input):
@@ -206,6 +209,7 @@ class Tracing:
         self._extract: Any = None
         self._sample_limit = self._sample_bound = 0
         self._pack = Packer().pack  # one packer, reused: every call is on the event loop
+        self._tokens, self._filled_at = config.max_traces_per_second, time.monotonic()  # the new traces' budget
 
     def _make_sink(self) -> SpanSink:
         if self._given_sink is not None:
@@ -267,11 +271,28 @@ class Tracing:
             await asyncio.sleep(SEND_INTERVAL_S)
             self.send()
 
+    def _within_budget(self) -> bool:
+        """Whether one more new trace fits ``max_traces_per_second`` (a token bucket as deep as a second's worth,
+        refilled as time passes): under a load that would trace more, the rest are sampled out, and what tracing
+        costs a worker stays bounded however many requests it serves."""
+        rate = self.config.max_traces_per_second
+        if not rate:
+            return True
+        now = time.monotonic()
+        tokens = min(rate, self._tokens + (now - self._filled_at) * rate)
+        self._filled_at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
     def begin(self, method: str, route: str, path: str, request_id: str, headers: Mapping[str, str]) -> Spans:
         """The spans of a request that has just arrived, continuing the client's trace if it sent one.
 
         Sampling is parent-based: a client's trace is recorded when its ``traceparent`` says sampled, a new one
-        when its id falls within ``sample_ratio`` (OpenTelemetry's ``TraceIdRatioBased`` rule)."""
+        when its id falls within ``sample_ratio`` (OpenTelemetry's ``TraceIdRatioBased`` rule) and it fits
+        ``max_traces_per_second``."""
         if self._sink is None:  # not started (or stopped): nothing to record into
             return NO_SPANS
         parent = None
@@ -280,7 +301,7 @@ class Tracing:
             parent = parent if parent.is_valid else None
         if parent is None:
             trace_id, parent_id, state = _random_id(128), None, ""
-            sampled = trace_id & self._sample_limit < self._sample_bound
+            sampled = trace_id & self._sample_limit < self._sample_bound and self._within_budget()
         else:
             trace_id, parent_id, sampled = parent.trace_id, parent.span_id, parent.trace_flags.sampled
             state = parent.trace_state.to_header() if parent.trace_state else ""

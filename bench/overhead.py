@@ -8,15 +8,17 @@ Measures, in one run and on the same machine:
     serving the same function, in JSON and binary.
 Load comes from wrk (one thread). Prints a table and writes bench/results/overhead-*.json.
 
-``--tracing on`` measures the appliance with ``[tracing]`` enabled (rows "+traced", or "+traced@RATIO" for each
-``--sample-ratio`` but 1), its spans sent over OTLP/HTTP to a discarding collector
+``--tracing on`` measures the appliance with ``[tracing]`` enabled (rows "+traced", "+traced@RATIO" for each
+``--sample-ratio`` but 1, "+traced/cap=N" for each ``--max-traces-per-second`` given: 0 is no cap, and without it
+the configuration's default cap applies), its spans sent over OTLP/HTTP to a discarding collector
 (bench/otlp_sink.py); ``both`` measures each configuration with and without and reports the ratios (target: tracing
 on costs under 5% of req/s at c=64), with the traces the appliance dropped (its export process fell behind:
 ``appliance_traces_dropped_total``) against those it served. ``--rounds N`` alternates the configurations N times
 and compares medians (this machine is shared and noisy); ``--formats`` limits the wire formats.
 
     python bench/overhead.py [--seconds 5] [--no-triton] [--workers 1 2] [--tracing off|on|both]
-                             [--sample-ratio 1 0.01] [--rounds 1] [--formats json binary msgpack]
+                             [--sample-ratio 1 0.01] [--max-traces-per-second 0 500] [--rounds 1]
+                             [--formats json binary msgpack]
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ def main() -> int:
                         help="the appliance with [tracing] off, on (spans to a discarding collector) or both")
     parser.add_argument("--sample-ratio", type=float, nargs="+", default=[1.0],
                         help="tracing.sample_ratio values to measure with tracing on")
+    parser.add_argument("--max-traces-per-second", type=float, nargs="+", default=[None],
+                        help="tracing.max_traces_per_second values to measure with tracing on (0: no cap; "
+                             "default: the configuration's)")
     parser.add_argument("--rounds", type=int, default=1, help="times to measure each appliance configuration, "
                         "alternating them; the summary compares medians")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=FORMATS, help="wire formats to measure")
@@ -138,30 +143,39 @@ def main() -> int:
         rows = [{"server": "in-process", "format": "session.run", "concurrency": 1, "requests": 0, **floor}]
         print(f"  in-process session.run  p50 {floor['p50_s'] * 1e6:.1f} us", flush=True)
         ratios = args.sample_ratio if args.tracing != "off" else []
-        modes = ([None] if args.tracing != "on" else []) + ratios  # None: tracing off; else the sample ratio
+        # None: tracing off; else (sample ratio, max traces a second: None for the configuration's default)
+        modes = ([None] if args.tracing != "on" else []) + [(ratio, cap) for ratio in ratios
+                                                             for cap in args.max_traces_per_second]
         runs: list[dict] = []
         with otlp_sink() as (endpoint, sink):
             for round_index in range(args.rounds):
                 for workers in args.workers:
-                    for ratio in modes:
-                        label = ("appliance" if workers == 1 else f"appliance-w{workers}") + (
-                            "" if ratio is None else "+traced" if ratio == 1 else f"+traced@{ratio:g}")
-                        settings = {} if ratio is None else {"tracing_enabled": "true", "tracing_endpoint": endpoint,
-                                                             "tracing_sample_ratio": str(ratio)}
-                        with running_appliance_process(root / "repo", root / "state", root / f"{label}.log",
+                    # Every other round in the reverse order: a machine that slows down (or speeds up) over the run
+                    # then weighs on each configuration alike instead of on whichever always comes later.
+                    for mode in (modes if round_index % 2 == 0 else modes[::-1]):
+                        label = ("appliance" if workers == 1 else f"appliance-w{workers}") + traced_label(mode)
+                        settings = {}
+                        if mode is not None:
+                            settings = {"tracing_enabled": "true", "tracing_endpoint": endpoint,
+                                        "tracing_sample_ratio": str(mode[0])}
+                            if mode[1] is not None:
+                                settings["tracing_max_traces_per_second"] = str(mode[1])
+                        with running_appliance_process(root / "repo", root / "state", root / f"{label.replace('/', '-')}.log",
                                                        server_workers=str(workers), **settings) as (url, process):
                             measured = measure(label, url, args.formats, args.seconds, process.pid)
-                            if ratio is not None:
+                            if mode is not None:
                                 runs.append({"server": label, "round": round_index,
                                              "requests": sum(r["requests"] for r in measured),
                                              "traces_dropped": traces_dropped(url)})
-                        rows += [{**row, "tracing": "off" if ratio is None else "on", "sample_ratio": ratio,
+                        rows += [{**row, "tracing": "off" if mode is None else "on",
+                                  "sample_ratio": None if mode is None else mode[0],
+                                  "max_traces_per_second": None if mode is None else mode[1],
                                   "round": round_index} for row in measured]
             if ratios:
                 print(f"  the collector took {sink.exports} exports, {sink.received_bytes / 1e6:.1f} MB", flush=True)
                 for run in runs:
-                    print(f"  {run['server']} round {run['round']}: {run['traces_dropped']:.0f} of about "
-                          f"{run['requests']} traced requests dropped", flush=True)
+                    print(f"  {run['server']} round {run['round']}: {run['traces_dropped']:.0f} traces dropped, "
+                          f"{run['requests']} requests served", flush=True)
         if not args.no_triton:
             with triton.run_triton(args.cache_dir, free_port()) as triton_url:
                 rows += measure("triton", triton_url, ["json", "binary"], args.seconds)
@@ -178,6 +192,14 @@ def main() -> int:
     path = report.write_json("overhead", {"rows": rows, "summary": summary})
     print(f"\nwrote {path}")
     return 0
+
+
+def traced_label(mode: tuple[float, float | None] | None) -> str:
+    """A row's suffix: "" (tracing off), "+traced", "+traced@RATIO", "+traced/cap=N" (N a second; 0: no cap)."""
+    if mode is None:
+        return ""
+    ratio, cap = mode
+    return "+traced" + ("" if ratio == 1 else f"@{ratio:g}") + ("" if cap is None else f"/cap={cap:g}")
 
 
 def traces_dropped(url: str) -> float:

@@ -7,11 +7,13 @@ process: what it is sent is exported or counted as dropped, and it is started ag
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.server
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +33,11 @@ import tiny_models
 from appliance.api.middleware import ANONYMOUS, TRACING
 from appliance.config import ConfigError, TracingConfig, load_config
 from appliance.keys import KeyStore
-from appliance.trace_export import ProcessSink
-from appliance.tracing import RequestSpans
-from appliance.types import Trace
+from appliance.otlp_encoding import OtlpEncoder
+from appliance.otlp_http import OtlpHttpSender, OtlpHttpSettings
+from appliance.trace_export import ProcessSink, SpanMaker, resource_of
+from appliance.tracing import RequestSpans, Tracing
+from appliance.types import Trace, Usage
 from conftest import RunningServer, free_port, make_config
 from fake_decoders import FixedCacheDecoder
 from waiting import wait_until
@@ -216,6 +220,47 @@ def test_sampling_follows_the_ratio_for_new_traces_and_the_client_for_its_own(st
     assert not [s for s in exporter.get_finished_spans() if s.context.trace_id == ids(new)[0]]
 
 
+def test_new_traces_are_capped_per_second_and_a_clients_sampled_trace_never_is(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("appliance.tracing.time.monotonic", lambda: clock[0])
+    tracing = Tracing(TracingConfig(enabled=True, max_traces_per_second=5), sink=Collected())
+    asyncio.run(tracing.start())
+
+    def recorded(count: int, headers: dict[str, str] | None = None) -> int:
+        return sum(isinstance(tracing.begin("POST", "/r", "/r", "i", headers or {}), RequestSpans)
+                   for _ in range(count))
+
+    assert recorded(20) == 5  # a second's worth at once, then sampled out
+    client = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+    assert recorded(20, client) == 20  # the client's decision holds over the cap
+    clock[0] += 0.5
+    assert recorded(20) == 2  # refilled as time passes (2.5 new traces' worth)
+    clock[0] += 60
+    assert recorded(20) == 5  # never more than a second's worth saved up
+    uncapped = Tracing(TracingConfig(enabled=True, max_traces_per_second=0), sink=Collected())
+    asyncio.run(uncapped.start())
+    assert all(isinstance(uncapped.begin("GET", "/r", "/r", "i", {}), RequestSpans) for _ in range(2000))
+
+
+class Collected:
+    """A span sink that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    def send(self, records: list[bytes]) -> None:
+        self.records += records
+
+    def flush(self, timeout_s: float) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        """Nothing to stop."""
+
+
 # -- a streamed generation, on a tiny generative model whose decoder is slow on purpose ----------------------------
 
 WORDS = tiny_models.WORDS
@@ -344,15 +389,26 @@ def test_tracing_is_off_unless_enabled_and_defaults_to_the_standard_collector():
 
 
 class OtlpSink:
-    """A stand-in OTLP/HTTP collector on loopback: keeps each export it is sent and answers 200."""
+    """A stand-in OTLP/HTTP collector on loopback: keeps each export it is sent (decompressed) and answers 200, or
+    the statuses in ``refusals`` first, one per export; ``headers`` holds each export's request headers."""
 
     def __init__(self) -> None:
         self.exports: list[tuple[str, str, bytes]] = []  # path, content type, body
+        self.headers: list[dict[str, str]] = []
+        self.refusals: list[int] = []
         sink = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                sink.headers.append({key.lower(): value for key, value in self.headers.items()})
+                if sink.refusals:
+                    self.send_response(sink.refusals.pop(0))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
                 sink.exports.append((self.path, self.headers["Content-Type"], body))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -569,3 +625,106 @@ async def wait_for_async(condition, timeout_s: float = 30.0) -> None:
 def test_a_server_counts_the_traces_it_dropped_in_its_metrics(standard_repo, server_factory, sink):
     running = server_factory(standard_repo, tracing={"enabled": True, "endpoint": sink.endpoint})
     assert "appliance_traces_dropped_total 0.0" in requests.get(running.url + "/metrics", timeout=10).text
+
+
+# -- OTLP: the export process's encoding is the SDK's; its sending honours the OTLP settings and retries ----------
+
+def varied_records() -> list[tuple]:
+    """Records of requests as unlike as the server makes them: new and continued traces (with a tracestate), a
+    failed request and step, steps with and without attributes, attribute values of every type the record holds."""
+    ended: list[bytes] = []
+    usage = Usage(0.00025, 0.0125, 3)
+    for index in range(6):
+        continued = index % 2 == 1
+        spans = RequestSpans(ended.append, msgpack.packb, random.getrandbits(128) | 1, random.getrandbits(64) | 1,
+                             random.getrandbits(64) | 1 if continued else None, "vendor=a1,other=b2" if continued else "",
+                             ("POST", "/v1/chat/completions" if index % 3 else "", f"/p/{index}", f"r{index}"))
+        with spans.step("authenticate"):
+            pass
+        with spans.step("execute", {"appliance.place": "local", "appliance.model": f"m{index % 2}"}):
+            pass
+        if index == 4:
+            try:
+                with spans.step("account"):
+                    raise KeyError("never recorded")
+            except KeyError as error:
+                spans.failed(error)
+        spans.settled(12 + index, index, 0.5 * index, 0.25 if index == 2 else 0.0)
+        spans.end(500 if index == 4 else 200, Trace(model="m", version="3", place="local", route="complexity",
+                                                   route_kind="score", cache="miss", usage=usage), ANONYMOUS)
+    return [msgpack.unpackb(record, use_list=False) for record in ended]
+
+
+def without_step_ids(encoded: bytes):
+    """An export with its INTERNAL spans' ids cleared (each encoder makes its own random ones)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest.FromString(encoded)
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                if span.kind == span.SPAN_KIND_INTERNAL:
+                    assert len(span.span_id) == 8 and span.span_id != bytes(8)
+                    span.span_id = b""
+    return request
+
+
+def test_the_export_process_encodes_the_spans_the_sdk_would():
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    records = varied_records()
+    resource = resource_of(TracingConfig(enabled=True, service_name="box"), 77)
+    reference = encode_spans(SpanMaker(resource).spans(records)).SerializeToString()
+    encoder = OtlpEncoder(resource, "appliance")
+    ours = encoder.encode(records)
+    assert without_step_ids(ours) == without_step_ids(reference)
+    spans = [span for scope in without_step_ids(ours).resource_spans[0].scope_spans for span in scope.spans]
+    assert len(spans) == 6 * 3 + 1 and {span.status.code for span in spans} == {0, 2}  # not a vacuous match
+    assert without_step_ids(encoder.encode(records)) == without_step_ids(reference)  # from its cached values too
+
+
+def test_attribute_values_that_are_equal_keep_their_own_types():
+    encoder = OtlpEncoder(resource_of(TracingConfig(enabled=True), 1), "appliance")
+    values = [encoder._attribute("k", value).value for value in (1, 1.0, True, "1")]
+    assert [value.WhichOneof("value") for value in values] == ["int_value", "double_value", "bool_value",
+                                                               "string_value"]
+
+
+def test_otlp_settings_come_from_the_environment_signal_first():
+    settings = OtlpHttpSettings.from_environment("http://c:4318/v1/traces", {
+        "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20general,x-b=2",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20traces",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "3", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "GZIP",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": "/etc/ca.pem"})
+    assert settings.headers == {"authorization": "Bearer traces"} and settings.timeout_s == 3.0
+    assert settings.compression == "gzip" and settings.certificate == "/etc/ca.pem" and settings.client_key is None
+    unusable = OtlpHttpSettings.from_environment("http://c:4318/v1/traces", {"OTEL_EXPORTER_OTLP_TIMEOUT": "soon",
+                                                                            "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"})
+    assert unusable.timeout_s == 10.0 and unusable.compression == "none"
+
+
+def test_the_sender_compresses_sends_the_headers_and_retries_what_may_pass_later(sink):
+    waits: list[float] = []
+    sender = OtlpHttpSender(OtlpHttpSettings(sink.endpoint, {"authorization": "Bearer t"}, timeout_s=30,
+                                             compression="gzip"), sleep=waits.append)
+    body = OtlpEncoder(resource_of(TracingConfig(enabled=True), 5), "appliance").encode(varied_records())
+    sink.refusals = [503, 429]
+    assert sender.send(body)
+    assert len(sink.headers) == 3 and len(waits) == 2  # waited before each retry
+    assert all(h["authorization"] == "Bearer t" and h["content-encoding"] == "gzip" for h in sink.headers)
+    assert [export[2] for export in sink.exports] == [body] and len(server_spans(sink)) == 6
+    sink.refusals = [400]  # the collector will never take it: dropped at once, the next export goes on
+    assert not sender.send(body) and len(waits) == 2
+    assert sender.send(body) and len(sink.exports) == 2
+    sender.close()
+
+
+def test_the_sender_gives_up_on_a_collector_that_is_not_there_within_its_timeout():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    waits: list[float] = []
+    sender = OtlpHttpSender(OtlpHttpSettings(f"http://127.0.0.1:{port}/v1/traces", timeout_s=5), sleep=waits.append,
+                            clock=lambda: sum(waits))  # time passes only while it waits
+    assert not sender.send(b"")
+    assert len(waits) >= 2 and sum(waits) < 5  # tried again, and stopped before the timeout

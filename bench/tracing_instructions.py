@@ -1,0 +1,141 @@
+"""What tracing costs a serving process per request, counted in instructions: the appliance under valgrind's callgrind
+(which counts instructions, not seconds, and so holds still on a shared machine), serving the tiny tensor model in
+Triton's binary format over real HTTP, with ``[tracing]`` off, on with every new trace sampled out, and on with every
+request recorded (no cap). Only the requests are counted: instrumentation is switched on after start-up and warm-up,
+and off before the server stops; the export process is a child valgrind does not follow (its CPU, per request, is in
+bench/tracing_cost.py and bench/overhead.py).
+
+From the three it derives what the default configuration costs at a given load: a request sampled out pays the
+first figure, and of ``rate`` requests a second ``max_traces_per_second`` are recorded.
+
+Throughput ratios of separate server processes move by up to 10% on a small shared VM even when the processes do
+the same work; these counts move by well under 1% from run to run. Prints a table, writes
+bench/results/tracing-instructions-*.json.
+
+    python bench/tracing_instructions.py [--requests 3000] [--rate 5500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+
+import report  # noqa: E402
+import tiny_models  # noqa: E402
+from appliance.config import TracingConfig  # noqa: E402
+from appliance_server import free_port  # noqa: E402
+from otlp_sink import otlp_sink  # noqa: E402
+from overhead import MODEL_TOML, bodies  # noqa: E402
+
+CONCURRENCY = 16
+CONFIGURATIONS = {
+    "tracing off": {},
+    "on, sampled out": {"TRACING_ENABLED": "true", "TRACING_SAMPLE_RATIO": "0"},
+    "on, every request recorded": {"TRACING_ENABLED": "true", "TRACING_MAX_TRACES_PER_SECOND": "0"},
+}
+
+
+async def post_many(url: str, count: int) -> None:
+    """``count`` binary-format infer requests, ``CONCURRENCY`` at a time, each answered 200."""
+    body, content_type, header_length = bodies()["binary"]
+    headers = {"Content-Type": content_type, "Inference-Header-Content-Length": str(header_length)}
+    left = count
+    async with aiohttp.ClientSession() as session:
+        async def client() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                async with session.post(url, data=body, headers=headers) as response:
+                    assert response.status == 200, await response.text()
+                    await response.read()
+
+        await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
+
+
+def instructions_per_request(root: Path, name: str, settings: dict[str, str], requests_counted: int) -> float:
+    """Serve under callgrind with ``settings``; the instructions it spent on ``requests_counted`` requests, each."""
+    port, out = free_port(), root / f"callgrind-{len(os.listdir(root))}.out"
+    env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(root / "repo"),
+           "APPLIANCE_PATHS_STATE_DIR": str(root / "state"), "APPLIANCE_SERVER_PORT": str(port),
+           "APPLIANCE_CACHE_ENABLED": "false", "APPLIANCE_SERVER_WORKERS": "1",
+           **{f"APPLIANCE_{key}": value for key, value in settings.items()}}
+    with open(root / "server.log", "a") as log:
+        process = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                    f"--callgrind-out-file={out}", sys.executable, "-m", "appliance.cli", "serve"],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{name}: the appliance did not start under valgrind; see {root / 'server.log'}")
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        infer = f"{url}/v2/models/add_one/infer"
+        asyncio.run(post_many(infer, 300))  # warm-up, not counted
+        subprocess.run(["callgrind_control", "--instr=on", str(process.pid)], check=True, capture_output=True)
+        asyncio.run(post_many(infer, requests_counted))
+        time.sleep(1.2)  # the records' hand-over to the export process, twice a second, is counted too
+        subprocess.run(["callgrind_control", "--instr=off", str(process.pid)], check=True, capture_output=True)
+    finally:
+        process.terminate()
+        process.wait(300)
+    totals = re.findall(r"^totals: (\d+)$", out.read_text(errors="replace"), re.M)
+    if not totals:
+        raise SystemExit(f"{name}: callgrind wrote no totals to {out}")
+    return int(totals[-1]) / requests_counted
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=3000, help="requests counted per configuration")
+    parser.add_argument("--rate", type=float, default=5500.0,
+                        help="the load (requests a second, one worker) at which to derive the default's cost")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("valgrind is not installed: `apt-get install -y valgrind` and run the benchmark again")
+    counts: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder, otlp_sink() as (endpoint, _):
+        root = Path(folder)
+        tiny_models.write_version(root / "repo", "add_one", 1, MODEL_TOML, tiny_models.add_constant)
+        for name, settings in CONFIGURATIONS.items():
+            if settings:
+                settings = {**settings, "TRACING_ENDPOINT": endpoint}
+            counts[name] = instructions_per_request(root, name, settings, args.requests)
+            print(f"  {name}: {counts[name]:,.0f} instructions a request", flush=True)
+    off, sampled_out, recorded = counts.values()
+    cap = TracingConfig().max_traces_per_second
+    share = min(1.0, cap / args.rate)
+    default = sampled_out + share * (recorded - sampled_out)
+    rows = [{"configuration": name, "instructions": count, "over_off": count / off - 1} for name, count in counts.items()]
+    rows.append({"configuration": f"default (cap {cap:g}/s) at {args.rate:g} req/s: {share:.1%} recorded",
+                 "instructions": default, "over_off": default / off - 1})
+    report.print_table("Serving process instructions per request (tiny model, binary, callgrind)",
+                       ["configuration", "instructions", "over off"],
+                       [[r["configuration"], f"{r['instructions']:,.0f}", f"{r['over_off']:+.1%}"] for r in rows])
+    path = report.write_json("tracing-instructions", {"rows": rows, "requests": args.requests, "rate": args.rate,
+                                                      "concurrency": CONCURRENCY})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
