@@ -174,8 +174,9 @@ class TracingConfig:
     endpoint: str = DEFAULT_TRACES_ENDPOINT  # the collector's OTLP/HTTP traces URL, path included
     service_name: Annotated[str, Meta(min_length=1, max_length=256)] = "appliance"
     sample_ratio: Annotated[float, Meta(ge=0, le=1)] = 1.0  # of new traces; a client's sampled flag is followed
-    # New traces each worker records per second at most, over the ratio (a burst of as many); 0: no cap
-    max_traces_per_second: Annotated[float, Meta(ge=0)] = 500.0
+    # New traces each worker records per second at most, over the ratio (a burst of as many; recording and exporting
+    # 200 a second takes about 1% of a core); 0: no cap
+    max_traces_per_second: Annotated[float, Meta(ge=0)] = 200.0
 
 
 @dataclass

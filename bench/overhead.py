@@ -17,7 +17,7 @@ on costs under 5% of req/s at c=64), with the traces the appliance dropped (its 
 and compares medians (this machine is shared and noisy); ``--formats`` limits the wire formats.
 
     python bench/overhead.py [--seconds 5] [--no-triton] [--workers 1 2] [--tracing off|on|both]
-                             [--sample-ratio 1 0.01] [--max-traces-per-second 0 500] [--rounds 1]
+                             [--sample-ratio 1 0.01] [--max-traces-per-second 0 200] [--rounds 1]
                              [--formats json binary msgpack]
 """
 
@@ -160,7 +160,8 @@ def main() -> int:
                                         "tracing_sample_ratio": str(mode[0])}
                             if mode[1] is not None:
                                 settings["tracing_max_traces_per_second"] = str(mode[1])
-                        with running_appliance_process(root / "repo", root / "state", root / f"{label.replace('/', '-')}.log",
+                        log = root / f"{label.replace('/', '-')}.log"
+                        with running_appliance_process(root / "repo", root / "state", log,
                                                        server_workers=str(workers), **settings) as (url, process):
                             measured = measure(label, url, args.formats, args.seconds, process.pid)
                             if mode is not None:

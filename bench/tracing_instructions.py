@@ -125,7 +125,8 @@ def main() -> int:
     cap = TracingConfig().max_traces_per_second
     share = min(1.0, cap / args.rate)
     default = sampled_out + share * (recorded - sampled_out)
-    rows = [{"configuration": name, "instructions": count, "over_off": count / off - 1} for name, count in counts.items()]
+    rows = [{"configuration": name, "instructions": count, "over_off": count / off - 1}
+            for name, count in counts.items()]
     rows.append({"configuration": f"default (cap {cap:g}/s) at {args.rate:g} req/s: {share:.1%} recorded",
                  "instructions": default, "over_off": default / off - 1})
     report.print_table("Serving process instructions per request (tiny model, binary, callgrind)",

@@ -636,8 +636,9 @@ def varied_records() -> list[tuple]:
     usage = Usage(0.00025, 0.0125, 3)
     for index in range(6):
         continued = index % 2 == 1
+        parent_id = random.getrandbits(64) | 1 if continued else None
         spans = RequestSpans(ended.append, msgpack.packb, random.getrandbits(128) | 1, random.getrandbits(64) | 1,
-                             random.getrandbits(64) | 1 if continued else None, "vendor=a1,other=b2" if continued else "",
+                             parent_id, "vendor=a1,other=b2" if continued else "",
                              ("POST", "/v1/chat/completions" if index % 3 else "", f"/p/{index}", f"r{index}"))
         with spans.step("authenticate"):
             pass
