@@ -131,6 +131,26 @@ def request_attributes(request: Iterable[Any]) -> dict[str, Any]:
             if value is not None and value != "" and not (name == "appliance.cost_avoided" and not value)}
 
 
+class RecordingSink:
+    """Keeps the packed records it is sent, in ``records``, and exports nothing: for tools that measure the serving
+    side alone, and for tests."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    def send(self, records: list[bytes]) -> None:
+        self.records += records
+
+    def flush(self, timeout_s: float) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        """Nothing to stop."""
+
+
 class InProcessSink:
     """Spans made in the serving process and handed to the SDK's batch processor for ``exporter`` (its own
     thread): the seam tests inject an in-memory exporter through. Making spans here costs what the export process

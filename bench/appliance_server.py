@@ -61,10 +61,12 @@ def running_appliance(repo: Path, state: Path, log: Path, **settings: str) -> It
 
 
 @contextlib.contextmanager
-def running_appliance_process(repo: Path, state: Path, log: Path,
+def running_appliance_process(repo: Path, state: Path, log: Path, wrapper: tuple[str, ...] = (),
+                              start_timeout_s: float = 120.0,
                               **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """Serve ``repo`` on a free port until the block ends; ``settings`` are APPLIANCE_* overrides (e.g.
-    ``SERVER_WORKERS="2"``). Yields the base URL once ``/v2/health/ready`` answers 200.
+    ``SERVER_WORKERS="2"``). Yields the base URL once ``/v2/health/ready`` answers 200 (within
+    ``start_timeout_s``). ``wrapper`` runs the server under another program (valgrind, say).
 
     The response cache is off unless ``settings`` turn it on: benchmarks repeat one request, and a hit would
     measure the cache instead of the model."""
@@ -73,22 +75,23 @@ def running_appliance_process(repo: Path, state: Path, log: Path,
     env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(repo), "APPLIANCE_PATHS_STATE_DIR": str(state),
            "APPLIANCE_SERVER_PORT": str(port), **{f"APPLIANCE_{k.upper()}": v for k, v in settings.items()}}
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
+        process = subprocess.Popen([*wrapper, sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(1200):
+        deadline = time.monotonic() + start_timeout_s
+        while True:
             if process.poll() is not None:
                 raise SystemExit(f"the appliance exited while starting; see {log}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the appliance did not become ready; see {log}")
             try:
-                if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             time.sleep(0.1)
-        else:
-            raise SystemExit(f"the appliance did not become ready; see {log}")
         yield url, process
     finally:
         process.terminate()
-        process.wait(60)
+        process.wait(max(60.0, start_timeout_s))

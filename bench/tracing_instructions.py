@@ -29,15 +29,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import requests
-
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 import report  # noqa: E402
 import tiny_models  # noqa: E402
 from appliance.config import TracingConfig  # noqa: E402
-from appliance_server import free_port  # noqa: E402
+from appliance_server import running_appliance_process  # noqa: E402
 from otlp_sink import otlp_sink  # noqa: E402
 from overhead import MODEL_TOML, bodies  # noqa: E402
 
@@ -68,36 +66,17 @@ async def post_many(url: str, count: int) -> None:
 
 def instructions_per_request(root: Path, name: str, settings: dict[str, str], requests_counted: int) -> float:
     """Serve under callgrind with ``settings``; the instructions it spent on ``requests_counted`` requests, each."""
-    port, out = free_port(), root / f"callgrind-{len(os.listdir(root))}.out"
-    env = {**os.environ, "APPLIANCE_PATHS_MODEL_REPOSITORY": str(root / "repo"),
-           "APPLIANCE_PATHS_STATE_DIR": str(root / "state"), "APPLIANCE_SERVER_PORT": str(port),
-           "APPLIANCE_CACHE_ENABLED": "false", "APPLIANCE_SERVER_WORKERS": "1",
-           **{f"APPLIANCE_{key}": value for key, value in settings.items()}}
-    with open(root / "server.log", "a") as log:
-        process = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                                    f"--callgrind-out-file={out}", sys.executable, "-m", "appliance.cli", "serve"],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{name}: the appliance did not start under valgrind; see {root / 'server.log'}")
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+    out = root / f"callgrind-{len(os.listdir(root))}.out"
+    wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
+    with running_appliance_process(root / "repo", root / "state", root / "server.log", wrapper=wrapper,
+                                   start_timeout_s=900, server_workers="1",
+                                   **{key.lower(): value for key, value in settings.items()}) as (url, process):
         infer = f"{url}/v2/models/add_one/infer"
         asyncio.run(post_many(infer, 300))  # warm-up, not counted
         subprocess.run(["callgrind_control", "--instr=on", str(process.pid)], check=True, capture_output=True)
         asyncio.run(post_many(infer, requests_counted))
         time.sleep(1.2)  # the records' hand-over to the export process, twice a second, is counted too
         subprocess.run(["callgrind_control", "--instr=off", str(process.pid)], check=True, capture_output=True)
-    finally:
-        process.terminate()
-        process.wait(300)
     totals = re.findall(r"^totals: (\d+)$", out.read_text(errors="replace"), re.M)
     if not totals:
         raise SystemExit(f"{name}: callgrind wrote no totals to {out}")

@@ -35,7 +35,7 @@ from appliance.config import ConfigError, TracingConfig, load_config
 from appliance.keys import KeyStore
 from appliance.otlp_encoding import OtlpEncoder
 from appliance.otlp_http import OtlpHttpSender, OtlpHttpSettings
-from appliance.trace_export import ProcessSink, SpanMaker, resource_of
+from appliance.trace_export import ProcessSink, RecordingSink, SpanMaker, resource_of
 from appliance.tracing import RequestSpans, Tracing
 from appliance.types import Trace, Usage
 from conftest import RunningServer, free_port, make_config
@@ -223,7 +223,7 @@ def test_sampling_follows_the_ratio_for_new_traces_and_the_client_for_its_own(st
 def test_new_traces_are_capped_per_second_and_a_clients_sampled_trace_never_is(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr("appliance.tracing.time.monotonic", lambda: clock[0])
-    tracing = Tracing(TracingConfig(enabled=True, max_traces_per_second=5), sink=Collected())
+    tracing = Tracing(TracingConfig(enabled=True, max_traces_per_second=5), sink=RecordingSink())
     asyncio.run(tracing.start())
 
     def recorded(count: int, headers: dict[str, str] | None = None) -> int:
@@ -237,28 +237,9 @@ def test_new_traces_are_capped_per_second_and_a_clients_sampled_trace_never_is(m
     assert recorded(20) == 2  # refilled as time passes (2.5 new traces' worth)
     clock[0] += 60
     assert recorded(20) == 5  # never more than a second's worth saved up
-    uncapped = Tracing(TracingConfig(enabled=True, max_traces_per_second=0), sink=Collected())
+    uncapped = Tracing(TracingConfig(enabled=True, max_traces_per_second=0), sink=RecordingSink())
     asyncio.run(uncapped.start())
     assert all(isinstance(uncapped.begin("GET", "/r", "/r", "i", {}), RequestSpans) for _ in range(2000))
-
-
-class Collected:
-    """A span sink that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-
-    async def start(self) -> None:
-        """Nothing to start."""
-
-    def send(self, records: list[bytes]) -> None:
-        self.records += records
-
-    def flush(self, timeout_s: float) -> bool:
-        return True
-
-    async def stop(self) -> None:
-        """Nothing to stop."""
 
 
 # -- a streamed generation, on a tiny generative model whose decoder is slow on purpose ----------------------------
