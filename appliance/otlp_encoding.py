@@ -12,10 +12,10 @@ key and value is made into a message once and copied after that.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from appliance.span_records import REQUEST_FIELDS
+from appliance.span_records import request_attributes
 
 if TYPE_CHECKING:
     from opentelemetry.proto.common.v1.common_pb2 import KeyValue
@@ -67,9 +67,7 @@ class OtlpEncoder:
             span.status.SetInParent()  # the SDK's encoder always sends a status, unset (code 0) or not
             if error is not None:
                 span.status.code, span.status.message = STATUS_ERROR, error
-            span.attributes.extend([attribute(name, value) for name, value in zip(REQUEST_FIELDS, fields, strict=True)
-                                    if value is not None and value != ""
-                                    and not (name == "appliance.cost_avoided" and not value)])
+            span.attributes.extend([attribute(name, value) for name, value in request_attributes(fields)])
             for step_name, step_start, step_end, step_attributes, step_error in steps:
                 step = add(trace_id=trace_id, span_id=(new_id(64) or 1).to_bytes(8, "big"), parent_span_id=own_id,
                            name=step_name, kind=internal, start_time_unix_nano=step_start,
@@ -78,15 +76,11 @@ class OtlpEncoder:
                     step.trace_state = state
                 step.status.SetInParent()
                 if step_attributes:
-                    step.attributes.extend(self._attributes(step_attributes))
+                    step.attributes.extend([attribute(key, value) for key, value in step_attributes.items()])
                 if step_error is not None:
                     step.attributes.append(attribute("error.type", step_error))
                     step.status.code, step.status.message = STATUS_ERROR, step_error
         return request.SerializeToString()
-
-    def _attributes(self, attributes: Mapping[str, Any]) -> list[KeyValue]:
-        attribute = self._attribute
-        return [attribute(key, value) for key, value in attributes.items()]
 
     def _attribute(self, key: str, value: Any) -> KeyValue:
         # The type is part of the key: 1, 1.0 and True are equal, and hash alike, but encode differently.

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 StepRecord = tuple[str, int, int, "Mapping[str, Any] | None", "str | None"]
@@ -25,3 +25,10 @@ REQUEST_FIELDS = ("http.request.method", "http.route", "url.path", "appliance.re
 """The attributes of a request's span, in the order of a record's last field; an empty string, a ``None`` or a
 zero ``cost_avoided`` is left out (a model's version, place and the tokens and cost are kept as they are)."""
 
+
+
+def request_attributes(fields: Iterable[Any]) -> list[tuple[str, Any]]:
+    """A request span's attributes, in order, from a record's last field (:data:`REQUEST_FIELDS`), less those
+    left out."""
+    return [(name, value) for name, value in zip(REQUEST_FIELDS, fields, strict=True)
+            if value is not None and value != "" and not (name == "appliance.cost_avoided" and not value)]

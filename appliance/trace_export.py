@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from appliance.span_records import REQUEST_FIELDS
+from appliance.span_records import request_attributes
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -111,7 +111,7 @@ class SpanMaker:
             status = self._unset if error is None else self._status(self._error, error)
             method, route = request[0], request[1]
             made.append(readable(f"{method} {route}" if route else method, own, parent, resource,
-                                 request_attributes(request), kind=self._server, status=status, start_time=start,
+                                 dict(request_attributes(request)), kind=self._server, status=status, start_time=start,
                                  end_time=end, instrumentation_scope=scope))
             for step_name, step_start, step_end, step_attributes, step_error in steps:
                 step_attributes = dict(step_attributes or {})
@@ -123,12 +123,6 @@ class SpanMaker:
                                      resource, step_attributes, kind=self._internal, status=step_status,
                                      start_time=step_start, end_time=step_end, instrumentation_scope=scope))
         return made
-
-
-def request_attributes(request: Iterable[Any]) -> dict[str, Any]:
-    """A request span's attributes from a record's last field (:data:`appliance.span_records.REQUEST_FIELDS`)."""
-    return {name: value for name, value in zip(REQUEST_FIELDS, request, strict=True)
-            if value is not None and value != "" and not (name == "appliance.cost_avoided" and not value)}
 
 
 class RecordingSink:

@@ -124,13 +124,15 @@ def main() -> int:
          "over_off_us": (sampled_out - off) * 1e6},
         {"side": "serving", "case": "on, recorded (7 spans; no cap)", "us": sampled * 1e6,
          "over_off_us": (sampled - off) * 1e6},
-        {"side": "export", "case": "unpack the record", "us": export["unpack"] * 1e6},
-        {"side": "export", "case": "encode its spans (OTLP protobuf)", "us": export["encode"] * 1e6},
-        {"side": "sdk way", "case": "make the SDK's spans", "us": export["sdk_make"] * 1e6},
-        {"side": "sdk way", "case": "the SDK's OTLP encoder", "us": export["sdk_encode"] * 1e6},
+        {"side": "export", "case": "unpack the record", "us": export["unpack"] * 1e6,
+         "over_off_us": export["unpack"] * 1e6},
+        {"side": "export", "case": "encode its spans (OTLP protobuf)", "us": export["encode"] * 1e6,
+         "over_off_us": export["encode"] * 1e6},
+        {"side": "sdk way", "case": "make the SDK's spans", "us": export["sdk_make"] * 1e6,
+         "over_off_us": export["sdk_make"] * 1e6},
+        {"side": "sdk way", "case": "the SDK's OTLP encoder", "us": export["sdk_encode"] * 1e6,
+         "over_off_us": export["sdk_encode"] * 1e6},
     ]
-    for row in rows[3:]:
-        row["over_off_us"] = row["us"]
     report.print_table("Tracing CPU per request (best of repeats)", ["side", "case", "us/request", "over off us"],
                        [[r["side"], r["case"], r["us"], r["over_off_us"]] for r in rows])
     print(f"a sampled request's record: {record_bytes:.0f} bytes packed")

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import report  # noqa: E402
 import tiny_models  # noqa: E402
 from appliance.config import TracingConfig  # noqa: E402
+from appliance.tracing import SEND_INTERVAL_S  # noqa: E402
 from appliance_server import running_appliance_process  # noqa: E402
 from otlp_sink import otlp_sink  # noqa: E402
 from overhead import MODEL_TOML, bodies  # noqa: E402
@@ -75,7 +76,7 @@ def instructions_per_request(root: Path, name: str, settings: dict[str, str], re
         asyncio.run(post_many(infer, 300))  # warm-up, not counted
         subprocess.run(["callgrind_control", "--instr=on", str(process.pid)], check=True, capture_output=True)
         asyncio.run(post_many(infer, requests_counted))
-        time.sleep(1.2)  # the records' hand-over to the export process, twice a second, is counted too
+        time.sleep(2 * SEND_INTERVAL_S + 0.2)  # so the counted requests' records are handed over while counting
         subprocess.run(["callgrind_control", "--instr=off", str(process.pid)], check=True, capture_output=True)
     totals = re.findall(r"^totals: (\d+)$", out.read_text(errors="replace"), re.M)
     if not totals:

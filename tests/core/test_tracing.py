@@ -365,7 +365,7 @@ def test_bad_tracing_settings_say_what_to_change(variable, value, says):
 def test_tracing_is_off_unless_enabled_and_defaults_to_the_standard_collector():
     tracing = load_config(None, {}).tracing
     assert not tracing.enabled and tracing.endpoint == "http://localhost:4318/v1/traces"
-    assert tracing.service_name == "appliance" and tracing.sample_ratio == 1.0
+    assert tracing.service_name == "appliance" and tracing.sample_ratio == 1.0 and tracing.max_traces_per_second == 200
     assert "[tracing]" in load_config(None, {}).to_toml()
 
 
