@@ -110,7 +110,7 @@ class DataPlane:
             else:
                 if decision.status != BYPASS or admitted is not None:  # it awaited: a swap may have happened
                     try:
-                        served = self._resolve(operation, request, route.model, version, via_router)
+                        served = self._resolve_again(operation, request, served, route.model, version, via_router)
                     except BaseException:
                         if admitted is not None:
                             admitted.release(None)
@@ -181,6 +181,13 @@ class DataPlane:
         trace.model, trace.version, trace.place = served.name, str(served.version), "local"
         operation.check(served, request)
         return served
+
+    def _resolve_again(self, operation: Operation[Any, Any], request: Any, checked: ModelVersion, name: str,
+                       version: int | None, via_router: bool) -> ModelVersion:
+        """After an await: the version serving now; checked for the request again only if it is another one."""
+        if self.resolve(request.caller, name, version, via_router=via_router) is checked:
+            return checked
+        return self._resolve(operation, request, name, version, via_router)
 
     async def _lookup(self, operation: Operation[Any, Any], served: ModelVersion, request: Any) -> CacheDecision:
         """Step 3: the response cache, under the caller's scope."""

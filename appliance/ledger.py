@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import date
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import lmdb
 import msgpack
@@ -61,9 +61,10 @@ _Row = tuple[str, str, str, str, str, str]  # day, tenant, key id, model, place,
 _Totals = list  # [requests, input_tokens, output_tokens, compute_s, cost, cost_avoided]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UsageRecord:
-    """What one answered request used, and who it is charged to."""
+    """What one answered request used, and who it is charged to. Checked when made; treat it as read-only (it is
+    not frozen: a frozen dataclass pays a call per field when made, and one is made for every request)."""
 
     tenant: str
     key_id: str  # "" for the local operator
@@ -77,6 +78,18 @@ class UsageRecord:
     cost_avoided: float = 0.0  # for cache hits: what running it would have cost
 
     def __post_init__(self) -> None:
+        # One quick test for the usual record (exact built-in types); anything else gets the full checks.
+        tokens_in, tokens_out = self.input_tokens, self.output_tokens
+        compute_s, cost, avoided = self.compute_s, self.cost, self.cost_avoided
+        if not (type(self.tenant) is str and type(self.key_id) is str and type(self.model) is str
+                and type(self.workflow) is str and self.place in PLACES
+                and type(tokens_in) is int and tokens_in >= 0 and type(tokens_out) is int and tokens_out >= 0
+                and type(compute_s) is float and 0.0 <= compute_s < math.inf
+                and type(cost) is float and 0.0 <= cost < math.inf
+                and type(avoided) is float and 0.0 <= avoided < math.inf):
+            self._check()
+
+    def _check(self) -> None:
         for name in ("tenant", "key_id", "model", "workflow"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"UsageRecord.{name} must be a string, got {getattr(self, name)!r}")
@@ -152,6 +165,8 @@ class CostLedger:
         labels = ("tenant", "model", "place")
         # Counter increments are batched; the batch is registered before the counters, so a collection applies it.
         self._pending_counts = pending or PendingIncrements(registry)
+        self._unreported: dict[tuple[str, str, str, str], list] = {}  # (tenant, model, place, workflow) -> counts
+        self._pending_counts.add_source(self._report)
         self._cost = Counter("appliance_cost", "Cost of answered requests", labels, registry=registry)
         self._avoided = Counter("appliance_cost_avoided", "Cost avoided by answering from the response cache",
                                 ("tenant", "model"), registry=registry)
@@ -206,28 +221,46 @@ class CostLedger:
             totals[3] += compute_s
             totals[4] += cost
             totals[5] += avoided
-        labels = (record.tenant, record.model, record.place)
-        children = self._children.get(labels)
-        if children is None:
-            children = self._children[labels] = _Children(
-                self._cost.labels(*labels), self._avoided.labels(record.tenant, record.model),
-                self._tokens.labels(*labels, "input"), self._tokens.labels(*labels, "output"),
-                self._requests.labels(*labels),
-            )
-        add = self._pending_counts.add
-        add(children.requests)
-        add(children.cost, cost)
-        add(children.avoided, avoided)
-        add(children.input_tokens, record.input_tokens)
-        add(children.output_tokens, record.output_tokens)
-        by_workflow = self._workflow_children.get(workflow)
-        if by_workflow is None:
-            by_workflow = self._workflow_children[workflow] = (
-                self._workflow_cost.labels(workflow), self._workflow_tokens.labels(workflow, "input"),
-                self._workflow_tokens.labels(workflow, "output"))
-        add(by_workflow[0], cost)
-        add(by_workflow[1], record.input_tokens)
-        add(by_workflow[2], record.output_tokens)
+        # The counters learn it at the next flush of the increments (_report): one tally here, not eight adds.
+        counted = (record.tenant, record.model, record.place, workflow)
+        counts = self._unreported.get(counted)
+        if counts is None:
+            self._unreported[counted] = [1, cost, avoided, record.input_tokens, record.output_tokens]
+        else:
+            counts[0] += 1
+            counts[1] += cost
+            counts[2] += avoided
+            counts[3] += record.input_tokens
+            counts[4] += record.output_tokens
+
+    def _report(self, add: Callable[[Any, float], None]) -> None:
+        """Hand the counters' share of the records since the last call to the pending increments (``add``)."""
+        if not self._unreported:
+            return
+        unreported, self._unreported = self._unreported, {}
+        for (tenant, model, place, workflow), (requests, cost, avoided, input_tokens, output_tokens) in \
+                unreported.items():
+            labels = (tenant, model, place)
+            children = self._children.get(labels)
+            if children is None:
+                children = self._children[labels] = _Children(
+                    self._cost.labels(*labels), self._avoided.labels(tenant, model),
+                    self._tokens.labels(*labels, "input"), self._tokens.labels(*labels, "output"),
+                    self._requests.labels(*labels),
+                )
+            add(children.requests, requests)
+            add(children.cost, cost)
+            add(children.avoided, avoided)
+            add(children.input_tokens, input_tokens)
+            add(children.output_tokens, output_tokens)
+            by_workflow = self._workflow_children.get(workflow)
+            if by_workflow is None:
+                by_workflow = self._workflow_children[workflow] = (
+                    self._workflow_cost.labels(workflow), self._workflow_tokens.labels(workflow, "input"),
+                    self._workflow_tokens.labels(workflow, "output"))
+            add(by_workflow[0], cost)
+            add(by_workflow[1], input_tokens)
+            add(by_workflow[2], output_tokens)
 
     def _workflow(self, tag: str) -> str:
         if tag in self._known or tag in _UNCOUNTED_TAGS or tag in self._candidates:

@@ -88,11 +88,11 @@ def token_ids(folder: Path, text: str) -> list[int]:
 
 
 def ceiling(folder: Path, ids: list[int], seconds: float) -> dict:
-    """The best in-process layout and batch size for one input (sessions x threads, batch 16/32/64)."""
+    """The best in-process layout and batch size for one input (sessions x threads, batch 4 to 64)."""
     best = {"sentences_per_s": 0.0}
     for layout in ("1x2", "2x1"):
         sessions = _sessions(folder, layout)
-        for batch in (16, 32, 64):
+        for batch in (4, 8, 16, 32, 64):
             rate = _rate(sessions, ids, batch, seconds / 3)
             if rate > best["sentences_per_s"]:
                 best = {"sentences_per_s": rate, "layout": layout, "batch": batch, "tokens": len(ids)}

@@ -132,7 +132,7 @@ class ResponseCacheService:
         child = self._lookup_children.get(key)
         if child is None:
             child = self._lookup_children[key] = self._metrics.cache_lookups.labels(model, label, status)
-        child.inc()  # type: ignore[attr-defined]
+        self._metrics.pending.add(child)
 
     def remember(self, decision: CacheDecision, model: str, version: int, build_hash: str, payload: bytes) -> None:
         """Store a fresh answer in the background (the response does not wait for the write)."""

@@ -125,8 +125,9 @@ async def _read_body(request: web.Request) -> bytes:
 async def infer(request: web.Request) -> web.Response:
     """POST /v2/models/{model}[/versions/{version}]/infer in JSON, binary-extension or msgpack form."""
     body = await _read_body(request)
-    use_msgpack = request.content_type in v2_codec.MSGPACK_TYPES
-    header_text = request.headers.get(v2_codec.BINARY_HEADER)
+    content_type, headers = request.content_type, request.headers
+    use_msgpack = content_type in v2_codec.MSGPACK_TYPES
+    header_text = headers.get(v2_codec.BINARY_HEADER)
     if use_msgpack:
         decode = partial(v2_codec.decode_msgpack, body)
     else:
@@ -149,9 +150,8 @@ async def infer(request: web.Request) -> web.Response:
         id=parsed.id or "",
         outputs=parsed.outputs,
         deadline=deadline,
-        cache_control=request.headers.get("Cache-Control"),
-        wire=WireBody(body, request.content_type, {name: request.headers[name] for name in RELAYED_HEADERS
-                                                    if name in request.headers}),
+        cache_control=headers.get("Cache-Control"),
+        wire=WireBody(body, content_type, {name: headers[name] for name in RELAYED_HEADERS if name in headers}),
     )
     result = await request.app[DATAPLANE].infer(infer_request)
     if result.relayed is not None:
@@ -159,7 +159,7 @@ async def infer(request: web.Request) -> web.Response:
     datatypes = result.datatypes
     outputs = {name: (datatypes[name], array) for name, array in result.outputs.items()}
     request_id = parsed.id
-    if use_msgpack or "msgpack" in request.headers.get("Accept", ""):
+    if use_msgpack or "msgpack" in headers.get("Accept", ""):
         body_out = v2_codec.encode_msgpack(result.model, result.version, request_id, outputs)
         return web.Response(body=body_out, content_type="application/msgpack")
     binary = set(outputs) if parsed.binary_default else parsed.binary_outputs

@@ -42,6 +42,8 @@ class ParsedInfer:
 def _whole(value: Any) -> int | None:
     """``value`` as an int when it is a number without a fraction (``2`` or ``2.0``, as JSON Schema counts
     integers; a float from 2**53 on may be a rounded integer literal, and is not one), else None."""
+    if type(value) is int:  # the usual case, first
+        return value
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -121,7 +123,10 @@ def _from_bytes(name: str, raw: bytes | memoryview, shape: list[int], datatype: 
         raise BadRequest(
             f"input {name!r}: shape {shape} of {datatype} needs {expected} bytes, received {len(raw)}"
         )
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.frombuffer(raw, dtype=_LITTLE_ENDIAN[dtype]).reshape(shape)
+
+
+_LITTLE_ENDIAN = {dtype: dtype.newbyteorder("<") for dtype in V2_TO_NUMPY.values()}  # the wire's byte order
 
 
 def _requested_outputs(header: dict) -> tuple[list[str] | None, set[str]]:
@@ -229,7 +234,8 @@ def _raw(array: np.ndarray, datatype: str) -> bytes:
             parts.append(struct.pack("<I", len(value)))
             parts.append(value)
         return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    little = _LITTLE_ENDIAN.get(array.dtype) or array.dtype.newbyteorder("<")
+    return np.ascontiguousarray(array, dtype=little).tobytes()
 
 
 def _json_data(array: np.ndarray, datatype: str) -> list | np.ndarray:

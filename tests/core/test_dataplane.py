@@ -15,7 +15,7 @@ from appliance.accounting import Accounting
 from appliance.admission import Admission
 from appliance.config import AdmissionConfig, RoutingConfig
 from appliance.dataplane import DataPlane
-from appliance.errors import EngineFailed, Forbidden, ModelNotReady, QueueFull, Saturated
+from appliance.errors import BadRequest, EngineFailed, Forbidden, ModelNotReady, QueueFull, Saturated
 from appliance.generation_stream import Chunk, GenerationStream, TokenCount
 from appliance.ledger import UsageRecord
 from appliance.models import TensorModel
@@ -251,3 +251,55 @@ async def test_a_failing_stream_settles_before_the_error_reaches_the_reader():
         await anext(stream)
     assert settled == [stream]
     await asyncio.sleep(0)
+
+
+class CountingModel(FakeTensorModel):
+    """Counts the checks of its inputs; refuses them when told to (a version whose inputs changed)."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        super().__init__()
+        self.checked, self.refuse = 0, refuse
+
+    def check_inputs(self, inputs: Any) -> None:
+        self.checked += 1
+        if self.refuse:
+            raise BadRequest("input 'x' must have 4 columns")
+
+
+class SwappingGate:
+    """Admits at once, but the version serving changes while the request is at the gate (a reload meanwhile)."""
+
+    def __init__(self, models: FakeModels, replacement: Any) -> None:
+        self.models, self.replacement, self.released = models, replacement, 0
+
+    async def acquire(self, lane: str, budget_s: float, places: int = 1) -> float:
+        self.models.model = self.replacement
+        return 0.0
+
+    def places_for(self, places: int) -> int:
+        return places
+
+    def release(self, service_s: float | None, places: int = 1) -> None:
+        self.released += 1
+
+
+async def test_after_admission_a_request_is_checked_again_only_against_a_version_swapped_in_meanwhile():
+    models = FakeModels(model=CountingModel())
+    dataplane, _, ledger = plane(models)
+    await dataplane.infer(tensor_request(Caller(principal(), local_only=False)))
+    assert models.model.checked == 1  # the same version after the gate: checked once
+
+    first, second = models.model, CountingModel()
+    assert dataplane.placement is not None
+    gate = SwappingGate(models, second)
+    dataplane.placement.admission.gate = lambda *args: gate  # type: ignore[method-assign]
+    await dataplane.infer(tensor_request(Caller(principal(), local_only=False)))
+    assert (first.checked, second.checked) == (2, 1) and second.batcher.calls == 1 and first.batcher.calls == 1
+
+    refusing = CountingModel(refuse=True)
+    gate.replacement = refusing
+    models.model = first
+    with pytest.raises(BadRequest, match="4 columns"):
+        await dataplane.infer(tensor_request(Caller(principal(), local_only=False)))
+    assert refusing.batcher.calls == 0 and gate.released == 2  # refused after the gate: its place is given back
+    assert len(ledger.records) == 2
