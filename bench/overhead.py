@@ -4,6 +4,9 @@ Measures, in one run and on the same machine:
   * in-process ``session.run`` (the floor);
   * the appliance over loopback in v2 JSON, Triton binary and msgpack, at concurrency 1 and 64, with one server
     process and with two (``server.workers = 2``);
+  * the HTTP stack's floor (bench/peers/aiohttp_floor.py: bare aiohttp + uvloop, one process, reading the body
+    and answering a fixed reply), which no server on this stack can beat: what the appliance costs above it is its
+    own request path;
   * a real Triton Inference Server (tritonserver 2.51 from nvidia-pytriton 0.7.0, Python backend, its own venv)
     serving the same function, in JSON and binary.
 Load comes from wrk (one thread). Prints a table and writes bench/results/overhead-*.json.
@@ -16,7 +19,7 @@ on costs under 5% of req/s at c=64), with the traces the appliance dropped (its 
 ``appliance_traces_dropped_total``) against those it served. ``--rounds N`` alternates the configurations N times
 and compares medians (this machine is shared and noisy); ``--formats`` limits the wire formats.
 
-    python bench/overhead.py [--seconds 5] [--no-triton] [--workers 1 2] [--tracing off|on|both]
+    python bench/overhead.py [--seconds 5] [--no-triton] [--no-floor] [--workers 1 2] [--tracing off|on|both]
                              [--sample-ratio 1 0.01] [--max-traces-per-second 0 200] [--rounds 1]
                              [--formats json binary msgpack]
 """
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 import report  # noqa: E402
 import tiny_models  # noqa: E402
-from peers import triton  # noqa: E402
+from peers import aiohttp_floor, triton  # noqa: E402
 from appliance_server import cpu_seconds, free_port, running_appliance_process  # noqa: E402
 from otlp_sink import otlp_sink  # noqa: E402
 from wrk import post_load, require_wrk  # noqa: E402
@@ -121,6 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run")
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton peer")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare aiohttp + uvloop floor")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="appliance configurations to measure (server.workers)")
     parser.add_argument("--cache-dir", type=Path, default=triton.DEFAULT_CACHE_DIR, help="where the Triton venv lives")
@@ -177,6 +181,9 @@ def main() -> int:
                 for run in runs:
                     print(f"  {run['server']} round {run['round']}: {run['traces_dropped']:.0f} traces dropped, "
                           f"{run['requests']} requests served", flush=True)
+        if not args.no_floor:
+            with aiohttp_floor.running_floor(free_port()) as (floor_url, floor_process):
+                rows += measure("aiohttp-floor", floor_url, ["binary"], args.seconds, floor_process.pid)
         if not args.no_triton:
             with triton.run_triton(args.cache_dir, free_port()) as triton_url:
                 rows += measure("triton", triton_url, ["json", "binary"], args.seconds)
@@ -241,6 +248,12 @@ def summarize(rows: list[dict]) -> dict:
         summary["c64_rps_ratio"] = ratio
         lines.append(f"c=64 req/s: {ours_c64['server']} {ours_c64['rps']:.0f} ({ours_c64['format']}) vs triton "
                      f"{peer_c64['rps']:.0f} ({peer_c64['format']}): {ratio:.2f}x (target >= 1.0)")
+    floor_c1, floor_c64 = best("aiohttp-floor", 1, "p50_s", True), best("aiohttp-floor", 64, "rps", False)
+    if ours_c64 and floor_c64 and ours_c1 and floor_c1:
+        summary["c64_rps_of_floor"] = ours_c64["rps"] / floor_c64["rps"]
+        lines.append(f"the HTTP stack's floor (bare aiohttp + uvloop, one process): c=64 {floor_c64['rps']:.0f} req/s "
+                     f"({summary['c64_rps_of_floor']:.2f}x of it for {ours_c64['server']}), c=1 p50 "
+                     f"{floor_c1['p50_s'] * 1e3:.3f} ms")
     for server in sorted({r["server"] for r in rows if r.get("tracing") == "on"}):
         untraced = server.split("+traced")[0]
         pairs = [(r, t) for r in rows for t in rows if r["server"] == untraced and t["server"] == server
