@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
@@ -78,20 +78,35 @@ def running_appliance_process(repo: Path, state: Path, log: Path, wrapper: tuple
         process = subprocess.Popen([*wrapper, sys.executable, "-m", "appliance.cli", "serve"], env=env, stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    with answering(process, lambda: requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200,
+                   f"the appliance (see {log})", start_timeout_s, stop_timeout_s=max(60.0, start_timeout_s)):
+        yield url, process
+
+
+@contextlib.contextmanager
+def answering(process: subprocess.Popen, ready: Callable[[], bool], name: str, start_timeout_s: float,
+              stop_timeout_s: float = 60.0) -> Iterator[None]:
+    """Wait until ``ready()`` (a request to the server ``process`` runs; a connection error counts as not yet) is
+    true within ``start_timeout_s``, then run the block; stop the process after it. Exits, naming ``name``, if the
+    process ends or does not get ready in time."""
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
             if process.poll() is not None:
-                raise SystemExit(f"the appliance exited while starting; see {log}")
+                raise SystemExit(f"{name} exited while starting")
             if time.monotonic() > deadline:
-                raise SystemExit(f"the appliance did not become ready; see {log}")
+                raise SystemExit(f"{name} did not become ready within {start_timeout_s:.0f} s")
             try:
-                if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                if ready():
                     break
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        yield url, process
+        yield
     finally:
         process.terminate()
-        process.wait(max(60.0, start_timeout_s))
+        try:
+            process.wait(stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import requests
@@ -44,30 +43,14 @@ def running_floor(port: int, wrapper: tuple[str, ...] = (),
                   start_timeout_s: float = 60.0) -> Iterator[tuple[str, subprocess.Popen]]:
     """The floor server on ``port`` (under ``wrapper``, valgrind say) until the block ends; yields its base URL and
     process once it answers."""
+    from appliance_server import answering  # bench/, on the path of the benchmarks that use this
+
     process = subprocess.Popen([*wrapper, sys.executable, __file__, str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + start_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the aiohttp floor server exited with {process.returncode} while starting")
-            try:
-                if requests.post(url + PATH, data=b"{}", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the aiohttp floor server did not answer within {start_timeout_s:.0f} s")
-            time.sleep(0.2)
+    with answering(process, lambda: requests.post(url + PATH, data=b"{}", timeout=2).status_code == 200,
+                   "the aiohttp floor server", start_timeout_s, stop_timeout_s=10):
         yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 if __name__ == "__main__":
