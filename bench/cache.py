@@ -2,7 +2,9 @@
 
 Serves minilm-l6 (built by the pipeline from the pinned wheel, cached in ~/.cache/appliance-bench) with an API
 key, so authentication is on the measured path, and drives it with wrk (one thread):
-  * hit: the same /v1/embeddings request again and again (answered from LMDB, the model never runs);
+  * hit: the same /v1/embeddings request again and again (answered from LMDB, the model never runs), in the
+    reproducible mode (``x-appliance-reproducible: true``: neither model is proved batch-invariant, so only such
+    answers are cached);
   * miss: the same request with ``Cache-Control: no-cache`` (the model runs and the answer is written again);
   * with ``--chat``: the same for a 32-token greedy chat completion of smollm2-135m.
 Prints a table and writes bench/results/cache-*.json. Target: a hit at concurrency 1 under 1 ms p50.
@@ -43,7 +45,8 @@ def build_chat(repo: Path) -> None:
 def measure(url: str, path: str, payload: dict, token: str, seconds: float, label: str,
             concurrencies: tuple[int, ...], miss_concurrencies: tuple[int, ...]) -> list[dict]:
     body = json.dumps(payload).encode()
-    auth = {"Authorization": f"Bearer {token}"}
+    # Neither model is proved batch-invariant, so their answers are cached in the reproducible mode only.
+    auth = {"Authorization": f"Bearer {token}", "x-appliance-reproducible": "true"}
     first = requests.post(url + path, data=body, headers={**auth, "Content-Type": "application/json"}, timeout=120)
     first.raise_for_status()
     check = requests.post(url + path, data=body, headers={**auth, "Content-Type": "application/json"}, timeout=120)
