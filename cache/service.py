@@ -27,6 +27,7 @@ log = logging.getLogger("appliance.cache")
 
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
 MAX_PENDING_WRITES = 256  # answers waiting for the writer; beyond this, new ones are not stored
+MAX_REMEMBERED_LABELS = 4096  # scopes whose labels are kept (one a key or tenant); past it, the memo starts over
 
 
 @dataclass(slots=True)
@@ -77,6 +78,7 @@ class ResponseCacheService:
         # Scope labels are keyed by the install's secret (read at open); until then, or with the cache off, a
         # per-process key: nothing is stored under those labels.
         self._label_key = secrets.token_bytes(32)
+        self._labels: dict[str, str] = {}  # scope -> its label under _label_key (an HMAC a request, else)
 
     @property
     def enabled(self) -> bool:
@@ -94,6 +96,7 @@ class ResponseCacheService:
                       self.store.path)
             return
         self._label_key = await loop.run_in_executor(self._executor, load_label_key, self.store.path / LABEL_KEY)
+        self._labels.clear()
         await self._refresh_gauges()
 
     async def lookup(self, scope: str | None, model: str, version: int, build_hash: str,
@@ -106,7 +109,7 @@ class ResponseCacheService:
         if not (deterministic and scope is not None and self.config.enabled and (read or write)):
             self._count(model, "", BYPASS)
             return CacheDecision(BYPASS)
-        label = scope_hash(scope, self._label_key)
+        label = self._label(scope)
         if not self.store.healthy:  # a store that could not open degrades to misses (the error is logged)
             self._count(model, label, MISS)
             return CacheDecision(MISS)
@@ -126,6 +129,14 @@ class ResponseCacheService:
                 self._metrics.cache_served_bytes.labels(model, label).inc(len(payload))
         self._count(model, label, decision.status)
         return decision
+
+    def _label(self, scope: str) -> str:
+        label = self._labels.get(scope)
+        if label is None:
+            if len(self._labels) >= MAX_REMEMBERED_LABELS:
+                self._labels.clear()
+            label = self._labels[scope] = scope_hash(scope, self._label_key)
+        return label
 
     def _count(self, model: str, label: str, status: str) -> None:
         key = (model, label, status)
@@ -176,7 +187,7 @@ class ResponseCacheService:
         """Delete the entries of a scope and/or a model; returns how many went."""
         if not self.store.healthy:
             return 0
-        label = scope_hash(scope, self._label_key) if scope is not None else None
+        label = self._label(scope) if scope is not None else None
         self._pending.clear()
         # On the writer thread: writes queued before the purge land first and are purged with the rest.
         count = await asyncio.get_running_loop().run_in_executor(self._writer, self.store.purge, label, model)
