@@ -86,6 +86,7 @@ async def _lifespan(app: web.Application) -> AsyncIterator[None]:
     if LEDGER in app:
         await app[LEDGER].close()
     app[ACCESS_LOG].flush()
+    app[METRICS].flush()  # the last increments (ledger counters, cache lookups) reach the shared files too
 
 
 async def _flush_periodically(access_log: AccessLog, metrics: Metrics) -> None:
@@ -93,8 +94,11 @@ async def _flush_periodically(access_log: AccessLog, metrics: Metrics) -> None:
     this one's values from the shared files)."""
     while True:
         await asyncio.sleep(ACCESS_LOG_FLUSH_S)
-        access_log.flush()
-        metrics.flush()
+        try:
+            access_log.flush()
+            metrics.flush()
+        except Exception:  # a bug; but the timer must go on, or no line and no increment is written again
+            log.exception("flushing the access log or the metric increments failed")
 
 
 def _model_requests_in_flight(app: web.Application, config: Config, lifecycle: Lifecycle,

@@ -237,30 +237,36 @@ class CostLedger:
         """Hand the counters' share of the records since the last call to the pending increments (``add``)."""
         if not self._unreported:
             return
+        # Every counter child first: should making one fail, the tallies stay here for the next flush.
+        bound = {counted: self._counters_of(*counted) for counted in self._unreported}
         unreported, self._unreported = self._unreported, {}
-        for (tenant, model, place, workflow), (requests, cost, avoided, input_tokens, output_tokens) in \
-                unreported.items():
-            labels = (tenant, model, place)
-            children = self._children.get(labels)
-            if children is None:
-                children = self._children[labels] = _Children(
-                    self._cost.labels(*labels), self._avoided.labels(tenant, model),
-                    self._tokens.labels(*labels, "input"), self._tokens.labels(*labels, "output"),
-                    self._requests.labels(*labels),
-                )
+        for counted, (requests, cost, avoided, input_tokens, output_tokens) in unreported.items():
+            children, by_workflow = bound[counted]
             add(children.requests, requests)
             add(children.cost, cost)
             add(children.avoided, avoided)
             add(children.input_tokens, input_tokens)
             add(children.output_tokens, output_tokens)
-            by_workflow = self._workflow_children.get(workflow)
-            if by_workflow is None:
-                by_workflow = self._workflow_children[workflow] = (
-                    self._workflow_cost.labels(workflow), self._workflow_tokens.labels(workflow, "input"),
-                    self._workflow_tokens.labels(workflow, "output"))
             add(by_workflow[0], cost)
             add(by_workflow[1], input_tokens)
             add(by_workflow[2], output_tokens)
+
+    def _counters_of(self, tenant: str, model: str, place: str,
+                     workflow: str) -> tuple[_Children, tuple[Counter, Counter, Counter]]:
+        labels = (tenant, model, place)
+        children = self._children.get(labels)
+        if children is None:
+            children = self._children[labels] = _Children(
+                self._cost.labels(*labels), self._avoided.labels(tenant, model),
+                self._tokens.labels(*labels, "input"), self._tokens.labels(*labels, "output"),
+                self._requests.labels(*labels),
+            )
+        by_workflow = self._workflow_children.get(workflow)
+        if by_workflow is None:
+            by_workflow = self._workflow_children[workflow] = (
+                self._workflow_cost.labels(workflow), self._workflow_tokens.labels(workflow, "input"),
+                self._workflow_tokens.labels(workflow, "output"))
+        return children, by_workflow
 
     def _workflow(self, tag: str) -> str:
         if tag in self._known or tag in _UNCOUNTED_TAGS or tag in self._candidates:

@@ -56,6 +56,7 @@ class BatchingSection:
     preferred_batch_size: list[Annotated[int, Meta(ge=1)]] = field(default_factory=list)
     max_queue_size: Annotated[int, Meta(ge=0, le=1_000_000)] = 0  # 0: the server default
     max_batch_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 8192  # embed: padded tokens per batch
+    gpu_max_batch_tokens: Annotated[int, Meta(ge=0, le=10_000_000)] = 0  # embed, on a GPU (0: max_batch_tokens)
     default_timeout_ms: Annotated[float, Meta(ge=-1)] = -1.0  # -1: the server default
     # embed: every input runs as a call of its own, so its vector never depends on other requests (and is cached)
     reproducible: bool = False

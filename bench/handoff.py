@@ -86,7 +86,10 @@ def run_async(sess) -> Call:
         future = loop.create_future()
 
         def done(output: object, _user_data: object, error: str) -> None:
-            loop.call_soon_threadsafe(future.set_result, output)
+            if error:
+                loop.call_soon_threadsafe(future.set_exception, RuntimeError(f"run_async failed: {error}"))
+            else:
+                loop.call_soon_threadsafe(future.set_result, output)
 
         sess.run_async(None, FEED, done, None)
         return await future

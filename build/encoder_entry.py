@@ -181,7 +181,8 @@ intra_op_threads = {options.threads_per_instance}
 
 [batching]
 max_batch_size = {options.max_batch_size}
-max_batch_tokens = {options.max_batch_tokens}
+max_batch_tokens = {options.max_batch_tokens}  # measured on a 2-core CPU
+gpu_max_batch_tokens = {options.max_batch_size * read.max_seq_length}  # on a GPU: the TensorRT plans' largest bucket
 max_queue_delay_microseconds = {options.max_queue_delay_microseconds}
 
 [[inputs]]

@@ -7,6 +7,7 @@ from appliance.engine_factory import sequence_buckets
 from appliance.engines.buckets import Buckets
 from appliance.engines.token_batcher import TokenBudgetBatcher
 from appliance.engines.tokenizer import TextEncoder
+from appliance.model_spec import BatchingSection
 from appliance.models.engine_model import EngineModel
 from appliance.types import MAX_EMBED_INPUTS
 
@@ -44,7 +45,7 @@ class EmbeddingModel(EngineModel):
         self.embedder = TokenBudgetBatcher(
             self.engines,
             output=self.outputs[0].name,
-            max_batch_tokens=batching.max_batch_tokens,
+            max_batch_tokens=token_budget(batching, self.runtime.on_gpu),
             max_batch_size=max(batching.max_batch_size, 1),
             max_wait_s=batching.max_queue_delay_microseconds / 1e6,
             # Two of the largest requests the API takes fit, so that one never meets a queue it cannot enter.
@@ -56,3 +57,11 @@ class EmbeddingModel(EngineModel):
             name=f"{self.name}/{self.version}",
         )
         return self.embedder
+
+
+def token_budget(batching: BatchingSection, on_gpu: bool) -> int:
+    """Padded tokens a batch may hold: ``gpu_max_batch_tokens`` where the engine runs on a GPU and it is set (a
+    budget measured on a CPU would starve a GPU), else ``max_batch_tokens``."""
+    if on_gpu and batching.gpu_max_batch_tokens:
+        return batching.gpu_max_batch_tokens
+    return batching.max_batch_tokens

@@ -217,3 +217,13 @@ def test_the_decoder_factory_follows_the_choice_and_says_what_a_gpu_decoder_lack
     # A CPU machine: the CPU graph, which this fake version's bytes are not, so ONNX Runtime refuses to load it.
     with pytest.raises(Exception, match="model.onnx"):
         default_decoders(lambda: CPU_ONLY)(spec, config, {}, limits)
+
+
+def test_an_embedding_model_on_a_gpu_batches_to_its_gpu_token_budget():
+    from appliance.model_spec import BatchingSection
+    from appliance.models.embedding import token_budget
+
+    built = BatchingSection(max_batch_size=32, max_batch_tokens=512, gpu_max_batch_tokens=8192)
+    assert token_budget(built, on_gpu=False) == 512  # the budget measured on a CPU
+    assert token_budget(built, on_gpu=True) == 8192
+    assert token_budget(BatchingSection(max_batch_tokens=512), on_gpu=True) == 512  # none set for the GPU
