@@ -66,6 +66,15 @@ def test_entry_files_and_provenance(minilm_repo, minilm_source):
     assert 0.97 <= int8["parity"]["int8_vs_float"]["min_cosine"] < 1.0
 
 
+def test_the_entry_batches_to_a_cpu_budget_and_to_its_plans_largest_bucket_on_a_gpu(minilm_repo):
+    from appliance.model_spec import read_model_spec
+    from appliance.models.embedding import token_budget
+
+    spec = read_model_spec("minilm-l6", 1, minilm_repo / "minilm-l6" / "1")
+    assert token_budget(spec.batching, on_gpu=False) == EncoderOptions().max_batch_tokens == 512
+    assert token_budget(spec.batching, on_gpu=True) == spec.batching.max_batch_size * spec.tokenizer.max_seq_length
+
+
 def test_rebuild_from_unchanged_sources_does_nothing(minilm_repo, minilm_source):
     before = sorted(p.name for p in (minilm_repo / "minilm-l6").iterdir())
     results = build_encoder_entry(minilm_source, minilm_repo, "minilm-l6", EncoderOptions(quantize=True),
