@@ -5,8 +5,9 @@ export process sends what it encodes itself, reading the settings every OpenTele
 does: ``OTEL_EXPORTER_OTLP_TRACES_*``, else ``OTEL_EXPORTER_OTLP_*``, for ``HEADERS`` (``k=v,k2=v2``,
 URL-encoded), ``TIMEOUT`` (seconds, 10 by default), ``COMPRESSION`` (``gzip``, ``deflate`` or ``none``),
 ``CERTIFICATE`` (the CA bundle to trust), ``CLIENT_CERTIFICATE`` and ``CLIENT_KEY`` (mutual TLS). The endpoint is
-``[tracing] endpoint``. A refused export is retried while the collector says it may pass later (429, 502, 503, 504
-or no connection), with exponential backoff, until the timeout; then its spans are dropped and the next is sent.
+``[tracing] endpoint``. A refused export is retried while the collector says it may pass later (408, 429, 502,
+503, 504 or no connection), with exponential backoff, until the timeout; then its spans are dropped and the next
+is sent.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ REQUEST_FIELDS = ("http.request.method", "http.route", "url.path", "appliance.re
 zero ``cost_avoided`` is left out (a model's version, place and the tokens and cost are kept as they are)."""
 
 
-
 def request_attributes(fields: Iterable[Any]) -> list[tuple[str, Any]]:
     """A request span's attributes, in order, from a record's last field (:data:`REQUEST_FIELDS`), less those
     left out."""

@@ -302,7 +302,6 @@ def main(argv: list[str] | None = None) -> None:
     _idle_priority()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from appliance.config import TracingConfig
-
     from appliance.otlp_encoding import OtlpEncoder
     from appliance.otlp_http import OtlpHttpSender, OtlpHttpSettings
 

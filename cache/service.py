@@ -78,7 +78,7 @@ class ResponseCacheService:
         # Scope labels are keyed by the install's secret (read at open); until then, or with the cache off, a
         # per-process key: nothing is stored under those labels.
         self._label_key = secrets.token_bytes(32)
-        self._labels: dict[str, str] = {}  # scope -> its label under _label_key (an HMAC a request, else)
+        self._labels: dict[str, str] = {}  # scope -> its label under _label_key, made once (an HMAC)
 
     @property
     def enabled(self) -> bool:
