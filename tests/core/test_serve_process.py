@@ -230,16 +230,29 @@ def _listens(pid: int, port: int) -> bool:
     return False
 
 
+def _both_up(pid: int, port: int) -> set[int] | None:
+    """The two workers, once both exist and listen (ready means one answers; the other may still be warming)."""
+    workers = _workers(pid)
+    return workers if len(workers) == 2 and all(_listens(worker, port) for worker in workers) else None
+
+
+def _with_log(process: subprocess.Popen, failure: BaseException) -> AssertionError:
+    """``failure``, with the end of the stopped server's log, so that a worker's own exit shows why."""
+    if process.poll() is None:
+        process.kill()
+    _, log = process.communicate(timeout=30)
+    return AssertionError(f"{failure}\n--- the end of the server's log ---\n{log[-6000:]}")
+
+
 def test_supervisor_restarts_a_dead_worker(tmp_path):
     _, process, url = start_two_workers(tmp_path)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        workers = _workers(process.pid)
-        assert len(workers) == 2
+        workers = wait_until(lambda: _both_up(process.pid, port), 60, "both workers to listen")
         victim = max(workers)
         os.kill(victim, signal.SIGKILL)
         (replacement,) = wait_until(lambda: _workers(process.pid) - workers, 30, "the dead worker to be replaced")
         assert victim not in _workers(process.pid)
-        port = int(url.rsplit(":", 1)[1])
         # A worker opens the port only once its models are warm.
         wait_until(lambda: _listens(replacement, port), 60, "the new worker to listen")
         body = {"inputs": [{"name": "INPUT0", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}
@@ -247,10 +260,12 @@ def test_supervisor_restarts_a_dead_worker(tmp_path):
             response = requests.post(f"{url}/v2/models/add_one/infer", json=body, timeout=10,
                                      headers={"Connection": "close"})
             assert response.status_code == 200
-    finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
-    assert "restarting it" in process.stderr.read()
+    except BaseException as exc:
+        raise _with_log(process, exc) from exc
+    log = process.stderr.read()
+    assert log.count("restarting it") == 1, log[-6000:]  # the victim only: no worker died by itself
 
 
 def test_serve_on_an_empty_repository_builds_the_defaults_first(tmp_path, minilm_source, smollm2_gguf):
