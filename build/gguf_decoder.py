@@ -70,10 +70,11 @@ over the same 4-bit weights.
 
 Weights: Q4_1 / Q4_0 / Q8_0 GGUF tensors stay 4/8-bit in the graph and dequantize exactly (see ``q4_repack``:
 Q4_1's block minimum becomes a small extra matmul on per-block sums of the input, fused with the result in one
-Gemm; Q8_0 becomes two 4-bit halves over the input repeated twice, because ONNX Runtime's float32 kernel for
-8-bit weights is very slow). F32/F16/BF16 and other GGUF types are dequantized with ``gguf.quants.dequantize``
-to float32. A Q8_0 token embedding is gathered (and dequantized exactly) from the same initializers as the tied
-LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each (packed QKV goes straight into
+Gemm; in the float32 variants Q8_0 becomes two 4-bit halves over the input repeated twice, because ONNX
+Runtime's float32 kernel for 8-bit weights is very slow, while the fast variant keeps it 8-bit, which its int8
+kernel multiplies faster than the halves). F32/F16/BF16 and other GGUF types are dequantized with
+``gguf.quants.dequantize`` to float32. A Q8_0 token embedding is gathered (and dequantized exactly) from the same
+initializers as the tied LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each (packed QKV goes straight into
 GroupQueryAttention).
 
 RoPE layout. llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` so that the two halves of each
@@ -104,7 +105,8 @@ __all__ = ["DecoderBuild", "import_gguf", "write_variant_graph", "render_chat", 
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
-VARIANTS = {"exact": 1, "fast": 4, "cuda": 1}  # variant -> MatMulNBits accuracy_level (1: fp32 compute; it batches
+INT8_ACTIVATIONS = 4  # MatMulNBits accuracy_level: activations quantized to int8 per block
+VARIANTS = {"exact": 1, "fast": INT8_ACTIVATIONS, "cuda": 1}  # variant -> MatMulNBits accuracy_level (1: fp32 compute; it batches
 # better than 0 on the CPU; the CUDA kernels ignore it)
 # variant -> the element type of activations, norms' weights, scales and the KV cache. ONNX Runtime's CUDA kernel for
 # GroupQueryAttention takes only FP16 or BF16, so the variant the CUDA execution provider runs computes in FP16 over
@@ -228,8 +230,9 @@ def _dense(t: Any) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(shape))
 
 
-def _linear_weight(t: Any) -> NBitsWeight | np.ndarray:
-    """A projection weight: MatMulNBits form for Q4_0/Q4_1/Q8_0, else dense float32 ``W[n, k]``."""
+def _linear_weight(t: Any, whole_q8: bool = False) -> NBitsWeight | np.ndarray:
+    """A projection weight: MatMulNBits form for Q4_0/Q4_1/Q8_0, else dense float32 ``W[n, k]``; ``whole_q8``: a
+    Q8_0 weight as 8-bit (for int8 activations), else split into two 4-bit halves."""
     n, k = _dims(t)
     raw = np.asarray(t.data)
     if t.tensor_type == _Q.Q4_1:
@@ -237,7 +240,7 @@ def _linear_weight(t: Any) -> NBitsWeight | np.ndarray:
     if t.tensor_type == _Q.Q4_0:
         return q4_repack.q4_0_to_nbits(raw, n, k)
     if t.tensor_type == _Q.Q8_0:
-        return q4_repack.q8_0_to_split_nbits(raw, n, k)
+        return q4_repack.q8_0_to_nbits(raw, n, k) if whole_q8 else q4_repack.q8_0_to_split_nbits(raw, n, k)
     return _dense(t)
 
 
@@ -280,6 +283,8 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
+        # Q8_0 weights as 8-bit where ONNX Runtime multiplies them fast: with int8 activations (see q4_repack).
+        self.whole_q8 = accuracy_level == INT8_ACTIVATIONS and float_type == np.float32
         self._blocksums: dict[tuple[str, int], str] = {}
         self._consts: dict[tuple, str] = {}
         self._init_names: set[str] = set()
@@ -353,14 +358,16 @@ class _Graph:
 def _embedding(g: _Graph, t: Any, ids: str) -> tuple[str, NBitsWeight | None]:
     """Token embedding lookup, [T, hidden] for ``ids`` [B, S].
 
-    A Q8_0 table is kept in the split 4-bit form of ``q4_repack.q8_0_to_split_nbits`` (so a tied LM head reads
-    the same initializers) and dequantized exactly after the gather; returns the output and that weight
-    (``None`` for a float table).
+    A Q8_0 table is kept in the MatMulNBits form the graph's linear layers use for Q8_0 (``g.whole_q8``: 8-bit, else
+    split into 4-bit halves; so a tied LM head reads the same initializers) and dequantized exactly after the
+    gather; returns the output and that weight (``None`` for a float table).
     """
     if t.tensor_type != _Q.Q8_0:
         table = g.init("token_embd.weight", _dense(t))
         flat = g.node("Reshape", [ids, g.const_i64([-1])], name="embed/flatten_ids")[0]
         return g.node("Gather", [table, flat], name="embed/gather", axis=0)[0], None
+    if g.whole_q8:
+        return _whole_q8_embedding(g, t, ids)
     n, k = _dims(t)
     kb = k // q4_repack.BLOCK
     w = q4_repack.q8_0_to_split_nbits(np.asarray(t.data), n, k)
@@ -389,6 +396,19 @@ def _embedding(g: _Graph, t: Any, ids: str) -> tuple[str, NBitsWeight | None]:
     return g.node("Reshape", [values, g.const_i64([-1, k])], name="embed/reshape")[0], w
 
 
+def _whole_q8_embedding(g: _Graph, t: Any, ids: str) -> tuple[str, NBitsWeight]:
+    """A Q8_0 table as 8-bit codes ``q + 128`` [V, K/32, 32] and scales ``d`` [V, K/32]: ``(u - 128) * d``."""
+    n, k = _dims(t)
+    w = q4_repack.q8_0_to_nbits(np.asarray(t.data), n, k)
+    codes = g.node("Gather", [g.init("token_embd.qweight", w.packed), ids], name="embed/gather_codes", axis=0)[0]
+    codes = g.node("Cast", [codes], name="embed/cast", to=g.float_proto)[0]  # [B, S, K/32, 32], exact
+    codes = g.node("Sub", [codes, g.init("embed.const.128.0", np.array(128.0, np.float32))], name="embed/center")[0]
+    scales = g.node("Gather", [g.init("token_embd.scales", w.scales), ids], name="embed/gather_scales", axis=0)[0]
+    scales = g.node("Unsqueeze", [scales, g.const_i64([-1])], name="embed/scales_u")[0]
+    values = g.node("Mul", [codes, scales], name="embed/dequantize")[0]
+    return g.node("Reshape", [values, g.const_i64([-1, k])], name="embed/reshape")[0], w
+
+
 def _kv_name(i: int, which: str, past: bool) -> str:
     return f"past_key_values.{i}.{which}" if past else f"present.{i}.{which}"
 
@@ -404,6 +424,10 @@ def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: in
     if logits not in ("all", "last"):
         raise ValueError("logits must be 'all' or 'last'")
     g = _Graph(accuracy_level, float_type)
+
+    def weight(t: Any) -> NBitsWeight | np.ndarray:
+        return _linear_weight(t, g.whole_q8)
+
     kvh, hd, eps = cfg.num_kv_heads, cfg.head_dim, cfg.rms_eps
     kv_shape = ["batch_size", kvh, "kv_capacity", hd]
     inputs = [
@@ -436,7 +460,7 @@ def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: in
     for i in range(cfg.num_layers):
         say(f"layer {i + 1}/{cfg.num_layers}")
         p = f"blk.{i}"
-        q, k, v = (_linear_weight(tensors[f"{p}.attn_{n}.weight"]) for n in ("q", "k", "v"))
+        q, k, v = (weight(tensors[f"{p}.attn_{n}.weight"]) for n in ("q", "k", "v"))
         fused = _concat([q, k, v])
         if len(fused) == 1:  # packed QKV straight into GroupQueryAttention
             flat = [g.linear(normed, fused[0], f"{p}.attn_qkv")]
@@ -453,17 +477,17 @@ def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: in
                       name=f"{p}/attention", domain=MS_DOMAIN, num_heads=cfg.num_heads, kv_num_heads=kvh,
                       do_rotary=1, rotary_interleaved=1)[0]
         attn = g.node("Reshape", [attn, g.const_i64([-1, cfg.num_heads * hd])], name=f"{p}/attn_flat")[0]
-        o = g.linear(attn, _linear_weight(tensors[f"{p}.attn_output.weight"]), f"{p}.attn_output")
+        o = g.linear(attn, weight(tensors[f"{p}.attn_output.weight"]), f"{p}.attn_output")
         normed, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization",
             [o, residual, g.init(f"{p}.ffn_norm.weight", _dense(tensors[f"{p}.ffn_norm.weight"]))],
             [f"{p}/ffn_norm", "", "", f"{p}/residual_attn"], name=f"{p}/ffn_norm", domain=MS_DOMAIN, epsilon=eps)
-        gate, up = g.linears(normed, [_linear_weight(tensors[f"{p}.ffn_gate.weight"]),
-                                      _linear_weight(tensors[f"{p}.ffn_up.weight"])], f"{p}.ffn_gate_up")
+        gate, up = g.linears(normed, [weight(tensors[f"{p}.ffn_gate.weight"]), weight(tensors[f"{p}.ffn_up.weight"])],
+                             f"{p}.ffn_gate_up")
         sig = g.node("Sigmoid", [gate], name=f"{p}/ffn_sigmoid")[0]
         silu = g.node("Mul", [gate, sig], name=f"{p}/ffn_silu")[0]
         act = g.node("Mul", [silu, up], name=f"{p}/ffn_act")[0]
-        down = g.linear(act, _linear_weight(tensors[f"{p}.ffn_down.weight"]), f"{p}.ffn_down")
+        down = g.linear(act, weight(tensors[f"{p}.ffn_down.weight"]), f"{p}.ffn_down")
         if i + 1 < cfg.num_layers:
             nxt = f"blk.{i + 1}"
             gamma = g.init(f"{nxt}.attn_norm.weight", _dense(tensors[f"{nxt}.attn_norm.weight"]))
@@ -494,11 +518,11 @@ def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: in
 
     say("lm head")
     if "output.weight" in tensors:
-        flat_logits = g.linear(final, _linear_weight(tensors["output.weight"]), "lm_head")
+        flat_logits = g.linear(final, weight(tensors["output.weight"]), "lm_head")
     elif embed_w is not None:  # tied: reuse the embedding's initializers
         flat_logits = g.linear(final, embed_w, "lm_head", weights="token_embd")
     else:
-        flat_logits = g.linear(final, _linear_weight(tensors["token_embd.weight"]), "lm_head")
+        flat_logits = g.linear(final, weight(tensors["token_embd.weight"]), "lm_head")
     if g.float_proto == TensorProto.FLOAT:
         g.node("Reshape", [flat_logits, logits_shape], ["logits"], name="logits")
     else:

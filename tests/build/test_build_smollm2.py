@@ -148,6 +148,39 @@ def test_repacking_is_bit_exact(gguf_file):
         np.testing.assert_array_equal(convert(np.asarray(t.data), n, k).dequantize(), ref)
 
 
+def _attribute(node: onnx.NodeProto, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+@pytest.mark.parametrize("variant", ["exact", "fast"])
+def test_the_q8_0_table_takes_the_form_each_variant_multiplies_fastest_and_gathers_exactly(builds, gguf_file,
+                                                                                          variant):
+    """The tied LM head (a Q8_0 table): split into 4-bit halves over the input twice for float32 activations,
+    8-bit for int8 ones (ONNX Runtime's kernels are fast for those); either way the embedding gather gives the
+    table's rows exactly as gguf dequantizes them."""
+    model = onnx.load(str(builds[variant].model_path))
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    assert head.input[1] == "token_embd.qweight"  # tied: the gather's initializers
+    names = {n.name for n in model.graph.node}
+    if variant == "fast":
+        assert (_attribute(head, "bits"), _attribute(head, "K")) == (8, 576)
+        assert "lm_head/repeat_input" not in names and "lm_head/offset" not in names
+    else:
+        assert (_attribute(head, "bits"), _attribute(head, "K")) == (4, 2 * 576)
+        assert {"lm_head/repeat_input", "lm_head/offset"} <= names
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("embed/reshape/out", onnx.TensorProto.FLOAT,
+                                                                     ["tokens", 576]))
+    embedded = onnx.utils.Extractor(model).extract_model(["input_ids"], ["embed/reshape/out"])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(embedded.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 1, 2, 17, 4096, 49151]], np.int64)
+    t = read_gguf(gguf_file)[1]["token_embd.weight"]
+    k, n = (int(x) for x in t.shape)
+    table = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(n, k)
+    np.testing.assert_array_equal(session.run(None, {"input_ids": ids})[0], table[ids[0]])
+
+
 def test_q4_0_repacking_round_trips():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 64)).astype(np.float32)
