@@ -176,6 +176,14 @@ dense_batches = true  # multi-row steps use a float32 copy of the weights (faste
 INVARIANT = {"exact": False, "fast": True}
 
 
+def _invariance_line(variant: str) -> str:
+    """The value of ``deterministic`` and the comment that says why."""
+    if INVARIANT.get(variant, False):
+        return "true  # proved batch-invariant (see the README's Reproducibility)"
+    return ("false  # not batch-invariant: a row's tokens may change with the rows it runs beside (see the README's "
+            "Reproducibility)")
+
+
 def _model_toml(build: DecoderBuild, variant: str, source_path: str, cuda_graph: bool) -> str:
     cuda_file = (f'\ncuda_file = "{CUDA_GRAPH}"  # FP16 activations and KV cache: what the CUDA execution provider '
                  'runs' if cuda_graph else "")
@@ -183,7 +191,7 @@ def _model_toml(build: DecoderBuild, variant: str, source_path: str, cuda_graph:
 task = "generate"
 tier = "{TIERS.get(variant, "small")}"
 description = "decoder, {variant} variant ({'float32 activations' if variant == 'exact' else 'int8 activations'})"
-deterministic = {str(INVARIANT.get(variant, False)).lower()}  # proved batch-invariant (see the README's Reproducibility)
+deterministic = {_invariance_line(variant)}
 
 [engine]
 kind = "auto"  # the CUDA execution provider where a GPU answers and cuda_file is set, else the CPU

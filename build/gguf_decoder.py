@@ -74,8 +74,8 @@ Gemm; in the float32 variants Q8_0 becomes two 4-bit halves over the input repea
 Runtime's float32 kernel for 8-bit weights is very slow, while the fast variant keeps it 8-bit, which its int8
 kernel multiplies faster than the halves). F32/F16/BF16 and other GGUF types are dequantized with
 ``gguf.quants.dequantize`` to float32. A Q8_0 token embedding is gathered (and dequantized exactly) from the same
-initializers as the tied LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each (packed QKV goes straight into
-GroupQueryAttention).
+initializers as the tied LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each (packed QKV
+goes straight into GroupQueryAttention).
 
 RoPE layout. llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` so that the two halves of each
 head's rotary pairs ("rotate half", HF layout) become adjacent elements. The graph keeps the GGUF layout and
@@ -101,13 +101,15 @@ from appliance.build import q4_repack
 from appliance.build.gguf_tokenizer import UnsupportedModel, build_tokenizer, render_chat, special_token_ids
 from appliance.build.q4_repack import NBitsWeight
 
-__all__ = ["DecoderBuild", "import_gguf", "write_variant_graph", "render_chat", "read_gguf", "LlamaConfig", "build_graph"]
+__all__ = ["DecoderBuild", "import_gguf", "write_variant_graph", "render_chat", "read_gguf", "LlamaConfig",
+           "build_graph"]
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
 INT8_ACTIVATIONS = 4  # MatMulNBits accuracy_level: activations quantized to int8 per block
-VARIANTS = {"exact": 1, "fast": INT8_ACTIVATIONS, "cuda": 1}  # variant -> MatMulNBits accuracy_level (1: fp32 compute; it batches
-# better than 0 on the CPU; the CUDA kernels ignore it)
+# variant -> MatMulNBits accuracy_level (1: fp32 compute; it batches better than 0 on the CPU; the CUDA kernels
+# ignore it)
+VARIANTS = {"exact": 1, "fast": INT8_ACTIVATIONS, "cuda": 1}
 # variant -> the element type of activations, norms' weights, scales and the KV cache. ONNX Runtime's CUDA kernel for
 # GroupQueryAttention takes only FP16 or BF16, so the variant the CUDA execution provider runs computes in FP16 over
 # the same 4-bit weights; its logits are cast back to FP32 at the graph's edge.
