@@ -39,19 +39,34 @@ def scope_hash(scope: str, key: bytes) -> str:
 def load_label_key(path: Path) -> bytes:
     """The install's scope-label key in ``path`` (32 random bytes, owner-only), made on first use.
 
-    Worker processes race to make it: the first one's file wins and the others read it.
+    Worker processes race to make it: each writes a key to a file of its own and links it into place, which either
+    puts a whole file there or fails because another's is there already; the losers read the winner's.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise ValueError(f"{path} holds {len(key)} bytes, not the 32 of a scope-label key; delete it to make a new "
-                             "one (the stored cache entries then lose their labels)") from None
-        return key
+        return _read_label_key(path)
+    except FileNotFoundError:
+        pass
     key = secrets.token_bytes(32)
-    with os.fdopen(fd, "wb") as file:
-        file.write(key)
+    own = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(own, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(key)
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(own, path)
+    except FileExistsError:
+        return _read_label_key(path)
+    finally:
+        own.unlink(missing_ok=True)
+    return key
+
+
+def _read_label_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ValueError(f"{path} holds {len(key)} bytes, not the 32 of a scope-label key; delete it to make a new one "
+                         "(the stored cache entries then lose their labels)")
     return key
 
 

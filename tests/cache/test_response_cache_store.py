@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgpack
@@ -645,6 +646,34 @@ def test_scope_hash_is_a_short_stable_label_keyed_by_the_install():
     assert label == scope_hash("tenant:acme", KEY) != scope_hash("tenant:acm", KEY)
     assert "acme" not in label
     assert scope_hash("tenant:acme", b"another install") != label  # a guessed name cannot be checked without the key
+
+
+def test_workers_racing_to_make_the_label_key_all_read_the_one_that_won(tmp_path):
+    """Worker processes open the cache at once on a new install: none may read the key file half-written (a worker
+    once failed its start on an empty one), and all must end up with the same key."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(20):
+        path = tmp_path / f"scope-label-{attempt}.key"
+        start, results = context.Barrier(4), context.Queue()
+        racers = [context.Process(target=_race_for_the_key, args=(str(path), start, results)) for _ in range(4)]
+        for racer in racers:
+            racer.start()
+        found = [results.get(timeout=30) for _ in racers]
+        for racer in racers:
+            racer.join(30)
+        assert all(isinstance(key, bytes) for key in found), found
+        assert len(set(found)) == 1 and found[0] == path.read_bytes() and len(found[0]) == 32
+
+
+def _race_for_the_key(path: str, start: Any, results: Any) -> None:
+    start.wait()
+    try:
+        outcome: object = load_label_key(Path(path))
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which names it
+        outcome = repr(exc)
+    results.put(outcome)
 
 
 def test_the_label_key_is_made_once_owner_only_and_then_read(tmp_path):
