@@ -71,10 +71,10 @@ over the same 4-bit weights.
 Weights: Q4_1 / Q4_0 / Q8_0 GGUF tensors stay 4/8-bit in the graph and dequantize exactly (see ``q4_repack``:
 Q4_1's block minimum becomes a small extra matmul on per-block sums of the input, fused with the result in one
 Gemm; in the float32 variants Q8_0 becomes two 4-bit halves over the input repeated twice, because ONNX
-Runtime's float32 kernel for 8-bit weights is very slow, while the fast variant keeps it 8-bit, which its int8
-kernel multiplies faster than the halves). F32/F16/BF16 and other GGUF types are dequantized with
-``gguf.quants.dequantize`` to float32. A Q8_0 token embedding is gathered (and dequantized exactly) from the same
-initializers as the tied LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each (packed QKV
+Runtime's float32 kernel for 8-bit weights is very slow, while the fast variant takes the form its int8 kernel
+multiplies faster on the building machine: ``import_gguf(whole_q8=...)``). F32/F16/BF16 and other GGUF types are
+dequantized with ``gguf.quants.dequantize`` to float32. A Q8_0 token embedding is gathered (and dequantized exactly)
+from the same initializers as the tied LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each (packed QKV
 goes straight into GroupQueryAttention).
 
 RoPE layout. llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` so that the two halves of each
@@ -105,6 +105,7 @@ __all__ = ["DecoderBuild", "import_gguf", "write_variant_graph", "render_chat", 
            "build_graph"]
 
 MS_DOMAIN = "com.microsoft"
+Q8FormChooser = Callable[[int, int], bool]  # (rows, columns) of a Q8_0 weight -> keep it 8-bit
 OPSET = 17
 INT8_ACTIVATIONS = 4  # MatMulNBits accuracy_level: activations quantized to int8 per block
 # variant -> MatMulNBits accuracy_level (1: fp32 compute; it batches better than 0 on the CPU; the CUDA kernels
@@ -279,14 +280,14 @@ def _rope_caches(cfg: LlamaConfig, max_seq_len: int, freq_factors: np.ndarray | 
 class _Graph:
     """Accumulates nodes and initializers with unique names."""
 
-    def __init__(self, accuracy_level: int, float_type: type[np.floating] = np.float32) -> None:
+    def __init__(self, accuracy_level: int, float_type: type[np.floating] = np.float32,
+                 whole_q8: bool = False) -> None:
         self.float_type = float_type
         self.float_proto = helper.np_dtype_to_tensor_dtype(np.dtype(float_type))
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
-        # Q8_0 weights as 8-bit where ONNX Runtime multiplies them fast: with int8 activations (see q4_repack).
-        self.whole_q8 = accuracy_level == INT8_ACTIVATIONS and float_type == np.float32
+        self.whole_q8 = whole_q8  # Q8_0 weights as 8-bit, else split into 4-bit halves (see q4_repack)
         self._blocksums: dict[tuple[str, int], str] = {}
         self._consts: dict[tuple, str] = {}
         self._init_names: set[str] = set()
@@ -411,21 +412,35 @@ def _whole_q8_embedding(g: _Graph, t: Any, ids: str) -> tuple[str, NBitsWeight]:
     return g.node("Reshape", [values, g.const_i64([-1, k])], name="embed/reshape")[0], w
 
 
+def linear_model(weight: NBitsWeight, accuracy_level: int) -> onnx.ModelProto:
+    """One linear layer ``y = x @ W.T`` (``x`` float32 ``[T, K]``) made of the nodes the decoder graph writes for
+    ``weight``: for timing ONNX Runtime's kernels on a weight form."""
+    g = _Graph(accuracy_level)
+    y = g.linear("x", weight, "linear")
+    graph = helper.make_graph(g.nodes, "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", weight.k])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["T", weight.n])], g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
 def _kv_name(i: int, which: str, past: bool) -> str:
     return f"past_key_values.{i}.{which}" if past else f"present.{i}.{which}"
 
 
 def build_graph(tensors: dict[str, Any], cfg: LlamaConfig, *, accuracy_level: int,
                 max_seq_len: int, logits: str = "all", with_query_seqlens: bool = False,
-                float_type: type[np.floating] = np.float32, next_token: bool = False,
+                float_type: type[np.floating] = np.float32, next_token: bool = False, whole_q8: bool = False,
                 progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
     """The decoder ``ModelProto`` (see the module docstring for its I/O contract); ``float_type``: the element type
     of its activations and KV cache (its logits are FP32 whatever it is); ``next_token``: add the ``next_token``
-    output (greedy choices computed where the logits are)."""
+    output (greedy choices computed where the logits are); ``whole_q8``: Q8_0 weights as 8-bit rather than split
+    into 4-bit halves (int8 activations only: ONNX Runtime's float32 kernel for 8-bit weights is very slow)."""
     say = progress or (lambda _msg: None)
     if logits not in ("all", "last"):
         raise ValueError("logits must be 'all' or 'last'")
-    g = _Graph(accuracy_level, float_type)
+    if whole_q8 and (accuracy_level != INT8_ACTIVATIONS or float_type != np.float32):
+        raise ValueError("8-bit Q8_0 weights are for the graph with int8 activations (accuracy_level 4, float32)")
+    g = _Graph(accuracy_level, float_type, whole_q8)
 
     def weight(t: Any) -> NBitsWeight | np.ndarray:
         return _linear_weight(t, g.whole_q8)
@@ -558,10 +573,14 @@ def _check_first_layer(tensors: dict[str, Any]) -> None:
 
 
 def _write_graph(tensors: dict[str, Any], cfg: LlamaConfig, model_path: Path, variant: str, max_seq_len: int, *,
-                 logits: str, with_query_seqlens: bool, progress: Callable[[str], None]) -> None:
+                 logits: str, with_query_seqlens: bool, progress: Callable[[str], None],
+                 whole_q8: Q8FormChooser | None = None) -> None:
+    table = tensors["token_embd.weight"]
+    choose = (whole_q8 is not None and VARIANTS[variant] == INT8_ACTIVATIONS and table.tensor_type == _Q.Q8_0)
     model = build_graph(tensors, cfg, accuracy_level=VARIANTS[variant], max_seq_len=max_seq_len, logits=logits,
                         with_query_seqlens=with_query_seqlens, float_type=FLOAT_TYPES[variant],
-                        next_token=variant == "cuda", progress=progress)
+                        next_token=variant == "cuda", whole_q8=choose and whole_q8(*_dims(table)),
+                        progress=progress)
     progress(f"writing {model_path.name}")
     tmp = model_path.with_suffix(".onnx.partial")
     onnx.save_model(model, str(tmp))
@@ -583,7 +602,7 @@ def write_variant_graph(gguf_path: Path, model_path: Path, variant: str, max_seq
 
 def import_gguf(gguf_path: Path, out_dir: Path, variant: str = "exact", max_seq_len: int | None = None,
                 progress: Callable[[str], None] | None = None, *, logits: str = "all",
-                with_query_seqlens: bool = False) -> DecoderBuild:
+                with_query_seqlens: bool = False, whole_q8: Q8FormChooser | None = None) -> DecoderBuild:
     """Convert a Llama-family GGUF into ``out_dir``: ``model.onnx``, ``tokenizer.json``, ``chat_template.jinja``
     and ``generation.json``.
 
@@ -591,7 +610,9 @@ def import_gguf(gguf_path: Path, out_dir: Path, variant: str = "exact", max_seq_
     (FP16 activations and KV cache, for ONNX Runtime's CUDA execution provider).
     ``max_seq_len``: longest sequence the graph supports (rotary table size), default the model's context length.
     ``logits``: ``"all"`` positions or only the ``"last"`` one per row. ``with_query_seqlens``: add the
-    ``query_seqlens`` input for ragged multi-row chunks (see the module docstring).
+    ``query_seqlens`` input for ragged multi-row chunks (see the module docstring). ``whole_q8``: for a graph with
+    int8 activations over a Q8_0 token table, called with the table's ``(rows, columns)``: true keeps Q8_0 weights
+    8-bit; otherwise (and always with float32 activations) they are split into 4-bit halves.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}")
@@ -607,7 +628,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, variant: str = "exact", max_seq_
 
     model_path = out_dir / "model.onnx"
     _write_graph(tensors, cfg, model_path, variant, max_seq_len, logits=logits,
-                 with_query_seqlens=with_query_seqlens, progress=say)
+                 with_query_seqlens=with_query_seqlens, progress=say, whole_q8=whole_q8)
 
     say("tokenizer and chat template")
     tokenizer_path = out_dir / "tokenizer.json"

@@ -21,8 +21,8 @@ GGUF layouts handled here (block size 32 for all three; rows are output features
   blocks ``[h | l]`` with scales ``[16 d | d]``) plus the block offset ``8 d``. ONNX Runtime's CPU kernel for
   8-bit weights with float32 activations is far slower than its 4-bit one (ONNX Runtime 1.32, AVX2: the
   49152 x 576 LM head took over 100 ms per token as 8-bit, about 4 ms split), so float32 graphs use the split
-  form. With int8 activations (``accuracy_level`` 4) it is the other way round (AVX-512: 0.67 ms against 0.92 for
-  one row, 1.9 against 4.0 for eight), so the fast graph keeps 8 bits.
+  form. With int8 activations (``accuracy_level`` 4) it can be the other way round (AVX-512 VNNI: 0.67 ms against
+  0.92 for one row, 1.9 against 4.0 for eight), so the build times both for that graph (``appliance.build.q8_form``).
 
 The conversions keep the integer codes and widen the f16 scales to f32 exactly; the only rounding is the
 centred Q4_1 offset ``m + 8 d`` (one f32 addition; it reproduced ``gguf.quants.dequantize`` bit for bit on the

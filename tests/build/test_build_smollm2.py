@@ -20,8 +20,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from appliance.build import q4_repack
-from appliance.build.gguf_decoder import DecoderBuild, import_gguf, read_gguf, render_chat
+from appliance.build.gguf_decoder import (INT8_ACTIVATIONS, DecoderBuild, LlamaConfig, build_graph, import_gguf,
+                                          read_gguf, render_chat)
 from appliance.build.parity import greedy, parity_decoder, teacher_forced_argmax
+from appliance.build.q8_form import Q8FormTimer
 from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
 from reference_data import reference_items
 
@@ -152,33 +154,72 @@ def _attribute(node: onnx.NodeProto, name: str) -> int:
     return next(a.i for a in node.attribute if a.name == name)
 
 
-@pytest.mark.parametrize("variant", ["exact", "fast"])
-def test_the_q8_0_table_takes_the_form_each_variant_multiplies_fastest_and_gathers_exactly(builds, gguf_file,
-                                                                                          variant):
-    """The tied LM head (a Q8_0 table): split into 4-bit halves over the input twice for float32 activations,
-    8-bit for int8 ones (ONNX Runtime's kernels are fast for those); either way the embedding gather gives the
-    table's rows exactly as gguf dequantizes them."""
-    model = onnx.load(str(builds[variant].model_path))
+def _assert_q8_0_head(model: onnx.ModelProto, whole: bool) -> None:
+    """The tied LM head reads the gather's initializers, 8-bit over the input, or split over the input twice."""
     head = next(n for n in model.graph.node if n.name == "lm_head")
-    assert head.input[1] == "token_embd.qweight"  # tied: the gather's initializers
+    assert head.input[1] == "token_embd.qweight"
     names = {n.name for n in model.graph.node}
-    if variant == "fast":
+    if whole:
         assert (_attribute(head, "bits"), _attribute(head, "K")) == (8, 576)
         assert "lm_head/repeat_input" not in names and "lm_head/offset" not in names
     else:
         assert (_attribute(head, "bits"), _attribute(head, "K")) == (4, 2 * 576)
         assert {"lm_head/repeat_input", "lm_head/offset"} <= names
+
+
+def _assert_gathers_the_table_exactly(model: onnx.ModelProto, gguf_file: Path) -> None:
+    import onnxruntime as ort
+
     model.graph.value_info.append(onnx.helper.make_tensor_value_info("embed/reshape/out", onnx.TensorProto.FLOAT,
                                                                      ["tokens", 576]))
     embedded = onnx.utils.Extractor(model).extract_model(["input_ids"], ["embed/reshape/out"])
-    import onnxruntime as ort
-
     session = ort.InferenceSession(embedded.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[0, 1, 2, 17, 4096, 49151]], np.int64)
     t = read_gguf(gguf_file)[1]["token_embd.weight"]
     k, n = (int(x) for x in t.shape)
     table = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(n, k)
     np.testing.assert_array_equal(session.run(None, {"input_ids": ids})[0], table[ids[0]])
+
+
+@pytest.mark.parametrize("variant", ["exact", "fast"])
+def test_the_q8_0_table_takes_the_form_timed_faster_and_is_gathered_exactly(builds, gguf_file, variant):
+    """The tied LM head (a Q8_0 table): split into 4-bit halves for float32 activations; for int8 ones, the form
+    (8-bit or split) the build timed faster on this machine, as its provenance says."""
+    folder = builds[variant].model_path.parent
+    stages = json.loads((folder / "provenance.json").read_text())["stages"]
+    figures = next(s for s in stages if "import GGUF" in s["stage"])["figures"]
+    if variant == "fast":
+        faster = "8-bit" if figures["8-bit_ms_per_row"] < figures["split_ms_per_row"] else "split"
+        assert figures["q8_0_form"] == faster and figures["shape"] == [49152, 576]
+        whole = faster == "8-bit"
+    else:
+        assert "q8_0_form" not in figures
+        whole = False
+    model = onnx.load(str(builds[variant].model_path))
+    _assert_q8_0_head(model, whole)
+    _assert_gathers_the_table_exactly(model, gguf_file)
+
+
+def test_either_q8_0_form_gives_the_same_function(gguf_file):
+    """Whatever the timing picks: the 8-bit graph's gather is exact too, and the form is refused with float32
+    activations (whose 8-bit kernel is very slow)."""
+    meta, tensors = read_gguf(gguf_file)
+    cfg = LlamaConfig.from_metadata(meta, 49152)
+    model = build_graph(tensors, cfg, accuracy_level=INT8_ACTIVATIONS, max_seq_len=256, logits="last",
+                        whole_q8=True)
+    _assert_q8_0_head(model, whole=True)
+    _assert_gathers_the_table_exactly(model, gguf_file)
+    with pytest.raises(ValueError, match="int8 activations"):
+        build_graph(tensors, cfg, accuracy_level=1, max_seq_len=256, whole_q8=True)
+
+
+def test_the_q8_form_timer_reports_both_forms_and_picks_the_faster():
+    timer = Q8FormTimer(runs=5)
+    whole = timer(1024, 576)
+    figures = timer.figures
+    assert figures["shape"] == [1024, 576] and figures["8-bit_ms_per_row"] > 0 and figures["split_ms_per_row"] > 0
+    assert whole == (figures["8-bit_ms_per_row"] < figures["split_ms_per_row"])
+    assert figures["q8_0_form"] == ("8-bit" if whole else "split")
 
 
 def test_q4_0_repacking_round_trips():
