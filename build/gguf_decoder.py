@@ -74,8 +74,8 @@ Gemm; in the float32 variants Q8_0 becomes two 4-bit halves over the input repea
 Runtime's float32 kernel for 8-bit weights is very slow, while the fast variant takes the form its int8 kernel
 multiplies faster on the building machine: ``import_gguf(whole_q8=...)``). F32/F16/BF16 and other GGUF types are
 dequantized with ``gguf.quants.dequantize`` to float32. A Q8_0 token embedding is gathered (and dequantized exactly)
-from the same initializers as the tied LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each (packed QKV
-goes straight into GroupQueryAttention).
+from the same initializers as the tied LM head. Q/K/V and gate/up projections are fused into one MatMulNBits each
+(packed QKV goes straight into GroupQueryAttention).
 
 RoPE layout. llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` so that the two halves of each
 head's rotary pairs ("rotate half", HF layout) become adjacent elements. The graph keeps the GGUF layout and
