@@ -106,8 +106,10 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
                                 with_query_seqlens=options.ragged_prefill, whole_q8=timer)
             if timer is not None and timer.figures:
                 report.figures = figures = timer.figures
-                progress(f"{target}: Q8_0 table kept {figures['q8_0_form']} ({figures['8-bit_ms_per_row']:.2f} ms a "
-                         f"row 8-bit, {figures['split_ms_per_row']:.2f} ms split)")
+                timings = ", ".join(f"{form} {figures[f'{form}_ms_per_row']:.2f} ms a row"
+                                    if f"{form}_ms_per_row" in figures else f"{form} failed: {figures[f'{form}_error']}"
+                                    for form in ("8-bit", "split"))
+                progress(f"{target}: Q8_0 table kept {figures['q8_0_form']} ({timings})")
         parity: dict = {}
         if variant != "exact":
             if exact_folder is None:

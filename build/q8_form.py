@@ -9,7 +9,9 @@ times both on the machine it runs on (the appliance builds where it serves) and 
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,20 +22,33 @@ from appliance.build.gguf_decoder import INT8_ACTIVATIONS, linear_model
 RUNS = 30  # timed calls per form, after warm-up; a 49152 x 576 head takes about 1 ms a call
 
 
+FormTiming = Callable[[str, int, int, int, int], float]  # (form, rows, columns, threads, runs) -> seconds a row
+
+
 @dataclass
 class Q8FormTimer:
     """A chooser for ``import_gguf(whole_q8=...)`` that times both forms at the weight's shape and remembers what
-    it measured (``figures``, for the build's provenance)."""
+    it measured (``figures``, for the build's provenance). A form whose session cannot be made or run (an ONNX
+    Runtime without that kernel) counts as infinitely slow, its error in the figures: the split form is the one
+    every version runs."""
 
     threads: int = 0  # ONNX Runtime's intra-op threads, as the decoder will run (0: its default)
     runs: int = RUNS
+    timing: FormTiming = field(default_factory=lambda: _time_form)
     figures: dict[str, object] = field(default_factory=dict)
 
     def __call__(self, rows: int, columns: int) -> bool:
-        seconds = {form: _time_form(form, rows, columns, self.threads, self.runs) for form in ("8-bit", "split")}
+        seconds: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        for form in ("8-bit", "split"):
+            try:
+                seconds[form] = self.timing(form, rows, columns, self.threads, self.runs)
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; the build must go on
+                seconds[form], errors[f"{form}_error"] = math.inf, f"{type(exc).__name__}: {exc}"[:300]
         whole = seconds["8-bit"] < seconds["split"]
         self.figures = {"q8_0_form": "8-bit" if whole else "split", "shape": [rows, columns],
-                        **{f"{form}_ms_per_row": s * 1e3 for form, s in seconds.items()}}
+                        **{f"{form}_ms_per_row": s * 1e3 for form, s in seconds.items() if math.isfinite(s)},
+                        **errors}
         return whole
 
 

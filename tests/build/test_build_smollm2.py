@@ -189,7 +189,8 @@ def test_the_q8_0_table_takes_the_form_timed_faster_and_is_gathered_exactly(buil
     stages = json.loads((folder / "provenance.json").read_text())["stages"]
     figures = next(s for s in stages if "import GGUF" in s["stage"])["figures"]
     if variant == "fast":
-        faster = "8-bit" if figures["8-bit_ms_per_row"] < figures["split_ms_per_row"] else "split"
+        timed = {form: figures.get(f"{form}_ms_per_row", float("inf")) for form in ("8-bit", "split")}
+        faster = "8-bit" if timed["8-bit"] < timed["split"] else "split"
         assert figures["q8_0_form"] == faster and figures["shape"] == [49152, 576]
         whole = faster == "8-bit"
     else:
@@ -220,6 +221,18 @@ def test_the_q8_form_timer_reports_both_forms_and_picks_the_faster():
     assert figures["shape"] == [1024, 576] and figures["8-bit_ms_per_row"] > 0 and figures["split_ms_per_row"] > 0
     assert whole == (figures["8-bit_ms_per_row"] < figures["split_ms_per_row"])
     assert figures["q8_0_form"] == ("8-bit" if whole else "split")
+
+
+def test_a_form_onnx_runtime_cannot_run_loses_and_says_why():
+    def timing(form: str, rows: int, columns: int, threads: int, runs: int) -> float:
+        if form == "8-bit":
+            raise RuntimeError("no kernel for 8-bit weights")
+        return 0.004
+
+    timer = Q8FormTimer(timing=timing)
+    assert timer(49152, 576) is False
+    assert timer.figures == {"q8_0_form": "split", "shape": [49152, 576], "split_ms_per_row": 4.0,
+                             "8-bit_error": "RuntimeError: no kernel for 8-bit weights"}
 
 
 def test_q4_0_repacking_round_trips():
