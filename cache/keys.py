@@ -7,10 +7,12 @@ an entry, and a rebuilt or reloaded model never serves a response of its predece
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
 import secrets
+import time
 from pathlib import Path
 
 import msgpack
@@ -40,34 +42,66 @@ def load_label_key(path: Path) -> bytes:
     """The install's scope-label key in ``path`` (32 random bytes, owner-only), made on first use.
 
     Worker processes race to make it: each writes a key to a file of its own and links it into place, which either
-    puts a whole file there or fails because another's is there already; the losers read the winner's.
+    puts a whole file there or fails because another's is there already; the losers read the winner's. Where the
+    filesystem has no hard links, the key is created in place and a reader waits briefly for all 32 bytes.
     """
     try:
-        return _read_label_key(path)
+        return _read_label_key(path, wait_s=LABEL_KEY_WAIT_S)
     except FileNotFoundError:
         pass
     key = secrets.token_bytes(32)
     own = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(own, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(key)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            _write_key(fd, key)
+        finally:
+            os.close(fd)
         os.link(own, path)
+        return key
     except FileExistsError:
-        return _read_label_key(path)
+        pass  # another worker's key is in place
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if _create_in_place(path, key):  # no hard links here (vfat, some network and FUSE mounts)
+            return key
     finally:
         own.unlink(missing_ok=True)
-    return key
+    return _read_label_key(path, wait_s=LABEL_KEY_WAIT_S)
 
 
-def _read_label_key(path: Path) -> bytes:
-    key = path.read_bytes()
-    if len(key) != 32:
-        raise ValueError(f"{path} holds {len(key)} bytes, not the 32 of a scope-label key; delete it to make a new one "
-                         "(the stored cache entries then lose their labels)")
-    return key
+LABEL_KEY_WAIT_S = 1.0  # how long a reader waits for a key another process is still writing in place
+
+
+def _create_in_place(path: Path, key: bytes) -> bool:
+    """Create ``path`` holding ``key``; ``False`` if another process created it first."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        _write_key(fd, key)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _write_key(fd: int, key: bytes) -> None:
+    os.write(fd, key)
+    os.fsync(fd)
+
+
+def _read_label_key(path: Path, wait_s: float = 0.0) -> bytes:
+    deadline = time.monotonic() + wait_s
+    while True:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+        if len(key) > 32 or time.monotonic() >= deadline:
+            raise ValueError(f"{path} holds {len(key)} bytes, not the 32 of a scope-label key; delete it to make a "
+                             "new one (the stored cache entries then lose their labels)")
+        time.sleep(0.01)  # a process that created it in place is still writing
 
 
 def canonical_bytes(value: object) -> bytes:

@@ -95,7 +95,14 @@ class ResponseCacheService:
             log.error("the response cache at %s is off until it can be opened; requests are served uncached",
                       self.store.path)
             return
-        self._label_key = await loop.run_in_executor(self._executor, load_label_key, self.store.path / LABEL_KEY)
+        try:
+            self._label_key = await loop.run_in_executor(self._executor, load_label_key, self.store.path / LABEL_KEY)
+        except (OSError, ValueError) as exc:
+            self._metrics.cache_errors.labels("open").inc()
+            log.error("the response cache at %s is off: its scope-label key cannot be read or made (%s); requests "
+                      "are served uncached", self.store.path, exc)
+            await loop.run_in_executor(self._executor, self.store.close)
+            return
         self._labels.clear()
         await self._refresh_gauges()
 

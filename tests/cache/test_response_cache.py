@@ -177,6 +177,22 @@ async def test_entries_expire_after_the_configured_ttl(tmp_path):
     await reader.close()
 
 
+async def test_a_scope_label_key_that_cannot_be_read_leaves_the_cache_off(tmp_path, caplog):
+    """The store opens but its label key cannot be read (here a folder where the file should be): the server still
+    starts, with the cache off (every lookup a miss, nothing stored) and the reason logged."""
+    path = tmp_path / "response-cache"
+    (path / LABEL_KEY).mkdir(parents=True)
+    metrics = Metrics()
+    service = ResponseCacheService(CacheConfig(enabled=True), path, metrics)
+    with caplog.at_level(logging.ERROR, logger="appliance.cache"):
+        await service.open()
+    assert not service.enabled and "scope-label key cannot be read or made" in caplog.text
+    assert metrics.registry.get_sample_value("appliance_cache_errors_total", {"operation": "open"}) == 1
+    decision = await service.lookup("tenant:t", "add_one", 1, "build", lambda: [1], None, True)
+    assert decision.status == "miss" and decision.payload is None
+    await service.close()
+
+
 def test_the_cache_survives_a_restart_and_its_files_are_private(standard_repo, tmp_path):
     config = make_config(standard_repo, tmp_path / "state", cache=CACHE_ON)
     first = RunningServer(config).start()

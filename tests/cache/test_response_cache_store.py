@@ -650,7 +650,7 @@ def test_scope_hash_is_a_short_stable_label_keyed_by_the_install():
 
 def test_workers_racing_to_make_the_label_key_all_read_the_one_that_won(tmp_path):
     """Worker processes open the cache at once on a new install: none may read the key file half-written (a worker
-    once failed its start on an empty one), and all must end up with the same key."""
+    once failed its start on an empty one), all must end up with the same key, and no temporary file is left."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
@@ -658,22 +658,55 @@ def test_workers_racing_to_make_the_label_key_all_read_the_one_that_won(tmp_path
         path = tmp_path / f"scope-label-{attempt}.key"
         start, results = context.Barrier(4), context.Queue()
         racers = [context.Process(target=_race_for_the_key, args=(str(path), start, results)) for _ in range(4)]
-        for racer in racers:
-            racer.start()
-        found = [results.get(timeout=30) for _ in racers]
-        for racer in racers:
-            racer.join(30)
+        try:
+            for racer in racers:
+                racer.start()
+            found = [results.get(timeout=30) for _ in racers]
+            for racer in racers:
+                racer.join(30)
+        finally:
+            for racer in racers:
+                if racer.is_alive():
+                    racer.terminate()
+        assert [racer.exitcode for racer in racers] == [0] * 4
         assert all(isinstance(key, bytes) for key in found), found
         assert len(set(found)) == 1 and found[0] == path.read_bytes() and len(found[0]) == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"scope-label-{i}.key" for i in range(20))
 
 
 def _race_for_the_key(path: str, start: Any, results: Any) -> None:
-    start.wait()
+    start.wait(30)
     try:
         outcome: object = load_label_key(Path(path))
     except Exception as exc:  # noqa: BLE001 - reported to the test, which names it
         outcome = repr(exc)
     results.put(outcome)
+
+
+def test_without_hard_links_the_label_key_is_made_in_place(tmp_path, monkeypatch):
+    """A filesystem without hard links (vfat, some network mounts): the key is created in place instead, once."""
+    import errno
+
+    def no_links(*_args: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "scope-label.key"
+    key = load_label_key(path)
+    assert len(key) == 32 and load_label_key(path) == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_reader_waits_for_a_key_still_being_written_in_place(tmp_path):
+    path = tmp_path / "scope-label.key"
+    key = os.urandom(32)
+    path.write_bytes(key[:10])  # another process created it in place and is writing the rest
+    writer = threading.Timer(0.1, lambda: path.write_bytes(key))
+    writer.start()
+    try:
+        assert load_label_key(path) == key
+    finally:
+        writer.join()
 
 
 def test_the_label_key_is_made_once_owner_only_and_then_read(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -31,8 +32,9 @@ def start(repo: Path, state: Path, **env: str) -> tuple[subprocess.Popen, str]:
         "APPLIANCE_SERVER_PORT": str(port),
         **env,
     }
+    # A session of its own: a failing test can stop the server and any workers it left (killpg) to read its log.
     process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=environ,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -236,12 +238,17 @@ def _both_up(pid: int, port: int) -> set[int] | None:
     return workers if len(workers) == 2 and all(_listens(worker, port) for worker in workers) else None
 
 
-def _with_log(process: subprocess.Popen, failure: BaseException) -> AssertionError:
-    """``failure``, with the end of the stopped server's log, so that a worker's own exit shows why."""
+def _server_log(process: subprocess.Popen) -> str:
+    """The end of the server's log, once it has stopped: asked to drain first, then killed with its workers."""
     if process.poll() is None:
-        process.kill()
-    _, log = process.communicate(timeout=30)
-    return AssertionError(f"{failure}\n--- the end of the server's log ---\n{log[-6000:]}")
+        process.send_signal(signal.SIGTERM)
+    try:
+        _, log = process.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the supervisor and every worker (its session)
+        _, log = process.communicate(timeout=10)
+    return (log or "")[-6000:]
 
 
 def test_supervisor_restarts_a_dead_worker(tmp_path):
@@ -263,7 +270,8 @@ def test_supervisor_restarts_a_dead_worker(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     except BaseException as exc:
-        raise _with_log(process, exc) from exc
+        exc.add_note(f"--- the end of the server's log ---\n{_server_log(process)}")
+        raise
     log = process.stderr.read()
     assert log.count("restarting it") == 1, log[-6000:]  # the victim only: no worker died by itself
 
