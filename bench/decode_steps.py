@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
+from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "appliance-bench"
 ROWS = (1, 2, 4, 8, 16)
@@ -52,13 +53,12 @@ def build(root: Path) -> tuple[Path, dict[str, Path]]:
     return results["smollm2-135m"], graphs
 
 
-def decoder(path: Path, generation: dict, exact: bool):
-    from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
+def decoder(path: Path, generation: dict, exact: bool) -> OnnxRuntimeDecoder:
 
     return OnnxRuntimeDecoder(path, generation, rows=max(ROWS), max_capacity=512, spin=True, dense_batches=exact)
 
 
-def step_ms(engine, rows: int, past: int, steps: int) -> float:
+def step_ms(engine: OnnxRuntimeDecoder, rows: int, past: int, steps: int) -> float:
     """Median milliseconds of a decode step of ``rows`` rows over ``past`` cached positions."""
     ids = np.full((rows, 1), 42, np.int64)
     seqlens = np.full(rows, past, np.int32)

@@ -576,11 +576,11 @@ def _write_graph(tensors: dict[str, Any], cfg: LlamaConfig, model_path: Path, va
                  logits: str, with_query_seqlens: bool, progress: Callable[[str], None],
                  whole_q8: Q8FormChooser | None = None) -> None:
     table = tensors["token_embd.weight"]
-    choose = (whole_q8 is not None and VARIANTS[variant] == INT8_ACTIVATIONS and table.tensor_type == _Q.Q8_0)
+    whole = (whole_q8 is not None and VARIANTS[variant] == INT8_ACTIVATIONS and table.tensor_type == _Q.Q8_0
+             and whole_q8(*_dims(table)))
     model = build_graph(tensors, cfg, accuracy_level=VARIANTS[variant], max_seq_len=max_seq_len, logits=logits,
                         with_query_seqlens=with_query_seqlens, float_type=FLOAT_TYPES[variant],
-                        next_token=variant == "cuda", whole_q8=choose and whole_q8(*_dims(table)),
-                        progress=progress)
+                        next_token=variant == "cuda", whole_q8=whole, progress=progress)
     progress(f"writing {model_path.name}")
     tmp = model_path.with_suffix(".onnx.partial")
     onnx.save_model(model, str(tmp))
@@ -611,8 +611,9 @@ def import_gguf(gguf_path: Path, out_dir: Path, variant: str = "exact", max_seq_
     ``max_seq_len``: longest sequence the graph supports (rotary table size), default the model's context length.
     ``logits``: ``"all"`` positions or only the ``"last"`` one per row. ``with_query_seqlens``: add the
     ``query_seqlens`` input for ragged multi-row chunks (see the module docstring). ``whole_q8``: for a graph with
-    int8 activations over a Q8_0 token table, called with the table's ``(rows, columns)``: true keeps Q8_0 weights
-    8-bit; otherwise (and always with float32 activations) they are split into 4-bit halves.
+    int8 activations over a Q8_0 token table, called with the table's ``(rows, columns)``: true keeps the graph's
+    Q8_0 weights (the table, a tied LM head and any Q8_0 layer) 8-bit; otherwise (and always with float32
+    activations) they are split into 4-bit halves.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}")

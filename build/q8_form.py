@@ -4,7 +4,9 @@ A Q8_0 weight can enter ``MatMulNBits`` as 8-bit codes or split into two 4-bit h
 twice (see ``appliance.build.q4_repack``). With float32 activations the split form is the only fast one; with int8
 activations (the fast decoder variant) which one wins depends on the kernels ONNX Runtime has for the CPU: on
 AVX-512 VNNI the 8-bit one took 0.67 ms a row for SmolLM2's 49152 x 576 LM head against 0.92 ms split. The build
-times both on the machine it runs on (the appliance builds where it serves) and keeps the faster.
+times both on the machine it runs on (the appliance builds where it serves), in alternation so that a drifting
+machine slows both alike, and keeps the 8-bit form only when it wins by a clear margin: close timings would
+otherwise pick a different graph from one build to the next.
 """
 
 from __future__ import annotations
@@ -13,67 +15,82 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from statistics import median
+from typing import Any
 
 import numpy as np
 
 from appliance.build import q4_repack
 from appliance.build.gguf_decoder import INT8_ACTIVATIONS, linear_model
 
+FORMS = ("8-bit", "split")
 RUNS = 30  # timed calls per form, after warm-up; a 49152 x 576 head takes about 1 ms a call
+MARGIN = 0.9  # the 8-bit form is kept when its time is under this share of the split form's
 
-
-FormTiming = Callable[[str, int, int, int, int], float]  # (form, rows, columns, threads, runs) -> seconds a row
+# (rows, columns, threads, runs) -> per form, the median seconds of one row or the error that stopped it
+FormTiming = Callable[[int, int, int, int], dict[str, float | Exception]]
 
 
 @dataclass
 class Q8FormTimer:
     """A chooser for ``import_gguf(whole_q8=...)`` that times both forms at the weight's shape and remembers what
     it measured (``figures``, for the build's provenance). A form whose session cannot be made or run (an ONNX
-    Runtime without that kernel) counts as infinitely slow, its error in the figures: the split form is the one
-    every version runs."""
+    Runtime without that kernel) loses, its error in the figures: the split form is the one every version runs."""
 
     threads: int = 0  # ONNX Runtime's intra-op threads, as the decoder will run (0: its default)
     runs: int = RUNS
-    timing: FormTiming = field(default_factory=lambda: _time_form)
+    timing: FormTiming = field(default_factory=lambda: time_forms)
     figures: dict[str, object] = field(default_factory=dict)
 
     def __call__(self, rows: int, columns: int) -> bool:
-        seconds: dict[str, float] = {}
-        errors: dict[str, str] = {}
-        for form in ("8-bit", "split"):
-            try:
-                seconds[form] = self.timing(form, rows, columns, self.threads, self.runs)
-            except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; the build must go on
-                seconds[form], errors[f"{form}_error"] = math.inf, f"{type(exc).__name__}: {exc}"[:300]
-        whole = seconds["8-bit"] < seconds["split"]
-        self.figures = {"q8_0_form": "8-bit" if whole else "split", "shape": [rows, columns],
-                        **{f"{form}_ms_per_row": s * 1e3 for form, s in seconds.items() if math.isfinite(s)},
-                        **errors}
+        measured = self.timing(rows, columns, self.threads, self.runs)
+        seconds = {form: value for form, value in measured.items() if isinstance(value, float)}
+        whole = "8-bit" in seconds and seconds["8-bit"] < MARGIN * seconds.get("split", math.inf)
+        self.figures = {"q8_0_form": "8-bit" if whole else "split", "shape": [rows, columns], "margin": MARGIN,
+                        **{f"{form}_ms_per_row": s * 1e3 for form, s in seconds.items()},
+                        **{f"{form}_error": f"{type(e).__name__}: {e}"[:300] for form, e in measured.items()
+                           if isinstance(e, Exception)}}
         return whole
 
 
-def _time_form(form: str, rows: int, columns: int, threads: int, runs: int) -> float:
-    """Median seconds of one row through a random Q8_0 weight of ``rows x columns`` in ``form``."""
+def time_forms(rows: int, columns: int, threads: int, runs: int) -> dict[str, float | Exception]:
+    """Median seconds of one row through a random Q8_0 weight of ``rows x columns`` in each form, the forms'
+    calls alternating; a form whose session fails gives its error instead."""
+    feed = {"x": np.random.default_rng(0).standard_normal((1, columns)).astype(np.float32)}
+    raw = _random_q8_0(rows, columns)
+    sessions: dict[str, Any] = {}
+    outcome: dict[str, float | Exception] = {}
+    for form in FORMS:
+        try:
+            sessions[form] = _session(form, raw, rows, columns, threads)
+            for _ in range(5):
+                sessions[form].run(None, feed)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; the build must go on
+            outcome[form] = exc
+            sessions.pop(form, None)
+    times: dict[str, list[float]] = {form: [] for form in sessions}
+    for _ in range(runs):
+        for form, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feed)
+            times[form].append(time.perf_counter() - started)
+    outcome.update({form: float(median(values)) for form, values in times.items()})
+    return outcome
+
+
+def _session(form: str, raw: np.ndarray, rows: int, columns: int, threads: int) -> Any:
     import onnxruntime as ort
 
-    raw = _random_q8_0(rows, columns)
-    weight = q4_repack.q8_0_to_nbits(raw, rows, columns) if form == "8-bit" else \
-        q4_repack.q8_0_to_split_nbits(raw, rows, columns)
+    if form == "8-bit":
+        weight = q4_repack.q8_0_to_nbits(raw, rows, columns)
+    else:
+        weight = q4_repack.q8_0_to_split_nbits(raw, rows, columns)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1")  # as the decoder's steps run
-    session = ort.InferenceSession(linear_model(weight, INT8_ACTIVATIONS).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    feed = {"x": np.random.default_rng(0).standard_normal((1, columns)).astype(np.float32)}
-    for _ in range(5):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+    return ort.InferenceSession(linear_model(weight, INT8_ACTIVATIONS).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def _random_q8_0(rows: int, columns: int) -> np.ndarray:
