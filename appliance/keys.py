@@ -7,18 +7,14 @@ server, which polls :meth:`KeyStore.mtime_ns` and loads a fresh :class:`KeySet` 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
 import math
-import os
 import re
 import secrets
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -26,6 +22,7 @@ from typing import Annotated, Any, Literal, get_args
 from msgspec import Meta
 
 from appliance import validation
+from appliance.private_files import locked, write_atomically
 
 KEY_PREFIX = "apk_"
 Lane = Literal["interactive", "batch"]
@@ -158,7 +155,7 @@ class KeyStore:
                                 token_input=token_input, retention=retention))
         except KeyStoreError as exc:
             raise KeyStoreError(f"cannot create key {name!r}: {exc}") from None
-        with self._locked():
+        with locked(self.path):
             records = self._read()
             taken = {existing.id for existing, _ in records}
             for existing, _ in records:
@@ -179,7 +176,7 @@ class KeyStore:
 
     def revoke(self, id_or_name: str) -> ApiKey:
         """Revoke the key with this id, else the active key with this name; return the revoked record."""
-        with self._locked():
+        with locked(self.path):
             records = self._read()
             index = next((i for i, (key, _) in enumerate(records) if key.id == id_or_name), None)
             if index is None:
@@ -264,36 +261,7 @@ class KeyStore:
 
     def _write(self, records: list[tuple[ApiKey, str]]) -> None:
         document = {"version": FILE_VERSION, "keys": [_to_json(key) | {"hash": stored} for key, stored in records]}
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                os.fchmod(file.fileno(), 0o600)
-                json.dump(document, file, indent=2)
-                file.write("\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # makes the rename itself survive a power cut
-        finally:
-            os.close(folder)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        folder = self.path.parent
-        if not folder.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            folder.chmod(0o700)  # mkdir's mode is filtered by the umask
-        lock = os.open(folder / f"{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(lock)  # releases the lock
+        write_atomically(self.path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))
 
 
 def _checked(values: dict[str, Any]) -> ApiKey:

@@ -7,15 +7,14 @@ an entry, and a rebuilt or reloaded model never serves a response of its predece
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
-import os
 import secrets
-import time
 from pathlib import Path
 
 import msgpack
+
+from appliance.private_files import locked, write_atomically
 
 __all__ = ["cache_key", "canonical_bytes", "load_label_key", "scope_hash"]
 
@@ -41,67 +40,24 @@ def scope_hash(scope: str, key: bytes) -> str:
 def load_label_key(path: Path) -> bytes:
     """The install's scope-label key in ``path`` (32 random bytes, owner-only), made on first use.
 
-    Worker processes race to make it: each writes a key to a file of its own and links it into place, which either
-    puts a whole file there or fails because another's is there already; the losers read the winner's. Where the
-    filesystem has no hard links, the key is created in place and a reader waits briefly for all 32 bytes.
+    Worker processes race to make it on a new install: each reads or makes it under the file's lock, so a worker
+    never reads another's key half-written, and all of them end up with the one key made first.
     """
-    try:
-        return _read_label_key(path, wait_s=LABEL_KEY_WAIT_S)
-    except FileNotFoundError:
-        pass
-    key = secrets.token_bytes(32)
-    own = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(own, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
+    with locked(path):
         try:
-            _write_key(fd, key)
-        finally:
-            os.close(fd)
-        os.link(own, path)
-        return key
-    except FileExistsError:
-        pass  # another worker's key is in place
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
-            raise
-        if _create_in_place(path, key):  # no hard links here (vfat, some network and FUSE mounts)
+            return _read_label_key(path)
+        except FileNotFoundError:
+            key = secrets.token_bytes(32)
+            write_atomically(path, key)
             return key
-    finally:
-        own.unlink(missing_ok=True)
-    return _read_label_key(path, wait_s=LABEL_KEY_WAIT_S)
 
 
-LABEL_KEY_WAIT_S = 1.0  # how long a reader waits for a key another process is still writing in place
-
-
-def _create_in_place(path: Path, key: bytes) -> bool:
-    """Create ``path`` holding ``key``; ``False`` if another process created it first."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    try:
-        _write_key(fd, key)
-    finally:
-        os.close(fd)
-    return True
-
-
-def _write_key(fd: int, key: bytes) -> None:
-    os.write(fd, key)
-    os.fsync(fd)
-
-
-def _read_label_key(path: Path, wait_s: float = 0.0) -> bytes:
-    deadline = time.monotonic() + wait_s
-    while True:
-        key = path.read_bytes()
-        if len(key) == 32:
-            return key
-        if len(key) > 32 or time.monotonic() >= deadline:
-            raise ValueError(f"{path} holds {len(key)} bytes, not the 32 of a scope-label key; delete it to make a "
-                             "new one (the stored cache entries then lose their labels)")
-        time.sleep(0.01)  # a process that created it in place is still writing
+def _read_label_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ValueError(f"{path} holds {len(key)} bytes, not the 32 of a scope-label key; delete it to make a new one "
+                         "(the stored cache entries then lose their labels)")
+    return key
 
 
 def canonical_bytes(value: object) -> bytes:

@@ -671,7 +671,9 @@ def test_workers_racing_to_make_the_label_key_all_read_the_one_that_won(tmp_path
         assert [racer.exitcode for racer in racers] == [0] * 4
         assert all(isinstance(key, bytes) for key in found), found
         assert len(set(found)) == 1 and found[0] == path.read_bytes() and len(found[0]) == 32
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"scope-label-{i}.key" for i in range(20))
+    # No temporary file left: each key and its lock file only.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        name for i in range(20) for name in (f"scope-label-{i}.key", f"scope-label-{i}.key.lock"))
 
 
 def _race_for_the_key(path: str, start: Any, results: Any) -> None:
@@ -681,32 +683,6 @@ def _race_for_the_key(path: str, start: Any, results: Any) -> None:
     except Exception as exc:  # noqa: BLE001 - reported to the test, which names it
         outcome = repr(exc)
     results.put(outcome)
-
-
-def test_without_hard_links_the_label_key_is_made_in_place(tmp_path, monkeypatch):
-    """A filesystem without hard links (vfat, some network mounts): the key is created in place instead, once."""
-    import errno
-
-    def no_links(*_args: object) -> None:
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_links)
-    path = tmp_path / "scope-label.key"
-    key = load_label_key(path)
-    assert len(key) == 32 and load_label_key(path) == key
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and [p.name for p in tmp_path.iterdir()] == [path.name]
-
-
-def test_a_reader_waits_for_a_key_still_being_written_in_place(tmp_path):
-    path = tmp_path / "scope-label.key"
-    key = os.urandom(32)
-    path.write_bytes(key[:10])  # another process created it in place and is writing the rest
-    writer = threading.Timer(0.1, lambda: path.write_bytes(key))
-    writer.start()
-    try:
-        assert load_label_key(path) == key
-    finally:
-        writer.join()
 
 
 def test_the_label_key_is_made_once_owner_only_and_then_read(tmp_path):
