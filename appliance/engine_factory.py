@@ -175,7 +175,8 @@ def chosen_decoder(machine: MachineProbe = probe_machine) -> Callable[..., Decod
         else:
             decoder = OnnxRuntimeDecoder(spec.model_file, generation, rows=limits.slots, max_capacity=limits.capacity,
                                          threads=threads, spin=spec.generation.spin_threads,
-                                         dense_batches=spec.generation.dense_batches)
+                                         dense_batches=spec.generation.dense_batches,
+                                         split_weights=spec.generation.split_weights)
         decoder.choice = choice
         return decoder
 

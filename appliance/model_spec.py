@@ -112,6 +112,9 @@ class GenerationSection:
     max_waiting: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
     # Multi-row calls through a float32-weight twin of a 4-bit graph: faster batches for ~4 bytes per weight of RAM.
     dense_batches: bool = False
+    # One-row steps of a float32 graph with split 8-bit weights (the exact tier's Q8_0 LM head): "split" as built,
+    # "dense" (float32, 4 bytes a weight), or "timed" at load on this CPU (dense where clearly faster: AVX2 here)
+    split_weights: Literal["timed", "split", "dense"] = "timed"
     spin_threads: bool = True  # ONNX Runtime threads spin between a step's parallel regions (faster, busier)
     # Every sequence runs as if alone (fixed prefill chunks, decode steps of its own): greedy and seeded requests
     # then give the same tokens whatever else runs, and are cached.

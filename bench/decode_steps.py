@@ -3,7 +3,8 @@ the fast tier in both forms of its Q8_0 table (8-bit, and split into 4-bit halve
 
 Builds the tiers with the pipeline (the GGUF cached in ~/.cache/appliance-bench), then for each graph times decode
 steps of 1, 2, 4, 8 and 16 rows over a cache holding ``--past`` positions, through the appliance's own
-``OnnxRuntimeDecoder`` (the exact tier's multi-row steps on its float32 twin, as served). The graphs are timed in
+``OnnxRuntimeDecoder`` (the exact tier's multi-row steps on its float32 twin, and its split 8-bit weights in the
+form timed at load, as served; where that form is dense, the exact tier with them as built too). The graphs are timed in
 alternation, ``--rounds`` times, and the median of each is reported: this VM drifts by 10-20% from minute to minute,
 so only figures of one run compare. No server, no sampling: what the kernels cost. Prints a table, writes
 bench/results/decode-steps-*.json.
@@ -53,9 +54,10 @@ def build(root: Path) -> tuple[Path, dict[str, Path]]:
     return results["smollm2-135m"], graphs
 
 
-def decoder(path: Path, generation: dict, exact: bool) -> OnnxRuntimeDecoder:
-
-    return OnnxRuntimeDecoder(path, generation, rows=max(ROWS), max_capacity=512, spin=True, dense_batches=exact)
+def decoder(path: Path, generation: dict, exact: bool, split_weights: str = "timed") -> OnnxRuntimeDecoder:
+    """A tier's decoder as served (``split_weights`` "timed": the form of split 8-bit weights chosen at load)."""
+    return OnnxRuntimeDecoder(path, generation, rows=max(ROWS), max_capacity=512, spin=True, dense_batches=exact,
+                              split_weights=split_weights)
 
 
 def step_ms(engine: OnnxRuntimeDecoder, rows: int, past: int, steps: int) -> float:
@@ -82,6 +84,10 @@ def main() -> int:
         exact_folder, graphs = build(Path(folder))
         generation = json.loads((exact_folder / "generation.json").read_text())
         engines = {name: decoder(path, generation, name == "exact") for name, path in graphs.items()}
+        chosen = engines["exact"].split_weights
+        print(f"  exact tier: {chosen.description}", flush=True)
+        if chosen.form != "split":
+            engines["exact, split weights as built"] = decoder(graphs["exact"], generation, True, "split")
         for engine in engines.values():
             engine.ensure(args.past + 1)
         samples: dict[str, dict[int, list[float]]] = {name: {r: [] for r in ROWS} for name in engines}
@@ -101,6 +107,7 @@ def main() -> int:
                        ["graph", *(f"{r} row{'s' * (r > 1)}" for r in ROWS), "tok/s at 8 rows over 1"],
                        table)
     path = report.write_json("decode-steps", {"past": args.past, "steps": args.steps, "rounds": args.rounds,
+                                              "exact_split_weights": vars(chosen) | {"weights": None},
                                               "graphs": result})
     print(f"\nwrote {path}")
     return 0

@@ -88,7 +88,9 @@ def _session(form: str, raw: np.ndarray, rows: int, columns: int, threads: int) 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")  # as the decoder's steps run
+    # Not spinning, unlike the decoder: a form's pool threads spinning after its call would take the
+    # cores from the other form's next call (measured: timings of the same head varied 2x).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(linear_model(weight, INT8_ACTIVATIONS).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 

@@ -16,6 +16,7 @@ memory of building the session near one copy of them.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,11 @@ class DenseTwin:
         options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(self.weights[n]) for n in names])
 
 
-def dense_twin(model: onnx.ModelProto) -> DenseTwin:
-    """``model`` with each plain ``MatMulNBits`` (no ``g_idx`` or bias input) replaced by a float32 ``MatMul``.
+def dense_twin(model: onnx.ModelProto, only: Collection[str] | None = None,
+               dequantized: Mapping[str, np.ndarray] | None = None) -> DenseTwin:
+    """``model`` with each plain ``MatMulNBits`` (no ``g_idx`` or bias input) replaced by a float32 ``MatMul``;
+    ``only``: just the nodes of those names; ``dequantized``: dense weights made before (by twin weight name, from a
+    twin of a graph with the same nodes), taken instead of dequantizing again.
 
     A ``Concat`` that only repeats the input (split 8-bit weights) and a ``Gemm`` that only adds block offsets to
     the product are folded into the dense weight. Nodes and initializers left unused are dropped. ``model`` is
@@ -70,7 +74,7 @@ def dense_twin(model: onnx.ModelProto) -> DenseTwin:
     placeholders: list[onnx.TensorProto] = []
     folded: set[str] = set()  # names of Gemm nodes whose offsets went into a dense weight
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or any(node.input[4:]):
+        if node.op_type != "MatMulNBits" or any(node.input[4:]) or (only is not None and node.name not in only):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         bits = int(attrs.get("bits", 4))
@@ -94,10 +98,13 @@ def dense_twin(model: onnx.ModelProto) -> DenseTwin:
                 output = users[0].output[0]
                 folded.add(users[0].name)
         n, k = int(attrs["N"]), int(attrs["K"]) // copies
-        weight = NBitsWeight(n, k, bits, packed, scales.reshape(n, -1), zero_points,
-                             offsets, copies).dequantize()
         name = f"{node.name}.dense_weight_t"
-        weights[name] = np.ascontiguousarray(weight.T, dtype=np.float32)
+        if dequantized is not None and name in dequantized:
+            weights[name] = dequantized[name]
+        else:
+            weight = NBitsWeight(n, k, bits, packed, scales.reshape(n, -1), zero_points,
+                                 offsets, copies).dequantize()
+            weights[name] = np.ascontiguousarray(weight.T, dtype=np.float32)
         placeholders.append(_placeholder(name, weights[name].shape))
         node.CopyFrom(helper.make_node("MatMul", [source, name], [output], name=node.name))
 

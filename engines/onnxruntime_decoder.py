@@ -6,7 +6,8 @@ described in ``appliance.build.gguf_decoder``.
 
 On the CPU (the default :class:`Placement`) the cache lives in numpy buffers. With dense_batches a second session
 over the same KV buffers, whose 4-bit weights were dequantized to float32 at load (``dense_weights``), takes every
-call except a one-row decode step: prefills and multi-row steps.
+call except a one-row decode step: prefills and multi-row steps. A float32 graph's split 8-bit weights (the Q8_0 LM
+head) run one-row steps as built or dequantized, whichever this machine's kernels run faster (``split_weights``).
 
 On a CUDA device (:meth:`Placement.cuda`) the session runs on ONNX Runtime's CUDA execution provider, the cache
 lives in device memory and is never copied to the host, and shared decode steps run in row buckets replayed from
@@ -31,6 +32,7 @@ from appliance.engines.decode_buckets import NO_GRAPH, DecodeGraphs, bucket_for
 from appliance.engines.dense_weights import DenseTwin, dense_twin
 from appliance.engines.device_memory import CudaMemory, DeviceMemory
 from appliance.engines.kv_cache import DeviceKvCache, HostKvCache, KvShape
+from appliance.engines.split_weights import SPLIT, SplitWeightsForm, choose_form, one_row_twin
 from appliance.errors import ModelLoadFailed
 
 log = logging.getLogger("appliance.engines.onnxruntime_decoder")
@@ -94,17 +96,28 @@ class OnnxRuntimeDecoder:
 
     def __init__(self, model_path: Path, generation: Mapping[str, Any], *, rows: int, max_capacity: int,
                  threads: int = 0, spin: bool = False, dense_batches: bool = False,
-                 twin_builder: TwinBuilder = dense_twin, placement: Placement | None = None) -> None:
+                 twin_builder: TwinBuilder = dense_twin, placement: Placement | None = None,
+                 split_weights: str = SPLIT) -> None:
         """``generation``: the build's ``generation.json`` (layer and head counts); ``threads`` 0: ONNX Runtime's
-        choice; ``twin_builder`` makes the float32 twin when ``dense_batches`` asks for one (CPU only)."""
+        choice; ``twin_builder`` makes the float32 twin when ``dense_batches`` asks for one (CPU only);
+        ``split_weights``: the form of float32 split 8-bit weights in one-row steps on the CPU, "split" (as built),
+        "dense" or "timed" (``appliance.engines.split_weights``)."""
         import onnxruntime as ort
 
         self._ort = ort
         self._model_path = Path(model_path)
         self._threads, self._spin = threads, spin
         self.placement = placement or Placement()
-        self.session: Any = self._graph_session()
         on_host = not self.placement.device
+        self.split_weights = SplitWeightsForm(SPLIT)
+        one_row: DenseTwin | None = None
+        if on_host and split_weights != SPLIT:
+            model = onnx.load(str(self._model_path))
+            self.split_weights = choose_form(model, split_weights, threads)
+            one_row = one_row_twin(model, self.split_weights)
+            del model
+        self.session: Any = self._graph_session(one_row)
+        del one_row
         self._twin: Any = self._dense_twin(twin_builder) if dense_batches and on_host else None
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.takes_query_seqlens = "query_seqlens" in graph_inputs
@@ -170,6 +183,8 @@ class OnnxRuntimeDecoder:
     def description(self) -> str:
         """Runtime, device and cache size, for logs (and the load log line)."""
         twin = ", float32 twin for multi-row calls" if self._twin is not None else ""
+        if self.split_weights.nodes:
+            twin += f", {self.split_weights.description}"
         where = self.session.get_providers()[0]
         if self.placement.device:
             where += f" (cache on {self.placement.device}:{self.placement.device_id}"
@@ -188,13 +203,18 @@ class OnnxRuntimeDecoder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
         return options
 
-    def _session(self, providers: list[Any]) -> Any:
-        return self._ort.InferenceSession(str(self._model_path), self._options(), providers=providers)
+    def _session(self, providers: list[Any], rewritten: DenseTwin | None = None) -> Any:
+        if rewritten is None:
+            return self._ort.InferenceSession(str(self._model_path), self._options(), providers=providers)
+        options = self._options()
+        rewritten.supply(options)
+        return self._ort.InferenceSession(rewritten.graph, options, providers=providers)
 
-    def _graph_session(self) -> Any:
-        """The session; where ONNX Runtime refuses CUDA graphs for this graph, one without them (logged)."""
+    def _graph_session(self, rewritten: DenseTwin | None = None) -> Any:
+        """The session (of ``rewritten``, the graph with some weights made dense, where given); where ONNX Runtime
+        refuses CUDA graphs for this graph, one without them (logged)."""
         try:
-            session = self._session(self.placement.providers)
+            session = self._session(self.placement.providers, rewritten)
         except Exception as exc:  # noqa: BLE001 - the EP's refusals come as several error types
             if not self.placement.cuda_graphs:
                 raise

@@ -102,6 +102,7 @@ def test_model_toml_validation(tmp_path):
         "colour = 1\n": "unknown key 'colour'",
         '[[inputs]]\nname = "X"\n': "needs both name and datatype",
         'name = "other"\n': "differs from the folder name",
+        '[generation]\nsplit_weights = "fast"\n': "expected one of 'timed', 'split', 'dense'",
     }
     for text, message in cases.items():
         (folder / "model.toml").write_text(text)

@@ -7,60 +7,19 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
-from appliance.build.gguf_decoder import MS_DOMAIN, OPSET, _Graph
-from appliance.build.q4_repack import BLOCK, NBitsWeight, _pack_nibbles_pairwise
 from appliance.engines.dense_weights import DenseTwin, dense_twin
 from appliance.engines.onnxruntime_decoder import OnnxRuntimeDecoder
+from nbits_forms import FORMS, K, N, ROWS, forms_model, session, weight
 from reference_data import reference_items
-
-K, N, ROWS = 128, 48, 5
-
-
-def _weight(rng: np.random.Generator, bits: int = 4, zero_points: bool = False, offsets: bool = False,
-            copies: int = 1) -> NBitsWeight:
-    blocks = K // BLOCK * copies
-    packed = rng.integers(0, 256, (N, blocks, BLOCK * bits // 8), dtype=np.uint8)
-    scales = rng.uniform(0.01, 0.1, (N, blocks)).astype(np.float32)
-    zp = _pack_nibbles_pairwise(rng.integers(0, 16, (N, blocks), dtype=np.uint8)) if zero_points else None
-    mins = rng.uniform(-0.2, 0.2, (K // BLOCK, N)).astype(np.float32) if offsets else None
-    return NBitsWeight(N, K, bits, packed, scales, zp, mins, copies)
-
-
-FORMS = {
-    "q4_0": {},
-    "q4_1_centred": {"offsets": True},
-    "q4_1_zero_points": {"zero_points": True, "offsets": True},
-    "q8_0_split": {"offsets": True, "copies": 2},
-    "q8": {"bits": 8},
-}
-
-
-def _model(weights: dict[str, NBitsWeight]) -> onnx.ModelProto:
-    graph = _Graph(accuracy_level=1)
-    outputs = [graph.linear("x", w, name) for name, w in weights.items()]
-    return helper.make_model(
-        helper.make_graph(graph.nodes, "forms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", K])],
-                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["T", N]) for o in outputs],
-                          graph.inits),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
-
-
-def _session(graph: bytes, twin: DenseTwin | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if twin is not None:
-        twin.supply(options)
-    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-
 
 def test_twin_computes_every_weight_form_like_the_4_bit_graph():
     rng = np.random.default_rng(7)
-    weights = {name: _weight(rng, **form) for name, form in FORMS.items()}
-    model = _model(weights)
-    original = _session(model.SerializeToString())
+    weights = {name: weight(rng, **form) for name, form in FORMS.items()}
+    model = forms_model(weights)
+    original = session(model.SerializeToString())
     twin = dense_twin(model)
     assert len(twin.weights) == len(FORMS)
     dense = onnx.load_from_string(twin.graph)
@@ -69,7 +28,7 @@ def test_twin_computes_every_weight_form_like_the_4_bit_graph():
     assert twin.weight_bytes == len(FORMS) * K * N * 4
     x = rng.standard_normal((ROWS, K)).astype(np.float32)
     want = original.run(None, {"x": x})
-    got = _session(twin.graph, twin).run(None, {"x": x})
+    got = session(twin.graph, twin).run(None, {"x": x})
     for name, w, a, b in zip(weights, weights.values(), want, got):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
         np.testing.assert_allclose(b, x @ w.dequantize().T, rtol=1e-4, atol=1e-4, err_msg=name)
@@ -77,7 +36,7 @@ def test_twin_computes_every_weight_form_like_the_4_bit_graph():
 
 def test_twin_leaves_forms_it_does_not_know_alone():
     rng = np.random.default_rng(8)
-    model = _model({"q4": _weight(rng)})
+    model = forms_model({"q4": weight(rng)})
     node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
     node.attribute.remove(next(a for a in node.attribute if a.name == "block_size"))
     node.attribute.append(helper.make_attribute("block_size", 64))
@@ -150,3 +109,20 @@ def test_the_kv_cache_size_is_reported_from_its_rows_and_positions(exact_decoder
     assert exact_decoder.kv_cache_bytes() == 4 * 256 * per_position  # rows x max_capacity, float32 K and V
     assert exact_decoder.kv_cache_bytes(exact_decoder.capacity) == 4 * exact_decoder.capacity * per_position
     assert f"{4 * 256 * per_position / 2**20:.0f} MiB at most" in exact_decoder.description
+
+
+def test_a_twin_of_named_nodes_leaves_the_others_4_bit_and_takes_weights_made_before():
+    rng = np.random.default_rng(9)
+    weights = {name: weight(rng, **form) for name, form in FORMS.items()}
+    model = forms_model(weights)
+    original = session(model.SerializeToString())
+    split_node = next(n.name for n in model.graph.node if n.op_type == "MatMulNBits" and "q8_0_split" in n.name)
+    made = dense_twin(forms_model(weights), only={split_node})
+    twin = dense_twin(model, only={split_node}, dequantized=made.weights)
+    assert list(twin.weights) == [f"{split_node}.dense_weight_t"]
+    assert all(twin.weights[name] is made.weights[name] for name in twin.weights)  # taken, not made again
+    ops = [node.op_type for node in onnx.load_from_string(twin.graph).graph.node]
+    assert ops.count("MatMulNBits") == len(FORMS) - 1 and ops.count("MatMul") >= 1 and "Concat" not in ops
+    x = rng.standard_normal((ROWS, K)).astype(np.float32)
+    for name, a, b in zip(weights, original.run(None, {"x": x}), session(twin.graph, twin).run(None, {"x": x})):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
