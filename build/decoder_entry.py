@@ -28,6 +28,8 @@ from appliance.build.entries import (
 )
 from appliance.build.gguf_decoder import (INT8_ACTIVATIONS, VARIANTS, DecoderBuild, import_gguf, render_chat,
                                           write_variant_graph)
+from appliance.build.batch_invariance import ROWS as INVARIANCE_ROWS
+from appliance.build.batch_invariance import measure_batch_invariance
 from appliance.build.parity import greedy, parity_decoder, teacher_forced_argmax
 from appliance.build.provenance import build_key, sha256_file
 from appliance.build.q8_form import Q8FormTimer
@@ -75,6 +77,8 @@ def build_decoder_tiers(gguf_path: Path, repo: Path, name: str, options: Decoder
                         "dense_batches": variant == "exact",
                         # int8 activations: a Q8_0 table in the form timed faster on the building machine
                         **({"q8_0_form": "timed"} if VARIANTS[variant] == INT8_ACTIVATIONS else {}),
+                        # a tier that can be batch-invariant is claimed so only where measured on the building CPU
+                        **({"batch_invariance": "measured"} if INVARIANT.get(variant, False) else {}),
                         "min_fast_agreement": options.min_fast_agreement if variant != "exact" else None}
         if variant == "exact" and options.cuda_graph:
             tier_options["cuda_graph"] = {"min_agreement": options.min_cuda_agreement,
@@ -118,6 +122,18 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
                 report.figures = agreement(DecoderBuild.from_folder(exact_folder), build.model_path)
                 parity["agreement_with_exact"] = report.figures
                 _refuse_below(report.figures, options.min_fast_agreement, target)
+        invariant = False
+        if INVARIANT.get(variant, False):
+            with stage(stages, f"{target}: batch invariance on this CPU", progress) as report:
+                decoder = parity_decoder(build.model_path, json.loads(build.generation_path.read_text()), 256,
+                                         rows=INVARIANCE_ROWS)
+                report.figures = measure_batch_invariance(decoder)
+                decoder.close()
+                parity["batch_invariance"] = report.figures
+                invariant = bool(report.figures["invariant"])
+                progress(f"{target}: " + ("batch-invariant: marked deterministic" if invariant else
+                                          f"not batch-invariant on this CPU ({report.figures['differing']} of "
+                                          f"{report.figures['checks']} checks differ): not marked deterministic"))
         cuda_graph = variant == "exact" and options.cuda_graph
         if cuda_graph:
             with stage(stages, f"{target}: graph for the CUDA execution provider (FP16)", progress,
@@ -138,7 +154,7 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
                          "ONNX Runtime's CUDA provider serves them on GPUs")
                 report.figures = {"skipped": "decoder uses ONNX Runtime contrib operators"}
         return publish(scratch, target, key=key, source=source, options=tier_options, parity=parity,
-                       stages=stages, model_toml=_model_toml(build, variant, source["path"], cuda_graph))
+                       stages=stages, model_toml=_model_toml(build, variant, source["path"], cuda_graph, invariant))
 
 
 def _refuse_below(figures: dict[str, object], threshold: float, what: str) -> None:
@@ -180,29 +196,33 @@ DENSE_BATCHES = """
 dense_batches = true  # multi-row steps use a float32 copy of the weights (faster batches, ~4 bytes per weight)"""
 
 
-# Measured by bench/invariance.py (and asserted by tests/api/test_reproducible.py): the fast tier's rows are bitwise
-# the same whatever calls they share (int8 activations are quantized per row; no one-row special case); the exact
+# Which variants can be batch-invariant (bench/invariance.py, tests/api/test_reproducible.py): the fast tier's int8
+# activations are quantized per row, so its rows are bitwise the same whatever calls they share where ONNX
+# Runtime's kernels have no one-row special case (measured at build: appliance.build.batch_invariance); the exact
 # tier's are not (one-row steps run the 4-bit kernel, multi-row steps the float32 twin), so its greedy and seeded
 # requests are cached only in the reproducible mode ([generation] reproducible, or x-appliance-reproducible).
 INVARIANT = {"exact": False, "fast": True}
 
 
-def _invariance_line(variant: str) -> str:
-    """The value of ``deterministic`` and the comment that says why."""
+def _invariance_line(variant: str, measured: bool) -> str:
+    """The value of ``deterministic`` and the comment that says why (``measured``: the build's check passed)."""
+    if INVARIANT.get(variant, False) and measured:
+        return "true  # measured batch-invariant on the building CPU (provenance.json; the README's Reproducibility)"
     if INVARIANT.get(variant, False):
-        return "true  # proved batch-invariant (see the README's Reproducibility)"
+        return ("false  # not batch-invariant on the building CPU: its kernels compute a row differently in one-row "
+                "and multi-row calls (provenance.json; the README's Reproducibility)")
     return ("false  # not batch-invariant: a row's tokens may change with the rows it runs beside (see the README's "
             "Reproducibility)")
 
 
-def _model_toml(build: DecoderBuild, variant: str, source_path: str, cuda_graph: bool) -> str:
+def _model_toml(build: DecoderBuild, variant: str, source_path: str, cuda_graph: bool, invariant: bool) -> str:
     cuda_file = (f'\ncuda_file = "{CUDA_GRAPH}"  # FP16 activations and KV cache: what the CUDA execution provider '
                  'runs' if cuda_graph else "")
     return f'''# Built by `appliance build` from {source_path}
 task = "generate"
 tier = "{TIERS.get(variant, "small")}"
 description = "decoder, {variant} variant ({'float32 activations' if variant == 'exact' else 'int8 activations'})"
-deterministic = {_invariance_line(variant)}
+deterministic = {_invariance_line(variant, invariant)}
 
 [engine]
 kind = "auto"  # the CUDA execution provider where a GPU answers and cuda_file is set, else the CPU

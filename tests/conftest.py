@@ -182,3 +182,12 @@ def smollm2_repo(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -
     repo = tmp_path_factory.mktemp("smollm2-repo")
     build_decoder_tiers(smollm2_gguf, repo, "smollm2-135m", DecoderOptions(), lambda line: None)
     return repo
+
+
+@pytest.fixture(scope="session")
+def fast_tier_deterministic(smollm2_repo: Path) -> bool:
+    """Whether the fast tier's build measured it batch-invariant on this CPU (and so marked it deterministic):
+    true with AVX-512, false where ONNX Runtime's one-row int8 kernel differs from its multi-row one (AVX2)."""
+    from appliance.model_spec import read_model_spec
+
+    return read_model_spec("smollm2-135m-fast", 1, smollm2_repo / "smollm2-135m-fast" / "1").deterministic

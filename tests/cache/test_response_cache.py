@@ -263,10 +263,18 @@ def test_embeddings_hit_miss_and_bypass(minilm_repo, server_factory):
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
-def chat(url: str, **options) -> requests.Response:
-    """A chat to the fast tier: its tokens do not depend on batch neighbours, so greedy and seeded ones are cached."""
+@pytest.fixture()
+def cacheable(fast_tier_deterministic: bool) -> dict[str, str]:
+    """Headers under which the fast tier's greedy and seeded chats are cached on this CPU: none where its build
+    measured it batch-invariant, else the reproducible mode (each sequence runs as if alone)."""
+    return {} if fast_tier_deterministic else {"x-appliance-reproducible": "true"}
+
+
+def chat(url: str, headers: dict[str, str], **options) -> requests.Response:
+    """A chat to the fast tier."""
     payload = {"model": "smollm2-135m-fast", "messages": MESSAGES, "max_tokens": 12, **options}
-    return requests.post(f"{url}/v1/chat/completions", json=payload, timeout=120, stream=payload.get("stream", False))
+    return requests.post(f"{url}/v1/chat/completions", json=payload, headers=headers, timeout=120,
+                         stream=payload.get("stream", False))
 
 
 def streamed_text(response: requests.Response) -> tuple[str, list[dict]]:
@@ -281,33 +289,33 @@ def streamed_text(response: requests.Response) -> tuple[str, list[dict]]:
     return text, chunks
 
 
-def test_chat_is_cached_streamed_or_not(smollm2_repo, server_factory):
+def test_chat_is_cached_streamed_or_not(smollm2_repo, server_factory, cacheable):
     running = server_factory(smollm2_repo, cache=CACHE_ON)
-    miss = chat(running.url, temperature=0)
-    hit = chat(running.url, temperature=0)
+    miss = chat(running.url, cacheable, temperature=0)
+    hit = chat(running.url, cacheable, temperature=0)
     assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("miss", "hit")
     assert hit.json()["choices"][0]["message"] == miss.json()["choices"][0]["message"]
     assert hit.json()["usage"] == miss.json()["usage"] and hit.json()["id"] != miss.json()["id"]
-    stream = chat(running.url, temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = chat(running.url, cacheable, temperature=0, stream=True, stream_options={"include_usage": True})
     assert stream.headers["x-cache"] == "hit"
     text, chunks = streamed_text(stream)
     assert text == miss.json()["choices"][0]["message"]["content"]
     assert chunks[-1]["usage"] == miss.json()["usage"]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
     # A stream that ran on the model is stored too, and served whole.
-    fresh = chat(running.url, temperature=0, stream=True, max_tokens=6)
+    fresh = chat(running.url, cacheable, temperature=0, stream=True, max_tokens=6)
     assert fresh.headers["x-cache"] == "miss"
     fresh_text, _ = streamed_text(fresh)
-    again = chat(running.url, temperature=0, max_tokens=6)
+    again = chat(running.url, cacheable, temperature=0, max_tokens=6)
     assert again.headers["x-cache"] == "hit" and again.json()["choices"][0]["message"]["content"] == fresh_text
 
 
-def test_only_deterministic_generation_is_cached(smollm2_repo, server_factory):
+def test_only_deterministic_generation_is_cached(smollm2_repo, server_factory, cacheable):
     running = server_factory(smollm2_repo, cache=CACHE_ON)
-    seeded = [chat(running.url, temperature=0.9, seed=7) for _ in range(2)]
+    seeded = [chat(running.url, cacheable, temperature=0.9, seed=7) for _ in range(2)]
     assert [r.headers["x-cache"] for r in seeded] == ["miss", "hit"]
     assert seeded[0].json()["choices"] == seeded[1].json()["choices"]
-    sampled = chat(running.url, temperature=0.9)
+    sampled = chat(running.url, cacheable, temperature=0.9)
     assert sampled.headers["x-cache"] == "bypass"
-    other_seed = chat(running.url, temperature=0.9, seed=8)
+    other_seed = chat(running.url, cacheable, temperature=0.9, seed=8)
     assert other_seed.headers["x-cache"] == "miss"
