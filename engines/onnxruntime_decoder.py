@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
 from appliance.engines.buckets import powers_of_two
 from appliance.engines.decode_buckets import NO_GRAPH, DecodeGraphs, bucket_for
@@ -112,7 +113,10 @@ class OnnxRuntimeDecoder:
         self.split_weights = SplitWeightsForm(SPLIT)
         one_row: DenseTwin | None = None
         if on_host and split_weights != SPLIT:
-            model = onnx.load(str(self._model_path))
+            try:
+                model = onnx.load(str(self._model_path))
+            except (OSError, DecodeError) as exc:
+                raise ModelLoadFailed(f"{self._model_path}: not an ONNX model this onnx can read ({exc})") from exc
             self.split_weights = choose_form(model, split_weights, threads)
             one_row = one_row_twin(model, self.split_weights)
             del model
