@@ -11,17 +11,17 @@ otherwise pick a different graph from one build to the next.
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from statistics import median
 from typing import Any
 
 import numpy as np
 
 from appliance.build import q4_repack
 from appliance.build.gguf_decoder import INT8_ACTIVATIONS, linear_model
+from appliance.engines.form_timing import time_alternating, timing_options
 
 FORMS = ("8-bit", "split")
 RUNS = 30  # timed calls per form, after warm-up; a 49152 x 576 head takes about 1 ms a call
@@ -58,24 +58,8 @@ def time_forms(rows: int, columns: int, threads: int, runs: int) -> dict[str, fl
     calls alternating; a form whose session fails gives its error instead."""
     feed = {"x": np.random.default_rng(0).standard_normal((1, columns)).astype(np.float32)}
     raw = _random_q8_0(rows, columns)
-    sessions: dict[str, Any] = {}
-    outcome: dict[str, float | Exception] = {}
-    for form in FORMS:
-        try:
-            sessions[form] = _session(form, raw, rows, columns, threads)
-            for _ in range(5):
-                sessions[form].run(None, feed)
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; the build must go on
-            outcome[form] = exc
-            sessions.pop(form, None)
-    times: dict[str, list[float]] = {form: [] for form in sessions}
-    for _ in range(runs):
-        for form, session in sessions.items():
-            started = time.perf_counter()
-            session.run(None, feed)
-            times[form].append(time.perf_counter() - started)
-    outcome.update({form: float(median(values)) for form, values in times.items()})
-    return outcome
+    return time_alternating({form: functools.partial(_session, form, raw, rows, columns, threads) for form in FORMS},
+                            feed, runs, warmup=5)
 
 
 def _session(form: str, raw: np.ndarray, rows: int, columns: int, threads: int) -> Any:
@@ -85,13 +69,7 @@ def _session(form: str, raw: np.ndarray, rows: int, columns: int, threads: int) 
         weight = q4_repack.q8_0_to_nbits(raw, rows, columns)
     else:
         weight = q4_repack.q8_0_to_split_nbits(raw, rows, columns)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    # Not spinning, unlike the decoder: a form's pool threads spinning after its call would take the
-    # cores from the other form's next call (measured: timings of the same head varied 2x).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(linear_model(weight, INT8_ACTIVATIONS).SerializeToString(), options,
+    return ort.InferenceSession(linear_model(weight, INT8_ACTIVATIONS).SerializeToString(), timing_options(threads),
                                 providers=["CPUExecutionProvider"])
 
 

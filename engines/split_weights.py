@@ -15,10 +15,8 @@ calls (``appliance.engines.dense_weights``).
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from statistics import median
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ import onnx
 from onnx import helper
 
 from appliance.engines.dense_weights import DenseTwin, dense_twin
+from appliance.engines.form_timing import time_alternating, timing_options
 
 SPLIT, DENSE = "split", "dense"
 CHOICES = ("timed", SPLIT, DENSE)
@@ -110,34 +109,17 @@ def time_forms(piece: onnx.ModelProto, dense_piece: DenseTwin, threads: int,
     rng = np.random.default_rng(0)
     feed = {i.name: rng.standard_normal((1, i.type.tensor_type.shape.dim[1].dim_value)).astype(np.float32)
             for i in piece.graph.input}
-    sessions: dict[str, Any] = {}
-    outcome: dict[str, float | Exception] = {}
-    for form in (SPLIT, DENSE):
-        try:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.log_severity_level = 3
-            # Not spinning, unlike the decoder: a form's pool threads spinning after its call would take the
-            # cores from the other form's next call (measured: timings of the same head varied 2x).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            graph = piece.SerializeToString()
-            if form == DENSE:
-                dense_piece.supply(options)
-                graph = dense_piece.graph
-            sessions[form] = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-            for _ in range(3):
-                sessions[form].run(None, feed)
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; the load must go on
-            outcome[form] = exc
-            sessions.pop(form, None)
-    times: dict[str, list[float]] = {form: [] for form in sessions}
-    for _ in range(runs):
-        for form, session in sessions.items():
-            started = time.perf_counter()
-            session.run(None, feed)
-            times[form].append(time.perf_counter() - started)
-    outcome.update({form: float(median(values)) for form, values in times.items()})
-    return outcome
+
+    def split() -> Any:
+        return ort.InferenceSession(piece.SerializeToString(), timing_options(threads),
+                                    providers=["CPUExecutionProvider"])
+
+    def dense() -> Any:
+        options = timing_options(threads)
+        dense_piece.supply(options)
+        return ort.InferenceSession(dense_piece.graph, options, providers=["CPUExecutionProvider"])
+
+    return time_alternating({SPLIT: split, DENSE: dense}, feed, runs)
 
 
 def _products(model: onnx.ModelProto, nodes: list[str]) -> onnx.ModelProto:
