@@ -111,15 +111,7 @@ class OnnxRuntimeDecoder:
         self.placement = placement or Placement()
         on_host = not self.placement.device
         self.split_weights = SplitWeightsForm(SPLIT)
-        one_row: DenseTwin | None = None
-        if on_host and split_weights != SPLIT:
-            try:
-                model = onnx.load(str(self._model_path))
-            except (OSError, DecodeError) as exc:
-                raise ModelLoadFailed(f"{self._model_path}: not an ONNX model this onnx can read ({exc})") from exc
-            self.split_weights = choose_form(model, split_weights, threads)
-            one_row = one_row_twin(model, self.split_weights)
-            del model
+        one_row = self._one_row_graph(split_weights) if on_host and split_weights != SPLIT else None
         self.session: Any = self._graph_session(one_row)
         del one_row
         self._twin: Any = self._dense_twin(twin_builder) if dense_batches and on_host else None
@@ -206,6 +198,18 @@ class OnnxRuntimeDecoder:
         # cut a step by ~20% (SmolLM2-135M, 2 cores), at the price of a busy core while a step runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
         return options
+
+    def _one_row_graph(self, choice: str) -> DenseTwin | None:
+        """The graph with its float32 split weights made dense where ``choice`` ("timed", or "dense" as asked)
+        takes that form, else ``None`` (the graph as built); ``split_weights`` says what was chosen and why."""
+        try:
+            model = onnx.load(str(self._model_path))
+        except (OSError, DecodeError) as exc:
+            raise ModelLoadFailed(f"{self._model_path}: not an ONNX model this onnx can read ({exc})") from exc
+        self.split_weights = choose_form(model, choice, self._threads)
+        if self.split_weights.nodes:
+            log.info("%s: %s", self._model_path, self.split_weights.description)
+        return one_row_twin(model, self.split_weights)
 
     def _session(self, providers: list[Any], rewritten: DenseTwin | None = None) -> Any:
         if rewritten is None:
