@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.cpu import cpu_description
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -38,27 +40,6 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
                **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path
-
-
-VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-                "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
-
-
-def cpu_description() -> dict[str, Any]:
-    """The CPU model and the vector extensions it has (from /proc/cpuinfo), so that figures from machines with
-    different kernels (AVX2 against AVX-512 VNNI) are never read as one."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "vector_extensions": [f for f in VECTOR_FLAGS if f in flags]}
 
 
 def gpu_description() -> list[str]:

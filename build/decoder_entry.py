@@ -32,6 +32,7 @@ from appliance.build.batch_invariance import ROWS as INVARIANCE_ROWS
 from appliance.build.batch_invariance import measure_batch_invariance
 from appliance.build.parity import greedy, parity_decoder, teacher_forced_argmax
 from appliance.build.provenance import build_key, sha256_file
+from appliance.cpu import cpu_description
 from appliance.build.q8_form import Q8FormTimer
 
 TIERS = {"exact": "mid", "fast": "small"}
@@ -127,7 +128,8 @@ def _build_tier(gguf_path: Path, repo: Path, target: str, variant: str, options:
             with stage(stages, f"{target}: batch invariance on this CPU", progress) as report:
                 decoder = parity_decoder(build.model_path, json.loads(build.generation_path.read_text()), 256,
                                          rows=INVARIANCE_ROWS)
-                report.figures = measure_batch_invariance(decoder)
+                # The claim holds on CPUs with these kernels: a version loaded on another one is not trusted with it.
+                report.figures = {**measure_batch_invariance(decoder), "cpu": cpu_description()}
                 decoder.close()
                 parity["batch_invariance"] = report.figures
                 invariant = bool(report.figures["invariant"])

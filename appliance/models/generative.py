@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from appliance.engines.runtime_choice import DECODER_CHOICE, RuntimeChoice
 from appliance.config import Config
+from appliance.cpu import cpu_description
+from appliance.invariance_claim import measured_on_another_cpu
 from appliance.engine_registry import Runtimes
 from appliance.engines.base import Decoder
 from appliance.engines.constraints import GrammarCompiler
@@ -17,6 +21,8 @@ from appliance.engines.tokenizer import TextEncoder
 from appliance.model_spec import ModelSpec
 from appliance.models.base import ModelVersion
 from appliance.telemetry import VersionMetrics
+
+log = logging.getLogger("appliance.models.generative")
 
 
 class GenerativeModel(ModelVersion):
@@ -68,6 +74,12 @@ class GenerativeModel(ModelVersion):
 
     def _load(self) -> None:
         spec = self.spec
+        elsewhere = measured_on_another_cpu(spec.path) if spec.deterministic else None
+        if elsewhere is not None:
+            log.warning("model %s version %s: deterministic was measured on %s, not on this CPU (%s); served as "
+                        "not deterministic until rebuilt here (appliance build)", spec.name, spec.version,
+                        elsewhere, " ".join(cpu_description()["vector_extensions"]))
+            self.spec = spec = replace(spec, deterministic=False)
         self.generation = json.loads((spec.path / spec.generation.config).read_text())
         from appliance.build.gguf_tokenizer import compile_chat_template, template_takes_tools
 

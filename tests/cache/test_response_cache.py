@@ -319,3 +319,34 @@ def test_only_deterministic_generation_is_cached(smollm2_repo, server_factory, c
     assert sampled.headers["x-cache"] == "bypass"
     other_seed = chat(running.url, cacheable, temperature=0.9, seed=8)
     assert other_seed.headers["x-cache"] == "miss"
+
+
+@pytest.mark.parametrize("measured_on", ["this_cpu", "another_cpu"])
+def test_a_deterministic_claim_is_trusted_only_on_a_cpu_like_the_one_that_measured_it(
+        smollm2_repo, server_factory, tmp_path, caplog, measured_on):
+    """A fast tier copied from a machine whose build measured it batch-invariant: served as deterministic (cached)
+    where its measurement's CPU has this CPU's vector extensions, else as not deterministic, with a warning."""
+    from appliance.cpu import cpu_description
+
+    source = smollm2_repo / "smollm2-135m-fast" / "1"
+    version = tmp_path / "repo" / "smollm2-135m-fast" / "1"
+    version.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.name not in ("model.toml", "provenance.json"):
+            (version / item.name).symlink_to(item)
+    claimed = re.sub(r"^deterministic = .*$", "deterministic = true", (source / "model.toml").read_text(), flags=re.M)
+    (version / "model.toml").write_text(claimed)
+    provenance = json.loads((source / "provenance.json").read_text())
+    cpu = {"model": "Imaginary CPU", "vector_extensions": ["sse4_2"]}
+    if measured_on == "this_cpu":
+        cpu = cpu_description()
+    provenance["parity"]["batch_invariance"].update(cpu=cpu, invariant=True)
+    (version / "provenance.json").write_text(json.dumps(provenance))
+    with caplog.at_level(logging.WARNING, logger="appliance.models.generative"):
+        running = server_factory(tmp_path / "repo", cache=CACHE_ON)
+    first = chat(running.url, {}, temperature=0).headers["x-cache"]
+    warned = [r.getMessage() for r in caplog.records if "not on this CPU" in r.getMessage()]
+    if measured_on == "this_cpu":
+        assert first == "miss" and chat(running.url, {}, temperature=0).headers["x-cache"] == "hit" and not warned
+    else:
+        assert first == "bypass" and len(warned) == 1 and "Imaginary CPU [sse4_2]" in warned[0]
