@@ -24,7 +24,9 @@ def measured_on_another_cpu(folder: Path) -> str | None:
         recorded = json.loads((folder / PROVENANCE).read_text())["parity"]["batch_invariance"]["cpu"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    theirs = list(recorded.get("vector_extensions", [])) if isinstance(recorded, dict) else []
+    if not isinstance(recorded, dict):
+        return None
+    theirs = list(recorded.get("vector_extensions", []))
     if theirs == cpu_description()["vector_extensions"]:
         return None
     return f"{recorded.get('model', 'another CPU')} [{' '.join(theirs)}]"

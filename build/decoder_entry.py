@@ -26,14 +26,14 @@ from appliance.build.entries import (
     publish,
     stage,
 )
-from appliance.build.gguf_decoder import (INT8_ACTIVATIONS, VARIANTS, DecoderBuild, import_gguf, render_chat,
-                                          write_variant_graph)
 from appliance.build.batch_invariance import ROWS as INVARIANCE_ROWS
 from appliance.build.batch_invariance import measure_batch_invariance
+from appliance.build.gguf_decoder import (INT8_ACTIVATIONS, VARIANTS, DecoderBuild, import_gguf, render_chat,
+                                          write_variant_graph)
 from appliance.build.parity import greedy, parity_decoder, teacher_forced_argmax
 from appliance.build.provenance import build_key, sha256_file
-from appliance.cpu import cpu_description
 from appliance.build.q8_form import Q8FormTimer
+from appliance.cpu import cpu_description
 
 TIERS = {"exact": "mid", "fast": "small"}
 CUDA_GRAPH = "model.cuda.onnx"

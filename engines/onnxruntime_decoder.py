@@ -18,6 +18,7 @@ computes the same whether it replays the one-row graph (row 0) or runs eagerly (
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ from appliance.errors import ModelLoadFailed
 
 log = logging.getLogger("appliance.engines.onnxruntime_decoder")
 
-TwinBuilder = Callable[[onnx.ModelProto], DenseTwin]
+TwinBuilder = Callable[..., DenseTwin]  # (model, dequantized=weights made before) -> the float32 twin
 
 
 @dataclass
@@ -111,10 +112,16 @@ class OnnxRuntimeDecoder:
         self.placement = placement or Placement()
         on_host = not self.placement.device
         self.split_weights = SplitWeightsForm(SPLIT)
-        one_row = self._one_row_graph(split_weights) if on_host and split_weights != SPLIT else None
+        # One read of the graph for both rewrites (the twin rewrites its copy in place).
+        model = self._read_graph() if on_host and (split_weights != SPLIT or dense_batches) else None
+        one_row = None
+        if model is not None and split_weights != SPLIT:
+            one_row = self._one_row_graph(copy.deepcopy(model) if dense_batches else model, split_weights)
         self.session: Any = self._graph_session(one_row)
         del one_row
-        self._twin: Any = self._dense_twin(twin_builder) if dense_batches and on_host else None
+        self._twin: Any = self._dense_twin(twin_builder, model) if model is not None and dense_batches else None
+        self.split_weights.weights = {}  # the dense weights the timing made live in the sessions now
+        del model
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
         self.takes_query_seqlens = "query_seqlens" in graph_inputs
         # The graph's logits are [rows, new tokens, vocab] ("all") or [rows, 1, vocab] ("last").
@@ -199,13 +206,15 @@ class OnnxRuntimeDecoder:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self._spin else "0")
         return options
 
-    def _one_row_graph(self, choice: str) -> DenseTwin | None:
-        """The graph with its float32 split weights made dense where ``choice`` ("timed", or "dense" as asked)
-        takes that form, else ``None`` (the graph as built); ``split_weights`` says what was chosen and why."""
+    def _read_graph(self) -> onnx.ModelProto:
         try:
-            model = onnx.load(str(self._model_path))
+            return onnx.load(str(self._model_path))
         except (OSError, DecodeError) as exc:
             raise ModelLoadFailed(f"{self._model_path}: not an ONNX model this onnx can read ({exc})") from exc
+
+    def _one_row_graph(self, model: onnx.ModelProto, choice: str) -> DenseTwin | None:
+        """``model`` with its float32 split weights made dense where ``choice`` ("timed", or "dense" as asked)
+        takes that form, else ``None`` (the graph as built); ``split_weights`` says what was chosen and why."""
         self.split_weights = choose_form(model, choice, self._threads)
         if self.split_weights.nodes:
             log.info("%s: %s", self._model_path, self.split_weights.description)
@@ -237,9 +246,10 @@ class OnnxRuntimeDecoder:
                 "or cuDNN libraries); install them, or set [engine] providers = ['cpu'] to run the CPU graph")
         return session
 
-    def _dense_twin(self, twin_builder: TwinBuilder) -> Any:
+    def _dense_twin(self, twin_builder: TwinBuilder, model: onnx.ModelProto) -> Any:
         try:
-            twin = twin_builder(onnx.load(str(self._model_path)))
+            # The split weights made dense for the one-row graph are the twin's too: not dequantized again.
+            twin = twin_builder(model, dequantized=self.split_weights.weights)
             if not twin.weights:
                 return None
             options = self._options()

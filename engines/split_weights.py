@@ -91,13 +91,11 @@ def choose_form(model: onnx.ModelProto, choice: str, threads: int, *, runs: int 
 
 
 def one_row_twin(model: onnx.ModelProto, chosen: SplitWeightsForm) -> DenseTwin | None:
-    """``model`` with its split nodes made dense, where that was chosen (``model`` is modified in place, and the
-    timing's dense weights move from ``chosen`` into the twin)."""
+    """``model`` with its split nodes made dense, where that was chosen (``model`` is modified in place; the
+    twin takes the timing's dense weights from ``chosen``, not copies)."""
     if chosen.form != DENSE or not chosen.nodes:
         return None
-    twin = dense_twin(model, only=set(chosen.nodes), dequantized=chosen.weights)
-    chosen.weights = {}
-    return twin
+    return dense_twin(model, only=set(chosen.nodes), dequantized=chosen.weights)
 
 
 def time_forms(piece: onnx.ModelProto, dense_piece: DenseTwin, threads: int,

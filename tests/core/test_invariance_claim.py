@@ -18,6 +18,7 @@ def test_a_measurement_on_this_cpu_or_none_at_all_raises_no_doubt(tmp_path):
     assert measured_on_another_cpu(_version(tmp_path, {"parity": {"batch_invariance": {"cpu": here}}})) is None
     assert measured_on_another_cpu(_version(tmp_path, {"parity": {}})) is None  # a version the build did not measure
     assert measured_on_another_cpu(_version(tmp_path, ["not", "a", "record"])) is None
+    assert measured_on_another_cpu(_version(tmp_path, {"parity": {"batch_invariance": {"cpu": "x86"}}})) is None
     (tmp_path / "provenance.json").write_text("{broken")
     assert measured_on_another_cpu(tmp_path) is None
     assert measured_on_another_cpu(tmp_path / "missing") is None

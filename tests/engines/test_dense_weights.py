@@ -89,7 +89,7 @@ def test_exact_tier_decodes_rows_together_as_each_alone(exact_decoder, smollm2_r
 
 
 def test_exact_tier_without_memory_for_the_twin_serves_from_the_4_bit_graph(smollm2_repo, caplog):
-    def no_memory(model: onnx.ModelProto) -> DenseTwin:
+    def no_memory(model: onnx.ModelProto, **_: object) -> DenseTwin:
         raise MemoryError("cannot allocate 540 MB")
 
     folder = smollm2_repo / "smollm2-135m" / "1"
