@@ -18,17 +18,10 @@ bench/results/tracing-instructions-*.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import aiohttp
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
@@ -36,52 +29,15 @@ import report  # noqa: E402
 import tiny_models  # noqa: E402
 from appliance.config import TracingConfig  # noqa: E402
 from appliance.tracing import SEND_INTERVAL_S  # noqa: E402
-from appliance_server import running_appliance_process  # noqa: E402
+from callgrind_count import CONCURRENCY, instructions_per_request, require_valgrind  # noqa: E402
 from otlp_sink import otlp_sink  # noqa: E402
-from overhead import MODEL_TOML, bodies  # noqa: E402
+from overhead import MODEL_TOML  # noqa: E402
 
-CONCURRENCY = 16
 CONFIGURATIONS = {
     "tracing off": {},
     "on, sampled out": {"TRACING_ENABLED": "true", "TRACING_SAMPLE_RATIO": "0"},
     "on, every request recorded": {"TRACING_ENABLED": "true", "TRACING_MAX_TRACES_PER_SECOND": "0"},
 }
-
-
-async def post_many(url: str, count: int) -> None:
-    """``count`` binary-format infer requests, ``CONCURRENCY`` at a time, each answered 200."""
-    body, content_type, header_length = bodies()["binary"]
-    headers = {"Content-Type": content_type, "Inference-Header-Content-Length": str(header_length)}
-    left = count
-    async with aiohttp.ClientSession() as session:
-        async def client() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                async with session.post(url, data=body, headers=headers) as response:
-                    assert response.status == 200, await response.text()
-                    await response.read()
-
-        await asyncio.gather(*(client() for _ in range(CONCURRENCY)))
-
-
-def instructions_per_request(root: Path, name: str, settings: dict[str, str], requests_counted: int) -> float:
-    """Serve under callgrind with ``settings``; the instructions it spent on ``requests_counted`` requests, each."""
-    out = root / f"callgrind-{len(os.listdir(root))}.out"
-    wrapper = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
-    with running_appliance_process(root / "repo", root / "state", root / "server.log", wrapper=wrapper,
-                                   start_timeout_s=900, server_workers="1",
-                                   **{key.lower(): value for key, value in settings.items()}) as (url, process):
-        infer = f"{url}/v2/models/add_one/infer"
-        asyncio.run(post_many(infer, 300))  # warm-up, not counted
-        subprocess.run(["callgrind_control", "--instr=on", str(process.pid)], check=True, capture_output=True)
-        asyncio.run(post_many(infer, requests_counted))
-        time.sleep(2 * SEND_INTERVAL_S + 0.2)  # so the counted requests' records are handed over while counting
-        subprocess.run(["callgrind_control", "--instr=off", str(process.pid)], check=True, capture_output=True)
-    totals = re.findall(r"^totals: (\d+)$", out.read_text(errors="replace"), re.M)
-    if not totals:
-        raise SystemExit(f"{name}: callgrind wrote no totals to {out}")
-    return int(totals[-1]) / requests_counted
 
 
 def main() -> int:
@@ -90,8 +46,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=5500.0,
                         help="the load (requests a second, one worker) at which to derive the default's cost")
     args = parser.parse_args()
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        raise SystemExit("valgrind is not installed: `apt-get install -y valgrind` and run the benchmark again")
+    require_valgrind()
     counts: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder, otlp_sink() as (endpoint, _):
         root = Path(folder)
@@ -99,7 +54,9 @@ def main() -> int:
         for name, settings in CONFIGURATIONS.items():
             if settings:
                 settings = {**settings, "TRACING_ENDPOINT": endpoint}
-            counts[name] = instructions_per_request(root, name, settings, args.requests)
+            # Counting goes on until the counted requests' records are handed to the exporter.
+            counts[name] = instructions_per_request(root, name, settings, args.requests,
+                                                    settle_s=2 * SEND_INTERVAL_S + 0.2)
             print(f"  {name}: {counts[name]:,.0f} instructions a request", flush=True)
     off, sampled_out, recorded = counts.values()
     cap = TracingConfig().max_traces_per_second

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from appliance.cache.batched_reads import BatchedReads
 from appliance.cache.keys import cache_key, load_label_key, scope_hash
 from appliance.cache.store import CacheEntry, PutResult, ResponseCache
 from appliance.config import CacheConfig
@@ -68,10 +69,12 @@ class ResponseCacheService:
         self.config = config
         self.store = ResponseCache(path, config.max_bytes, config.ttl_s, sync=config.sync, clock=clock)
         self._metrics = metrics
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cache")
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache")
+        self._reads: BatchedReads[CacheEntry | None] = BatchedReads(self._executor, self.store.get_many)
         # Writes take LMDB's one write lock (and an fsync) each: one thread for them, so lookups never queue behind.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
-        self._writes: set[asyncio.Future] = set()
+        self._queued: dict[bytes, CacheEntry] = {}  # answers waiting for the write in flight to end, by key
+        self._writing: asyncio.Future | None = None  # the one write in flight: each is a commit (and an fsync)
         # Answers handed to the writer but not yet committed: a repeat that arrives meanwhile is still a hit.
         self._pending: dict[bytes, bytes] = {}
         self._lookup_children: dict[tuple[str, str, str], object] = {}
@@ -128,8 +131,7 @@ class ResponseCacheService:
         else:
             payload = self._pending.get(decision.key)
             if payload is None:
-                entry = await asyncio.get_running_loop().run_in_executor(self._executor, self.store.get,
-                                                                         decision.key)
+                entry = await self._reads.get(decision.key)
                 payload = entry.payload if entry is not None else None
             if payload is not None:
                 decision.status, decision.payload, decision.store = HIT, payload, False
@@ -162,31 +164,40 @@ class ResponseCacheService:
         if len(self._pending) >= MAX_PENDING_WRITES:
             self._metrics.cache_errors.labels("put_dropped").inc()  # the writer is behind: keep memory bounded
             return
-        entry = CacheEntry(model=model, scope_hash=decision.scope_label, payload=payload)
         self._pending[key] = payload
-        future = asyncio.get_running_loop().run_in_executor(self._writer, self._put, key, entry)
-        self._writes.add(future)
-        future.add_done_callback(partial(self._written, key, entry))
+        self._queued[key] = CacheEntry(model=model, scope_hash=decision.scope_label, payload=payload)
+        if self._writing is None:
+            self._write_queued()
 
-    def _put(self, key: bytes, entry: CacheEntry) -> tuple[PutResult, dict]:
-        return self.store.put(key, entry), self.store.stats()
+    def _write_queued(self) -> None:
+        """Hand every queued answer to the writer as one commit; the answers queued meanwhile form the next."""
+        batch, self._queued = list(self._queued.items()), {}
+        self._writing = asyncio.get_running_loop().run_in_executor(self._writer, self._put, batch)
+        self._writing.add_done_callback(partial(self._written, batch))
 
-    def _written(self, key: bytes, entry: CacheEntry, future: asyncio.Future) -> None:
-        self._writes.discard(future)
-        if self._pending.get(key) is entry.payload:
-            del self._pending[key]
+    def _put(self, batch: list[tuple[bytes, CacheEntry]]) -> tuple[list[PutResult], dict]:
+        return self.store.put_many(batch), self.store.stats()
+
+    def _written(self, batch: list[tuple[bytes, CacheEntry]], future: asyncio.Future) -> None:
+        self._writing = None
+        for key, entry in batch:
+            if self._pending.get(key) is entry.payload:
+                del self._pending[key]
+        if self._queued:
+            self._write_queued()
         if future.cancelled():
             return
         if future.exception() is not None:
-            self._metrics.cache_errors.labels("put").inc()
+            self._metrics.cache_errors.labels("put").inc(len(batch))
             log.error("response cache write failed: %s", future.exception())
             return
-        result, stats = future.result()
-        if not result.stored:
-            return
-        self._metrics.cache_stored_bytes.labels(entry.model, entry.scope_hash).inc(len(entry.payload))
-        for model, label, _size in result.evicted:
-            self._metrics.cache_evictions.labels(model, label).inc()
+        results, stats = future.result()
+        for (_, entry), result in zip(batch, results):
+            if not result.stored:
+                continue
+            self._metrics.cache_stored_bytes.labels(entry.model, entry.scope_hash).inc(len(entry.payload))
+            for model, label, _size in result.evicted:
+                self._metrics.cache_evictions.labels(model, label).inc()
         self._metrics.cache_size.set(stats["bytes"])
         self._metrics.cache_entries.set(stats["entries"])
 
@@ -196,7 +207,10 @@ class ResponseCacheService:
             return 0
         label = self._label(scope) if scope is not None else None
         self._pending.clear()
-        # On the writer thread: writes queued before the purge land first and are purged with the rest.
+        # Answers not yet handed to the writer and under the filters are dropped (they would land after the purge);
+        # those handed over land first, on the writer thread, and are purged with the rest.
+        self._queued = {key: entry for key, entry in self._queued.items()
+                        if not ((label is None or entry.scope_hash == label) and (model is None or entry.model == model))}
         count = await asyncio.get_running_loop().run_in_executor(self._writer, self.store.purge, label, model)
         await self._refresh_gauges()
         return count
@@ -212,8 +226,8 @@ class ResponseCacheService:
 
     async def close(self) -> None:
         """Wait for pending writes, then close the store."""
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        while self._writing is not None:  # each write's end hands the next queued batch over
+            await asyncio.gather(self._writing, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown(wait=False)
         self._writer.shutdown(wait=False)

@@ -25,7 +25,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -166,62 +166,81 @@ class ResponseCache:
 
     def get(self, key: bytes) -> CacheEntry | None:
         """The live entry under ``key``, or None on a miss, an expired or a damaged entry."""
+        return self.get_many((key,))[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[CacheEntry | None]:
+        """:meth:`get` of each key, in order, all read in one transaction."""
         opened = self._opened
         if opened is None:
-            return None
+            return [None] * len(keys)
         try:
             with opened.env.begin(write=False) as txn:
-                raw = txn.get(key, db=opened.dbs.entries)
+                raws = [txn.get(key, db=opened.dbs.entries) for key in keys]
         except Exception as exc:
             self._failed("get", opened, exc)
-            return None
-        if raw is None:
-            return None
-        entry = _decode(key, raw)
-        if entry is None:
-            _log.error("response cache entry %s is damaged; dropping it", key.hex()[:16])
-            self._drop_damaged(opened, key)
-            return None
-        if self._clock() >= entry.expires:
-            return None
-        return entry
+            return [None] * len(keys)
+        now = self._clock()
+        entries: list[CacheEntry | None] = []
+        for key, raw in zip(keys, raws):
+            entry = _decode(key, raw) if raw is not None else None
+            if raw is not None and entry is None:
+                _log.error("response cache entry %s is damaged; dropping it", key.hex()[:16])
+                self._drop_damaged(opened, key)
+            entries.append(entry if entry is not None and now < entry.expires else None)
+        return entries
 
     def put(self, key: bytes, entry: CacheEntry, ttl_s: float | None = None) -> PutResult:
         """Store ``entry`` under ``key`` for ``ttl_s`` (default: the store's), replacing any
         entry there, and evicting expired then oldest-written entries to stay in budget."""
-        result = PutResult(stored=False)
+        return self.put_many(((key, entry),), ttl_s)[0]
+
+    def put_many(self, items: Sequence[tuple[bytes, CacheEntry]], ttl_s: float | None = None) -> list[PutResult]:
+        """:meth:`put` of each ``(key, entry)`` in order, committed together: one write
+        transaction (and one fsync) for all of them; a later item under a key replaces an
+        earlier one."""
+        results = [PutResult(stored=False) for _ in items]
         opened = self._opened
         if opened is None:
-            return result
-        try:
-            ttl = self._ttl_s if ttl_s is None else float(ttl_s)
-            payload = bytes(entry.payload)
-            if not ttl > 0 or len(payload) * 4 > self._max_bytes:
-                return result
-            created = float(self._clock())
-            record = CacheEntry(str(entry.model), str(entry.scope_hash), payload, created, created + ttl)
-            value = _encode(key, record)
-        except Exception as exc:
-            _log.error("response cache entry %r cannot be stored: %r", key, exc)
-            return result
+            return results
+        ttl = self._ttl_s if ttl_s is None else float(ttl_s)
+        records: list[tuple[int, bytes, CacheEntry, bytes]] = []
+        for index, (key, entry) in enumerate(items):
+            try:
+                payload = bytes(entry.payload)
+                if not ttl > 0 or len(payload) * 4 > self._max_bytes:
+                    continue
+                created = float(self._clock())
+                record = CacheEntry(str(entry.model), str(entry.scope_hash), payload, created, created + ttl)
+                records.append((index, key, record, _encode(key, record)))
+            except Exception as exc:
+                _log.error("response cache entry %r cannot be stored: %r", key, exc)
+        if not records:
+            return results
         with self._write_lock:
             if self._opened is not opened:
-                return result
+                return results
             dbs = opened.dbs
+
+            def insert_all(txn: lmdb.Transaction) -> list[_Evicted]:
+                return [self._insert(txn, dbs, key, record, value) for _, key, record, value in records]
+
             try:
                 try:
-                    result.evicted += self._write(opened, lambda txn: self._insert(txn, dbs, key, record, value))
+                    evicted = self._write(opened, insert_all)
                 except lmdb.MapFullError:
                     # Fragmentation or a long-lived reader can fill the map below max_bytes.
                     _log.warning("response cache map is full; evicting the oldest half and retrying")
-                    result.evicted += self._write(opened, lambda txn: _evict_half(txn, dbs))
+                    halved = self._write(opened, lambda txn: _evict_half(txn, dbs))
                     # LMDB reuses pages freed by a commit only from the commit after next.
                     self._write(opened, lambda txn: _set_total(txn, dbs, _get_total(txn, dbs)))
-                    result.evicted += self._write(opened, lambda txn: self._insert(txn, dbs, key, record, value))
-                result.stored = True
+                    evicted = self._write(opened, insert_all)
+                    evicted[0] = halved + evicted[0]
+                for (index, *_), removed in zip(records, evicted):
+                    results[index].evicted += removed
+                    results[index].stored = True
             except Exception as exc:
                 self._failed("put", opened, exc)
-        return result
+        return results
 
     def purge(self, scope_hash: str | None = None, model: str | None = None) -> int:
         """Delete every entry whose scope hash and model match the filters given (None =
