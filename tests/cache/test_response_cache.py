@@ -350,3 +350,24 @@ def test_a_deterministic_claim_is_trusted_only_on_a_cpu_like_the_one_that_measur
         assert first == "miss" and chat(running.url, {}, temperature=0).headers["x-cache"] == "hit" and not warned
     else:
         assert first == "bypass" and len(warned) == 1 and "Imaginary CPU [sse4_2]" in warned[0]
+
+
+def test_a_tensor_requests_canonical_form_holds_all_that_changes_the_answer_and_nothing_else():
+    from types import SimpleNamespace
+
+    from appliance.operations.tensor import _canonical
+
+    def canonical(inputs: dict, outputs=None) -> bytes:
+        return _canonical(SimpleNamespace(inputs=inputs, outputs=outputs))
+
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    base = canonical({"A": x, "B": x + 1})
+    assert canonical({"B": x + 1, "A": x}) == base  # the order the inputs came in is not part of it
+    assert canonical({"A": np.array(x), "B": x + 1}) == base
+    different = [canonical({"A": x, "B": x + 2}), canonical({"A": x.reshape(2, 2), "B": x + 1}),
+                 canonical({"A": x.astype(np.int32), "B": x + 1}), canonical({"A": x, "C": x + 1}),
+                 canonical({"A": x, "B": x + 1}, ["OUT"]), canonical({"A": x, "B": x + 1}, []),
+                 canonical({"A": np.array([["a", "b"]], dtype=object), "B": x + 1})]
+    assert len({base, *different}) == 1 + len(different)
+    assert canonical({"S": np.array([[b"x", "x"]], dtype=object)}) == canonical({"S": np.array([["x", b"x"]],
+                                                                                              dtype=object)})
