@@ -11,6 +11,10 @@ Measures, in one run and on the same machine:
     serving the same function, in JSON and binary.
 Load comes from wrk (one thread). Prints a table and writes bench/results/overhead-*.json.
 
+The appliance is measured governed, as it is deployed: every request carries an API key and the response cache is
+on, each request a miss that stores its answer (``Cache-Control: no-cache``); ``--ungoverned`` serves it with no
+key and the cache off, as runs before 2026-12-04 did (rows say which in ``governed``).
+
 ``--tracing on`` measures the appliance with ``[tracing]`` enabled (rows "+traced", "+traced@RATIO" for each
 ``--sample-ratio`` but 1, "+traced/cap=N" for each ``--max-traces-per-second`` given: 0 is no cap, and without it
 the configuration's default cap applies), its spans sent over OTLP/HTTP to a discarding collector
@@ -21,7 +25,7 @@ and compares medians (this machine is shared and noisy); ``--formats`` limits th
 
     python bench/overhead.py [--seconds 5] [--no-triton] [--no-floor] [--workers 1 2] [--tracing off|on|both]
                              [--sample-ratio 1 0.01] [--max-traces-per-second 0 200] [--rounds 1]
-                             [--formats json binary msgpack]
+                             [--formats json binary msgpack] [--ungoverned]
 """
 
 from __future__ import annotations
@@ -97,17 +101,19 @@ def in_process(model: Path, seconds: float) -> dict:
             "errors": 0}
 
 
-def measure(server: str, url: str, formats: list[str], seconds: float, pid: int | None = None) -> list[dict]:
-    """Each format at c=1 and c=64; with the server's ``pid``, also the CPU its processes used per request
-    (``serving_cpu_us``, ``export_cpu_us``), which moves less than req/s on a shared machine."""
+def measure(server: str, url: str, formats: list[str], seconds: float, pid: int | None = None,
+            headers: dict[str, str] | None = None) -> list[dict]:
+    """Each format at c=1 and c=64, each request with ``headers``; with the server's ``pid``, also the CPU its
+    processes used per request (``serving_cpu_us``, ``export_cpu_us``), which moves less than req/s on a shared
+    machine."""
     rows = []
     for name in formats:
         body, content_type, header_length = bodies()[name]
         infer = f"{url}/v2/models/add_one/infer"
-        post_load(infer, body, content_type, 8, 1, header_length)  # warm up connections and caches
+        post_load(infer, body, content_type, 8, 1, header_length, headers)  # warm up connections and caches
         for connections in (1, 64):
             before = cpu_seconds(pid) if pid is not None else None
-            result = post_load(infer, body, content_type, connections, seconds, header_length)
+            result = post_load(infer, body, content_type, connections, seconds, header_length, headers)
             row = {"server": server, "format": name, "concurrency": connections, **vars(result)}
             cpu = ""
             if before is not None and result.requests:
@@ -138,6 +144,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="times to measure each appliance configuration, "
                         "alternating them; the summary compares medians")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=FORMATS, help="wire formats to measure")
+    parser.add_argument("--ungoverned", action="store_true",
+                        help="serve the appliance as runs before 2026-12-04 did: no API key, the response cache off")
     args = parser.parse_args()
     require_wrk()
     with tempfile.TemporaryDirectory() as folder:
@@ -145,6 +153,7 @@ def main() -> int:
         tiny_models.write_version(root / "repo", "add_one", 1, MODEL_TOML, tiny_models.add_constant)
         floor = in_process(root / "repo" / "add_one" / "1" / "model.onnx", min(args.seconds, 3))
         rows = [{"server": "in-process", "format": "session.run", "concurrency": 1, "requests": 0, **floor}]
+        governance, headers = ({}, None) if args.ungoverned else governed(root / "state")
         print(f"  in-process session.run  p50 {floor['p50_s'] * 1e6:.1f} us", flush=True)
         ratios = args.sample_ratio if args.tracing != "off" else []
         # None: tracing off; else (sample ratio, max traces a second: None for the configuration's default)
@@ -165,14 +174,14 @@ def main() -> int:
                             if mode[1] is not None:
                                 settings["tracing_max_traces_per_second"] = str(mode[1])
                         log = root / f"{label.replace('/', '-')}.log"
-                        with running_appliance_process(root / "repo", root / "state", log,
-                                                       server_workers=str(workers), **settings) as (url, process):
-                            measured = measure(label, url, args.formats, args.seconds, process.pid)
+                        with running_appliance_process(root / "repo", root / "state", log, server_workers=str(workers),
+                                                       **governance, **settings) as (url, process):
+                            measured = measure(label, url, args.formats, args.seconds, process.pid, headers)
                             if mode is not None:
                                 runs.append({"server": label, "round": round_index,
                                              "requests": sum(r["requests"] for r in measured),
                                              "traces_dropped": traces_dropped(url)})
-                        rows += [{**row, "tracing": "off" if mode is None else "on",
+                        rows += [{**row, "governed": not args.ungoverned, "tracing": "off" if mode is None else "on",
                                   "sample_ratio": None if mode is None else mode[0],
                                   "max_traces_per_second": None if mode is None else mode[1],
                                   "round": round_index} for row in measured]
@@ -200,6 +209,17 @@ def main() -> int:
     path = report.write_json("overhead", {"rows": rows, "summary": summary})
     print(f"\nwrote {path}")
     return 0
+
+
+def governed(state: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What the appliance serves with, and what each of its requests sends: an API key, and the response cache on
+    with every request a miss that stores its answer (``Cache-Control: no-cache``), as a stream of distinct requests
+    would be. wrk sends one body again and again; without ``no-cache`` every request after the first would be a
+    hit."""
+    from appliance.keys import KeyStore
+
+    _, token = KeyStore(state / "keys.json").create(name="bench", tenant="bench")
+    return {"cache_enabled": "true"}, {"Authorization": f"Bearer {token}", "Cache-Control": "no-cache"}
 
 
 def traced_label(mode: tuple[float, float | None] | None) -> str:
