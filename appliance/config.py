@@ -115,6 +115,9 @@ class CacheConfig:
     max_bytes: Annotated[int, Meta(ge=1024 * 1024, le=1024**4)] = 1024**3
     ttl_s: Annotated[float, Meta(ge=1, le=365 * 86400)] = 86400.0
     sync: bool = True  # fsync each write (a power cut loses at most the last write); false: faster, OS-crash risk
+    # Per worker process: answers read or stored lately, held in memory so a repeat is a hit without a thread
+    # hand-off (LMDB stays the cache of record; a purge in any worker empties every worker's); 0 turns it off
+    memory_bytes: Annotated[int, Meta(ge=0, le=1024**4)] = 64 * 1024**2
 
 
 @dataclass

@@ -217,6 +217,9 @@ class Metrics:
         scoped = ("model", "scope")  # scope: a hash of the cache scope, never the scope or a key itself
         self.cache_lookups = Counter("appliance_cache_lookups", "Response cache lookups by result (hit, miss, "
                                      "bypass)", (*scoped, "result"), registry=reg)
+        self.cache_memory_hits = Counter("appliance_cache_memory_hits", "Response cache hits answered from the "
+                                         "serving worker's memory without a read of LMDB (a part of the hits)",
+                                         scoped, registry=reg)
         self.cache_evictions = Counter("appliance_cache_evictions", "Entries evicted to keep the size cap", scoped,
                                        registry=reg)
         self.cache_stored_bytes = Counter("appliance_cache_stored_bytes", "Bytes written to the response cache",

@@ -8,6 +8,8 @@ key, so authentication is on the measured path, and drives it with wrk (one thre
   * miss: the same request with ``Cache-Control: no-cache`` (the model runs and the answer is written again);
   * the same for the tiny model of bench/overhead.py over v2 (msgpack), on which the target is set: a hit at
     concurrency 64 at least twice the req/s of a miss;
+  * "hit, LMDB": the tiny model's hit again on a server with ``cache.memory_bytes = 0``, each hit read from LMDB
+    in a worker thread instead of answered from the serving process's memory;
   * with ``--chat``: the same for a 32-token greedy chat completion of smollm2-135m.
 Prints a table and writes bench/results/cache-*.json. Target: a hit at concurrency 1 under 1 ms p50.
 
@@ -49,7 +51,8 @@ def build_chat(repo: Path) -> None:
 
 def measure(url: str, path: str, payload: dict | bytes, token: str, seconds: float, label: str,
             concurrencies: tuple[int, ...], miss_concurrencies: tuple[int, ...],
-            content_type: str = "application/json") -> list[dict]:
+            content_type: str = "application/json", hit_mode: str = "hit") -> list[dict]:
+    """Hits (rows of mode ``hit_mode``) at ``concurrencies``, then misses at ``miss_concurrencies``."""
     body = json.dumps(payload).encode() if isinstance(payload, dict) else payload
     # MiniLM and the exact SmolLM2 tier are not proved batch-invariant: their answers are cached in the reproducible
     # mode only (the tiny model is cached either way).
@@ -60,7 +63,7 @@ def measure(url: str, path: str, payload: dict | bytes, token: str, seconds: flo
     if check.headers.get("x-cache") != "hit":
         raise SystemExit(f"expected a cache hit for {label}, got x-cache={check.headers.get('x-cache')}")
     rows = []
-    for mode, headers, levels in (("hit", auth, concurrencies),
+    for mode, headers, levels in ((hit_mode, auth, concurrencies),
                                   ("miss", {**auth, "Cache-Control": "no-cache"}, miss_concurrencies)):
         for connections in levels:
             post_load(url + path, body, content_type, connections, 1, headers=headers)  # warm
@@ -96,6 +99,10 @@ def main() -> int:
             if args.chat:
                 rows += measure(url, "/v1/chat/completions", CHAT, token, args.seconds, "chat", (1, 64), (1,))
                 # A miss at concurrency 64 would be 64 generations at once: seconds each, past wrk's timeout.
+        with running_appliance(root / "repo", root / "state", root / "server-lmdb.log", SERVER_ACCESS_LOG="false",
+                               CACHE_ENABLED="true", CACHE_MEMORY_BYTES="0") as url:
+            rows += measure(url, "/v2/models/add_one/infer", tiny_body, token, args.seconds, "tiny v2", (1, 64), (),
+                            content_type=tiny_type, hit_mode="hit, LMDB")
     table = []
     for row in rows:
         miss = next((r for r in rows if r["request"] == row["request"] and r["mode"] == "miss"
@@ -109,10 +116,12 @@ def main() -> int:
     print("targets: a hit at concurrency 1 under 1 ms p50; on the tiny model, a hit at concurrency 64 at least 2x "
           "the req/s of a miss")
     for request in sorted({r["request"] for r in rows}):
-        hit, miss = (next((r for r in rows if r["request"] == request and r["mode"] == mode
-                           and r["concurrency"] == 64), None) for mode in ("hit", "miss"))
-        if hit and miss and miss["rps"]:
-            print(f"{request}: hit / miss req/s at c=64 = {hit['rps'] / miss['rps']:.2f}x")
+        miss = next((r for r in rows if r["request"] == request and r["mode"] == "miss" and r["concurrency"] == 64),
+                    None)
+        for hit in (r for r in rows if r["request"] == request and r["mode"].startswith("hit")
+                    and r["concurrency"] == 64):
+            if miss and miss["rps"]:
+                print(f"{request}: {hit['mode']} / miss req/s at c=64 = {hit['rps'] / miss['rps']:.2f}x")
     path = report.write_json("cache", {"rows": rows})
     print(f"\nwrote {path}")
     return 0

@@ -1,7 +1,8 @@
 """What a cache hit costs the serving process against a miss, counted in instructions (callgrind; see
 bench/callgrind_count.py): the tiny tensor model over v2 in msgpack with an API key, as bench/cache.py drives it,
 the same request again and again:
-  * hit: answered from the response cache;
+  * hit: answered from the response cache, from the serving process's memory (``cache.memory_bytes``);
+  * hit, LMDB: the same with ``cache.memory_bytes = 0``, every hit read from LMDB in a worker thread;
   * miss: ``Cache-Control: no-cache`` (the model runs and the answer is written again);
   * bypass: ``Cache-Control: no-store`` (the model runs, nothing is read or written).
 bench/cache.py's target (a hit at concurrency 64 at least twice the req/s of a miss) holds once a hit costs under
@@ -26,7 +27,9 @@ import tiny_models  # noqa: E402
 from callgrind_count import CONCURRENCY, instructions_per_request, require_valgrind  # noqa: E402
 from overhead import MODEL_TOML  # noqa: E402
 
-MODES = {"hit": {}, "miss": {"Cache-Control": "no-cache"}, "bypass": {"Cache-Control": "no-store"}}
+# mode: (request headers, settings beyond the cache on and the access log off)
+MODES = {"hit": ({}, {}), "hit, LMDB": ({}, {"CACHE_MEMORY_BYTES": "0"}),
+         "miss": ({"Cache-Control": "no-cache"}, {}), "bypass": ({"Cache-Control": "no-store"}, {})}
 
 
 def main() -> int:
@@ -41,11 +44,12 @@ def main() -> int:
         root = Path(folder)
         tiny_models.write_version(root / "repo", "add_one", 1, MODEL_TOML, tiny_models.add_constant)
         _, token = KeyStore(root / "state" / "keys.json").create(name="bench", tenant="bench")
-        for mode, headers in MODES.items():
+        for mode, (headers, settings) in MODES.items():
             sent = {"Authorization": f"Bearer {token}", **headers}
             # Counting goes on a moment after the last answer: the cache writes after answering.
-            counts[mode] = instructions_per_request(root, mode, {"CACHE_ENABLED": "true", "SERVER_ACCESS_LOG": "false"},
-                                                    args.requests, sent, wire="msgpack", settle_s=0.5)
+            counts[mode] = instructions_per_request(
+                root, mode, {"CACHE_ENABLED": "true", "SERVER_ACCESS_LOG": "false", **settings}, args.requests, sent,
+                wire="msgpack", settle_s=0.5)
             print(f"  {mode}: {counts[mode]:,.0f} instructions a request", flush=True)
     rows = [{"mode": mode, "instructions": count, "over_miss": count / counts["miss"]} for mode, count in counts.items()]
     report.print_table("Serving process instructions per request (tiny model, msgpack, an API key, callgrind)",

@@ -13,13 +13,16 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from appliance.cache.batched_reads import BatchedReads
+from appliance.cache.hot_entries import HotEntries
 from appliance.cache.keys import cache_key, load_label_key, scope_hash
+from appliance.cache.purge_epoch import PurgeEpoch
 from appliance.cache.store import CacheEntry, PutResult, ResponseCache
 from appliance.config import CacheConfig
 from appliance.telemetry import Metrics
@@ -58,6 +61,7 @@ def cache_control(header: str | None) -> tuple[bool, bool]:
 
 
 LABEL_KEY = "scope-label.key"  # in the store's folder, beside the LMDB files
+PURGE_EPOCH = "purge.epoch"  # beside them too: the counter every purge advances (appliance.cache.purge_epoch)
 
 
 class ResponseCacheService:
@@ -68,6 +72,12 @@ class ResponseCacheService:
         """``clock`` is the store's: unix time, by which entries expire after ``config.ttl_s``."""
         self.config = config
         self.store = ResponseCache(path, config.max_bytes, config.ttl_s, sync=config.sync, clock=clock)
+        self._clock = clock
+        # Recent answers in this process's memory: a repeat of one is a hit without a hand-off to a thread. Empty
+        # until open() has mapped the purge counter that keeps it coherent with the other workers' purges.
+        self._hot = HotEntries(0, clock)
+        self._epoch = PurgeEpoch(Path(path) / PURGE_EPOCH)
+        self._seen_epoch = 0
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache")
         self._reads: BatchedReads[CacheEntry | None] = BatchedReads(self._executor, self.store.get_many)
@@ -78,6 +88,7 @@ class ResponseCacheService:
         # Answers handed to the writer but not yet committed: a repeat that arrives meanwhile is still a hit.
         self._pending: dict[bytes, bytes] = {}
         self._lookup_children: dict[tuple[str, str, str], object] = {}
+        self._children: dict[tuple[Any, str, str], Any] = {}  # metric children by (counter, model, scope label)
         # Scope labels are keyed by the install's secret (read at open); until then, or with the cache off, a
         # per-process key: nothing is stored under those labels.
         self._label_key = secrets.token_bytes(32)
@@ -107,6 +118,16 @@ class ResponseCacheService:
             await loop.run_in_executor(self._executor, self.store.close)
             return
         self._labels.clear()
+        if self.config.memory_bytes:
+            try:
+                await loop.run_in_executor(self._executor, self._epoch.open)
+            except (OSError, ValueError) as exc:
+                self._metrics.cache_errors.labels("open").inc()
+                log.error("the response cache at %s keeps no answers in memory: its purge counter %s cannot be "
+                          "opened (%s); every hit is read from LMDB", self.store.path, self._epoch.path, exc)
+            else:
+                self._seen_epoch = self._epoch.current()
+                self._hot.max_bytes = self.config.memory_bytes
         await self._refresh_gauges()
 
     async def lookup(self, scope: str | None, model: str, version: int, build_hash: str,
@@ -129,15 +150,39 @@ class ResponseCacheService:
         if not read:
             decision.status = BYPASS
         else:
-            payload = self._pending.get(decision.key)
-            if payload is None:
+            payload = self._held(decision.key)
+            if payload is not None:
+                self._add(self._metrics.cache_memory_hits, model, label)
+            else:
+                epoch = self._seen_epoch
                 entry = await self._reads.get(decision.key)
-                payload = entry.payload if entry is not None else None
+                if entry is not None:
+                    payload = entry.payload
+                    if self._epoch.current() == epoch:  # no purge began while it was read: it may be held
+                        self._hot.put(decision.key, payload, entry.expires)
             if payload is not None:
                 decision.status, decision.payload, decision.store = HIT, payload, False
-                self._metrics.cache_served_bytes.labels(model, label).inc(len(payload))
+                self._add(self._metrics.cache_served_bytes, model, label, len(payload))
         self._count(model, label, decision.status)
         return decision
+
+    def _held(self, key: bytes) -> bytes | None:
+        """The answer under ``key`` in this process's memory (once any purge seen since is applied), or waiting
+        for the writer."""
+        epoch = self._epoch.current()
+        if epoch != self._seen_epoch:  # a worker purged: what is held here may be gone from LMDB
+            self._hot.clear()
+            self._seen_epoch = epoch
+        payload = self._hot.get(key)
+        return payload if payload is not None else self._pending.get(key)
+
+    def _add(self, counter: Any, model: str, label: str, amount: float = 1.0) -> None:
+        """Add to ``counter``'s child for ``model`` and ``label`` (children made once, increments batched)."""
+        key = (counter, model, label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(model, label)
+        self._metrics.pending.add(child, amount)
 
     def _label(self, scope: str) -> str:
         label = self._labels.get(scope)
@@ -166,6 +211,7 @@ class ResponseCacheService:
             return
         self._pending[key] = payload
         self._queued[key] = CacheEntry(model=model, scope_hash=decision.scope_label, payload=payload)
+        self._hot.put(key, payload, self._clock() + self.config.ttl_s)
         if self._writing is None:
             self._write_queued()
 
@@ -211,13 +257,29 @@ class ResponseCacheService:
         # those handed over land first, on the writer thread, and are purged with the rest.
         self._queued = {key: entry for key, entry in self._queued.items()
                         if not ((label is None or entry.scope_hash == label) and (model is None or entry.model == model))}
-        count = await asyncio.get_running_loop().run_in_executor(self._writer, self.store.purge, label, model)
+        count = await asyncio.get_running_loop().run_in_executor(self._writer, self._purge, label, model)
+        self._hot.clear()  # this worker's memory goes now; the others' at their next lookup
+        self._seen_epoch = self._epoch.current()
         await self._refresh_gauges()
+        return count
+
+    def _purge(self, label: str | None, model: str | None) -> int:
+        count = self.store.purge(label, model)
+        try:
+            self._epoch.advance()  # after the commit: a worker that sees the new count finds the entries gone
+        except OSError as exc:
+            self._metrics.cache_errors.labels("purge").inc()
+            log.error("response cache purge: the purge counter %s could not be advanced (%s); other workers may "
+                      "answer purged entries from memory until they expire", self._epoch.path, exc)
         return count
 
     async def stats(self) -> dict:
         """Entries, payload bytes, the cap and whether the store is healthy."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.store.stats)
+
+    def memory_stats(self) -> dict:
+        """What this worker holds in memory: entries, payload bytes and its budget (0: it holds nothing)."""
+        return {"entries": len(self._hot), "bytes": self._hot.bytes, "max_bytes": self._hot.max_bytes}
 
     async def _refresh_gauges(self) -> None:
         stats = await self.stats()
@@ -229,5 +291,7 @@ class ResponseCacheService:
         while self._writing is not None:  # each write's end hands the next queued batch over
             await asyncio.gather(self._writing, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
+        self._hot.clear()
+        self._epoch.close()
         self._executor.shutdown(wait=False)
         self._writer.shutdown(wait=False)

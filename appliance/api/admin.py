@@ -17,10 +17,11 @@ def _json(payload: object) -> web.Response:
 
 
 async def cache_stats(request: web.Request) -> web.Response:
-    """GET /admin/cache: entries, bytes and the size cap of the response cache."""
+    """GET /admin/cache: entries, bytes and the size cap of the response cache, and what the answering worker holds
+    in its memory (``memory``)."""
     cache = request.app[CACHE]
     stats = await cache.stats()
-    return _json({**stats, "enabled": cache.enabled, "ttl_s": cache.config.ttl_s})
+    return _json({**stats, "enabled": cache.enabled, "ttl_s": cache.config.ttl_s, "memory": cache.memory_stats()})
 
 
 async def cache_purge(request: web.Request) -> web.Response:

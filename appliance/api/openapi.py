@@ -170,7 +170,7 @@ def build_openapi() -> dict[str, Any]:
             "OpenAI-compatible completions (stream: server-sent events)",
             {"200": {"description": "a text_completion, or text/event-stream chunks ending with data: [DONE]"},
              "400": _ERROR, "404": _ERROR, "413": _ERROR, "503": _ERROR, "504": _ERROR})},
-        "/admin/cache": {"get": _op("Response cache entries, bytes and cap (admin key)",
+        "/admin/cache": {"get": _op("Response cache entries, bytes and cap, and what the answering worker holds in memory (admin key)",
                                     {"200": _json_ok(), "401": _ERROR, "403": _ERROR})},
         "/admin/routing/quality": {"get": _op(
             "Routing quality: agreement of the small and mid tiers on replayed small-tier routes, per score band "

@@ -144,6 +144,9 @@ def test_purge_by_tenant_and_metrics_carry_scope_hashes_only(scoped):
     assert re.search(r"appliance_cache_size_bytes \d", text) and "appliance_cache_stored_bytes_total" in text
     stats = requests.get(f"{running.url}/admin/cache", headers=bearer(tokens["admin"]), timeout=10).json()
     assert stats["entries"] >= 1 and stats["healthy"]
+    memory = stats["memory"]  # the one worker read or stored the answers since the purge, and holds them
+    assert memory["max_bytes"] == running.config.cache.memory_bytes > 0 and memory["entries"] >= 2
+    assert memory["bytes"] > 0
 
 
 def test_a_model_not_marked_deterministic_is_never_cached(fresh_repo, server_factory):
