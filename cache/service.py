@@ -279,6 +279,7 @@ class ResponseCacheService:
 
     def memory_stats(self) -> dict:
         """What this worker holds in memory: entries, payload bytes and its budget (0: it holds nothing)."""
+        self._held(b"")  # a purge seen since empties it first
         return {"entries": len(self._hot), "bytes": self._hot.bytes, "max_bytes": self._hot.max_bytes}
 
     async def _refresh_gauges(self) -> None:

@@ -223,7 +223,9 @@ async def test_a_purge_in_one_worker_empties_what_every_worker_holds(tmp_path):
     assert await second.ask("look", [1]) == (HIT, b"t's answer")
     assert await second.ask("look", [2], "tenant:u") == (HIT, b"u's answer")
     assert (await look(first, [1])).status == HIT and (await look(first, [2], "tenant:u")).status == HIT
+    assert first.memory_stats()["entries"] == 2
     assert await second.ask("purge", "tenant:t", None) == 1
+    assert first.memory_stats() == {"entries": 0, "bytes": 0, "max_bytes": 64 * 2**20}  # emptied when asked
     assert (await look(first, [1])).status == MISS  # gone from LMDB and from the memory of the worker that stored it
     assert await second.ask("look", [1]) == (MISS, None)  # and from the purging worker's
     assert (await look(first, [2], "tenant:u")).payload == b"u's answer"  # another scope: read again, still there

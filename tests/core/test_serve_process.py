@@ -191,6 +191,16 @@ def test_workers_share_the_port_and_model_control_reaches_all(tmp_path):
                    "the first answer to be written")
         marks = [cache_once() for _ in range(20)]
         assert marks == ["hit"] * 20, marks
+
+        def held_in_memory(count: int) -> list[int]:  # entries in the memory of whichever worker answers
+            return [requests.get(f"{url}/admin/cache", timeout=10, headers={"Connection": "close"}).json()
+                    ["memory"]["entries"] for _ in range(count)]
+
+        assert min(held_in_memory(20)) == 1  # each worker read the answer once and holds it
+        purge = requests.post(f"{url}/admin/cache/purge", json={"all": True}, timeout=10)
+        assert purge.status_code == 200 and purge.json() == {"purged": 1}
+        assert held_in_memory(20) == [0] * 20  # the purge, made in one worker, emptied both memories
+        assert cache_once() == "miss"
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
