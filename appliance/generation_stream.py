@@ -13,6 +13,7 @@ class TokenCount:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those read from the KV cache (a prefix a row held) or a cloud's
 
     @property
     def total_tokens(self) -> int:

@@ -110,6 +110,8 @@ class GenerationSection:
     kv_capacity: Annotated[int, Meta(ge=16, le=1_000_000)] = 2048  # tokens per row (prompt + output)
     prefill_chunk: Annotated[int, Meta(ge=1, le=1_000_000)] = 256  # prompt tokens per step, at most
     max_waiting: Annotated[int, Meta(ge=0, le=1_000_000)] = 64
+    # A new prompt starts from the longest prefix of it a KV-cache row holds (copied, not computed)
+    prompt_cache: bool = True
     # Multi-row calls through a float32-weight twin of a 4-bit graph: faster batches for ~4 bytes per weight of RAM.
     dense_batches: bool = False
     # One-row steps of a float32 graph with split 8-bit weights (the exact tier's Q8_0 LM head): "split" as built,

@@ -262,6 +262,9 @@ class Metrics:
         self.generation_queue = Histogram("appliance_generation_queue_seconds", "Waiting for a KV-cache slot",
                                           labels, buckets=LATENCY_BUCKETS, registry=reg)
         self.prompt_tokens = Counter("appliance_prompt_tokens", "Prompt tokens read", labels, registry=reg)
+        self.cached_prompt_tokens = Counter("appliance_cached_prompt_tokens",
+                                            "Prompt tokens copied from a prefix a KV-cache row held, not computed",
+                                            labels, registry=reg)
         self.generated_tokens = Counter("appliance_generated_tokens", "Tokens generated", labels, registry=reg)
         self.running_sequences = Gauge("appliance_running_sequences", "Sequences holding a KV-cache slot", labels,
                                        registry=reg, multiprocess_mode="livesum")
@@ -315,6 +318,7 @@ class Metrics:
             generation_duration=self.generation_duration.labels(*key),
             generation_queue=self.generation_queue.labels(*key),
             prompt_tokens=self.prompt_tokens.labels(*key),
+            cached_prompt_tokens=self.cached_prompt_tokens.labels(*key),
             generated_tokens=self.generated_tokens.labels(*key),
             running_sequences=self.running_sequences.labels(*key),
             waiting_sequences=self.waiting_sequences.labels(*key),
@@ -356,6 +360,7 @@ class VersionMetrics:
     generation_duration: Histogram
     generation_queue: Histogram
     prompt_tokens: Counter
+    cached_prompt_tokens: Counter
     generated_tokens: Counter
     running_sequences: Gauge
     waiting_sequences: Gauge

@@ -80,7 +80,9 @@ class Decoder(Protocol):
         ...
 
     def shrink(self) -> None:
-        """Give back memory grown for long sequences; only called while no row holds a sequence."""
+        """Give back memory grown for long sequences, keeping each row's first ``capacity`` (as it is after)
+        positions: the scheduler starts new prompts from what free rows hold. Only called while no row holds a
+        sequence."""
         ...
 
     def copy_row(self, source: int, targets: list[int], positions: int) -> None:

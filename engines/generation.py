@@ -17,6 +17,14 @@ Several samples of one prompt (OpenAI's ``n``) are a *group*: admitted together 
 prefilled once in the first one, its KV row copied to the others on the decoder (:meth:`Decoder.copy_row`), and
 each sample drawn from the same last-position logits with its own generator.
 
+A new prompt starts from the longest prefix of it that some row already holds (``prompt_cache``): a running row,
+or a free one that still holds what its last sequence left (a prompt and the tokens generated after it). That prefix
+is copied into the new sequence's row (:meth:`Decoder.copy_row`: a few microseconds a token on the CPU, against
+milliseconds to compute it) and only the rest is prefilled, so the requests of an agent, which repeat one system
+prompt and tool list, and prompts submitted together that share a beginning, compute it once. The prompt's last
+two tokens are always computed (``COMPUTED_TAIL``). Reproducible sequences never take a prefix: a row computed
+beside other rows may differ from one computed alone in the last bits.
+
 A *reproducible* sequence gets the tokens it would get alone, whatever runs beside it: its prompt is prefilled in
 fixed chunks of ``prefill_chunk`` (a chunk the step's remaining budget cannot hold waits for the next step rather
 than being cut), and each of its decode steps is a call of its own (one row, the kernels a lone sequence runs on),
@@ -110,6 +118,15 @@ class Sequence:
     index: int = 0  # its place among the request's sequences (the choice index)
     followers: list[Sequence] = field(default_factory=list)  # the other samples of a group, on the first one
     leader: Sequence | None = None  # on a follower: the sequence whose prefill it copies
+    fed: list[int] = field(default_factory=list)  # generated tokens written to its row, after the prompt
+    cached_tokens: int = 0  # prompt tokens copied from another row instead of computed (the prompt cache)
+
+    def row_tokens(self, limit: int | None = None) -> list[int]:
+        """The tokens its KV row holds, in position order (the first ``limit``)."""
+        if limit is None:
+            return self.prompt[: self.prefilled] + self.fed
+        held = self.prompt[: min(self.prefilled, limit)]
+        return held + self.fed[: limit - len(held)] if len(held) < limit else held
 
     def __post_init__(self) -> None:
         # Index 0 (the first choice of the first prompt) draws what a lone request with the same seed draws; every
@@ -128,6 +145,7 @@ class GenerationLimits:
     capacity: int = 2048
     prefill_chunk: int = 256
     max_waiting: int = 64
+    prompt_cache: bool = True  # new prompts start from the longest prefix a row holds (see the module docstring)
 
 
 def check_decoder_fits(decoder: Decoder, limits: GenerationLimits, name: str) -> None:
@@ -152,6 +170,8 @@ class GenerationScheduler:
         self._clock = clock
         self._waiting: deque[Sequence] = deque()
         self._slots: list[Sequence | None] = [None] * limits.slots
+        # What each free row still holds (the tokens at its positions 0, 1, ...), for the prompt cache.
+        self._kept: list[np.ndarray] = [_NOTHING] * limits.slots
         self._lock = threading.Lock()
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._idle = False
@@ -278,6 +298,7 @@ class GenerationScheduler:
                 if self._closing:
                     return
                 self._decoder.shrink()
+                self._kept = [kept[: self._decoder.capacity] for kept in self._kept]  # shrinking keeps these
                 self._wake.get()
                 continue
             started = self._clock()
@@ -288,6 +309,7 @@ class GenerationScheduler:
                 for slot, sequence in enumerate(self._slots):
                     if sequence is not None:
                         self._finish(slot, TokenEvent(None, finish_reason="error", error=exc))
+                self._kept = [_NOTHING] * len(self._slots)  # a call that failed may have written any row
             self._deliver()
             self._step_s = 0.9 * self._step_s + 0.1 * (self._clock() - started)
             if self._on_step is not None and self._loop is not None:
@@ -302,6 +324,9 @@ class GenerationScheduler:
         budget = self.limits.prefill_chunk
         prefilling = [slot for slot, s in enumerate(self._slots)
                       if s is not None and s.leader is None and s.prefilled < len(s.prompt)]
+        if self.limits.prompt_cache:
+            for slot in prefilling:
+                self._take_cached_prefix(slot)
         # Reproducible rows first: the first prefill of a step always has the whole budget, so they never starve.
         for slot in [slot for slot in prefilling if self._reproducible(slot)]:
             if budget <= 0:
@@ -361,6 +386,39 @@ class GenerationScheduler:
                 for member in group:
                     member.slot, member.admitted_at = free.pop(0), now
                     self._slots[member.slot] = member
+                    if self.limits.prompt_cache and member.leader is None and not member.reproducible:
+                        # What its row kept from the last sequence there, as far as it is this prompt's beginning.
+                        kept = _common_prefix(self._kept[member.slot], np.asarray(member.prompt[:-COMPUTED_TAIL], np.int64))
+                        member.prefilled = member.length = member.cached_tokens = kept
+                    self._kept[member.slot] = _NOTHING
+
+    def _take_cached_prefix(self, slot: int) -> None:
+        """Start the prompt in ``slot`` from the longest prefix of it some row holds, beyond what it has."""
+        sequence = self._slots[slot]
+        assert sequence is not None
+        if sequence.reproducible:
+            return
+        prompt = np.asarray(sequence.prompt[:-COMPUTED_TAIL], np.int64)
+        if len(prompt) <= sequence.prefilled:
+            return
+        best, source = sequence.prefilled, -1
+        for other, held in enumerate(self._slots):
+            if other == slot:
+                continue
+            if held is None:
+                tokens = self._kept[other]
+            elif held.length and held.prompt[0] == prompt[0]:
+                tokens = np.asarray(held.row_tokens(len(prompt)), np.int64)
+            else:
+                continue
+            common = _common_prefix(tokens, prompt)
+            if common > best:
+                best, source = common, other
+        if source < 0:
+            return
+        self._decoder.copy_row(source, [slot], best)
+        sequence.cached_tokens += best - sequence.prefilled
+        sequence.prefilled = sequence.length = best
 
     def _prefill(self, slot: int, sequence: Sequence, budget: int) -> int:
         chunk = sequence.prompt[sequence.prefilled: sequence.prefilled + budget]
@@ -425,6 +483,9 @@ class GenerationScheduler:
             elif sequence is not None:
                 # A row still prefilling: its next chunk overwrites whatever this call writes at ``length``.
                 seqlens[slot - start] = sequence.length
+            else:  # a free row: written past what it keeps for the prompt cache
+                kept = self._kept[slot] = self._kept[slot][: self._decoder.capacity - 1]
+                seqlens[slot - start] = len(kept)
         self._decoder.ensure(int(seqlens.max()) + 1)
         running = [(slot, self._slots[slot]) for slot in rows]
         tokens = None
@@ -433,6 +494,7 @@ class GenerationScheduler:
         logits = self._decoder.run(start, ids, seqlens) if tokens is None else None
         for slot, sequence in running:
             assert sequence is not None
+            sequence.fed.append(int(ids[slot - start, 0]))
             sequence.length += 1
             if tokens is not None:
                 self._accept(slot, sequence, int(tokens[slot - start]))
@@ -513,13 +575,29 @@ class GenerationScheduler:
         sequence = self._slots[slot]
         self._slots[slot] = None
         if sequence is not None:
+            self._kept[slot] = np.asarray(sequence.row_tokens(), np.int64)
             self._emit(sequence, event)
             if sequence.prefilled < len(sequence.prompt):  # its group's other samples would wait for it forever
                 for follower in sequence.followers:
                     if self._slots[follower.slot] is follower:
                         self._slots[follower.slot] = None
+                        self._kept[follower.slot] = _NOTHING  # its row never got the prompt
                         self._emit(follower, TokenEvent(None, event.logprob, event.top_logprobs,
                                                         event.finish_reason, event.error))
+
+
+_NOTHING = np.zeros(0, np.int64)
+# A prompt's last tokens that are always computed, never taken from the prompt cache: the last one's logits give the
+# first token, and a chunk of one token runs the one-token kernels, whose last bits differ from the multi-token
+# ones on some CPUs (ONNX Runtime's int8 kernels on AVX2), so a seeded request would not repeat its answer.
+COMPUTED_TAIL = 2
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading elements ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
 
 
 def _plain_greedy(sequence: Sequence | None) -> bool:

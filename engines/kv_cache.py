@@ -52,7 +52,7 @@ class KvCache(Protocol):
         ...
 
     def shrink(self) -> None:
-        """Back to the initial size; only when no sequence holds a row."""
+        """Back to the initial size, each row's first positions kept; only when no sequence holds a row."""
         ...
 
     def copy_row(self, source: int, targets: list[int], positions: int) -> None:
@@ -84,9 +84,10 @@ class _Resizing:
             self._allocate(min(capacity, self.max_capacity), keep=self.capacity)
 
     def shrink(self) -> None:
-        """Back to the initial size; only when no sequence holds a row."""
+        """Back to the initial size, each row's first positions kept (the scheduler's prompt cache reads them);
+        only when no sequence holds a row."""
         if self.capacity > self._initial:
-            self._allocate(self._initial)
+            self._allocate(self._initial, keep=self._initial)
 
 
 class HostKvCache(_Resizing):

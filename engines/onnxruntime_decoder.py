@@ -276,7 +276,7 @@ class OnnxRuntimeDecoder:
         self.kv.ensure(positions)
 
     def shrink(self) -> None:
-        """Back to the initial size; only when no sequence holds a row."""
+        """Back to the initial size, each row's first positions kept; only when no sequence holds a row."""
         self.kv.shrink()
 
     def copy_row(self, source: int, targets: list[int], positions: int) -> None:

@@ -30,7 +30,7 @@ def _logprobs_object(entries: list[dict], chat: bool) -> dict:
 
 def _usage(tokens: TokenCount) -> dict:
     return {"prompt_tokens": tokens.prompt_tokens, "completion_tokens": tokens.completion_tokens,
-            "total_tokens": tokens.total_tokens}
+            "total_tokens": tokens.total_tokens, "prompt_tokens_details": {"cached_tokens": tokens.cached_tokens}}
 
 
 async def _handle(request: web.Request, chat: bool) -> web.StreamResponse:

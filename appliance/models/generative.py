@@ -95,6 +95,7 @@ class GenerativeModel(ModelVersion):
             capacity=min(spec.generation.kv_capacity, int(self.generation["max_seq_len"])),
             prefill_chunk=spec.generation.prefill_chunk,
             max_waiting=spec.generation.max_waiting,
+            prompt_cache=spec.generation.prompt_cache,
         )
         self.decoder = self._decoder_factory(spec, self._config, self.generation, self.generation_limits)
         check_decoder_fits(self.decoder, self.generation_limits, f"{self.name}/{self.version}")  # here, not at swap

@@ -186,6 +186,7 @@ class _Choice:
         self.echo = echo  # the prompt as given, sent before the generated text (completions' ``echo``)
         self.pieces: list[tuple[str, list[dict]]] = []  # what was sent, for the response cache
         self.last_token_at = 0.0
+        self.begun = False  # its first token has come
         self.done = False
 
 
@@ -221,6 +222,9 @@ class _Live:
                 continue
             if event.token is not None:
                 self._observe_token(choice)
+                if not choice.begun:  # the scheduler set its prompt-cache share before its first token
+                    choice.begun = True
+                    self.tokens.cached_tokens += self.sequences[event.index].cached_tokens
             if event.finish_reason == "timeout":
                 raise DeadlineExceeded("the request's timeout passed before generation finished")
             if event.finish_reason == "error":
@@ -281,6 +285,8 @@ class _Live:
         metrics = served.metrics
         metrics.finished()
         metrics.generated_tokens.inc(completion)
+        if self.tokens.cached_tokens:
+            metrics.cached_prompt_tokens.inc(self.tokens.cached_tokens)
         now = self._clock()
         metrics.generation_duration.observe(now - self.started)
         held = [now - (s.admitted_at or now) for s in self.sequences]

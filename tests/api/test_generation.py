@@ -55,6 +55,24 @@ def test_exact_tier_matches_the_reference_for_every_item(client, reference):
         assert finish == "length"
 
 
+def metric_sum(url: str, name: str) -> float:
+    """A counter's value summed over its label sets."""
+    lines = requests.get(f"{url}/metrics", timeout=5).text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + "{"))
+
+
+def test_a_repeated_prompt_is_computed_from_the_prefix_its_row_kept_with_the_same_answer(client, gen_server,
+                                                                                         reference):
+    item = reference[-1]
+    ask(client, item)
+    before = metric_sum(gen_server.url, "appliance_cached_prompt_tokens_total")
+    text, usage, _ = ask(client, item)
+    assert text == item["greedy_text"]
+    # Every prompt token but the last two (always computed) came from the row the first answer left.
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 2
+    assert metric_sum(gen_server.url, "appliance_cached_prompt_tokens_total") - before == usage.prompt_tokens - 2
+
+
 def test_eight_concurrent_requests_each_match(client, reference):
     items = [reference[i % len(reference)] for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

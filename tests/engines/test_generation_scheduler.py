@@ -78,7 +78,10 @@ class FakeDecoder:
         return tokens
 
     def shrink(self) -> None:
+        """Back to the initial capacity, each row's first positions kept and the rest gone."""
         self.capacity = self.initial_capacity
+        for row in self.cache:
+            row[self.capacity:] = [-1] * (len(row) - self.capacity)
 
     def copy_row(self, source: int, targets: list[int], positions: int) -> None:
         assert positions <= self.capacity
@@ -461,7 +464,10 @@ async def test_shared_steps_run_in_the_decoders_bucket_and_the_rows_it_adds_keep
     decodes = [c for c in decoder.calls if len(c.input_ids[0]) == 1 and c.input_ids != [[9]]]
     shared = [c for c in decodes if c.start_row == 0]
     assert shared and all(len(c.input_ids) in (1, 2, 4) for c in shared)
-    assert any(len(c.input_ids) == 4 and c.seqlens_k[1] < len(prompts[1]) for c in shared)  # row 1 mid-prefill
+    # Row 1, free once its 3 tokens are out, is written past the 14 tokens it keeps (12 + the 2 fed back).
+    kept = len(prompts[1]) + 2
+    assert any(len(c.input_ids) == 4 and c.seqlens_k[1] == kept for c in shared)
+    assert decoder.cache[1][:kept] == prompts[1] + results[1][:2]
     assert [c for c in decodes if c.start_row == 3 and len(c.input_ids) == 1]  # the reproducible row alone
 
 
@@ -657,3 +663,67 @@ async def test_a_waiting_group_past_its_deadline_times_out_as_a_whole(running):
     events = await collect_group(group)
     assert events == {0: [TokenEvent(None, finish_reason="timeout")], 1: [TokenEvent(None, finish_reason="timeout",
                                                                                      index=1)]}
+
+
+async def test_a_new_prompt_starts_from_what_its_free_row_kept_of_the_last_sequence(running):
+    decoder = FakeDecoder(rows=2, max_capacity=64, initial_capacity=64)  # no shrinking while idle
+    generator = running(decoder)
+    first_prompt = list(range(1, 21))
+    first = tokens_of(await collect(generator.submit(first_prompt, params(5))))
+    # A next turn: the first prompt, 4 of its answer's tokens (the 5th was never fed back), then new ones.
+    prompt = first_prompt + first[:4] + [30, 31]
+    calls = len(decoder.calls)
+    second = generator.submit(prompt, params(6))
+    assert tokens_of(await collect(second)) == greedy_reference(decoder, prompt, 6)
+    assert second.slot == 0 and second.cached_tokens == 24
+    assert decoder.calls[calls].input_ids == [[30, 31]]  # only what the row did not hold was prefilled
+
+
+async def test_prompts_submitted_together_compute_their_shared_beginning_once(running):
+    decoder = FakeDecoder(rows=4, max_capacity=64)
+    prompt = list(range(1, 25))
+    other = prompt[:16] + [40, 41, 42]
+    sequences = await submitted_at_one_step(decoder, running(decoder, prefill_chunk=8),
+                                            [(prompt, params(4)), (prompt, params(4)), (other, params(4))])
+    results = [tokens_of(await collect(s)) for s in sequences]
+    assert results == [greedy_reference(decoder, p, 4) for p in (prompt, prompt, other)]
+    assert [s.cached_tokens for s in sequences] == [0, 22, 16]
+    assert decoder.copies and all(source == 0 for source, _, _ in decoder.copies)
+    prefilled = sum(len(ids[0]) for c in decoder.calls if c.start_row in (1, 2) for ids in [c.input_ids]
+                    if len(c.input_ids) == 1 and len(ids[0]) > 1)
+    assert prefilled <= 2 + 3  # row 1 computed its last two prompt tokens, row 2 the 3 after the shared 16
+
+
+async def test_a_reproducible_sequence_never_takes_a_prefix(running):
+    decoder = FakeDecoder(rows=2, max_capacity=64)
+    generator = running(decoder)
+    prompt = list(range(1, 21))
+    await collect(generator.submit(prompt, params(3)))
+    again = generator.submit(prompt, params(3), reproducible=True)
+    assert tokens_of(await collect(again)) == greedy_reference(decoder, prompt, 3)
+    assert again.cached_tokens == 0 and not decoder.copies
+
+
+async def test_after_shrinking_a_free_row_offers_only_the_positions_it_kept(running):
+    decoder = FakeDecoder(rows=1, max_capacity=64, initial_capacity=16)
+    generator = running(decoder)
+    prompt = list(range(1, 31))
+    await collect(generator.submit(prompt, params(3)))
+    for _ in range(200):  # the step thread shrinks the cache once it has nothing to run
+        if decoder.capacity == decoder.initial_capacity:
+            break
+        await asyncio.sleep(0.01)
+    assert decoder.capacity == 16
+    again = generator.submit(prompt, params(3))
+    assert tokens_of(await collect(again)) == greedy_reference(decoder, prompt, 3)  # wrong if it trusted position 16+
+    assert again.cached_tokens == 16
+
+
+async def test_with_the_prompt_cache_off_every_prompt_is_computed_whole(running):
+    decoder = FakeDecoder(rows=2, max_capacity=64)
+    generator = running(decoder, prompt_cache=False)
+    prompt = list(range(1, 21))
+    await collect(generator.submit(prompt, params(3)))
+    again = generator.submit(prompt, params(3))
+    assert tokens_of(await collect(again)) == greedy_reference(decoder, prompt, 3)
+    assert again.cached_tokens == 0 and not decoder.copies

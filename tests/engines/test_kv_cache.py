@@ -60,6 +60,18 @@ def test_growth_keeps_every_rows_tokens_and_moves_the_addresses(caches):
     assert device.capacity == 4
 
 
+def test_shrinking_keeps_each_rows_first_positions(caches):
+    host, device = caches
+    kept = [buffer.copy() for buffer in host._buffers]  # positions 0..3, the initial capacity
+    for cache in (host, device):
+        cache.ensure(20)
+        cache.shrink()
+        assert cache.capacity == 4
+    _same(host, device, 4)
+    for index, values in enumerate(kept):
+        np.testing.assert_array_equal(host._buffers[index], values)
+
+
 def test_row_copies_land_on_the_device_like_the_host_cache(caches):
     host, device = caches
     host.copy_row(0, [1, 2], 3)
