@@ -1,6 +1,7 @@
 """Text generation over HTTP: time to first token and decode rate, one stream and several at once.
 
-For an 85-token chat prompt (a different one each time, so that no prompt cache helps) and 128 new tokens (streamed, greedy, end-of-text ignored so every run is the same
+For an 85-token chat prompt (a different one each time: only the chat template's opening and the system prompt's
+first words repeat, all a prompt cache can save) and 128 new tokens (streamed, greedy, end-of-text ignored so every run is the same
 length), for both smollm2-135m tiers: TTFT and decode tok/s of one stream, and aggregate tok/s with 4, 8 and 16
 concurrent streams. The models are built with the pipeline from the pinned wheel (cached in
 ~/.cache/appliance-bench). A llama.cpp server is measured in the same run when there is one: llama.cpp's own

@@ -1,8 +1,8 @@
 """The prompt cache over HTTP: an agent's turns, which all begin with one long system prompt.
 
 Eight clients at once, each sending four chat requests one after another; every request starts with the same
-system prompt (about 400 tokens: instructions and a tool list, as an agent framework sends with every turn) and asks
-its own short question (16 new tokens, streamed, greedy). Measured for each smollm2-135m tier with ``[generation]
+system prompt (instructions and a tool list, as an agent framework sends with every turn: 575 prompt tokens in all
+with the chat template and the question) and asks its own short question (16 new tokens, streamed, greedy). Measured for each smollm2-135m tier with ``[generation]
 prompt_cache`` on and off (the same server build, the model.toml switched between runs), and for llama.cpp's own
 ``llama-server`` in the same run when it is installed (see bench/generation.py; it keeps each slot's last prompt,
 ``cache_prompt``). Prints median and 90th-percentile time to first token, the wall time of all 32 requests and the
@@ -100,19 +100,25 @@ def set_prompt_cache(repo: Path, on: bool) -> None:
         toml.write_text("\n".join(lines) + "\n")
 
 
-def measure_peer(gguf: Path, root: Path) -> dict:
+def measure_peer(gguf: Path, root: Path) -> dict | None:
+    """llama-server's figures, or None (said why) when it does not start."""
     port = free_port()
     name, ready, command = peer_command(gguf, port)
     with open(root / "llama.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                print(f"peer: {name} did not start: {(root / 'llama.log').read_text()[-500:]}")
+                return None
             try:
                 if requests.get(f"{url}{ready}", timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         # llama-server closes a connection after a streamed answer: a new one per request.
         return {"server": name, "model": PEER_MODEL, "prompt_cache": "per slot",
                 **asyncio.run(agents(url, PEER_MODEL, keep_alive=False))}
@@ -142,11 +148,11 @@ def main() -> int:
                     rows.append({"server": "appliance", "model": model, "prompt_cache": "on" if on else "off",
                                  **asyncio.run(agents(url, model))})
                     print(f"  {rows[-1]}", flush=True)
-        if not args.no_peer and PEER_BINARY.exists():
-            rows.append(measure_peer(gguf, root))
+        if not args.no_peer and PEER_BINARY.exists() and (peer := measure_peer(gguf, root)) is not None:
+            rows.append(peer)
             print(f"  {rows[-1]}", flush=True)
     report.print_table(
-        f"An agent's turns over HTTP: {CLIENTS} clients x {TURNS} turns, one ~400-token system prompt, "
+        f"An agent's turns over HTTP: {CLIENTS} clients x {TURNS} turns, one long system prompt, "
         f"{NEW_TOKENS} new tokens each (streamed, greedy)",
         ["server", "model", "prompt cache", "prompt tok", "TTFT p50 ms", "TTFT p90 ms", "wall s", "cached tok"],
         [[r["server"], r["model"], r["prompt_cache"], r["prompt_tokens"], r["ttft_p50_s"] * 1e3, r["ttft_p90_s"] * 1e3,
