@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from statistics import median
 
@@ -140,28 +142,44 @@ def peer_command(gguf: Path, port: int) -> tuple[str, str, list[str]]:
                          threads]
 
 
-def measure_peer(gguf: Path, root: Path) -> list[dict]:
-    """llama.cpp's OpenAI-compatible server on the same GGUF, same prompt and lengths."""
+@contextlib.contextmanager
+def peer_server(gguf: Path, root: Path) -> Iterator[tuple[str, str] | None]:
+    """llama.cpp's server on ``gguf`` (see :func:`peer_command`) until the block ends: its name and URL once it
+    answers, or None (said why) when it exits or is not ready within two minutes."""
     port = free_port()
-    server_name, ready_path, command = peer_command(gguf, port)
+    name, ready_path, command = peer_command(gguf, port)
     with open(root / "llama.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                print(f"peer: {name} did not start: {(root / 'llama.log').read_text()[-500:]}")
+                yield None
+                return
             try:
                 if requests.get(f"{url}{ready_path}", timeout=1).status_code == 200:
                     break
             except requests.ConnectionError:
-                time.sleep(0.2)
-        rows = [{"server": server_name, **row}
-                for row in asyncio.run(measure(url, PEER_MODEL, keep_alive=server_name != "llama-server"))]
-        for row in rows:
-            print(f"  {row}", flush=True)
-        return rows
+                pass
+            time.sleep(0.2)
+        yield name, url
     finally:
         server.terminate()
         server.wait(60)
+
+
+def measure_peer(gguf: Path, root: Path) -> list[dict]:
+    """llama.cpp's OpenAI-compatible server on the same GGUF, same prompt and lengths."""
+    with peer_server(gguf, root) as peer:
+        if peer is None:
+            return []
+        name, url = peer
+        rows = [{"server": name, **row} for row in asyncio.run(measure(url, PEER_MODEL, keep_alive=name != "llama-server"))]
+    for row in rows:
+        print(f"  {row}", flush=True)
+    return rows
 
 
 def main() -> int:

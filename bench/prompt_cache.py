@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,13 +23,12 @@ from pathlib import Path
 from statistics import median, quantiles
 
 import aiohttp
-import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import report  # noqa: E402
-from appliance_server import free_port, running_appliance  # noqa: E402
-from generation import CACHE, PEER_BINARY, PEER_MODEL, peer_command  # noqa: E402
+from appliance_server import running_appliance  # noqa: E402
+from generation import CACHE, PEER_BINARY, PEER_MODEL, peer_server, stream_chat  # noqa: E402
 
 CLIENTS, TURNS, NEW_TOKENS = 8, 4, 16
 TOOLS = ["search_web(query)", "read_page(url)", "get_weather(city, unit)", "add(a, b)", "send_email(to, subject, body)",
@@ -48,24 +45,14 @@ QUESTIONS = [f"Question {client}.{turn}: what would you do first to check the st
              for client in range(CLIENTS) for turn in range(TURNS)]
 
 
-async def turn(session: aiohttp.ClientSession, url: str, model: str, question: str) -> dict:
-    body = {"model": model, "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+async def turn(session: aiohttp.ClientSession, url: str, model: str, question: str, system: str = SYSTEM) -> dict:
+    body = {"model": model, "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
             "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if model == PEER_MODEL:
         body["cache_prompt"] = True
-    started, first, usage = time.perf_counter(), None, {}
-    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                first = time.perf_counter() - started
+    first, total, usage = await stream_chat(session, url, body)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    return {"ttft_s": first if first is not None else time.perf_counter() - started,
+    return {"ttft_s": first if first is not None else total,
             "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": cached}
 
 
@@ -73,7 +60,7 @@ async def agents(url: str, model: str, keep_alive: bool = True) -> dict:
     """Every client's turns in order, the clients at once; the figures of all requests."""
     connector = aiohttp.TCPConnector(force_close=not keep_alive)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=connector) as session:
-        await turn(session, url, model, "Say hello.")  # warm-up (its system prompt differs from the measured one)
+        await turn(session, url, model, "Say hello.", system="Be brief.")  # warm-up: nothing of SYSTEM cached
 
         async def client(index: int) -> list[dict]:
             return [await turn(session, url, model, QUESTIONS[index * TURNS + t]) for t in range(TURNS)]
@@ -101,30 +88,14 @@ def set_prompt_cache(repo: Path, on: bool) -> None:
 
 
 def measure_peer(gguf: Path, root: Path) -> dict | None:
-    """llama-server's figures, or None (said why) when it does not start."""
-    port = free_port()
-    name, ready, command = peer_command(gguf, port)
-    with open(root / "llama.log", "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                print(f"peer: {name} did not start: {(root / 'llama.log').read_text()[-500:]}")
-                return None
-            try:
-                if requests.get(f"{url}{ready}", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+    """llama-server's figures, or None when it does not start."""
+    with peer_server(gguf, root) as peer:
+        if peer is None:
+            return None
+        name, url = peer
         # llama-server closes a connection after a streamed answer: a new one per request.
         return {"server": name, "model": PEER_MODEL, "prompt_cache": "per slot",
                 **asyncio.run(agents(url, PEER_MODEL, keep_alive=False))}
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 def main() -> int:
